@@ -1,0 +1,36 @@
+"""evit-deploy: EfficientViT from PyTorch to ONNX, Core ML and TVM, with proven parity.
+
+The public API is importable from here; torch is only imported when a function that
+needs it is first used, so ``evit_deploy.run`` on an ONNX artifact stays torch-free.
+"""
+
+__version__ = "0.1.0"
+
+_API = {
+    "create_model": ("evit_deploy.models.factory", "create_model"),
+    "list_models": ("evit_deploy.models.registry", "list_models"),
+    "trace": ("evit_deploy.trace", "trace"),
+    "export": ("evit_deploy.api", "export"),
+    "verify": ("evit_deploy.api", "verify"),
+    "run": ("evit_deploy.api", "run"),
+    "predict": ("evit_deploy.api", "predict"),
+    "model_info": ("evit_deploy.api", "model_info"),
+    "models_overview": ("evit_deploy.api", "models_overview"),
+    "list_targets": ("evit_deploy.targets", "list_targets"),
+    "load_profile": ("evit_deploy.profiles", "load_profile"),
+    "list_profiles": ("evit_deploy.profiles", "list_profiles"),
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name):
+    if name in _API:
+        import importlib
+        module, attr = _API[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'evit_deploy' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,352 @@
+"""The ``evit-deploy`` command line: parses arguments, calls :mod:`evit_deploy.api`, renders.
+
+Heavy libraries are imported inside the commands that need them: ``run`` on an ONNX or
+TVM artifact never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from . import __version__
+from .errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PARITY_FAILED, BadInputError,
+                     EvitError)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="EfficientViT (M0–M5) from PyTorch to ONNX, Core ML and TVM, with proven parity.")
+
+_state = {"debug": False, "quiet": False}
+
+EXIT_CODES_HELP = ("Exit codes: 0 ok, 1 internal error, 2 bad input, 3 export failed, 4 parity failed, "
+                   "5 missing dependency, 6 output not writable, 130 interrupted.")
+
+
+def _reporter():
+    from .console import RichReporter
+    return RichReporter(quiet=_state["quiet"])
+
+
+def _write_json(path: str | None, data) -> None:
+    """``--json FILE`` (or ``-`` for stdout)."""
+    if path is None:
+        return
+    text = json.dumps(data, indent=2, default=str)
+    if path == "-":
+        sys.stdout.write(text + "\n")
+    else:
+        from .fsutil import write_text_atomic
+        write_text_atomic(path, text + "\n")
+
+
+def _print(renderable) -> None:
+    from .console import out
+    out.print(renderable)
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    """``224`` or ``256x192`` (height x width)."""
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    try:
+        dims = [int(p) for p in parts]
+    except ValueError:
+        raise BadInputError(f"size must look like 224 or 256x192, got '{text}'") from None
+    if len(dims) == 1:
+        dims = dims * 2
+    if len(dims) != 2 or min(dims) <= 0:
+        raise BadInputError(f"size must look like 224 or 256x192, got '{text}'")
+    return dims[0], dims[1]
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings, errors and results."),
+          version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
+    _state["debug"] = debug
+    _state["quiet"] = quiet
+    if version:
+        typer.echo(f"evit-deploy {__version__}")
+        raise typer.Exit()
+
+
+# -- model family --------------------------------------------------------------------------
+
+@app.command()
+def models(json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout).")):
+    """List EfficientViT M0–M5: resolution, parameters and MACs (measured), paper top-1."""
+    from . import api
+    from .console import table
+
+    rows = api.models_overview()
+    _write_json(json_out, rows)
+    if json_out != "-":
+        _print(table("EfficientViT family (params after BN folding, MACs at 224×224, both measured)",
+                     ["model", "resolution", "params (M)", "MACs (M)", "paper top-1 (%)"],
+                     [[r["model"], r["resolution"], f"{r['params_m']:.2f}", f"{r['macs_m']:.1f}",
+                       f"{r['paper_top1']:.1f}"] for r in rows], justify_right={1, 2, 3, 4}))
+
+
+@app.command()
+def info(model: str = typer.Argument(..., help="m0 … m5"),
+         img_size: int = typer.Option(224, "--img-size", help="Input resolution (multiple of 16)."),
+         json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout).")):
+    """Architecture summary of one model: stages, widths, heads, kernels, windows, counts."""
+    from . import api
+    from .console import table
+
+    data = api.model_info(model, img_size=img_size)
+    _write_json(json_out, data)
+    if json_out == "-":
+        return
+    _print(table(f"{data['display_name']} at {img_size}×{img_size} (patch 16, key dim 16)",
+                 ["stage", "resolution", "dim", "depth", "heads", "Q kernels", "window"],
+                 [[s["stage"], s["resolution"], s["embed_dim"], s["depth"], s["heads"],
+                   ",".join(map(str, s["kernels"])), f"{s['window']}×{s['window']}"] for s in data["stages"]],
+                 justify_right={2, 3, 4}))
+    u, f = data["unfused"], data["fused"]
+    _print(table(None, ["", "params", "conv", "linear", "batchnorm", "MACs"],
+                 [["unfused", f"{u['params'] / 1e6:.3f} M", u["conv"], u["linear"], u["batchnorm"], ""],
+                  ["BN folded", f"{f['params'] / 1e6:.3f} M", f["conv"], f["linear"], f["batchnorm"],
+                   f"{data['macs'] / 1e6:.1f} M"]], justify_right={1, 2, 3, 4, 5}))
+
+
+@app.command()
+def predict(model: str = typer.Argument(..., help="m0 … m5"),
+            images: list[Path] = typer.Argument(..., help="Image files."),
+            weights: Optional[str] = typer.Option(None, "--weights", help="Checkpoint file, or 'official'."),
+            top: int = typer.Option(5, "--top", min=1),
+            img_size: int = typer.Option(224, "--img-size"),
+            distillation: bool = typer.Option(False, "--distillation", help="The checkpoint has a distillation head."),
+            json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout).")):
+    """Classify images with the PyTorch model (short side 256 bicubic, centre crop 224)."""
+    from . import api
+    from .api import RANDOM_INIT_WARNING
+    from .console import predictions_table
+
+    reporter = _reporter()
+    if weights is None:
+        reporter.warn(RANDOM_INIT_WARNING.format(seed=0).replace("the artifact", "the predictions")
+                      .replace(" and is marked random-init in its metadata", ""))
+    preds = api.predict(model, images, weights=weights, top=top, img_size=img_size, distillation=distillation)
+    _write_json(json_out, [{"input": p.source, "top": [{"index": i, "label": lab, "probability": pr}
+                                                       for i, lab, pr in p.top]} for p in preds])
+    if json_out != "-":
+        _print(predictions_table(preds))
+
+
+# -- export / verify / run -----------------------------------------------------------------
+
+def _target_options_epilog() -> str:
+    from .targets import available_targets
+    from .targets.base import describe_options
+
+    lines = ["Target options (after the common ones):"]
+    for name, cls in available_targets().items():
+        for flag, default, text in describe_options(cls.Options):
+            lines.append(f"  [{name}] {flag} (default {default}): {text}")
+    return "\n\n".join(lines) + "\n\n" + EXIT_CODES_HELP
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             epilog=_target_options_epilog())
+def export(ctx: typer.Context,
+           model_name: Optional[str] = typer.Argument(None, metavar="MODEL", help="m0 … m5"),
+           target: Optional[str] = typer.Option(None, "--target", "-t", help="Target name (see `targets`)."),
+           profile: Optional[str] = typer.Option(None, "--profile", help="Device profile (see `profiles`)."),
+           out: Path = typer.Option(Path("."), "--out", "-o", help="Output directory."),
+           weights: Optional[str] = typer.Option(None, "--weights", help="Checkpoint file, or 'official'."),
+           model_spec: Optional[str] = typer.Option(None, "--model", help="Any nn.Module: package.module:factory."),
+           input_size: Optional[str] = typer.Option(None, "--input-size", help="For --model: 224 or HxW."),
+           batch: int = typer.Option(1, "--batch", min=1, help="Static batch size."),
+           dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Any batch size (if the target supports it)."),
+           img_size: int = typer.Option(224, "--img-size", help="Input resolution (multiple of 16)."),
+           num_classes: int = typer.Option(1000, "--num-classes"),
+           distillation: bool = typer.Option(False, "--distillation", help="The checkpoint has a distillation head."),
+           no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity check."),
+           images: Optional[Path] = typer.Option(None, "--images", help="Add these images to the parity inputs."),
+           json_out: Optional[str] = typer.Option(None, "--json", help="Write the parity report to FILE.")):
+    """Export a model for a target and prove parity with PyTorch (unless --no-verify)."""
+    from . import api
+    from .console import err
+
+    model = model_spec or model_name
+    if model is None:
+        raise BadInputError("no model given: pass MODEL (m0 … m5) or --model package.module:factory")
+    try:
+        result = api.export(model, target, out_dir=out, weights=weights, profile=profile, cli_args=list(ctx.args),
+                            batch=batch, dynamic_batch=dynamic_batch, img_size=img_size,
+                            num_classes=num_classes, distillation=distillation,
+                            input_size=_size(input_size), verify=not no_verify, images=images,
+                            reporter=_reporter())
+    except EvitError as exc:
+        report = getattr(exc, "report", None)
+        if report is not None:
+            _show_report(report, json_out)
+        raise
+    if result.report is not None:
+        _show_report(result.report, json_out)
+    elif not _state["quiet"]:
+        err.print("[yellow]warning:[/] not verified (--no-verify): parity of this artifact is unproven")
+    if json_out != "-":
+        typer.echo(str(result.artifact.path))
+
+
+def _show_report(report, json_out: str | None) -> None:
+    """The parity table for people (unless quiet or JSON goes to stdout) and JSON if asked."""
+    from .console import parity_table
+
+    _write_json(json_out, report.to_dict())
+    if json_out != "-" and (not _state["quiet"] or not report.passed):
+        _print(parity_table(report))
+
+
+@app.command()
+def verify(artifact: Path = typer.Argument(..., help="An exported artifact."),
+           weights: Optional[str] = typer.Option(None, "--weights", help="The checkpoint it was made from."),
+           images: Optional[Path] = typer.Option(None, "--images", help="Add these images to the parity inputs."),
+           max_rel: Optional[float] = typer.Option(None, "--max-rel", help="Override: max error / output scale."),
+           min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Override: min cosine similarity."),
+           top1: Optional[str] = typer.Option(None, "--top1", help="Override: check top-1 on all|photos|none."),
+           json_out: Optional[str] = typer.Option(None, "--json", help="Write the report to FILE ('-': stdout).")):
+    """Check an existing artifact against the PyTorch model recorded in its metadata."""
+    from . import api
+    from .errors import ParityError
+    from .parity import TOLERANCES
+
+    tolerance = None
+    if any(v is not None for v in (max_rel, min_cosine, top1)):
+        if top1 is not None and top1 not in ("all", "photos", "none"):
+            raise BadInputError(f"--top1 must be all, photos or none, got '{top1}'")
+        _, desc = api.inspect_artifact(artifact)
+        base = TOLERANCES.get(desc.extra.get("precision", "fp32"), TOLERANCES["fp32"])
+        tolerance = base.override(max_rel=max_rel, min_cosine=min_cosine, top1=top1)
+    report = api.verify(artifact, weights=weights, images=images, tolerance=tolerance, reporter=_reporter())
+    _show_report(report, json_out)
+    if not report.passed:
+        raise ParityError(report.summary(), report)
+
+
+@app.command()
+def run(artifact: Path = typer.Argument(..., help="An exported artifact."),
+        inputs: list[Path] = typer.Argument(..., help="Image files or .npy tensors."),
+        top: int = typer.Option(5, "--top", min=1),
+        save_outputs: Optional[Path] = typer.Option(None, "--save-outputs", help="Save raw outputs (.npy / .npz)."),
+        json_out: Optional[str] = typer.Option(None, "--json", help="Write predictions to FILE ('-': stdout).")):
+    """Run an artifact with its own runtime (no torch for ONNX and TVM) and print top-k."""
+    from . import api
+    from .console import predictions_table
+
+    result = api.run(artifact, inputs, top=top)
+    if save_outputs is not None:
+        _save_outputs(save_outputs, result.outputs)
+    _write_json(json_out, [{"input": p.source, "top": [{"index": i, "label": lab, "probability": pr}
+                                                       for i, lab, pr in p.top]} for p in result.predictions])
+    if json_out != "-" and result.predictions:
+        _print(predictions_table(result.predictions, title=f"{result.description.display_name} — {result.runtime}"))
+
+
+def _save_outputs(path: Path, outputs: dict) -> None:
+    import io
+
+    import numpy as np
+
+    from .fsutil import atomic_path
+
+    buf = io.BytesIO()
+    if path.suffix == ".npz" or len(outputs) > 1:
+        np.savez(buf, **outputs)
+    else:
+        np.save(buf, next(iter(outputs.values())))
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+@app.command()
+def targets(json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout).")):
+    """List export targets (built-in and plug-ins) and whether they are usable here."""
+    from .console import table
+    from .targets import list_targets
+
+    infos = list_targets()
+    _write_json(json_out, [{"name": i.name, "produces": i.produces, "requires": list(i.requires),
+                            "missing": list(i.missing), "usable": i.usable, "source": i.source,
+                            "error": i.error} for i in infos])
+    if json_out == "-":
+        return
+    rows = []
+    for i in infos:
+        status = "[green]ready[/]" if i.usable else (
+            f"[red]broken: {i.error}[/]" if i.error else f"[yellow]pip install {' '.join(i.missing)}[/]")
+        rows.append([i.name, i.produces, ", ".join(i.requires), status, i.source])
+    _print(table("Export targets", ["target", "produces", "needs", "status", "entry point"], rows))
+
+
+@app.command()
+def profiles(json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout).")):
+    """List device profiles (the TOML files of targets/)."""
+    from .console import table
+    from .profiles import list_profiles
+
+    profs = list_profiles()
+    _write_json(json_out, [{"name": p.name, "target": p.target, "description": p.description,
+                            "options": p.options, "device": p.device, "paper": p.paper} for p in profs])
+    if json_out != "-":
+        _print(table("Device profiles", ["profile", "target", "options", "description"],
+                     [[p.name, p.target, " ".join(f"{k}={v}" for k, v in p.options.items()), p.description]
+                      for p in profs]))
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+def invoke(argv: list[str]) -> int:
+    """Run the CLI on ``argv``; every failure becomes a one-line message and an exit code."""
+    debug = "--debug" in argv
+    if not debug:
+        # Deprecation notices from inside torch/coremltools/TVM are not actionable here.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="evit-deploy", standalone_mode=False)
+        code = code if isinstance(code, int) else 0
+        if code == EXIT_INTERRUPTED:   # Typer turns Ctrl-C into a silent exit code
+            _error("interrupted", debug)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = EXIT_BAD_INPUT
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _error("interrupted", debug)
+        code = EXIT_INTERRUPTED
+    except EvitError as exc:
+        _error(str(exc), debug)
+        code = exc.exit_code
+    except Exception as exc:  # a bug: say so, briefly, unless --debug
+        _error(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+               f"(run with --debug for the traceback)", debug)
+        code = EXIT_INTERNAL
+    return code
+
+
+def main() -> None:
+    sys.exit(invoke(sys.argv[1:]))
+
+
+def _error(message: str, debug: bool) -> None:
+    if debug:
+        import traceback
+        traceback.print_exc()
+    click.echo(f"error: {message}", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

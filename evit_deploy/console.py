@@ -1,0 +1,108 @@
+"""Rich rendering for people: progress of stages and tasks, and result tables."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .progress import Reporter, Task
+
+out = Console()
+err = Console(stderr=True)
+
+
+class RichReporter(Reporter):
+    """Stages as a spinner then a timed check line; tasks as progress bars; on stderr so
+    that stdout stays clean for results."""
+
+    def __init__(self, quiet: bool = False):
+        super().__init__()
+        self.quiet = quiet
+        self._status = None
+
+    def stage_started(self, name, detail):
+        if not self.quiet:
+            self._status = err.status(f"{name} {detail}".strip() + " …")
+            self._status.start()
+
+    def stage_finished(self, name, detail, seconds, ok):
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+        if not self.quiet:
+            mark = "[green]✓[/]" if ok else "[red]✗[/]"
+            err.print(f"{mark} {name:<9} {detail:<40} [dim]{seconds:6.1f} s[/]")
+
+    @contextmanager
+    def task(self, description: str, total: float | None = None):
+        if self.quiet:
+            yield Task(description, total)
+            return
+        if self._status is not None:   # a bar inside a stage replaces its spinner
+            self._status.stop()
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TextColumn("{task.fields[info]}")]
+        with Progress(*columns, console=err, transient=False) as progress:
+            task_id = progress.add_task(description, total=total, info="")
+            task = _RichTask(description, total, progress, task_id)
+            yield task
+        if self._status is not None:
+            self._status.start()
+
+    def info(self, message):
+        super().info(message)
+        if not self.quiet:
+            err.print(f"  {message}")
+
+    def warn(self, message):
+        self.warnings.append(message)
+        err.print(f"[bold yellow]warning:[/] {message}")
+
+
+class _RichTask(Task):
+    def __init__(self, description, total, progress: Progress, task_id):
+        super().__init__(description, total)
+        self._progress = progress
+        self._id = task_id
+
+    def update(self, **kwargs):
+        super().update(**kwargs)
+        info = "  ".join(f"{k}: {v}" for k, v in self.fields.items())
+        self._progress.update(self._id, completed=self.completed, description=self.description,
+                              total=self.total, info=info)
+
+
+def table(title: str | None, columns: list[str], rows: list[list], *, justify_right: set[int] = frozenset()) -> Table:
+    t = Table(title=title, title_justify="left", header_style="bold")
+    for i, col in enumerate(columns):
+        t.add_column(col, justify="right" if i in justify_right else "left")
+    for row in rows:
+        t.add_row(*("" if v is None else str(v) for v in row))
+    return t
+
+
+def parity_table(report) -> Table:
+    """Per-output metrics of a parity report, with the verdict."""
+    rows = []
+    for o in report.outputs:
+        top1 = "" if o.top1_checked is None else f"{o.top1_agree}/{o.top1_checked}" + (
+            f" ({o.top1_ties} near-ties)" if o.top1_ties else "")
+        top5 = "" if o.top5_overlap is None else f"{o.top5_overlap:.2f}"
+        verdict = "[green]pass[/]" if o.passed else "[red]FAIL[/]"
+        rows.append([o.name, f"{o.max_abs:.3g}", f"{o.max_rel:.2e}", f"{o.min_cosine:.6f}", top1, top5, verdict])
+    tol = report.tolerance
+    title = (f"Parity of {report.artifact} — {report.runtime}, {report.precision} "
+             f"(tolerance: max rel {tol.max_rel:g}, cosine ≥ {tol.min_cosine}, top-1 on {tol.top1})")
+    return table(title, ["output", "max abs", "max rel", "min cosine", "top-1 agree", "top-5 overlap", "verdict"],
+                 rows, justify_right={1, 2, 3, 4, 5})
+
+
+def predictions_table(predictions, title: str | None = None) -> Table:
+    rows = []
+    for pred in predictions:
+        for rank, (idx, label, prob) in enumerate(pred.top, 1):
+            rows.append([pred.source if rank == 1 else "", rank, label, idx, f"{prob * 100:.2f}%"])
+    return table(title, ["input", "#", "class", "index", "probability"], rows, justify_right={1, 3, 4})

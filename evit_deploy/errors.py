@@ -1,0 +1,71 @@
+"""Errors that reach the user, each with its documented exit code.
+
+The CLI prints ``error: <message>`` (one line) and exits with ``exit_code``; a Python
+caller catches :class:`EvitError` or one of its subclasses. Anything else escaping the
+CLI is a bug and exits with :data:`EXIT_INTERNAL`.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_BAD_INPUT = 2
+EXIT_EXPORT_FAILED = 3
+EXIT_PARITY_FAILED = 4
+EXIT_MISSING_DEPENDENCY = 5
+EXIT_OUTPUT_ERROR = 6
+EXIT_INTERRUPTED = 130
+
+
+class EvitError(Exception):
+    """Base class: a problem the user can act on."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class BadInputError(EvitError, ValueError):
+    """Unknown name, unreadable or wrong checkpoint, bad image, bad config or target string."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class CheckpointError(BadInputError):
+    """A checkpoint that cannot be read, is not a checkpoint, or is for another model."""
+
+
+class ExportError(EvitError):
+    """A converter or compiler failed on a valid request."""
+
+    exit_code = EXIT_EXPORT_FAILED
+
+
+class ParityError(EvitError):
+    """An artifact does not compute what the PyTorch reference computes."""
+
+    exit_code = EXIT_PARITY_FAILED
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report
+
+
+class MissingDependencyError(EvitError):
+    """An optional package a target needs is not importable here."""
+
+    exit_code = EXIT_MISSING_DEPENDENCY
+
+
+class OutputError(EvitError):
+    """The output location cannot be written (permissions, full disk, not a directory)."""
+
+    exit_code = EXIT_OUTPUT_ERROR
+
+
+def unknown_name(kind: str, name: str, valid) -> BadInputError:
+    """``unknown model 'm9' (did you mean 'm0'?); valid: ...`` as a :class:`BadInputError`."""
+    valid = list(valid)
+    close = difflib.get_close_matches(name.lower(), [v.lower() for v in valid], n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return BadInputError(f"unknown {kind} '{name}'{hint}; valid: {', '.join(valid)}")

@@ -1,0 +1,103 @@
+"""Writing files so that nothing half-written ever sits under a final name."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import OutputError
+
+_OUTPUT_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                  errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device",
+                  errno.EDQUOT: "disk quota exceeded", errno.ENOTDIR: "a parent is not a directory",
+                  errno.EEXIST: "exists and is not a directory"}
+
+
+def output_error(exc: OSError, path: os.PathLike | str) -> OutputError | None:
+    """An :class:`OutputError` for OS errors that mean "cannot write here", else None."""
+    reason = _OUTPUT_ERRNOS.get(exc.errno)
+    return OutputError(f"cannot write {path}: {reason}") if reason else None
+
+
+def ensure_output_dir(path: os.PathLike | str) -> Path:
+    """Create ``path`` if needed and check that files can be created in it."""
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"output location {path} exists and is not a directory")
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".evit-write-probe-{uuid.uuid4().hex}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise output_error(exc, path) or exc from None
+    return path
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Move a finished file or directory to its final name, replacing what was there.
+
+    Files are replaced atomically. A directory cannot be swapped in one step, so the old
+    one is first renamed aside: the final name holds either the old or the new complete
+    tree, never a partial one.
+    """
+    if tmp.is_dir() and final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)
+            raise
+        remove(old)
+    else:
+        os.replace(tmp, final)
+
+
+def temp_sibling(final: Path) -> Path:
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@contextmanager
+def atomic_path(final: os.PathLike | str) -> Iterator[Path]:
+    """Yield a temporary sibling of ``final``; when the block succeeds it replaces ``final``.
+
+    On any failure, including Ctrl-C, the temporary is removed and ``final`` is untouched.
+    """
+    final = Path(final)
+    tmp = temp_sibling(final)
+    try:
+        yield tmp
+        publish(tmp, final)
+    except OSError as exc:
+        remove(tmp)
+        raise output_error(exc, final) or exc from None
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+def write_text_atomic(path: os.PathLike | str, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json_atomic(path: os.PathLike | str, data) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")

@@ -1,0 +1,287 @@
+"""Reading checkpoints: the official release, bare state dicts, timm's layout, safetensors.
+
+A checkpoint is untrusted input. It is read with ``torch.load(weights_only=True)`` or
+safetensors, so a malicious file cannot run code while it is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import pickle
+import re
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import BadInputError, CheckpointError
+from ..fsutil import atomic_path
+from .registry import MODELS, ModelSpec
+
+# Wrappers used by training scripts around the state dict itself.
+_WRAPPER_KEYS = ("model", "state_dict", "model_ema", "module")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    state_dict: dict[str, torch.Tensor]
+    sha256: str
+    path: Path
+    layout: str          # "official" or "timm"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def official_weights_path(spec: ModelSpec, *, download: bool = True) -> Path:
+    """Local path of the released checkpoint, downloaded into torch.hub's cache if needed."""
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    path = cache / f"{spec.name}.pth"
+    if path.exists() or not download:
+        return path
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(spec.official_url, timeout=60) as response, \
+                atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CheckpointError(
+            f"cannot download the official {spec.display_name} weights from {spec.official_url} "
+            f"({reason}); download it elsewhere and pass the local file with --weights FILE") from None
+    return path
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict, str]:
+    """The raw tensors of a checkpoint file and the file's SHA-256, without trusting it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    sha = sha256_file(path)
+    if path.suffix == ".safetensors":
+        obj = _read_safetensors(path)
+    else:
+        obj = _read_torch(path)
+    return _unwrap(obj, path), sha
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(exc)})") from None
+
+
+def _read_torch(path: Path) -> object:
+    try:
+        # Namespace is how training scripts store their arguments; it carries plain data.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        foreign = [g for g in _pickle_globals(path) if not g.startswith(_SAFE_GLOBALS)]
+        if foreign:
+            raise CheckpointError(
+                f"refusing to load {path}: besides tensors it references {', '.join(foreign[:3])}, "
+                f"which could run code when unpickled") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (unreadable pickle data)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError,
+            TypeError, IndexError, KeyError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
+            f"{_first_line(exc)}") from None
+
+
+_SAFE_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "argparse.Namespace")
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """Names of the Python objects a pickle would import, found without unpickling it."""
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                member = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                data = zf.read(member) if member else b""
+        else:
+            data = path.read_bytes()
+        names, strings = [], []
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+        return names
+    except Exception:  # not a pickle at all: nothing it could import
+        return []
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _unwrap(obj: object, path: Path) -> dict:
+    for _ in range(3):
+        if isinstance(obj, Mapping) and not _is_state_dict(obj):
+            inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, Mapping) or not _is_state_dict(obj):
+        kind = type(obj).__name__
+        raise CheckpointError(f"{path} does not hold a state dict (found a {kind} without tensors "
+                              f"under 'model', 'state_dict' or at the top level)")
+    return dict(obj)
+
+
+def _is_state_dict(obj: Mapping) -> bool:
+    return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+# -- timm layout ---------------------------------------------------------------------------
+
+_TIMM_PATCH = re.compile(r"^patch_embed\.conv(\d)\.(.*)$")
+_TIMM_DOWN = re.compile(r"^stages\.(\d)\.downsample\.(res1|patchmerge|res2)\.(.*)$")
+_TIMM_BLOCK = re.compile(r"^stages\.(\d)\.blocks\.(\d+)\.(.*)$")
+_TIMM_DOWN_INDEX = {"res1": 0, "patchmerge": 1, "res2": 2}
+
+
+def is_timm_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith("stages.") or k.startswith("patch_embed.conv1.") for k in state_dict)
+
+
+def timm_to_official(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename timm's ``efficientvit_msra`` keys to the released layout.
+
+    timm renames the conv/linear children (``c`` -> ``conv``, ``l`` -> ``linear``), names
+    the patch-embedding convs, and splits each stage into ``downsample`` (the three
+    leading modules of the released ``blocks2``/``blocks3``) and ``blocks``.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if len(parts) >= 2 and parts[-2] in ("conv", "linear"):
+            parts[-2] = "c" if parts[-2] == "conv" else "l"
+        key = ".".join(parts)
+        if m := _TIMM_PATCH.match(key):
+            key = f"patch_embed.{(int(m[1]) - 1) * 2}.{m[2]}"
+        elif m := _TIMM_DOWN.match(key):
+            key = f"blocks{int(m[1]) + 1}.{_TIMM_DOWN_INDEX[m[2]]}.{m[3]}"
+        elif m := _TIMM_BLOCK.match(key):
+            stage, idx = int(m[1]), int(m[2])
+            key = f"blocks{stage + 1}.{idx + (3 if stage > 0 else 0)}.{m[3]}"
+        out[key] = value
+    return out
+
+
+# -- fitting a state dict to a model -------------------------------------------------------
+
+# Derived entries: recomputed by the model itself, so a checkpoint may omit them.
+_DERIVED = re.compile(r"(attention_bias_idxs|num_batches_tracked)$")
+
+
+def fit_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
+                   source: str) -> dict[str, torch.Tensor]:
+    """Check a state dict against ``model`` and return it ready for ``strict=True`` loading.
+
+    Raises :class:`CheckpointError` listing the first missing, unexpected and mismatched
+    keys (with shapes), and naming the family member the checkpoint seems to belong to.
+    """
+    target = model.state_dict()
+    fitted = {}
+    mismatched = []
+    for key, value in state_dict.items():
+        if key not in target:
+            continue
+        want = target[key]
+        if value.shape != want.shape and value.dim() == 2 and want.dim() == 4 and want.shape[2:] == (1, 1):
+            # Some releases store 1x1 convs (squeeze-excite) as matrices.
+            value = value[:, :, None, None]
+        if value.shape != want.shape:
+            mismatched.append(f"{key} {tuple(value.shape)} vs model {tuple(want.shape)}")
+        fitted[key] = value
+    missing = [k for k in target if k not in state_dict and not _DERIVED.search(k)]
+    unexpected = [k for k in state_dict if k not in target]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(_mismatch_message(model, state_dict, source, missing, unexpected, mismatched))
+    for key in target:
+        if key not in fitted:
+            fitted[key] = target[key]
+    for key in (k for k in fitted if k.endswith("attention_bias_idxs")):
+        if not torch.equal(fitted[key], target[key]):
+            raise CheckpointError(f"{source}: {key} differs from this model's window layout "
+                                  f"(was it trained at another resolution?)")
+    return fitted
+
+
+def _mismatch_message(model, state_dict, source, missing, unexpected, mismatched) -> str:
+    def first(items, n=3):
+        more = f" (+{len(items) - n} more)" if len(items) > n else ""
+        return "; ".join(items[:n]) + more
+
+    parts = []
+    if mismatched:
+        parts.append(f"{len(mismatched)} shape mismatches: {first(mismatched)}")
+    if missing:
+        parts.append(f"{len(missing)} missing keys: {first(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys: {first(unexpected)}")
+    name = getattr(model, "model_name", type(model).__name__)
+    guess = guess_model(state_dict)
+    hint = f"; it looks like {guess} weights" if guess and guess != name else ""
+    if any(k.startswith("head_dist.") for k in unexpected) and not missing and not mismatched:
+        hint += "; it has a distillation head: pass distillation=True (--distillation)"
+    return f"{source} does not fit {name}: " + " | ".join(parts) + hint
+
+
+def guess_model(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The family member whose layer widths and depths match this state dict, if any."""
+    from .factory import build_model  # the factory imports this module
+
+    def comparable(key: str) -> bool:
+        # Head and bias-table sizes depend on num_classes and img_size, not on the member.
+        return not (_DERIVED.search(key) or key.startswith("head") or key.endswith("attention_biases"))
+
+    for spec in MODELS.values():
+        with torch.device("meta"):
+            reference = build_model(spec.name).state_dict()
+        if all(k in state_dict and state_dict[k].shape == v.shape
+               for k, v in reference.items() if comparable(k)) \
+                and all(k in reference for k in state_dict if comparable(k)):
+            return spec.name
+    return None
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> Checkpoint:
+    """Load a checkpoint file into ``model`` (strictly) and describe what was loaded."""
+    raw, sha = read_state_dict(path)
+    layout = "timm" if is_timm_layout(raw) else "official"
+    state_dict = timm_to_official(raw) if layout == "timm" else raw
+    fitted = fit_state_dict(model, state_dict, str(path))
+    model.load_state_dict(fitted, strict=True)
+    return Checkpoint(fitted, sha, Path(path), layout)
+
+
+def require_file(path: str | os.PathLike, what: str = "file") -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{what} not found: {path}")
+    return path

@@ -1,0 +1,361 @@
+"""EfficientViT (Liu et al., "Memory Efficient Vision Transformer with Cascaded Group
+Attention", CVPR 2023).
+
+Module names and parameter shapes follow the officially released checkpoints
+(``efficientvit_m{0..5}.pth``) so that they load with ``strict=True``; the short
+attribute names (``c``, ``bn``, ``l``, ``m``) are therefore part of the format.
+
+Differences from the reference implementation, all behaviour-preserving:
+
+* the relative-position bias lookup is computed in ``forward`` instead of being cached
+  on ``train(False)``: a cache goes stale when weights are loaded after ``.eval()``,
+  does not follow ``.to()``, and is baked into a ``torch.export`` trace as a constant;
+* window attention accepts any feature size (padding to whole windows), which the
+  detection backbone needs; a classification model still checks its input size, since
+  its stage-3 bias table is sized for the feature map of ``img_size``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["EfficientViT", "EfficientViTConfig", "ConvNorm", "NormLinear"]
+
+
+@dataclass(frozen=True)
+class EfficientViTConfig:
+    """Architecture hyper-parameters of one family member (paper Table 6)."""
+
+    embed_dim: tuple[int, int, int]
+    depth: tuple[int, int, int]
+    num_heads: tuple[int, int, int]
+    kernels: tuple[int, ...]
+    window_size: tuple[int, int, int] = (7, 7, 7)
+    key_dim: tuple[int, int, int] = (16, 16, 16)
+    patch_size: int = 16
+    # Subsampling between stages: stage i+1 starts with a PatchMerging of stride 2.
+    down_ops: tuple[tuple, ...] = field(default=(("subsample", 2), ("subsample", 2), ("",)))
+
+
+def _make_divisible(value: float, divisor: int = 8) -> int:
+    # The released checkpoints were trained with timm's SqueezeExcite, which rounds the
+    # reduced width to a multiple of 8 this way (round_limit=0: never bumped up).
+    return max(divisor, int(value + divisor / 2) // divisor * divisor)
+
+
+class ConvNorm(nn.Sequential):
+    """Conv2d without bias followed by BatchNorm2d; ``fuse()`` folds them into one Conv2d."""
+
+    def __init__(self, in_ch, out_ch, kernel_size=1, stride=1, padding=0, dilation=1,
+                 groups=1, bn_weight_init=1.0):
+        super().__init__()
+        self.add_module("c", nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding,
+                                       dilation, groups, bias=False))
+        self.add_module("bn", nn.BatchNorm2d(out_ch))
+        # Zero-initialised BN gains make each residual branch start as the identity.
+        nn.init.constant_(self.bn.weight, bn_weight_init)
+        nn.init.constant_(self.bn.bias, 0)
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Conv2d:
+        conv, bn = self.c, self.bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
+                          stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                          groups=conv.groups, bias=True,
+                          device=conv.weight.device, dtype=conv.weight.dtype)
+        fused.weight.copy_(conv.weight * scale[:, None, None, None])
+        fused.bias.copy_(bn.bias - bn.running_mean * scale)
+        return fused
+
+
+class NormLinear(nn.Sequential):
+    """BatchNorm1d followed by Linear (the classifier head); ``fuse()`` folds them."""
+
+    def __init__(self, in_features, out_features, bias=True, std=0.02):
+        super().__init__()
+        self.add_module("bn", nn.BatchNorm1d(in_features))
+        self.add_module("l", nn.Linear(in_features, out_features, bias=bias))
+        nn.init.trunc_normal_(self.l.weight, std=std)
+        if bias:
+            nn.init.constant_(self.l.bias, 0)
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Linear:
+        bn, linear = self.bn, self.l
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        fused = nn.Linear(linear.in_features, linear.out_features, bias=True,
+                          device=linear.weight.device, dtype=linear.weight.dtype)
+        fused.weight.copy_(linear.weight * scale[None, :])
+        bias = linear.weight @ shift
+        if linear.bias is not None:
+            bias = bias + linear.bias
+        fused.bias.copy_(bias)
+        return fused
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gating with a ReLU bottleneck and a sigmoid gate (timm's ``SEModule``)."""
+
+    def __init__(self, channels: int, rd_ratio: float = 0.25):
+        super().__init__()
+        reduced = _make_divisible(channels * rd_ratio)
+        self.fc1 = nn.Conv2d(channels, reduced, 1, bias=True)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Conv2d(reduced, channels, 1, bias=True)
+
+    def forward(self, x):
+        gate = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
+        return x * torch.sigmoid(gate)
+
+
+class Residual(nn.Module):
+    """``x + m(x)``, with stochastic depth when training."""
+
+    def __init__(self, m: nn.Module, drop: float = 0.0):
+        super().__init__()
+        self.m = m
+        self.drop = drop
+
+    def forward(self, x):
+        if self.training and self.drop > 0:
+            keep = torch.rand(x.size(0), 1, 1, 1, device=x.device).ge_(self.drop)
+            return x + self.m(x) * keep.div(1 - self.drop).detach()
+        return x + self.m(x)
+
+
+class FFN(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.pw1 = ConvNorm(dim, hidden)
+        self.act = nn.ReLU()
+        self.pw2 = ConvNorm(hidden, dim, bn_weight_init=0.0)
+
+    def forward(self, x):
+        return self.pw2(self.act(self.pw1(x)))
+
+
+def relative_position_index(resolution: int) -> tuple[torch.Tensor, int]:
+    """Index of the bias-table entry for every (query, key) pair of a square window.
+
+    Entries are shared by all pairs with the same (|dy|, |dx|); the table is ordered by
+    first appearance, which for a row-major window is ``|dy| * resolution + |dx|``.
+    """
+    points = list(itertools.product(range(resolution), range(resolution)))
+    offsets: dict[tuple[int, int], int] = {}
+    idxs = []
+    for p1 in points:
+        for p2 in points:
+            offset = (abs(p1[0] - p2[0]), abs(p1[1] - p2[1]))
+            idxs.append(offsets.setdefault(offset, len(offsets)))
+    n = len(points)
+    return torch.tensor(idxs, dtype=torch.long).view(n, n), len(offsets)
+
+
+class CascadedGroupAttention(nn.Module):
+    """Cascaded group attention over one ``resolution`` x ``resolution`` window.
+
+    Head ``i`` sees its own channel split plus the output of head ``i-1``; its query goes
+    through a depthwise conv with kernel ``kernels[i]``.
+    """
+
+    def __init__(self, dim, key_dim, num_heads, attn_ratio, resolution, kernels):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = key_dim ** -0.5
+        self.key_dim = key_dim
+        self.d = int(attn_ratio * key_dim)
+        self.resolution = resolution
+        self.qkvs = nn.ModuleList(
+            ConvNorm(dim // num_heads, key_dim * 2 + self.d) for _ in range(num_heads))
+        self.dws = nn.ModuleList(
+            ConvNorm(key_dim, key_dim, kernels[i], 1, kernels[i] // 2, groups=key_dim)
+            for i in range(num_heads))
+        self.proj = nn.Sequential(nn.ReLU(), ConvNorm(self.d * num_heads, dim, bn_weight_init=0.0))
+        idxs, num_offsets = relative_position_index(resolution)
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, num_offsets))
+        # Persistent: the released checkpoints contain it, so strict loading expects it.
+        self.register_buffer("attention_bias_idxs", idxs, persistent=True)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        # Looked up on every call (see module docstring): never stale, follows .to(),
+        # and a trace sees the parameter, not a frozen copy.
+        biases = self.attention_biases[:, self.attention_bias_idxs]
+        feats_in = x.chunk(self.num_heads, dim=1)
+        feats_out = []
+        feat = feats_in[0]
+        for i, qkv in enumerate(self.qkvs):
+            if i > 0:
+                feat = feat + feats_in[i]
+            feat = qkv(feat)
+            q, k, v = feat.split([self.key_dim, self.key_dim, self.d], dim=1)
+            q = self.dws[i](q)
+            q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)
+            attn = (q.transpose(-2, -1) @ k) * self.scale + biases[i]
+            attn = attn.softmax(dim=-1)
+            feat = (v @ attn.transpose(-2, -1)).view(B, self.d, H, W)
+            feats_out.append(feat)
+        return self.proj(torch.cat(feats_out, 1))
+
+
+class LocalWindowAttention(nn.Module):
+    """Cascaded group attention applied in non-overlapping windows.
+
+    A feature map that exactly fits one window is attended directly; anything else is
+    zero-padded to whole windows, attended window by window and cropped back, which is
+    what the reference implementation does for feature maps larger than the window.
+    """
+
+    def __init__(self, dim, key_dim, num_heads, attn_ratio, resolution, window_resolution,
+                 kernels):
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.resolution = resolution
+        # The window never exceeds the feature map it was built for (stage 3 at 224x224
+        # is 4x4, so its window and bias table are 4x4, as in the released weights).
+        self.window_resolution = min(window_resolution, resolution) if resolution else window_resolution
+        self.attn = CascadedGroupAttention(dim, key_dim, num_heads, attn_ratio,
+                                           self.window_resolution, kernels)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        ws = self.window_resolution
+        if H == ws and W == ws:
+            return self.attn(x)
+        pad_b = (ws - H % ws) % ws
+        pad_r = (ws - W % ws) % ws
+        x = x.permute(0, 2, 3, 1)
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        pH, pW = H + pad_b, W + pad_r
+        nH, nW = pH // ws, pW // ws
+        # window partition: B(nH ws)(nW ws)C -> (B nH nW) C ws ws
+        x = x.reshape(B, nH, ws, nW, ws, C).transpose(2, 3).reshape(B * nH * nW, ws, ws, C)
+        x = self.attn(x.permute(0, 3, 1, 2))
+        # window reverse
+        x = x.permute(0, 2, 3, 1).reshape(B, nH, nW, ws, ws, C).transpose(2, 3).reshape(B, pH, pW, C)
+        if pad_b or pad_r:
+            x = x[:, :H, :W]
+        return x.permute(0, 3, 1, 2)
+
+
+class EfficientViTBlock(nn.Module):
+    """Sandwich block: depthwise residual, FFN, window attention, depthwise residual, FFN."""
+
+    def __init__(self, dim, key_dim, num_heads, attn_ratio, resolution, window_resolution,
+                 kernels):
+        super().__init__()
+        self.dw0 = Residual(ConvNorm(dim, dim, 3, 1, 1, groups=dim, bn_weight_init=0.0))
+        self.ffn0 = Residual(FFN(dim, dim * 2))
+        self.mixer = Residual(LocalWindowAttention(dim, key_dim, num_heads, attn_ratio,
+                                                   resolution, window_resolution, kernels))
+        self.dw1 = Residual(ConvNorm(dim, dim, 3, 1, 1, groups=dim, bn_weight_init=0.0))
+        self.ffn1 = Residual(FFN(dim, dim * 2))
+
+    def forward(self, x):
+        return self.ffn1(self.dw1(self.mixer(self.ffn0(self.dw0(x)))))
+
+
+class PatchMerging(nn.Module):
+    """Stride-2 subsampling: pointwise expand, depthwise stride-2, squeeze-excite, project."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        hidden = dim * 4
+        self.conv1 = ConvNorm(dim, hidden, 1, 1, 0)
+        self.act = nn.ReLU()
+        self.conv2 = ConvNorm(hidden, hidden, 3, 2, 1, groups=hidden)
+        self.se = SqueezeExcite(hidden, 0.25)
+        self.conv3 = ConvNorm(hidden, out_dim, 1, 1, 0)
+
+    def forward(self, x):
+        return self.conv3(self.se(self.act(self.conv2(self.act(self.conv1(x))))))
+
+
+def _residual_dw_ffn(dim: int) -> nn.Sequential:
+    return nn.Sequential(Residual(ConvNorm(dim, dim, 3, 1, 1, groups=dim)),
+                         Residual(FFN(dim, dim * 2)))
+
+
+class EfficientViT(nn.Module):
+    """EfficientViT classifier (``num_classes > 0``) or feature backbone (``num_classes=0``).
+
+    ``img_size`` fixes the classifier's input resolution (a multiple of ``patch_size``).
+    ``img_size=None`` builds a size-agnostic backbone whose every stage uses full
+    ``window_size`` bias tables, as the detection models do.
+    """
+
+    def __init__(self, config: EfficientViTConfig, img_size: int | None = 224, in_chans: int = 3,
+                 num_classes: int = 1000, distillation: bool = False):
+        super().__init__()
+        if img_size is not None and (img_size <= 0 or img_size % config.patch_size):
+            raise ValueError(f"img_size must be a positive multiple of {config.patch_size}, got {img_size}")
+        self.config = config
+        self.img_size = img_size
+        self.num_classes = num_classes
+        self.distillation = distillation
+        ed = config.embed_dim
+
+        self.patch_embed = nn.Sequential(
+            ConvNorm(in_chans, ed[0] // 8, 3, 2, 1), nn.ReLU(),
+            ConvNorm(ed[0] // 8, ed[0] // 4, 3, 2, 1), nn.ReLU(),
+            ConvNorm(ed[0] // 4, ed[0] // 2, 3, 2, 1), nn.ReLU(),
+            ConvNorm(ed[0] // 2, ed[0], 3, 2, 1))
+
+        resolution = img_size // config.patch_size if img_size is not None else None
+        attn_ratio = [ed[i] / (config.key_dim[i] * config.num_heads[i]) for i in range(3)]
+        stages: list[list[nn.Module]] = [[], [], []]
+        self.feature_resolutions: list[int | None] = []
+        for i in range(3):
+            for _ in range(config.depth[i]):
+                stages[i].append(EfficientViTBlock(ed[i], config.key_dim[i], config.num_heads[i],
+                                                   attn_ratio[i], resolution,
+                                                   config.window_size[i], config.kernels))
+            self.feature_resolutions.append(resolution)
+            op = config.down_ops[i]
+            if op[0] == "subsample":
+                nxt = stages[i + 1]
+                nxt.append(_residual_dw_ffn(ed[i]))
+                nxt.append(PatchMerging(ed[i], ed[i + 1]))
+                if resolution is not None:
+                    resolution = (resolution - 1) // op[1] + 1
+                nxt.append(_residual_dw_ffn(ed[i + 1]))
+        self.blocks1 = nn.Sequential(*stages[0])
+        self.blocks2 = nn.Sequential(*stages[1])
+        self.blocks3 = nn.Sequential(*stages[2])
+
+        self.num_features = ed[-1]
+        self.head = NormLinear(ed[-1], num_classes) if num_classes > 0 else nn.Identity()
+        if distillation:
+            self.head_dist = NormLinear(ed[-1], num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x) -> list[torch.Tensor]:
+        """Feature maps of the three stages (strides 16, 32, 64)."""
+        x = self.patch_embed(x)
+        f1 = self.blocks1(x)
+        f2 = self.blocks2(f1)
+        f3 = self.blocks3(f2)
+        return [f1, f2, f3]
+
+    def forward(self, x):
+        if self.img_size is not None:
+            h, w = x.shape[-2:]
+            if h != self.img_size or w != self.img_size:
+                raise ValueError(f"this model was built for {self.img_size}x{self.img_size} "
+                                 f"input, got {h}x{w}")
+        x = self.forward_features(x)[-1]
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        if self.distillation:
+            out, out_dist = self.head(x), self.head_dist(x)
+            if self.training:
+                return out, out_dist
+            return (out + out_dist) / 2
+        return self.head(x)

@@ -1,0 +1,237 @@
+"""The contract every export target fulfils, and the option schema they share.
+
+A target is a class with a ``name``, what it ``produces``, the Python packages it
+``requires``, an ``Options`` dataclass, ``export(traced, options, path)`` and
+``run(path, inputs)``. Targets are found through the ``evit_deploy.targets`` entry-point
+group, so a package that declares one adds a target without touching evit-deploy.
+
+Target modules must import their heavy dependencies (torch, converters, runtimes)
+inside methods: the registry imports every target module to list them, and ``run`` for
+ONNX and TVM artifacts must work where torch is not installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..description import ModelDescription
+from ..errors import BadInputError, MissingDependencyError, unknown_name
+
+
+def option(default, help: str, *, choices: tuple | None = None, flag: str | None = None):
+    """Declare one export option: its default, help text and allowed values."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+@dataclass
+class Artifact:
+    """An exported artifact: the file users open, plus files it needs beside it."""
+
+    path: Path
+    target: str
+    description: ModelDescription
+    sidecars: tuple[Path, ...] = ()
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return (*self.sidecars, self.path)
+
+
+class Target:
+    """Base class of export targets. Subclasses set the class attributes and override
+    :meth:`export`, :meth:`run` and :meth:`read_description`."""
+
+    name: ClassVar[str]
+    produces: ClassVar[str]                       # "ONNX model (.onnx)"
+    suffixes: ClassVar[tuple[str, ...]]           # artifact file/directory suffixes it reads
+    requires: ClassVar[dict[str, str]] = {}       # import name -> pip package, for export
+    run_requires: ClassVar[dict[str, str]] = {}   # import name -> pip package, for run
+    supports_dynamic_batch: ClassVar[bool] = False
+    Options: ClassVar[type] = None                # a dataclass built with option()
+
+    # -- what the framework asks of a target ------------------------------------------------
+    def input_format(self, options) -> str:
+        """The input format to trace the model with (see preprocess.INPUT_FORMATS)."""
+        return "normalized"
+
+    def precision(self, options) -> str:
+        """The parity tolerance class of an export with these options (fp32, fp16, ...)."""
+        return "fp32"
+
+    def artifact_name(self, description: ModelDescription, options) -> str:
+        return f"{description.model.replace(':', '_').replace('.', '_')}{self.suffixes[0]}"
+
+    def export(self, traced, options, path: Path) -> Artifact:  # pragma: no cover - abstract
+        """Write the artifact at ``path`` (and any sidecars next to it)."""
+        raise NotImplementedError
+
+    def run(self, path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # pragma: no cover
+        """Run the artifact with its own runtime on named inputs; outputs by name."""
+        raise NotImplementedError
+
+    def read_description(self, path: Path) -> ModelDescription:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def runtime_name(self, path: Path) -> str:
+        """Which engine :meth:`run` uses, for reports (e.g. "onnxruntime 1.32 (CPU)")."""
+        return self.name
+
+    def recognizes(self, path: Path) -> bool:
+        return any(str(path).endswith(s) for s in self.suffixes)
+
+    def parity_extras(self, path: Path, report) -> dict:
+        """Target-specific facts to add to a parity report (e.g. fp16 drift)."""
+        return {}
+
+    def run_batched(self, path: Path, x: np.ndarray, description: ModelDescription) -> dict[str, np.ndarray]:
+        """Run any number of inputs through an artifact with a fixed batch size.
+
+        Inputs are fed in chunks of the artifact's batch; the last chunk is padded by
+        repeating its final item and the padding is dropped from the outputs.
+        """
+        batch = description.batch or len(x)
+        chunks = []
+        for start in range(0, len(x), batch):
+            part = x[start:start + batch]
+            n = len(part)
+            if n < batch:
+                part = np.concatenate([part, np.repeat(part[-1:], batch - n, axis=0)])
+            out = self.run(path, {description.input.name: part})
+            chunks.append({k: np.asarray(v)[:n] for k, v in out.items()})
+        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+    # -- shared helpers --------------------------------------------------------------------
+    @classmethod
+    def missing_packages(cls, for_run: bool = False) -> dict[str, str]:
+        needed = cls.run_requires if for_run else {**cls.requires, **cls.run_requires}
+        return {mod: pip for mod, pip in needed.items() if importlib.util.find_spec(mod) is None}
+
+    @classmethod
+    def check_available(cls, for_run: bool = False) -> None:
+        missing = cls.missing_packages(for_run)
+        if missing:
+            raise MissingDependencyError(
+                f"target '{cls.name}' needs {', '.join(sorted(missing))}: "
+                f"pip install {' '.join(sorted(set(missing.values())))}")
+
+    @classmethod
+    def parse_options(cls, values: dict[str, Any] | None = None, *, source: str = "options"):
+        """Validate a mapping of option values (from a build file, a profile or Python)."""
+        return parse_options(cls.Options, values or {}, target=cls.name, source=source)
+
+
+# -- option schema -------------------------------------------------------------------------
+
+def option_fields(options_cls) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(options_cls)) if options_cls else []
+
+
+def _field_type(options_cls, f: dataclasses.Field):
+    hints = typing.get_type_hints(options_cls)
+    tp = hints[f.name]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def coerce(options_cls, f: dataclasses.Field, value, *, target: str, source: str):
+    """Convert ``value`` to the field's type and check its allowed values."""
+    tp = _field_type(options_cls, f)
+    label = f"{source}: option '{f.name}' of target '{target}'"
+    try:
+        if value is None:
+            out = None
+        elif tp is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                out = value.lower() in ("true", "1", "yes")
+            elif isinstance(value, bool):
+                out = value
+            else:
+                raise ValueError(value)
+        elif tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            out = int(value)
+        elif tp is float:
+            out = float(value)
+        else:
+            out = str(value)
+    except (TypeError, ValueError):
+        raise BadInputError(f"{label} must be {getattr(tp, '__name__', tp)}, got {value!r}") from None
+    choices = f.metadata.get("choices")
+    if choices and out is not None and out not in choices:
+        raise unknown_name(f"value for {label}", str(out), [str(c) for c in choices])
+    return out
+
+
+def parse_options(options_cls, values: dict[str, Any], *, target: str, source: str):
+    if options_cls is None:
+        if values:
+            raise BadInputError(f"{source}: target '{target}' takes no options, got {', '.join(values)}")
+        return None
+    by_name = {f.name: f for f in option_fields(options_cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in by_name:
+            raise unknown_name(f"option for target '{target}' in {source}", key,
+                               [f.name for f in by_name.values()])
+        kwargs[name] = coerce(options_cls, by_name[name], value, target=target, source=source)
+    return options_cls(**kwargs)
+
+
+def parse_cli_values(options_cls, args: list[str], *, target: str) -> dict[str, Any]:
+    """The option values that ``--opset 17 --fp16 --precision=fp32`` style arguments set.
+
+    Only options present in ``args`` appear in the result, so they can override a profile.
+    """
+    by_flag = {}
+    for f in option_fields(options_cls):
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        by_flag[flag] = f
+        if _field_type(options_cls, f) is bool:
+            by_flag["--no-" + flag[2:]] = f
+    values: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag, _, inline = arg.partition("=")
+        if flag not in by_flag:
+            raise unknown_name(f"option for target '{target}'", arg, sorted(by_flag) or ["(none)"])
+        f = by_flag[flag]
+        if _field_type(options_cls, f) is bool and not inline:
+            values[f.name] = not flag.startswith("--no-")
+        elif inline:
+            values[f.name] = inline
+        else:
+            if i + 1 >= len(args):
+                raise BadInputError(f"option {flag} of target '{target}' needs a value")
+            values[f.name] = args[i + 1]
+            i += 1
+        i += 1
+    return values
+
+
+def describe_options(options_cls) -> list[tuple[str, str, str]]:
+    """(flag, default, help) for each option, for help screens and docs."""
+    rows = []
+    for f in option_fields(options_cls):
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        choices = f.metadata.get("choices")
+        text = f.metadata.get("help", "")
+        if choices:
+            text += f" [{'|'.join(str(c) for c in choices)}]"
+        rows.append((flag, repr(f.default), text))
+    return rows
+
+
+def options_to_dict(options) -> dict:
+    return dataclasses.asdict(options) if options is not None else {}

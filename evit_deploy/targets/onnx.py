@@ -1,0 +1,202 @@
+"""ONNX target: ``torch.onnx`` (dynamo) export, run by onnxruntime.
+
+Running an artifact needs onnxruntime and numpy only; torch and onnx are imported by
+``export`` alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ..description import ModelDescription
+from ..errors import BadInputError, ExportError
+from .base import Artifact, Target, option
+
+METADATA_KEY = "evit_deploy.description"
+
+
+@dataclass
+class OnnxOptions:
+    # torch.onnx's dynamo exporter emits opset 18 or newer (it cannot convert below).
+    opset: int = option(18, "ONNX opset version", choices=tuple(range(18, 24)))
+    fp16: bool = option(False, "fp16 weights and compute, with fp32 inputs and outputs")
+    bake_preprocessing: str = option(
+        "none", "bake scaling and ImageNet normalisation into the graph so it takes raw RGB",
+        choices=("none", "float01", "uint8"))
+
+
+class OnnxTarget(Target):
+    name = "onnx"
+    produces = "ONNX model (.onnx), run by onnxruntime"
+    suffixes = (".onnx",)
+    requires = {"onnx": "onnx", "onnxscript": "onnxscript"}
+    run_requires = {"onnxruntime": "onnxruntime"}
+    supports_dynamic_batch = True
+    Options = OnnxOptions
+
+    def input_format(self, options: OnnxOptions) -> str:
+        return "normalized" if options.bake_preprocessing == "none" else options.bake_preprocessing
+
+    def precision(self, options: OnnxOptions) -> str:
+        return "fp16" if options.fp16 else "fp32"
+
+    def export(self, traced, options: OnnxOptions, path: Path) -> Artifact:
+        import onnx
+        import torch
+
+        desc = traced.description
+        # The exporter logs its progress and skipped torchvision ops; we report our own.
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        try:
+            program = torch.onnx.export(
+                traced.program, (traced.example_input(),), dynamo=True, verbose=False,
+                opset_version=options.opset, input_names=[desc.input.name],
+                output_names=[o.name for o in desc.outputs], optimize=True, external_data=False)
+        except Exception as exc:
+            raise ExportError(f"torch.onnx.export failed: {str(exc).splitlines()[0]}") from exc
+        proto = program.model_proto
+        produced = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        if produced != options.opset:
+            raise ExportError(f"torch.onnx produced opset {produced} instead of the requested {options.opset}")
+        if options.fp16:
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+            proto = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True)
+            # The converter appends its input casts at the end of the node list.
+            topological_sort(proto.graph)
+        dedupe_initializers(proto.graph)
+        _set_metadata(proto, desc)
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"the exported ONNX model is invalid: {str(exc).splitlines()[0]}") from exc
+        # Serialised by hand with deterministic map ordering: the same inputs give the
+        # same bytes (onnx.save does not promise that).
+        path.write_bytes(proto.SerializeToString(deterministic=True))
+        return Artifact(path, self.name, desc)
+
+    # -- reading and running (torch-free) ----------------------------------------------------
+    def read_description(self, path: Path) -> ModelDescription:
+        meta = session_for(path).get_modelmeta().custom_metadata_map
+        if METADATA_KEY not in meta:
+            raise BadInputError(f"{path} was not made by evit-deploy (no '{METADATA_KEY}' metadata)")
+        return ModelDescription.from_json(meta[METADATA_KEY])
+
+    def run(self, path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = session_for(path)
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, inputs)))
+
+    def runtime_name(self, path: Path) -> str:
+        import onnxruntime as ort
+        return f"onnxruntime {ort.__version__} (CPU)"
+
+
+def session_for(path: Path):
+    """An onnxruntime session, reused while the file is unchanged (verify and run read the
+    description and then run the same file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"artifact not found: {path}")
+    return _session(str(path.resolve()), path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=2)
+def _session(path: str, mtime_ns: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise BadInputError(f"{path} is not a loadable ONNX model: {str(exc).splitlines()[0]}") from None
+
+
+def dedupe_initializers(graph) -> int:
+    """Make initializers with identical type, shape and bytes share one tensor.
+
+    The exporter can emit the same constant (a reshape target, a folded bias) once per
+    use; duplicates only make the file larger. Returns how many were removed.
+    """
+    from onnx import numpy_helper
+
+    first: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    keep = []
+    for init in graph.initializer:
+        arr = numpy_helper.to_array(init)
+        key = (init.data_type, tuple(init.dims), hashlib.sha256(arr.tobytes()).hexdigest())
+        if key in first:
+            rename[init.name] = first[key]
+        else:
+            first[key] = init.name
+            keep.append(init)
+    if not rename:
+        return 0
+    graph_outputs = {o.name for o in graph.output}
+    if graph_outputs & set(rename):
+        return 0    # an initializer exposed as an output must keep its name
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    for node in _all_nodes(graph):
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    return len(rename)
+
+
+def topological_sort(graph) -> None:
+    """Reorder ``graph.node`` so that every node comes after the producers of its inputs."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ExportError("the ONNX graph has a cycle or an input that nothing produces")
+        for node in ready:
+            available.update(node.output)
+        ordered += ready
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+    nodes = [type(n)() for n in ordered]
+    for new, old in zip(nodes, ordered):
+        new.CopyFrom(old)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _all_nodes(graph):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.g is not None and attr.g.node:
+                yield from _all_nodes(attr.g)
+
+
+def _set_metadata(proto, desc: ModelDescription) -> None:
+    from .. import __version__
+
+    proto.producer_name = "evit-deploy"
+    proto.producer_version = __version__
+    proto.doc_string = (f"{desc.display_name} ({desc.task}); input '{desc.input.name}' "
+                        f"{list(desc.input.shape)} {desc.input_format}")
+    entries = {
+        METADATA_KEY: desc.to_json(),
+        "model": desc.model,
+        "weights_sha256": desc.weights,
+        "input_format": desc.input_format,
+        "mean": ",".join(str(v) for v in desc.preprocessing.mean),
+        "std": ",".join(str(v) for v in desc.preprocessing.std),
+        "evit_deploy_version": __version__,
+    }
+    del proto.metadata_props[:]
+    for key, value in entries.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value

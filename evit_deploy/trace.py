@@ -1,0 +1,190 @@
+"""Trace once: the deploy model captured by ``torch.export`` plus its description.
+
+Every exporter consumes a :class:`TracedModel`. The parity reference travels with it: the
+same weights *before* BN folding, in fp32, so a folding bug shows up as a parity failure.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .description import RANDOM_INIT, ModelDescription, TensorSpec
+from .errors import BadInputError, CheckpointError, ExportError
+from .labels import labels_for
+from .models.checkpoint import official_weights_path, sha256_file
+from .models.factory import DEFAULT_SEED, RANDOM, create_model
+from .models.fuse import fuse
+from .models.registry import resolve_name
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_FORMATS, Preprocessing
+
+FACTORY_WEIGHTS = "factory"   # a custom model's weights are whatever its factory returns
+
+
+class InputAdapter(nn.Module):
+    """Takes the artifact's input format and hands the model a normalised float tensor.
+
+    Baking the scaling and normalisation into the graph means a consumer of a ``uint8``
+    or ``float01`` artifact cannot get the ImageNet statistics wrong.
+    """
+
+    def __init__(self, model: nn.Module, input_format: str, mean, std):
+        super().__init__()
+        self.model = model
+        self.input_format = input_format
+        scale = 1.0 / (255.0 if input_format == "uint8" else 1.0)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        # (x * scale - mean) / std as one multiply-add per channel.
+        self.register_buffer("gain", scale / std_t)
+        self.register_buffer("offset", -mean_t / std_t)
+
+    def forward(self, x):
+        if self.input_format != "normalized":
+            x = x.to(torch.float32) * self.gain + self.offset
+        return self.model(x)
+
+
+@dataclass
+class TracedModel:
+    program: torch.export.ExportedProgram
+    description: ModelDescription
+    reference: nn.Module          # unfused, fp32, eval; takes normalised input
+    deploy: nn.Module             # what was traced: folded model behind the input adapter
+
+    def example_input(self, batch: int | None = None) -> torch.Tensor:
+        spec = self.description.input
+        n = batch or self.description.batch or 1
+        shape = (n, *spec.shape[1:])
+        if spec.dtype == "uint8":
+            return torch.randint(0, 256, shape, dtype=torch.uint8)
+        return torch.rand(shape)
+
+
+def load_factory(spec: str):
+    """``package.module:callable`` -> the callable."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise BadInputError(f"--model must look like package.module:factory, got '{spec}'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BadInputError(f"cannot import {module_name} for --model {spec}: {exc}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise BadInputError(f"{module_name} has no callable '{attr}' (from --model {spec})")
+    return factory
+
+
+def is_custom(model: str) -> bool:
+    return ":" in str(model)
+
+
+def _resolve_weights(description_weights: str, model: str, weights) -> str | Path | None:
+    """The checkpoint to rebuild a reference with, checked against the recorded SHA-256."""
+    if description_weights in (RANDOM_INIT, FACTORY_WEIGHTS):
+        return None
+    if weights is None:
+        candidate = official_weights_path(resolve_name(model), download=False)
+        if candidate.exists() and sha256_file(candidate) == description_weights:
+            return candidate
+        raise CheckpointError(f"this artifact was built from the checkpoint with SHA-256 "
+                              f"{description_weights[:16]}…; pass that file with --weights FILE")
+    weights = Path(weights) if str(weights) != "official" else official_weights_path(resolve_name(model))
+    actual = sha256_file(weights) if Path(weights).is_file() else None
+    if actual is not None and actual != description_weights:
+        raise CheckpointError(f"{weights} (SHA-256 {actual[:16]}…) is not the checkpoint this artifact "
+                              f"was built from (SHA-256 {description_weights[:16]}…)")
+    return weights
+
+
+def build_reference(description: ModelDescription, weights=None) -> nn.Module:
+    """Rebuild an artifact's PyTorch reference (unfused, fp32, eval) from its description."""
+    options = dict(description.model_options)
+    if is_custom(description.model):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(description.seed or DEFAULT_SEED)
+            model = load_factory(description.model)()
+        return model.eval().float()
+    checkpoint = _resolve_weights(description.weights, description.model, weights)
+    return create_model(description.model, RANDOM if checkpoint is None else checkpoint,
+                        seed=description.seed if description.seed is not None else DEFAULT_SEED,
+                        **options).float()
+
+
+def _custom_model(spec: str, seed: int, input_size) -> tuple[nn.Module, dict, int, int]:
+    if input_size is None:
+        raise BadInputError(f"--model {spec} needs --input-size (e.g. 224 or 256x192)")
+    h, w = input_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = load_factory(spec)()
+    if not isinstance(model, nn.Module):
+        raise BadInputError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model.eval().float(), {}, h, w
+
+
+def trace(model: str = "m0", weights=None, *, batch: int = 1, dynamic_batch: bool = False,
+          img_size: int = 224, num_classes: int = 1000, distillation: bool = False,
+          input_format: str = "normalized", seed: int = DEFAULT_SEED,
+          input_size: tuple[int, int] | None = None) -> TracedModel:
+    """Load, fold and capture a model with ``torch.export``.
+
+    ``model`` is a family member (``m4``) or ``package.module:factory`` for any
+    ``nn.Module`` (then ``input_size`` is required and ``weights`` is not used).
+    """
+    if input_format not in INPUT_FORMATS:
+        raise BadInputError(f"unknown input format '{input_format}'; valid: {', '.join(INPUT_FORMATS)}")
+    if batch < 1:
+        raise BadInputError(f"batch must be at least 1, got {batch}")
+    if is_custom(model):
+        reference, options, h, w = _custom_model(model, seed, input_size)
+        name, display, weights_id, init_seed = model, model.rsplit(":", 1)[-1], FACTORY_WEIGHTS, seed
+    else:
+        spec = resolve_name(model)
+        options = {"img_size": img_size, "num_classes": num_classes, "distillation": distillation}
+        reference = create_model(spec.name, RANDOM if weights is None else weights, seed=seed, **options)
+        name, display, h, w = spec.name, spec.display_name, img_size, img_size
+        weights_id = reference.weights_sha256 or RANDOM_INIT
+        init_seed = reference.init_seed
+        if weights is not None and weights_id == RANDOM_INIT:
+            weights_id = "state-dict"
+
+    deploy = InputAdapter(fuse(copy.deepcopy(reference)).eval(), input_format,
+                          IMAGENET_MEAN, IMAGENET_STD).eval()
+    in_dtype = torch.uint8 if input_format == "uint8" else torch.float32
+    example_batch = max(batch, 2) if dynamic_batch else batch
+    example = torch.zeros(example_batch, 3, h, w, dtype=in_dtype)
+    dynamic_shapes = None
+    if dynamic_batch:
+        dynamic_shapes = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
+    try:
+        with torch.no_grad():
+            outputs = deploy(example)
+            program = torch.export.export(deploy, (example,), dynamic_shapes=dynamic_shapes)
+    except BadInputError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"torch.export failed on {name}: {str(exc).splitlines()[0]}") from exc
+
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    batch_dim: int | str = "batch" if dynamic_batch else batch
+    out_names = ["logits"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+    description = ModelDescription(
+        model=name, display_name=display, task="classification", weights=weights_id,
+        seed=init_seed, model_options=options, input_format=input_format,
+        preprocessing=Preprocessing.for_size(h, w),
+        inputs=(TensorSpec("image", (batch_dim, 3, h, w), "uint8" if input_format == "uint8" else "float32",
+                           f"RGB image, NCHW, {input_format}"),),
+        outputs=tuple(TensorSpec(n, (batch_dim, *o.shape[1:]), "float32",
+                                 "class scores (logits)" if n == "logits" else "")
+                      for n, o in zip(out_names, outputs)),
+        labels=labels_for(outputs[0].shape[-1]) if len(outputs) == 1 and outputs[0].dim() == 2 else None,
+    )
+    return TracedModel(program, description, reference, deploy)
+

@@ -1,0 +1,1 @@
+"""Device profiles (TOML); installed as the evit_deploy.target_profiles package data."""

@@ -1,0 +1,90 @@
+"""Shared fixtures. Tests never touch the network: checkpoints are made here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: exports every family member (still part of the suite)")
+
+
+@pytest.fixture(autouse=True)
+def _offline_torch_hub(tmp_path_factory, monkeypatch):
+    # An empty hub cache per session: no test may find or download official weights.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch-home"))
+
+
+def save_checkpoint(path: Path, model_name: str, *, seed: int = 1, layout: str = "official", **kwargs) -> Path:
+    """A checkpoint of synthetic weights with non-trivial BN statistics."""
+    import torch
+
+    from evit_deploy.models.factory import create_model
+
+    model = create_model(model_name, "random", seed=seed, **kwargs)
+    state = model.state_dict()
+    if layout == "official":
+        torch.save({"model": state}, path)
+    elif layout == "bare":
+        torch.save(state, path)
+    elif layout == "safetensors":
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        raise ValueError(layout)
+    return path
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    def make(model_name="m0", **kwargs):
+        suffix = ".safetensors" if kwargs.get("layout") == "safetensors" else ".pth"
+        return save_checkpoint(tmp_path / f"{model_name}-{kwargs.get('seed', 1)}{suffix}", model_name, **kwargs)
+    return make
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process: returns (exit code, stdout, stderr)."""
+    from evit_deploy.cli import invoke
+
+    def run(*args):
+        code = invoke([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    return run
+
+
+def run_python(code: str, *, env_extra: dict | None = None, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=timeout)
+
+
+def cli_without_torch(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process where ``import torch`` fails."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from evit_deploy.cli import invoke\n"
+            f"code = invoke({json.dumps([str(a) for a in args])})\n"
+            "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
+            "sys.exit(code)\n")
+    return run_python(code, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def m0_onnx(tmp_path_factory):
+    """An fp32 ONNX export of synthetic-weight M0, shared by tests that only read it."""
+    from evit_deploy import api
+
+    out = tmp_path_factory.mktemp("m0-onnx")
+    result = api.export("m0", "onnx", out_dir=out)
+    assert result.report.passed
+    return result.artifact.path

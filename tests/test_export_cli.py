@@ -1,0 +1,181 @@
+"""The export pipeline as users see it: exit codes, atomic writes, plug-ins, any model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import ROOT, run_python
+from evit_deploy.errors import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_MISSING_DEPENDENCY, EXIT_OUTPUT_ERROR,
+                                EXIT_PARITY_FAILED)
+from evit_deploy.targets.onnx import OnnxTarget
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_export_cli_prints_stages_and_the_artifact(tmp_path, cli):
+    code, out, err = cli("export", "m0", "--target", "onnx", "--out", tmp_path, "--json", tmp_path / "r.json")
+    assert code == 0
+    assert out.strip().endswith(str(tmp_path / "efficientvit_m0.onnx"))
+    for stage in ("trace", "export", "verify"):
+        assert stage in err
+    assert "RANDOM initialisation" in err
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["efficientvit_m0.onnx", "r.json"]
+
+
+def test_target_options_from_the_command_line_and_profiles(tmp_path, cli):
+    code, _, _ = cli("-q", "export", "m0", "-t", "onnx", "--out", tmp_path, "--opset", "20", "--fp16")
+    assert code == 0
+    model = onnx.load(tmp_path / "efficientvit_m0.onnx")
+    assert model.opset_import[0].version == 20
+    desc = json.loads({p.key: p.value for p in model.metadata_props}["evit_deploy.description"])
+    assert desc["extra"]["precision"] == "fp16" and desc["extra"]["options"]["opset"] == 20
+    code, _, _ = cli("-q", "export", "m0", "--profile", "onnx-cpu", "--out", tmp_path / "p", "--no-verify")
+    assert code == 0
+    desc = json.loads({p.key: p.value for p in onnx.load(tmp_path / "p" / "efficientvit_m0.onnx").metadata_props}
+                      ["evit_deploy.description"])
+    assert desc["extra"]["profile"] == "onnx-cpu"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["export", "m9", "-t", "onnx"], "unknown model 'm9'"),
+    (["export", "m0", "-t", "onnxx"], "unknown target 'onnxx' (did you mean 'onnx'?)"),
+    (["export", "m0", "-t", "onnx", "--opset", "99"], "unknown value for options: option 'opset' of target 'onnx'"),
+    (["export", "m0", "-t", "onnx", "--fp61"], "unknown option for target 'onnx' '--fp61' (did you mean '--fp16'?)"),
+    (["export", "m0", "-t", "onnx", "--img-size", "200"], "multiple of 16"),
+    (["export", "m0", "--profile", "iphone-x"], "unknown profile"),
+    (["export", "m0", "-t", "onnx", "--weights", "/nope.pth"], "checkpoint not found"),
+    (["run", "/nope.onnx", "x.jpg"], "artifact not found"),
+    (["info", "m7"], "did you mean"),
+])
+def test_bad_input_is_one_line_and_exit_2(cli, tmp_path, args, message):
+    code, _, err = cli(*args, "--out", tmp_path) if args[0] == "export" else cli(*args)
+    assert code == EXIT_BAD_INPUT, err
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3
+
+
+def test_not_an_image(m0_onnx, tmp_path, cli):
+    fake = tmp_path / "photo.jpg"
+    fake.write_text("this is not a jpeg")
+    code, _, err = cli("run", m0_onnx, fake)
+    assert code == EXIT_BAD_INPUT and "is not a readable image" in err
+
+
+def test_debug_shows_the_traceback(cli):
+    code, _, err = cli("--debug", "info", "m7")
+    assert code == EXIT_BAD_INPUT and "Traceback" in err
+
+
+def test_missing_dependency_names_the_pip_package(cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(OnnxTarget, "requires", {"onnx": "onnx", "no_such_module_xyz": "no-such-package"})
+    code, _, err = cli("export", "m0", "-t", "onnx", "--out", tmp_path)
+    assert code == EXIT_MISSING_DEPENDENCY and "pip install no-such-package" in err
+
+
+def test_unwritable_output_location(cli, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = cli("export", "m0", "-t", "onnx", "--out", blocker / "sub")
+    assert code == EXIT_OUTPUT_ERROR and "cannot write" in err
+
+
+def test_parity_failure_leaves_no_valid_looking_artifact(cli, tmp_path, monkeypatch):
+    real_export = OnnxTarget.export
+
+    def broken_export(self, traced, options, path):
+        artifact = real_export(self, traced, options, path)
+        model = onnx.load(path)
+        init = max(model.graph.initializer, key=lambda i: numpy_helper.to_array(i).size)
+        arr = numpy_helper.to_array(init) * 1.5
+        init.CopyFrom(numpy_helper.from_array(arr, init.name))
+        onnx.save(model, path)
+        return artifact
+
+    monkeypatch.setattr(OnnxTarget, "export", broken_export)
+    code, _, err = cli("export", "m0", "-t", "onnx", "--out", tmp_path)
+    assert code == EXIT_PARITY_FAILED
+    assert not (tmp_path / "efficientvit_m0.onnx").exists()
+    rejected = tmp_path / "efficientvit_m0.onnx.rejected"
+    assert (rejected / "efficientvit_m0.onnx").exists() and (rejected / "parity-report.json").exists()
+    assert "kept for inspection" in err
+    assert not list(tmp_path.glob(".evit-staging-*"))
+
+
+def test_interrupted_export_keeps_the_previous_artifact(cli, tmp_path, m0_onnx, monkeypatch):
+    final = tmp_path / "efficientvit_m0.onnx"
+    final.write_bytes(Path(m0_onnx).read_bytes())
+    before = _sha(final)
+
+    def interrupted(self, traced, options, path):
+        path.write_bytes(b"half an onnx file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OnnxTarget, "export", interrupted)
+    code, _, err = cli("export", "m0", "-t", "onnx", "--out", tmp_path)
+    assert code == EXIT_INTERRUPTED and "interrupted" in err
+    assert _sha(final) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["efficientvit_m0.onnx"]
+
+
+def test_any_torch_module_through_the_same_pipeline(cli, tmp_path):
+    code, out, err = cli("export", "--model", "custom_models:mobile_cnn", "--input-size", "160",
+                         "-t", "onnx", "--out", tmp_path, "--json", tmp_path / "r.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passed"] and report["model"] == "custom_models:mobile_cnn"
+    artifact = Path(out.strip().splitlines()[-1])
+    model = onnx.load(artifact)
+    assert model.graph.input[0].type.tensor_type.shape.dim[2].dim_value == 160
+    code, _, err = cli("verify", artifact)
+    assert code == 0, err
+    code, _, err = cli("export", "--model", "custom_models:mobile_cnn", "-t", "onnx", "--out", tmp_path)
+    assert code == EXIT_BAD_INPUT and "--input-size" in err
+
+
+PLUGIN_DIST = textwrap.dedent("""\
+    Metadata-Version: 2.1
+    Name: evit-pt2-target
+    Version: 0.1
+""")
+
+
+@pytest.fixture
+def plugin_path(tmp_path):
+    """A tiny installed distribution that registers examples/plugin_target as target 'pt2'."""
+    site = tmp_path / "site"
+    dist = site / "evit_pt2_target-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(PLUGIN_DIST)
+    (dist / "entry_points.txt").write_text("[evit_deploy.targets]\npt2 = evit_pt2_target:Pt2Target\n")
+    return os.pathsep.join([str(site), str(ROOT / "examples" / "plugin_target")])
+
+
+def test_third_party_target_registered_by_entry_point(plugin_path, tmp_path):
+    env = {"PYTHONPATH": plugin_path}
+    listed = run_python("from evit_deploy.cli import invoke; import sys; sys.exit(invoke(['targets', '--json', '-']))",
+                        env_extra=env)
+    assert listed.returncode == 0, listed.stderr
+    targets = {t["name"]: t for t in json.loads(listed.stdout)}
+    assert targets["pt2"]["usable"] and targets["pt2"]["source"] == "evit_pt2_target:Pt2Target"
+    assert "onnx" in targets
+    out = tmp_path / "out"
+    code = (f"from evit_deploy.cli import invoke; import sys; "
+            f"sys.exit(invoke(['export', 'm0', '--target', 'pt2', '--out', {str(out)!r}, '--json', '-']))")
+    exported = run_python(code, env_extra=env)
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads(exported.stdout)["passed"]
+    artifact = out / "efficientvit_m0.pt2"
+    ran = run_python(f"from evit_deploy.cli import invoke; import sys; "
+                     f"sys.exit(invoke(['verify', {str(artifact)!r}]))", env_extra=env)
+    assert ran.returncode == 0, ran.stderr

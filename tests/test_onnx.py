@@ -1,0 +1,161 @@
+"""ONNX target: export, metadata, options, parity, corruption, torch-free run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import cli_without_torch
+from evit_deploy import api
+from evit_deploy.errors import EXIT_PARITY_FAILED
+from evit_deploy.models import MODELS
+from evit_deploy.preprocess import sample_images
+from evit_deploy.targets.onnx import METADATA_KEY
+
+SAMPLE = sample_images()
+
+
+def _initializer_hashes(model):
+    import hashlib
+    return [(i.data_type, tuple(i.dims), hashlib.sha256(numpy_helper.to_array(i).tobytes()).hexdigest())
+            for i in model.graph.initializer]
+
+
+def test_export_writes_a_checked_model_with_metadata(m0_onnx):
+    model = onnx.load(m0_onnx)
+    onnx.checker.check_model(model, full_check=True)
+    meta = {p.key: p.value for p in model.metadata_props}
+    desc = json.loads(meta[METADATA_KEY])
+    assert desc["model"] == "efficientvit_m0" and desc["weights"] == "random-init" and desc["seed"] == 0
+    assert desc["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
+    assert len(desc["labels"]) == 1000 and desc["labels"][281] == "tabby"
+    assert meta["input_format"] == "normalized" and meta["evit_deploy_version"]
+    assert [i.name for i in model.graph.input] == ["image"]
+    assert [o.name for o in model.graph.output] == ["logits"]
+    hashes = _initializer_hashes(model)
+    assert len(hashes) == len(set(hashes)), "duplicate initializers"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_matches_unfused_pytorch(name, tmp_path, checkpoint):
+    weights = checkpoint(name, seed=11)
+    result = api.export(name, "onnx", out_dir=tmp_path, weights=weights)
+    report = result.report
+    assert report.passed, report.summary()
+    logits = report.outputs[0]
+    assert logits.max_rel <= 1e-4
+    assert logits.top1_agree == logits.top1_checked == len(report.inputs)   # every input, no ties
+    desc = onnx.load(result.artifact.path).metadata_props
+    assert any(p.key == "weights_sha256" and len(p.value) == 64 for p in desc)
+
+
+def test_fp16_has_fp16_weights_and_fp32_io(tmp_path):
+    result = api.export("m1", "onnx", out_dir=tmp_path, options={"fp16": True})
+    assert result.report.passed and result.report.precision == "fp16"
+    model = onnx.load(result.artifact.path)
+    float_inits = [i for i in model.graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+                   and numpy_helper.to_array(i).size > 16]
+    assert float_inits and all(i.data_type == onnx.TensorProto.FLOAT16 for i in float_inits)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    logits = result.report.outputs[0]
+    assert logits.max_rel > 1e-6          # really computed in fp16
+    photos = [i for i in result.report.inputs if i.kind == "photo"]
+    assert all(i.reference_top1 == i.artifact_top1 for i in photos)
+
+
+@pytest.mark.parametrize("fmt,dtype", [("uint8", np.uint8), ("float01", np.float32)])
+def test_baked_preprocessing_takes_raw_rgb(tmp_path, fmt, dtype):
+    result = api.export("m0", "onnx", out_dir=tmp_path, options={"bake_preprocessing": fmt}, dynamic_batch=True)
+    assert result.report.passed
+    model = onnx.load(result.artifact.path)
+    elem = model.graph.input[0].type.tensor_type.elem_type
+    assert elem == (onnx.TensorProto.UINT8 if dtype is np.uint8 else onnx.TensorProto.FLOAT)
+    # Same predictions as the normalised-input model on the same photos.
+    run = api.run(result.artifact.path, SAMPLE)
+    preds = api.predict("m0", SAMPLE)
+    assert [p.top[0][0] for p in run.predictions] == [p.top[0][0] for p in preds]
+
+
+def test_dynamic_and_static_batches(tmp_path, m0_onnx):
+    static = api.export("m0", "onnx", out_dir=tmp_path / "b3", batch=3)
+    assert static.report.passed
+    model = onnx.load(static.artifact.path)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 3
+    # five inputs through a batch-3 artifact: padded and trimmed
+    result = api.run(static.artifact.path, SAMPLE + SAMPLE[:1])
+    assert result.outputs["logits"].shape == (5, 1000)
+    dynamic = api.export("m0", "onnx", out_dir=tmp_path / "dyn", dynamic_batch=True)
+    assert dynamic.report.passed
+    assert dynamic.artifact.description.batch is None
+
+
+def _corrupt_weight(src, dst):
+    model = onnx.load(src)
+    init = max(model.graph.initializer, key=lambda i: numpy_helper.to_array(i).size)
+    arr = numpy_helper.to_array(init).copy()
+    arr.flat[0] += 5 * float(np.abs(arr).max())
+    init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    onnx.save(model, dst)
+
+
+def _swap_concat_inputs(src, dst):
+    model = onnx.load(src)
+    node = next(n for n in model.graph.node if n.op_type == "Concat" and len(n.input) >= 2)
+    node.input[0], node.input[1] = node.input[1], node.input[0]
+    onnx.save(model, dst)
+
+
+@pytest.mark.parametrize("corrupt", [_corrupt_weight, _swap_concat_inputs], ids=["one-weight", "swapped-inputs"])
+def test_verify_fails_on_a_corrupted_artifact(m0_onnx, tmp_path, cli, corrupt):
+    code, out, _ = cli("verify", m0_onnx, "--json", "-")
+    assert code == 0 and json.loads(out)["passed"]
+    bad = tmp_path / "bad.onnx"
+    corrupt(m0_onnx, bad)
+    code, out, err = cli("verify", bad, "--json", "-")
+    assert code == EXIT_PARITY_FAILED
+    report = json.loads(out)
+    assert not report["passed"] and report["failures"]
+    assert "parity FAILED" in err and "Traceback" not in err
+
+
+def test_run_needs_no_torch(m0_onnx, tmp_path):
+    proc = cli_without_torch(["run", m0_onnx, *SAMPLE, "--json", "-", "--save-outputs", tmp_path / "out.npy"])
+    assert proc.returncode == 0, proc.stderr
+    preds = json.loads(proc.stdout)
+    assert [p["input"] for p in preds] == [str(s) for s in SAMPLE]
+    assert all(len(p["top"]) == 5 for p in preds)
+    saved = np.load(tmp_path / "out.npy")
+    assert saved.shape == (4, 1000)
+    expected = api.predict("m0", SAMPLE)
+    assert [p["top"][0]["index"] for p in preds] == [p.top[0][0] for p in expected]
+
+
+def test_run_accepts_npy_tensors(m0_onnx, tmp_path, cli):
+    from evit_deploy.preprocess import Preprocessing, preprocess_file
+
+    x = np.concatenate([preprocess_file(p, Preprocessing.for_size(224)) for p in SAMPLE[:2]])
+    np.save(tmp_path / "batch.npy", x)
+    code, out, _ = cli("run", m0_onnx, tmp_path / "batch.npy", "--json", "-")
+    assert code == 0
+    assert [p["input"] for p in json.loads(out)] == [f"{tmp_path / 'batch.npy'}[0]", f"{tmp_path / 'batch.npy'}[1]"]
+    np.save(tmp_path / "wrong.npy", x[:, :, :100])
+    code, _, err = cli("run", m0_onnx, tmp_path / "wrong.npy")
+    assert code == 2 and "has shape" in err
+
+
+def test_verify_rebuilds_the_reference_from_a_checkpoint(tmp_path, checkpoint, cli):
+    weights = checkpoint("m0", seed=21)
+    artifact = api.export("m0", "onnx", out_dir=tmp_path, weights=weights).artifact.path
+    code, _, err = cli("verify", artifact)
+    assert code == 2 and "pass that file with --weights" in err
+    code, _, _ = cli("verify", artifact, "--weights", weights)
+    assert code == 0
+    other = checkpoint("m0", seed=22)
+    code, _, err = cli("verify", artifact, "--weights", other)
+    assert code == 2 and "is not the checkpoint this artifact was built from" in err
