@@ -108,7 +108,9 @@ def export_traced(traced, tgt, opts, out_dir: Path, *, profile: str | None = Non
         report = None
         if verify:
             with reporter.stage("verify", tgt.runtime_name(artifact.path)):
-                report = verify_outputs(target=tgt, path=artifact.path, description=description,
+                # The artifact's own description: a target may take input differently from
+                # the trace (Core ML's image input takes 0..255 pixels, for instance).
+                report = verify_outputs(target=tgt, path=artifact.path, description=artifact.description,
                                         reference=traced.reference, artifact=str(final),
                                         tolerance=tolerance, images_dir=images)
             if not report.passed:
