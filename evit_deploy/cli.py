@@ -12,12 +12,10 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 
 from . import __version__
-from .errors import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PARITY_FAILED, BadInputError,
-                     EvitError)
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, BadInputError, EvitError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="EfficientViT (M0–M5) from PyTorch to ONNX, Core ML and TVM, with proven parity.")
@@ -315,26 +313,25 @@ def invoke(argv: list[str]) -> int:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name="evit-deploy", standalone_mode=False)
-        code = code if isinstance(code, int) else 0
-        if code == EXIT_INTERRUPTED:   # Typer turns Ctrl-C into a silent exit code
+        # Standalone mode: Typer prints usage errors itself and exits 2, and turns
+        # Ctrl-C into exit code 130; our own errors propagate to the handlers below.
+        command.main(args=argv, prog_name="evit-deploy", standalone_mode=True)
+        return 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_INTERNAL)
+        if code == EXIT_INTERRUPTED:
             _error("interrupted", debug)
-    except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        code = EXIT_BAD_INPUT
-    except (click.exceptions.Abort, KeyboardInterrupt):
+        return code
+    except KeyboardInterrupt:
         _error("interrupted", debug)
-        code = EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED
     except EvitError as exc:
         _error(str(exc), debug)
-        code = exc.exit_code
+        return exc.exit_code
     except Exception as exc:  # a bug: say so, briefly, unless --debug
         _error(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
                f"(run with --debug for the traceback)", debug)
-        code = EXIT_INTERNAL
-    return code
+        return EXIT_INTERNAL
 
 
 def main() -> None:
@@ -345,7 +342,7 @@ def _error(message: str, debug: bool) -> None:
     if debug:
         import traceback
         traceback.print_exc()
-    click.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {message}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover
