@@ -16,7 +16,7 @@ import numpy as np
 
 from .description import ModelDescription
 from .errors import BadInputError, ParityError
-from .fsutil import ensure_output_dir, publish, remove, write_json_atomic
+from .fsutil import ensure_output_dir, output_error, publish, remove, write_json_atomic
 from .parity import ParityReport, Tolerance, verify_outputs
 from .preprocess import preprocess_file
 from .progress import Reporter
@@ -126,6 +126,13 @@ def export_traced(traced, tgt, opts, out_dir: Path, *, profile: str | None = Non
             published.append(out_dir / f.name)
         artifact = dataclasses.replace(artifact, path=published[-1], sidecars=tuple(published[:-1]))
         return ExportResult(artifact, report, dict(reporter.timings))
+    except OSError as exc:
+        # A full disk or a permission problem half-way: the staging area is discarded
+        # and what was under the final name before stays as it was.
+        error = output_error(exc, final)
+        if error is None:
+            raise
+        raise error from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

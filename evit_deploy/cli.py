@@ -302,6 +302,69 @@ def profiles(json_out: Optional[str] = typer.Option(None, "--json", help="Write 
                       for p in profs]))
 
 
+@app.command()
+def build(file: Path = typer.Argument(Path("evit-deploy.toml"), help="The build file."),
+          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: the file's [build] out)."),
+          jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Models built in parallel processes."),
+          json_out: Optional[str] = typer.Option(None, "--json", help="Also write the manifest to FILE ('-': stdout).")):
+    """Build, verify and record every artifact of a build file (skips what is up to date)."""
+    from .build import build as run_build
+    from .build import exit_status
+    from .console import table
+
+    result = run_build(file, out=out, jobs=jobs, reporter=_reporter())
+    if json_out is not None:
+        _write_json(json_out, json.loads(result.manifest.read_text()))
+    if json_out != "-":
+        rows = []
+        for r in result.records:
+            parity = r.get("parity") or {}
+            worst = max((o["max_rel"] for o in parity.get("outputs", []) if isinstance(o["max_rel"], float)),
+                        default=None)
+            status = {"built": "[green]built[/]", "up to date": "[dim]up to date[/]"}.get(r["status"], f"[red]{r['status']}[/]")
+            rows.append([f"{r['artifact']}/{r['model'].rsplit('_', 1)[-1]}", r["target"], status,
+                         f"{r['size'] / 1e6:.1f} MB" if "size" in r else "",
+                         f"{worst:.1e}" if worst is not None else "", parity.get("precision", ""),
+                         r.get("error", "")[:80]])
+        _print(table(f"Build of {file} → {result.manifest}", ["artifact", "target", "status", "size",
+                                                                "max rel err", "precision", "error"], rows))
+    error = exit_status(result)
+    if error is not None:
+        raise error
+
+
+@app.command()
+def doctor(requested: Optional[list[str]] = typer.Option(None, "--target", "-t",
+                                                        help="Fail (exit 5) unless this target is usable; repeatable."),
+           json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout).")):
+    """Versions, host CPU, and whether each target works here, with advice for each problem."""
+    from .console import table
+    from .doctor import doctor as run_doctor
+    from .errors import MissingDependencyError
+
+    report = run_doctor(requested)
+    _write_json(json_out, report.to_dict())
+    if json_out != "-":
+        host = report.host
+        _print(table("Host", ["", ""], [["CPU", host["model"]], ["cores", f"{host['usable_cores']} usable of "
+                                                                         f"{host['logical_cores']} logical"],
+                                        ["vector extensions", " ".join(host["vector_extensions"]) or "none found"],
+                                        ["OS", host["os"]]]))
+        _print(table("Packages", ["package", "version"],
+                     [[k, v or "[yellow]not installed[/]"] for k, v in report.versions.items()]))
+        rows = []
+        for t in report.targets:
+            for i, f in enumerate(t.findings):
+                mark = {"ok": "[green]ok[/]", "warning": "[yellow]warning[/]", "error": "[red]error[/]"}[f.level]
+                rows.append([t.name if i == 0 else "", "[green]usable[/]" if t.usable and i == 0 else
+                             ("[red]unusable[/]" if i == 0 else ""), mark, f.message, f.advice])
+        _print(table("Targets", ["target", "status", "", "finding", "advice"], rows))
+    unusable = report.unusable(requested)
+    if unusable:
+        raise MissingDependencyError(f"requested target(s) not usable here: {', '.join(unusable)} "
+                                     f"(see the advice above)")
+
+
 # -- entry point ---------------------------------------------------------------------------
 
 def invoke(argv: list[str]) -> int:

@@ -101,3 +101,24 @@ def write_text_atomic(path: os.PathLike | str, text: str) -> Path:
 
 def write_json_atomic(path: os.PathLike | str, data) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+# A fixed timestamp (the earliest a zip can hold) so archives depend on contents only.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def deterministic_zip(src_dir: os.PathLike | str, dst: os.PathLike | str) -> Path:
+    """Zip a directory (as ``<dirname>/...``) atomically, with sorted entries, fixed
+    timestamps and permissions: the same tree always gives the same bytes."""
+    import zipfile
+
+    src_dir, dst = Path(src_dir), Path(dst)
+    files = sorted(p for p in src_dir.rglob("*") if p.is_file())
+    with atomic_path(dst) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for path in files:
+                info = zipfile.ZipInfo(f"{src_dir.name}/{path.relative_to(src_dir).as_posix()}", _ZIP_EPOCH)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = 0o644 << 16
+                zf.writestr(info, path.read_bytes())
+    return dst

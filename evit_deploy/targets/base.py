@@ -13,6 +13,7 @@ ONNX and TVM artifacts must work where torch is not installed.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,15 @@ from ..errors import BadInputError, MissingDependencyError, unknown_name
 def option(default, help: str, *, choices: tuple | None = None, flag: str | None = None):
     """Declare one export option: its default, help text and allowed values."""
     return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One fact ``evit-deploy doctor`` reports about a target on this machine."""
+
+    level: str              # "ok" | "warning" | "error" (error: the target is unusable)
+    message: str
+    advice: str = ""
 
 
 @dataclass
@@ -55,6 +65,10 @@ class Target:
     run_requires: ClassVar[dict[str, str]] = {}   # import name -> pip package, for run
     supports_dynamic_batch: ClassVar[bool] = False
     Options: ClassVar[type] = None                # a dataclass built with option()
+    # Whether two exports from the same inputs give byte-identical files; if not, the
+    # note says what determines the artifact (recorded in build manifests).
+    reproducible: ClassVar[bool] = True
+    reproducibility_note: ClassVar[str] = ""
 
     # -- what the framework asks of a target ------------------------------------------------
     def input_format(self, options) -> str:
@@ -85,6 +99,23 @@ class Target:
 
     def recognizes(self, path: Path) -> bool:
         return any(str(path).endswith(s) for s in self.suffixes)
+
+    def diagnose(self) -> list[Finding]:
+        """Whether this target can work here, and why not. Targets add their own facts
+        (known-bad package versions, which runtime will run artifacts, ...)."""
+        missing = self.missing_packages()
+        if missing:
+            return [Finding("error", f"missing Python packages: {', '.join(sorted(set(missing.values())))}",
+                            f"pip install {' '.join(sorted(set(missing.values())))}")]
+        findings = []
+        for module in {**self.requires, **self.run_requires}:
+            try:
+                importlib.import_module(module)
+            except Exception as exc:  # installed but broken: report, do not crash doctor
+                findings.append(Finding("error", f"'{module}' is installed but fails to import: "
+                                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                                        f"reinstall it: pip install --force-reinstall {self.requires.get(module) or self.run_requires[module]}"))
+        return findings or [Finding("ok", "required packages import")]
 
     def parity_extras(self, path: Path, report) -> dict:
         """Target-specific facts to add to a parity report (e.g. fp16 drift)."""

@@ -70,6 +70,7 @@ class OnnxTarget(Target):
             # The converter appends its input casts at the end of the node list.
             topological_sort(proto.graph)
         dedupe_initializers(proto.graph)
+        strip_machine_specifics(proto.graph)
         _set_metadata(proto, desc)
         try:
             onnx.checker.check_model(proto, full_check=True)
@@ -170,6 +171,16 @@ def topological_sort(graph) -> None:
         new.CopyFrom(old)
     del graph.node[:]
     graph.node.extend(nodes)
+
+
+def strip_machine_specifics(graph) -> None:
+    """Drop per-node stack traces: they hold this machine's file paths and line numbers,
+    so two builds of the same model on two machines would differ byte for byte."""
+    for node in _all_nodes(graph):
+        keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        if len(keep) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
 
 
 def _all_nodes(graph):

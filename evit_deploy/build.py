@@ -1,0 +1,481 @@
+"""``evit-deploy build``: a declarative build file → verified artifacts + a manifest.
+
+The build file (TOML) lists models and the artifacts to make of them::
+
+    [build]
+    out = "dist"                 # optional; --out overrides
+    images = "photos/"           # optional extra parity inputs
+
+    [models.m2]
+    weights = "weights/efficientvit_m2.pth"   # a file (relative to this file), "official",
+                                              # or absent for seeded synthetic weights
+    [[artifact]]
+    name = "ios"                 # output subdirectory (default: the profile or target)
+    profile = "iphone11-a13"     # or: target = "coreml"
+    models = ["m2"]              # default: every model
+    [artifact.options]           # overrides the profile's options
+    compress = "palettize8"
+
+The whole file is validated before any work. Every artifact is verified by the parity
+engine; ``dist/manifest.json`` records what was built from what, and a re-run skips
+artifacts whose inputs and files are unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .errors import BadInputError, EvitError, ExportError, ParityError
+from .fsutil import deterministic_zip, ensure_output_dir, write_json_atomic
+from .hostinfo import cpu_info, package_versions
+from .models.registry import resolve_name
+from .progress import Reporter
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+BUILD_KEYS = {"out": str, "images": str, "seed": int}
+MODEL_KEYS = {"weights": str, "img_size": int, "num_classes": int, "distillation": bool}
+ARTIFACT_KEYS = {"name": str, "target": str, "profile": str, "models": list, "options": dict,
+                 "batch": int, "dynamic_batch": bool}
+
+
+@dataclass
+class ModelEntry:
+    key: str                      # as written in the file, e.g. "m2"
+    name: str                     # canonical, efficientvit_m2
+    weights: str | None           # resolved path, "official" or None (random-init)
+    options: dict                 # img_size, num_classes, distillation
+
+
+@dataclass
+class ArtifactEntry:
+    name: str
+    target: str
+    profile: str | None
+    models: list[str]             # keys of [models]
+    options: dict                 # merged: profile options, then the entry's
+    batch: int = 1
+    dynamic_batch: bool = False
+
+
+@dataclass
+class BuildFile:
+    path: Path
+    out: Path
+    images: Path | None
+    seed: int
+    models: dict[str, ModelEntry]
+    artifacts: list[ArtifactEntry]
+
+
+class _Problems:
+    """Collects every problem of a build file, each with its line where it can be found."""
+
+    def __init__(self, path: Path, text: str):
+        self.path = path
+        self.lines = text.splitlines()
+        self.items: list[str] = []
+
+    def line_of(self, key: str | None, table: str | None = None, occurrence: int = 0) -> int | None:
+        """Line of ``key`` inside the ``occurrence``-th ``[table]``/``[[table]]`` (or of the
+        header itself when ``key`` is None)."""
+        start, end = 0, len(self.lines)
+        if table is not None:
+            header = re.compile(rf"^\s*\[+\s*{re.escape(table)}\s*\]+")
+            starts = [i for i, line in enumerate(self.lines) if header.match(line)]
+            if len(starts) <= occurrence:
+                return None
+            start = starts[occurrence]
+            if key is None:
+                return start + 1
+            end = next((i for i in range(start + 1, len(self.lines)) if self._ends_table(self.lines[i], table)),
+                       len(self.lines))
+        pattern = re.compile(rf"^\s*\"?{re.escape(key)}\"?\s*=")
+        return next((i + 1 for i in range(start, end) if pattern.match(self.lines[i])), None)
+
+    @staticmethod
+    def _ends_table(line: str, table: str) -> bool:
+        """A header that is not one of ``table``'s own sub-tables ends it."""
+        found = re.match(r"^\s*(\[+)\s*([^\]]+?)\s*\]", line)
+        return bool(found) and (len(found[1]) == 2 or not found[2].startswith(table + "."))
+
+    def add(self, message: str, key: str | None = None, table: str | None = None, occurrence: int = 0) -> None:
+        line = self.line_of(key, table, occurrence) if (key or table) else None
+        self.items.append(f"{self.path}:{line}: {message}" if line else f"{self.path}: {message}")
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise BadInputError(f"{len(self.items)} problem(s) in the build file:\n  " + "\n  ".join(self.items))
+
+
+def _check_keys(problems: _Problems, data: dict, schema: dict, where: str, table: str | None,
+                occurrence: int = 0) -> None:
+    import difflib
+    for key, value in data.items():
+        if key not in schema:
+            close = difflib.get_close_matches(key, schema, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.add(f"unknown key '{key}' in {where}{hint}", key, table, occurrence)
+        elif not isinstance(value, schema[key]) or (schema[key] is int and isinstance(value, bool)):
+            problems.add(f"'{key}' in {where} must be a {schema[key].__name__}, got {value!r}", key, table, occurrence)
+
+
+def load_build_file(path: str | os.PathLike) -> BuildFile:
+    """Parse and validate a build file; every problem is reported at once."""
+    from .profiles import load_profile
+    from .targets import get_target
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"build file not found: {path}")
+    text = path.read_text("utf-8")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInputError(f"{path}: invalid TOML: {exc}") from None
+    problems = _Problems(path, text)
+    base = path.parent
+    _check_keys(problems, data, {"build": dict, "models": dict, "artifact": list}, "the file", None)
+    build = data.get("build", {}) if isinstance(data.get("build"), dict) else {}
+    _check_keys(problems, build, BUILD_KEYS, "[build]", "build")
+    images = Path(base, build["images"]) if isinstance(build.get("images"), str) else None
+    if images is not None and not images.is_dir():
+        problems.add(f"images directory not found: {images}", "images", "build")
+
+    models: dict[str, ModelEntry] = {}
+    raw_models = data.get("models", {}) if isinstance(data.get("models"), dict) else {}
+    if not raw_models:
+        problems.add("no [models.<name>] table: nothing to build")
+    for key, spec in raw_models.items():
+        table = f"models.{key}"
+        try:
+            name = resolve_name(key).name
+        except BadInputError as exc:
+            problems.add(str(exc), None, table)
+            continue
+        if not isinstance(spec, dict):
+            problems.add(f"[{table}] must be a table", None, table)
+            continue
+        _check_keys(problems, spec, MODEL_KEYS, f"[{table}]", table)
+        weights = spec.get("weights")
+        if isinstance(weights, str) and weights != "official":
+            weights = str(Path(base, weights))
+            if not Path(weights).is_file():
+                problems.add(f"weights file not found: {weights}", "weights", table)
+        options = {k: v for k, v in spec.items() if k in ("img_size", "num_classes", "distillation")}
+        if options.get("img_size", 224) % 16 or options.get("img_size", 224) <= 0:
+            problems.add(f"img_size must be a positive multiple of 16, got {options['img_size']}", "img_size", table)
+        models[key] = ModelEntry(key, name, weights, options)
+
+    artifacts: list[ArtifactEntry] = []
+    raw_artifacts = data.get("artifact", []) if isinstance(data.get("artifact"), list) else []
+    if not raw_artifacts:
+        problems.add("no [[artifact]] entries: nothing to build")
+    for i, entry in enumerate(raw_artifacts):
+        where = f"[[artifact]] #{i + 1}"
+        if not isinstance(entry, dict):
+            problems.add(f"{where} must be a table")
+            continue
+        _check_keys(problems, entry, ARTIFACT_KEYS, where, "artifact", i)
+        target, profile, options = entry.get("target"), entry.get("profile"), {}
+        if profile is not None:
+            try:
+                prof = load_profile(profile)
+                options.update(prof.options)
+                if target is not None and target != prof.target:
+                    problems.add(f"{where}: profile '{profile}' is for target '{prof.target}', not '{target}'",
+                                 "target", "artifact", i)
+                target = prof.target
+            except BadInputError as exc:
+                problems.add(f"{where}: {exc}", "profile", "artifact", i)
+                continue
+        if target is None:
+            problems.add(f"{where} needs 'target' or 'profile'", None, "artifact", i)
+            continue
+        options.update(entry.get("options", {}) if isinstance(entry.get("options"), dict) else {})
+        try:
+            tgt = get_target(target)
+        except BadInputError as exc:
+            problems.add(f"{where}: {exc}", "target", "artifact", i)
+            continue
+        try:
+            tgt.parse_options(options, source=f"{where}")
+        except BadInputError as exc:
+            problems.add(str(exc), None, "artifact", i)
+        if entry.get("dynamic_batch") and not tgt.supports_dynamic_batch:
+            problems.add(f"{where}: target '{target}' does not support dynamic_batch", "dynamic_batch", "artifact", i)
+        names = entry.get("models", list(models))
+        for m in names if isinstance(names, list) else []:
+            if m not in models:
+                problems.add(f"{where}: model '{m}' is not defined in a [models.{m}] table", "models", "artifact", i)
+        artifacts.append(ArtifactEntry(entry.get("name") or profile or target, target, profile,
+                                       [m for m in names if m in models] if isinstance(names, list) else [],
+                                       options, entry.get("batch", 1), entry.get("dynamic_batch", False)))
+    seen: dict[tuple, str] = {}
+    for a in artifacts:
+        for m in a.models:
+            key = (a.name, m)
+            if key in seen:
+                problems.add(f"two [[artifact]] entries named '{a.name}' build model '{m}': give them distinct names")
+            seen[key] = a.name
+    problems.raise_if_any()
+    out = Path(base, build["out"]) if isinstance(build.get("out"), str) else base / "dist"
+    return BuildFile(path, out, images, build.get("seed", 0), models, artifacts)
+
+
+# -- hashing -------------------------------------------------------------------------------
+
+def tree_sha256(path: Path) -> str:
+    """SHA-256 of a file, or of a directory as its sorted relative paths and contents."""
+    from .models.checkpoint import sha256_file
+
+    if path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f.relative_to(path).as_posix().encode() + b"\0")
+        digest.update(bytes.fromhex(sha256_file(f)))
+    return digest.hexdigest()
+
+
+def tree_size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _inputs_key(model: ModelEntry, art: ArtifactEntry, build: BuildFile, weights_id: str, versions: dict) -> str:
+    """Everything an artifact is made from; equal keys mean a rebuild would be redundant."""
+    files = {}
+    for key, value in art.options.items():
+        # Options naming files or directories (a tuning database, say) count by content.
+        if isinstance(value, str) and value and Path(build.path.parent, value).exists():
+            files[key] = tree_sha256(Path(build.path.parent, value))
+    record = {"model": model.name, "model_options": model.options, "weights": weights_id,
+              "target": art.target, "profile": art.profile, "options": art.options, "files": files,
+              "batch": art.batch, "dynamic_batch": art.dynamic_batch, "seed": build.seed,
+              "images": tree_sha256(build.images) if build.images else None, "versions": versions}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _weights_id(model: ModelEntry, seed: int) -> str:
+    from .models.checkpoint import official_weights_path, sha256_file
+    if model.weights is None:
+        return f"random-init:{seed}"
+    if model.weights == "official":
+        return sha256_file(official_weights_path(resolve_name(model.name)))
+    return sha256_file(model.weights)
+
+
+# -- building ------------------------------------------------------------------------------
+
+@dataclass
+class BuildResult:
+    records: list[dict]
+    manifest: Path
+    counts: dict = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[dict]:
+        return [r for r in self.records if r["status"].startswith("failed")]
+
+
+def _resolve_options_paths(options: dict, base: Path) -> dict:
+    return {k: (str(Path(base, v)) if isinstance(v, str) and v and Path(base, v).exists() else v)
+            for k, v in options.items()}
+
+
+def build(path: str | os.PathLike, *, out: str | os.PathLike | None = None, jobs: int = 1,
+          reporter: Reporter | None = None) -> BuildResult:
+    """Build every artifact of a build file into ``out``, verify each, write the manifest."""
+    reporter = reporter or Reporter()
+    spec = load_build_file(path)
+    out_dir = ensure_output_dir(Path(out) if out is not None else spec.out)
+    manifest_path = out_dir / MANIFEST
+    previous = _load_manifest(manifest_path)
+    versions = package_versions()
+    jobs_list = [(spec.models[m], art) for art in spec.artifacts for m in art.models]
+    records: dict[str, dict] = {}
+
+    def save():
+        write_json_atomic(manifest_path, _manifest(spec, list(records.values()), versions))
+
+    pending = []
+    for model, art in jobs_list:
+        weights_id = _weights_id(model, spec.seed)
+        key = _inputs_key(model, art, spec, weights_id, versions)
+        old = previous.get((art.name, model.name))
+        if old and old.get("inputs_sha256") == key and _files_intact(out_dir, old):
+            records[f"{art.name}/{model.name}"] = {**old, "status": "up to date"}
+            continue
+        pending.append((model, art, weights_id, key))
+    if jobs > 1 and len(pending) > 1:
+        records.update(_build_parallel(spec, pending, out_dir, jobs, reporter, save, records))
+    else:
+        with reporter.task("build", total=len(pending)) as task:
+            traces: dict = {}
+            for model, art, weights_id, key in pending:
+                task.update(description=f"{art.name}/{model.key}")
+                record = _build_one(spec, model, art, weights_id, key, out_dir, reporter, traces)
+                records[f"{art.name}/{model.name}"] = record
+                save()
+                task.update(advance=1)
+    save()
+    result = BuildResult(list(records.values()), manifest_path)
+    result.counts = {s: sum(r["status"] == s for r in result.records)
+                     for s in ("built", "up to date", "failed parity", "failed export")}
+    return result
+
+
+def _build_parallel(spec, pending, out_dir, jobs, reporter, save, records) -> dict:
+    """Build in worker processes, one per model, so that each model is traced once per
+    input format (the same trace serves all of its artifacts)."""
+    import concurrent.futures
+    import multiprocessing
+
+    by_model: dict[str, list] = {}
+    for item in pending:
+        by_model.setdefault(item[0].key, []).append(item)
+    ctx = multiprocessing.get_context("spawn")
+    done: dict[str, dict] = {}
+    with reporter.task("build", total=len(pending)) as task, \
+            concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(_build_group, str(spec.path), [(m.key, a.name, w, k) for m, a, w, k in items],
+                               str(out_dir)) for items in by_model.values()]
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                for record in future.result():
+                    done[f"{record['artifact']}/{record['model']}"] = record
+                    records[f"{record['artifact']}/{record['model']}"] = record
+                    task.update(advance=1)
+                save()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    return done
+
+
+def _build_group(build_path: str, items: list[tuple], out_dir: str) -> list[dict]:
+    """Worker-process entry point: build one model's artifacts."""
+    spec = load_build_file(build_path)
+    arts = {a.name: a for a in spec.artifacts}
+    traces: dict = {}
+    return [_build_one(spec, spec.models[m], arts[a], w, k, Path(out_dir), Reporter(), traces)
+            for m, a, w, k in items]
+
+
+def _build_one(spec: BuildFile, model: ModelEntry, art: ArtifactEntry, weights_id: str, key: str,
+               out_dir: Path, reporter: Reporter, traces: dict) -> dict:
+    from .api import RANDOM_INIT_WARNING, export_traced
+    from .targets import get_target
+    from .trace import trace
+
+    tgt = get_target(art.target)
+    options = tgt.parse_options(_resolve_options_paths(art.options, spec.path.parent))
+    record = {"artifact": art.name, "model": model.name, "target": art.target, "profile": art.profile,
+              "options": dataclasses.asdict(options) if options is not None else {},
+              "weights": weights_id.split(":")[0] if weights_id.startswith("random-init") else weights_id,
+              "seed": spec.seed if model.weights is None else None, "batch": art.batch,
+              "dynamic_batch": art.dynamic_batch, "inputs_sha256": key,
+              "reproducible": tgt.reproducible,
+              **({"reproducibility": tgt.reproducibility_note} if not tgt.reproducible else {})}
+    start = time.perf_counter()
+    try:
+        tgt.check_available()
+        fmt = tgt.input_format(options)
+        trace_key = (model.key, fmt, art.batch, art.dynamic_batch)
+        if trace_key not in traces:
+            with reporter.stage("trace", f"{model.key} ({fmt})"):
+                traces[trace_key] = trace(model.name, model.weights, batch=art.batch,
+                                          dynamic_batch=art.dynamic_batch, seed=spec.seed, input_format=fmt,
+                                          **model.options)
+            if traces[trace_key].description.random_init:
+                reporter.warn(f"{model.key}: " + RANDOM_INIT_WARNING.format(seed=spec.seed))
+        target_dir = ensure_output_dir(out_dir / art.name)
+        result = export_traced(traces[trace_key], tgt, options, target_dir, profile=art.profile,
+                               images=spec.images, reporter=reporter)
+        record.update(status="built", **_artifact_facts(result.artifact, out_dir))
+        record["parity"] = _parity_summary(result.report)
+    except ParityError as exc:
+        record.update(status="failed parity", error=str(exc), parity=_parity_summary(exc.report))
+    except EvitError as exc:
+        record.update(status="failed export", error=str(exc))
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # a converter crash fails this artifact, not the build
+        record.update(status="failed export", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    return record
+
+
+def _artifact_facts(artifact, out_dir: Path) -> dict:
+    files = []
+    for f in artifact.files:
+        files.append({"path": f.relative_to(out_dir).as_posix(), "size": tree_size(f), "sha256": tree_sha256(f)})
+    facts = {"path": artifact.path.relative_to(out_dir).as_posix(), "size": tree_size(artifact.path),
+             "sha256": tree_sha256(artifact.path), "files": files}
+    if artifact.path.is_dir():
+        # Artifact stores want one file: a zip whose bytes depend only on the contents.
+        archive = artifact.path.with_name(artifact.path.name + ".zip")
+        deterministic_zip(artifact.path, archive)
+        facts["zip"] = {"path": archive.relative_to(out_dir).as_posix(), "size": archive.stat().st_size,
+                        "sha256": tree_sha256(archive)}
+    return facts
+
+
+def _parity_summary(report) -> dict | None:
+    if report is None:
+        return None
+    return {"passed": report.passed, "precision": report.precision, "runtime": report.runtime,
+            "tolerance": dataclasses.asdict(report.tolerance),
+            "outputs": [{"name": o.name, "max_abs": o.max_abs, "max_rel": o.max_rel, "min_cosine": o.min_cosine,
+                         "top1": None if o.top1_checked is None else f"{o.top1_agree}/{o.top1_checked}",
+                         "top5_overlap": o.top5_overlap} for o in report.outputs],
+            "failures": report.failures, "extra": report.extra}
+
+
+def _files_intact(out_dir: Path, record: dict) -> bool:
+    for f in record.get("files", []):
+        p = out_dir / f["path"]
+        if not p.exists() or tree_sha256(p) != f["sha256"]:
+            return False
+    return bool(record.get("files"))
+
+
+def _load_manifest(path: Path) -> dict[tuple[str, str], dict]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text("utf-8"))
+        return {(r["artifact"], r["model"]): r for r in data.get("artifacts", [])}
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return {}    # an unreadable manifest only means everything is rebuilt
+
+
+def _manifest(spec: BuildFile, records: list[dict], versions: dict) -> dict:
+    body = sorted(records, key=lambda r: (r["artifact"], r["model"]))
+    verdict = "pass" if body and all(r["status"] in ("built", "up to date") for r in body) else "fail"
+    # What was shipped, independent of timings and status wording: path and hash pairs.
+    shipped = sorted((f["path"], f["sha256"]) for r in body for f in r.get("files", []))
+    digest = hashlib.sha256(json.dumps(shipped).encode()).hexdigest()
+    return {"manifest_version": MANIFEST_VERSION, "evit_deploy": __version__, "build_file": str(spec.path),
+            "verdict": verdict, "artifacts_sha256": digest, "versions": versions, "host": cpu_info(),
+            "artifacts": body}
+
+
+def exit_status(result: BuildResult) -> EvitError | None:
+    """The error a failed build exits with: parity failures take precedence."""
+    if any(r["status"] == "failed parity" for r in result.records):
+        return ParityError(f"{len(result.failed)} artifact(s) failed; see {result.manifest}")
+    if result.failed:
+        return ExportError(f"{len(result.failed)} artifact(s) failed to export; see {result.manifest}")
+    return None

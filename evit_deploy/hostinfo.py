@@ -1,0 +1,58 @@
+"""Facts about this machine and its Python packages (torch-free), recorded with every
+benchmark, build manifest and doctor report."""
+
+from __future__ import annotations
+
+import os
+import platform
+from functools import lru_cache
+from importlib import metadata
+
+#: Packages whose versions determine what evit-deploy produces.
+DEPENDENCIES = ("torch", "numpy", "onnx", "onnxscript", "onnxruntime", "coremltools", "apache-tvm",
+                "apache-tvm-ffi", "xgboost-cpu", "psutil", "cloudpickle", "pillow", "safetensors",
+                "typer", "rich", "matplotlib")
+
+#: CPU vector extensions that matter for inference kernels, as /proc/cpuinfo names them.
+VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve")
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def package_versions(names=DEPENDENCIES) -> dict[str, str | None]:
+    from . import __version__
+    return {"evit-deploy": __version__, "python": platform.python_version(),
+            **{name: package_version(name) for name in names}}
+
+
+@lru_cache(maxsize=1)
+def cpu_info() -> dict:
+    """CPU model, core counts and vector extensions (from /proc/cpuinfo where it exists)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    try:
+        import psutil
+        physical = psutil.cpu_count(logical=False)
+    except ImportError:
+        physical = None
+    return {"model": model, "machine": platform.machine(), "logical_cores": os.cpu_count(),
+            "physical_cores": physical, "usable_cores": len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "vector_extensions": [f for f in VECTOR_FLAGS if f in flags],
+            "os": f"{platform.system()} {platform.release()}"}

@@ -1,0 +1,139 @@
+"""Bad input, faults and interruptions, across the CLI: each gets a one-line error and a
+documented exit code, no traceback, nothing half-written, and what existed survives."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from evit_deploy.errors import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_MISSING_DEPENDENCY, EXIT_OUTPUT_ERROR,
+                                EXIT_PARITY_FAILED)
+from evit_deploy.targets.onnx import OnnxTarget
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _one_line(err: str) -> bool:
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    return len(errors) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["export", "m9", "-t", "onnx"], "unknown model 'm9'"),
+    (["export", "m0", "-t", "onnxx"], "unknown target 'onnxx' (did you mean 'onnx'?)"),
+    (["export", "m0", "-t", "onnx", "--opset", "99"], "unknown value for options: option 'opset' of target 'onnx'"),
+    (["export", "m0", "-t", "onnx", "--fp61"], "unknown option for target 'onnx' '--fp61' (did you mean '--fp16'?)"),
+    (["export", "m0", "-t", "onnx", "--img-size", "200"], "multiple of 16"),
+    (["export", "m0", "--profile", "iphone-x"], "unknown profile"),
+    (["export", "m0", "-t", "onnx", "--weights", "/nope.pth"], "checkpoint not found"),
+    (["run", "/nope.onnx", "x.jpg"], "artifact not found"),
+    (["info", "m7"], "did you mean"),
+])
+def test_bad_input_is_one_line_and_exit_2(cli, tmp_path, args, message):
+    code, _, err = cli(*args, "--out", tmp_path) if args[0] == "export" else cli(*args)
+    assert code == EXIT_BAD_INPUT, err
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3
+
+
+def test_not_an_image(m0_onnx, tmp_path, cli):
+    fake = tmp_path / "photo.jpg"
+    fake.write_text("this is not a jpeg")
+    code, _, err = cli("run", m0_onnx, fake)
+    assert code == EXIT_BAD_INPUT and "is not a readable image" in err
+
+
+def test_debug_shows_the_traceback(cli):
+    code, _, err = cli("--debug", "info", "m7")
+    assert code == EXIT_BAD_INPUT and "Traceback" in err
+
+
+def test_missing_dependency_names_the_pip_package(cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(OnnxTarget, "requires", {"onnx": "onnx", "no_such_module_xyz": "no-such-package"})
+    code, _, err = cli("export", "m0", "-t", "onnx", "--out", tmp_path)
+    assert code == EXIT_MISSING_DEPENDENCY and "pip install no-such-package" in err
+
+
+def test_unwritable_output_location(cli, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = cli("export", "m0", "-t", "onnx", "--out", blocker / "sub")
+    assert code == EXIT_OUTPUT_ERROR and "cannot write" in err
+
+
+def test_parity_failure_leaves_no_valid_looking_artifact(cli, tmp_path, monkeypatch):
+    real_export = OnnxTarget.export
+
+    def broken_export(self, traced, options, path):
+        artifact = real_export(self, traced, options, path)
+        model = onnx.load(path)
+        init = max(model.graph.initializer, key=lambda i: numpy_helper.to_array(i).size)
+        arr = numpy_helper.to_array(init) * 1.5
+        init.CopyFrom(numpy_helper.from_array(arr, init.name))
+        onnx.save(model, path)
+        return artifact
+
+    monkeypatch.setattr(OnnxTarget, "export", broken_export)
+    code, _, err = cli("export", "m0", "-t", "onnx", "--out", tmp_path)
+    assert code == EXIT_PARITY_FAILED
+    assert not (tmp_path / "efficientvit_m0.onnx").exists()
+    rejected = tmp_path / "efficientvit_m0.onnx.rejected"
+    assert (rejected / "efficientvit_m0.onnx").exists() and (rejected / "parity-report.json").exists()
+    assert "kept for inspection" in err
+    assert not list(tmp_path.glob(".evit-staging-*"))
+
+
+def test_interrupted_export_keeps_the_previous_artifact(cli, tmp_path, m0_onnx, monkeypatch):
+    final = tmp_path / "efficientvit_m0.onnx"
+    final.write_bytes(Path(m0_onnx).read_bytes())
+    before = _sha(final)
+
+    def interrupted(self, traced, options, path):
+        path.write_bytes(b"half an onnx file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OnnxTarget, "export", interrupted)
+    code, _, err = cli("export", "m0", "-t", "onnx", "--out", tmp_path)
+    assert code == EXIT_INTERRUPTED and "interrupted" in err
+    assert _sha(final) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["efficientvit_m0.onnx"]
+
+
+def test_checkpoint_of_the_wrong_model(cli, tmp_path, checkpoint):
+    out = tmp_path / "out"
+    code, _, err = cli("export", "m2", "-t", "onnx", "--out", out, "--weights", checkpoint("m4"))
+    assert code == EXIT_BAD_INPUT and _one_line(err)
+    assert "does not fit efficientvit_m2" in err and "looks like efficientvit_m4" in err
+    assert not list(out.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_checkpoint(cli, tmp_path, checkpoint, damage):
+    path = checkpoint("m0")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3] if damage == "truncate" else b"\x00garbage" * 100)
+    code, _, err = cli("predict", "m0", "--weights", path, Path(__file__).parent.parent / "evit_deploy/data/images/cat.jpg")
+    assert code == EXIT_BAD_INPUT and _one_line(err) and "checkpoint" in err
+
+
+def test_full_disk_keeps_the_previous_artifact(cli, tmp_path, m0_onnx, monkeypatch):
+    final = tmp_path / "efficientvit_m0.onnx"
+    final.write_bytes(Path(m0_onnx).read_bytes())
+    before = _sha(final)
+
+    def disk_full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    code, _, err = cli("export", "m0", "-t", "onnx", "--out", tmp_path)
+    monkeypatch.undo()
+    assert code == EXIT_OUTPUT_ERROR and _one_line(err) and "no space left on device" in err
+    assert _sha(final) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["efficientvit_m0.onnx"]

@@ -1,0 +1,198 @@
+"""``evit-deploy build``: validation, manifest, reproducibility, skipping, failures."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from evit_deploy.build import load_build_file
+from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_PARITY_FAILED, BadInputError
+from evit_deploy.targets.onnx import OnnxTarget
+
+ONNX_BUILD = textwrap.dedent("""\
+    [build]
+    out = "dist"
+
+    [models.m0]
+    weights = "m0.pth"
+
+    [models.m1]
+
+    [[artifact]]
+    profile = "onnx-cpu"
+    models = ["m0", "m1"]
+
+    [[artifact]]
+    name = "onnx-fp16"
+    target = "onnx"
+    models = ["m0"]
+    [artifact.options]
+    fp16 = true
+""")
+
+
+@pytest.fixture
+def project(tmp_path, checkpoint):
+    """A build file with a checkpoint beside it."""
+    (tmp_path / "m0.pth").write_bytes(checkpoint("m0", seed=3).read_bytes())
+    (tmp_path / "evit-deploy.toml").write_text(ONNX_BUILD)
+    return tmp_path
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _hashes(manifest: dict) -> dict:
+    return {(r["artifact"], r["model"]): r["sha256"] for r in manifest["artifacts"]}
+
+
+def test_build_verifies_everything_and_writes_the_manifest(project, cli):
+    code, out, err = cli("build", project / "evit-deploy.toml")
+    assert code == 0, err
+    manifest = _manifest(project / "dist")
+    assert manifest["verdict"] == "pass"
+    records = {(r["artifact"], r["model"]): r for r in manifest["artifacts"]}
+    assert set(records) == {("onnx-cpu", "efficientvit_m0"), ("onnx-cpu", "efficientvit_m1"),
+                            ("onnx-fp16", "efficientvit_m0")}
+    for r in records.values():
+        assert r["status"] == "built" and r["parity"]["passed"]
+        path = project / "dist" / r["path"]
+        assert path.is_file() and path.stat().st_size == r["size"]
+        assert len(r["sha256"]) == 64 and r["reproducible"] is True
+    m0 = records[("onnx-cpu", "efficientvit_m0")]
+    from evit_deploy.models.checkpoint import sha256_file
+    assert m0["weights"] == sha256_file(project / "m0.pth")
+    assert records[("onnx-cpu", "efficientvit_m1")]["weights"] == "random-init"
+    assert records[("onnx-fp16", "efficientvit_m0")]["parity"]["precision"] == "fp16"
+    for package in ("evit-deploy", "torch", "onnx", "onnxruntime", "coremltools", "apache-tvm"):
+        assert package in manifest["versions"]
+    assert "onnx-cpu/m0" in out and "built" in out
+
+
+def test_rebuild_is_byte_identical_and_rerun_skips_unchanged_work(project, cli, tmp_path_factory):
+    code, _, _ = cli("-q", "build", project / "evit-deploy.toml")
+    assert code == 0
+    first = _manifest(project / "dist")
+    # A second build from the same inputs into a fresh directory: same bytes.
+    other = tmp_path_factory.mktemp("again")
+    code, _, _ = cli("-q", "build", project / "evit-deploy.toml", "--out", other)
+    assert code == 0
+    assert _hashes(_manifest(other)) == _hashes(first)
+    assert _manifest(other)["artifacts_sha256"] == first["artifacts_sha256"]
+    # Re-run in place: nothing to do.
+    code, out, _ = cli("build", project / "evit-deploy.toml", "--json", "-")
+    assert code == 0
+    assert {r["status"] for r in json.loads(out)["artifacts"]} == {"up to date"}
+    # Change one input (the fp16 entry's opset) and damage one artifact: exactly those rebuild.
+    (project / "evit-deploy.toml").write_text(ONNX_BUILD.replace("fp16 = true", "fp16 = true\nopset = 20"))
+    damaged = project / "dist" / next(r["path"] for r in first["artifacts"] if r["model"] == "efficientvit_m1")
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    code, out, _ = cli("build", project / "evit-deploy.toml", "--json", "-")
+    assert code == 0
+    status = {(r["artifact"], r["model"]): r["status"] for r in json.loads(out)["artifacts"]}
+    assert status == {("onnx-cpu", "efficientvit_m0"): "up to date", ("onnx-cpu", "efficientvit_m1"): "built",
+                      ("onnx-fp16", "efficientvit_m0"): "built"}
+
+
+def test_parallel_jobs_build_the_same_bytes(project, cli, tmp_path_factory):
+    serial, parallel = tmp_path_factory.mktemp("serial"), tmp_path_factory.mktemp("parallel")
+    assert cli("-q", "build", project / "evit-deploy.toml", "--out", serial)[0] == 0
+    assert cli("-q", "build", project / "evit-deploy.toml", "--out", parallel, "--jobs", "2")[0] == 0
+    assert _hashes(_manifest(parallel)) == _hashes(_manifest(serial))
+
+
+def test_every_problem_is_reported_before_any_work(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(textwrap.dedent("""\
+        [build]
+        outt = "dist"
+
+        [models.m2]
+        weights = "missing.pth"
+        img_size = 200
+
+        [models.m9]
+
+        [[artifact]]
+        target = "onnxx"
+
+        [[artifact]]
+        profile = "iphone-x"
+
+        [[artifact]]
+        target = "onnx"
+        models = ["m2", "m3"]
+        [artifact.options]
+        opset = 99
+    """))
+    with pytest.raises(BadInputError) as info:
+        load_build_file(path)
+    message = str(info.value)
+    for expected in ("bad.toml:2: unknown key 'outt' in [build] (did you mean 'out'?)",
+                     "bad.toml:5: weights file not found", "bad.toml:6: img_size must be a positive multiple of 16",
+                     "bad.toml:8: unknown model 'm9'", "bad.toml:11: [[artifact]] #1: unknown target 'onnxx'",
+                     "bad.toml:14: [[artifact]] #2: unknown profile 'iphone-x'",
+                     "bad.toml:18: [[artifact]] #3: model 'm3' is not defined",
+                     "bad.toml:16: unknown value for [[artifact]] #3: option 'opset' of target 'onnx'"):
+        assert expected in message, expected
+    assert not (tmp_path / "dist").exists()
+
+
+def test_bad_build_file_exit_code(tmp_path, cli):
+    (tmp_path / "b.toml").write_text("[models.m0]\n[[artifact]]\ntarget = 'onnx'\nmodels = 'm0'\n")
+    code, _, err = cli("build", tmp_path / "b.toml")
+    assert code == EXIT_BAD_INPUT and "'models' in [[artifact]] #1 must be a list" in err
+    code, _, err = cli("build", tmp_path / "none.toml")
+    assert code == EXIT_BAD_INPUT and "build file not found" in err
+
+
+def test_a_failing_artifact_fails_the_build_but_not_the_others(project, cli, monkeypatch):
+    real_export = OnnxTarget.export
+
+    def fp16_breaks(self, traced, options, path):
+        artifact = real_export(self, traced, options, path)
+        if options.fp16:
+            import onnx
+            from onnx import numpy_helper
+            model = onnx.load(path)
+            init = max(model.graph.initializer, key=lambda i: numpy_helper.to_array(i).size)
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 3, init.name))
+            onnx.save(model, path)
+        return artifact
+
+    monkeypatch.setattr(OnnxTarget, "export", fp16_breaks)
+    code, _, err = cli("build", project / "evit-deploy.toml")
+    assert code == EXIT_PARITY_FAILED and "1 artifact(s) failed" in err
+    manifest = _manifest(project / "dist")
+    assert manifest["verdict"] == "fail"
+    status = {(r["artifact"], r["model"]): r["status"] for r in manifest["artifacts"]}
+    assert status[("onnx-fp16", "efficientvit_m0")] == "failed parity"
+    assert status[("onnx-cpu", "efficientvit_m0")] == status[("onnx-cpu", "efficientvit_m1")] == "built"
+    assert not (project / "dist" / "onnx-fp16" / "efficientvit_m0.onnx").exists()
+
+
+def test_ctrl_c_mid_build_keeps_what_was_built(project, cli, monkeypatch):
+    real_export = OnnxTarget.export
+    calls = []
+
+    def interrupt_second(self, traced, options, path):
+        calls.append(path)
+        if len(calls) == 2:
+            path.write_bytes(b"partial")
+            raise KeyboardInterrupt
+        return real_export(self, traced, options, path)
+
+    monkeypatch.setattr(OnnxTarget, "export", interrupt_second)
+    code, _, err = cli("build", project / "evit-deploy.toml")
+    assert code == EXIT_INTERRUPTED and "interrupted" in err
+    manifest = _manifest(project / "dist")
+    assert [r["status"] for r in manifest["artifacts"]] == ["built"]
+    built = project / "dist" / manifest["artifacts"][0]["path"]
+    assert built.is_file()
+    leftovers = [p for p in (project / "dist").rglob("*") if p.is_file() and p != built and p.name != "manifest.json"]
+    assert leftovers == []
