@@ -303,6 +303,115 @@ def profiles(json_out: Optional[str] = typer.Option(None, "--json", help="Write 
 
 
 @app.command()
+def bench(models: list[str] = typer.Argument(..., help="m0 … m5"),
+          backends: str = typer.Option("torch,torch-jit,onnxruntime", "--backends", "-b",
+                                       help="Comma-separated, or 'all' (torch, torch-jit, and each target's runtime)."),
+          batch: int = typer.Option(16, "--batch", min=1),
+          threads: int = typer.Option(1, "--threads", min=1),
+          rounds: int = typer.Option(5, "--rounds", min=1, help="Interleaved timing rounds."),
+          round_seconds: float = typer.Option(1.0, "--round-seconds", min=0.0, help="Time per backend per round."),
+          img_size: int = typer.Option(224, "--img-size"),
+          option: Optional[list[str]] = typer.Option(None, "--option", "-O",
+                                                     help="Export option for a target, TARGET.KEY=VALUE (repeatable)."),
+          memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak RSS per backend."),
+          json_out: Optional[str] = typer.Option(None, "--json", help="Write records to FILE ('-': stdout)."),
+          plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG chart.")):
+    """Throughput of each backend side by side (the paper's Table 3 protocol by default)."""
+    from .bench import bench as run_bench
+    from .bench import parse_backends
+    from .bench import plot as write_plot
+
+    result = run_bench(models, parse_backends(backends), batch=batch, threads=threads, img_size=img_size,
+                       rounds=rounds, round_seconds=round_seconds, target_options=_target_options(option),
+                       memory=memory, reporter=_reporter())
+    _write_json(json_out, result.to_dict())
+    if plot is not None:
+        write_plot(result, plot)
+    if json_out != "-":
+        _print(_bench_table(result))
+
+
+def _target_options(pairs: list[str] | None) -> dict:
+    """``tvm.db=DIR`` pairs -> ``{"tvm": {"db": "DIR"}}`` (validated by the target on export)."""
+    options: dict = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        target, dot, name = key.partition(".")
+        if not sep or not dot or not target or not name:
+            raise BadInputError(f"--option must look like TARGET.KEY=VALUE, got '{pair}'")
+        options.setdefault(target, {})[name.replace("-", "_")] = value
+    return options
+
+
+def _bench_table(result):
+    from .console import table
+    from .models.registry import resolve_name
+
+    s = result.settings
+    backends = s["backends"]
+    rows = []
+    for model in dict.fromkeys(r.model for r in result.records):
+        spec = resolve_name(model)
+        recs = {r.backend: r for r in result.records if r.model == model}
+        cells = []
+        for b in backends:
+            r = recs[b]
+            ratio = "" if b == s["baseline"] else f" ({(r.ratio_to_baseline - 1) * 100:+.1f}%)"
+            flag = " [yellow]noisy[/]" if r.noisy else ""
+            tuned = " [red]untuned[/]" if r.tuned is False else ""
+            cells.append(f"{r.images_per_s:.0f}{ratio}{flag}{tuned}")
+        paper = spec.paper
+        rows.append([spec.short_name.upper(), f"{paper.top1:.1f}", *cells,
+                     f"{paper.cpu_torch_ips:.0f} → {paper.cpu_tvm_ips:.0f} "
+                     f"({(paper.cpu_tvm_ips / paper.cpu_torch_ips - 1) * 100:+.1f}%)"])
+        mem = [f"{recs[b].peak_rss_mb:.0f} MB" if recs[b].peak_rss_mb else "" for b in backends]
+        if any(mem):
+            rows.append(["  peak RSS", "", *mem, ""])
+    title = (f"Throughput (images/s), batch {s['batch']}, {s['threads']} thread(s), fp32, BN folded; "
+             f"ratios vs {s['baseline']} — {result.host['model']}")
+    return table(title, ["model", "paper top-1", *backends, "paper Xeon E5-2690 v4: torch → TVM"], rows,
+                 justify_right=set(range(1, len(backends) + 2)))
+
+
+@app.command(name="profile")
+def profile_command(model: str = typer.Argument(..., help="m0 … m5"),
+                    backend: Optional[list[str]] = typer.Option(None, "--backend", "-b",
+                                                               help="torch, onnxruntime, tvm (repeatable; default torch)."),
+                    batch: int = typer.Option(16, "--batch", min=1),
+                    threads: int = typer.Option(1, "--threads", min=1),
+                    iterations: int = typer.Option(10, "--iterations", min=1),
+                    img_size: int = typer.Option(224, "--img-size"),
+                    option: Optional[list[str]] = typer.Option(None, "--option", "-O",
+                                                               help="Export option for a target, TARGET.KEY=VALUE."),
+                    json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout)."),
+                    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG chart.")):
+    """Where the time goes: compute- vs memory-bound operators, and time per block."""
+    from .console import table
+    from .profiler import plot as write_plot
+    from .profiler import profile
+
+    results = [profile(model, b, batch=batch, threads=threads, iterations=iterations, img_size=img_size,
+                       target_options=_target_options(option), reporter=_reporter())
+               for b in (backend or ["torch"])]
+    _write_json(json_out, [r.to_dict() for r in results])
+    if plot is not None:
+        write_plot(results, plot)
+    if json_out == "-":
+        return
+    for r in results:
+        _print(table(f"{r.model} on {r.backend}: {r.total_ms:.1f} ms per batch of {r.batch}, "
+                     f"{r.memory_bound_share * 100:.0f}% memory-bound",
+                     ["operator category", "bound", "ms", "share"],
+                     [[c["category"], c["bound"], f"{c['ms']:.2f}", f"{c['share'] * 100:.1f}%"] for c in r.by_category],
+                     justify_right={2, 3}))
+        if r.by_block:
+            _print(table(None, ["block", "ms", "share", "memory-bound within block"],
+                         [[b["block"], f"{b['ms']:.2f}", f"{b['share'] * 100:.1f}%",
+                           "" if b["memory_bound_share"] is None else f"{b['memory_bound_share'] * 100:.0f}%"]
+                          for b in r.by_block], justify_right={1, 2, 3}))
+
+
+@app.command()
 def build(file: Path = typer.Argument(Path("evit-deploy.toml"), help="The build file."),
           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: the file's [build] out)."),
           jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Models built in parallel processes."),

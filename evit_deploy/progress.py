@@ -69,3 +69,11 @@ class Reporter:
     def warn(self, message: str) -> None:
         self.warnings.append(message)
         log.warning(message)
+
+
+class QuietReporter(Reporter):
+    """Records timings and warnings without logging them (work whose warnings the caller
+    reports itself, e.g. benchmark artifacts made from synthetic weights on purpose)."""
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)

@@ -69,6 +69,8 @@ class Target:
     # note says what determines the artifact (recorded in build manifests).
     reproducible: ClassVar[bool] = True
     reproducibility_note: ClassVar[str] = ""
+    # The name `evit-deploy bench --backends` knows this target's runtime by, if any.
+    benchmark_backend: ClassVar[str | None] = None
 
     # -- what the framework asks of a target ------------------------------------------------
     def input_format(self, options) -> str:
@@ -116,6 +118,11 @@ class Target:
                                                  f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                                         f"reinstall it: pip install --force-reinstall {self.requires.get(module) or self.run_requires[module]}"))
         return findings or [Finding("ok", "required packages import")]
+
+    def open_session(self, path: Path, threads: int | None = None):
+        """A callable ``inputs -> outputs`` with the artifact loaded once, for repeated runs
+        (benchmarks, servers). ``threads`` caps the runtime's intra-op threads."""
+        return lambda inputs: self.run(path, inputs)
 
     def parity_extras(self, path: Path, report) -> dict:
         """Target-specific facts to add to a parity report (e.g. fp16 drift)."""

@@ -1,0 +1,312 @@
+"""``evit-deploy bench``: CPU throughput of every deployment path, side by side.
+
+The paper's protocol (supplementary Table 3) by default: BN folded, fp32, batch 16, one
+thread, warm-up before timing. Backends are timed in one process, interleaved in
+repeated rounds (the order rotating each round) so that machine drift hits all of them
+alike; results are medians with their spread, and each backend's ratio to PyTorch.
+
+Backends: ``torch`` (eager) and ``torch-jit`` (traced and frozen) are PyTorch itself;
+every export target that declares a ``benchmark_backend`` (``onnxruntime`` for ONNX,
+``tvm`` for TVM) is benchmarked on an artifact exported and verified for the purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadInputError
+from .hostinfo import cpu_info, package_versions
+from .models.registry import resolve_name
+from .progress import QuietReporter, Reporter
+
+TORCH_BACKENDS = ("torch", "torch-jit")
+BASELINE = "torch-jit"          # the paper's PyTorch protocol: fused and jit-traced
+NOISY_SPREAD = 0.15             # (p90 - p10) / median above this is flagged as noisy
+
+
+def target_backends() -> dict[str, str]:
+    """Benchmark backend name -> export target name, from the registered targets."""
+    from .targets import available_targets
+    return {cls.benchmark_backend: name for name, cls in available_targets().items()
+            if getattr(cls, "benchmark_backend", None)}
+
+
+def all_backends() -> list[str]:
+    return [*TORCH_BACKENDS, *target_backends()]
+
+
+def parse_backends(text: str) -> list[str]:
+    valid = all_backends()
+    names = valid if text.strip() == "all" else [b.strip() for b in text.split(",") if b.strip()]
+    for name in names:
+        if name not in valid:
+            from .errors import unknown_name
+            raise unknown_name("backend", name, valid)
+    return list(dict.fromkeys(names))
+
+
+@dataclass
+class BenchRecord:
+    model: str
+    backend: str
+    batch: int
+    threads: int
+    images_per_s: float
+    latency_ms: dict                  # median, p10, p90, min, max
+    iterations: int
+    rounds: int
+    noisy: bool
+    tuned: bool | None = None         # TVM: was a tuning database applied
+    peak_rss_mb: float | None = None
+    ratio_to_baseline: float | None = None
+    note: str = ""
+
+
+@dataclass
+class BenchResult:
+    records: list[BenchRecord]
+    settings: dict
+    host: dict = field(default_factory=cpu_info)
+    versions: dict = field(default_factory=package_versions)
+
+    def to_dict(self) -> dict:
+        return {"settings": self.settings, "host": self.host, "versions": self.versions,
+                "records": [{**asdict(r), "cpu": self.host["model"], "versions": self.versions}
+                            for r in self.records]}
+
+
+# -- preparing runnable backends -----------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """A backend ready to run one batch per call, and what a memory probe needs."""
+    run: callable
+    tuned: bool | None = None
+    artifact: str | None = None
+    note: str = ""
+
+
+def _torch_runner(model_name: str, backend: str, batch: int, img_size: int, weights, threads: int):
+    import torch
+
+    from .models import create_model
+
+    torch.set_num_threads(threads)
+    model = create_model(model_name, "random" if weights is None else weights, fuse=True, img_size=img_size)
+    x = torch.rand(batch, 3, img_size, img_size)
+    if backend == "torch-jit":
+        import warnings
+        with torch.no_grad(), warnings.catch_warnings():
+            # The trace specialises the Python shape checks to this input size, as intended.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            model = torch.jit.freeze(torch.jit.trace(model, x))
+
+    def run():
+        torch.set_num_threads(threads)   # other backends share the process
+        with torch.no_grad():
+            model(x)
+    return run
+
+
+def prepare(model_name: str, backend: str, *, batch: int, threads: int, img_size: int = 224, weights=None,
+            workdir: Path, target_options: dict | None = None, reporter: Reporter | None = None) -> Prepared:
+    if backend in TORCH_BACKENDS:
+        return Prepared(_torch_runner(model_name, backend, batch, img_size, weights, threads))
+    from . import api
+    from .targets import get_target
+
+    target_name = target_backends()[backend]
+    options = (target_options or {}).get(target_name, {})
+    result = api.export(model_name, target_name, out_dir=workdir / backend, weights=weights, batch=batch,
+                        img_size=img_size, options=options, reporter=reporter)
+    tgt = get_target(target_name)
+    session = tgt.open_session(result.artifact.path, threads=threads)
+    x = np.random.default_rng(0).random((batch, 3, img_size, img_size), dtype=np.float32)
+    inputs = {result.artifact.description.input.name: x.astype(result.artifact.description.input.dtype)}
+    tuned = result.artifact.description.extra.get("tuned")
+    return Prepared(lambda: session(inputs), tuned=tuned, artifact=str(result.artifact.path))
+
+
+# -- timing --------------------------------------------------------------------------------
+
+def _summarise(latencies: list[float]) -> dict:
+    arr = np.asarray(latencies) * 1000.0
+    return {"median": float(np.median(arr)), "p10": float(np.percentile(arr, 10)),
+            "p90": float(np.percentile(arr, 90)), "min": float(arr.min()), "max": float(arr.max())}
+
+
+def time_interleaved(runners: dict[str, callable], *, rounds: int, round_seconds: float,
+                     warmup_seconds: float, min_iterations: int = 2, task=None) -> dict[str, list[list[float]]]:
+    """Latencies (s) per backend per round; the backend order rotates every round."""
+    names = list(runners)
+    for name in names:                    # warm-up: caches, allocators, thread pools
+        end = time.perf_counter() + warmup_seconds
+        runners[name]()
+        while time.perf_counter() < end:
+            runners[name]()
+    samples = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            lat = []
+            end = time.perf_counter() + round_seconds
+            while len(lat) < min_iterations or time.perf_counter() < end:
+                start = time.perf_counter()
+                runners[name]()
+                lat.append(time.perf_counter() - start)
+            samples[name].append(lat)
+            if task is not None:
+                task.update(advance=1)
+    return samples
+
+
+def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 16, threads: int = 1,
+          img_size: int = 224, rounds: int = 5, round_seconds: float = 1.0, warmup_seconds: float = 1.0,
+          weights: dict | None = None, target_options: dict | None = None, memory: bool = True,
+          reporter: Reporter | None = None) -> BenchResult:
+    """Benchmark ``models`` on ``backends``; see the module docstring for the protocol.
+
+    ``target_options`` maps a target name to export options (e.g. ``{"tvm": {"db": ...}}``);
+    ``weights`` maps a model to a checkpoint (speed does not depend on the values).
+    """
+    reporter = reporter or Reporter()
+    backends = backends or [*TORCH_BACKENDS, "onnxruntime"]
+    if batch < 1 or threads < 1 or rounds < 1:
+        raise BadInputError("batch, threads and rounds must be at least 1")
+    names = [resolve_name(m).name for m in models]
+    records: list[BenchRecord] = []
+    with tempfile.TemporaryDirectory(prefix="evit-bench-") as tmp:
+        workdir = Path(tmp)
+        for model in names:
+            prepared = {}
+            for backend in backends:
+                with reporter.stage("prepare", f"{model} {backend}"):
+                    prepared[backend] = prepare(model, backend, batch=batch, threads=threads, img_size=img_size,
+                                                weights=(weights or {}).get(model), workdir=workdir / model,
+                                                target_options=target_options, reporter=QuietReporter())
+                if prepared[backend].tuned is False:
+                    reporter.warn(f"{model} {backend}: no tuning database given, so this is an untuned build")
+            with reporter.task(f"timing {model}", total=rounds * len(backends)) as task:
+                samples = time_interleaved({b: p.run for b, p in prepared.items()}, rounds=rounds,
+                                           round_seconds=round_seconds, warmup_seconds=warmup_seconds, task=task)
+            peaks = {}
+            if memory:
+                for backend in backends:
+                    with reporter.stage("memory", f"{model} {backend}"):
+                        peaks[backend] = peak_rss_mb(model, backend, prepared[backend], batch=batch,
+                                                     threads=threads, img_size=img_size)
+            for backend in backends:
+                lat = [x for round_ in samples[backend] for x in round_]
+                summary = _summarise(lat)
+                round_medians = [statistics.median(r) for r in samples[backend]]
+                spread = (summary["p90"] - summary["p10"]) / summary["median"]
+                drift = (max(round_medians) - min(round_medians)) / statistics.median(round_medians)
+                records.append(BenchRecord(model, backend, batch, threads, batch / (summary["median"] / 1000.0),
+                                           summary, len(lat), rounds, spread > NOISY_SPREAD or drift > NOISY_SPREAD,
+                                           prepared[backend].tuned, peaks.get(backend)))
+    by_model: dict[str, dict[str, BenchRecord]] = {}
+    for r in records:
+        by_model.setdefault(r.model, {})[r.backend] = r
+    baseline = BASELINE if BASELINE in backends else backends[0]
+    for group in by_model.values():
+        for r in group.values():
+            r.ratio_to_baseline = r.images_per_s / group[baseline].images_per_s
+    settings = {"batch": batch, "threads": threads, "img_size": img_size, "rounds": rounds,
+                "round_seconds": round_seconds, "warmup_seconds": warmup_seconds, "backends": backends,
+                "baseline": baseline, "precision": "fp32", "bn_folded": True,
+                "env_threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                               "TVM_NUM_THREADS") if os.environ.get(k)}}
+    return BenchResult(records, settings)
+
+
+# -- memory --------------------------------------------------------------------------------
+
+def peak_rss_mb(model: str, backend: str, prepared: Prepared, *, batch: int, threads: int, img_size: int) -> float | None:
+    """Peak resident memory of a fresh process that loads the backend and runs it.
+
+    Measured apart from the timing process, whose own peak covers every backend at once;
+    artifact backends load only their runtime (no torch), as an application would.
+    """
+    spec = {"model": model, "backend": backend, "artifact": prepared.artifact, "batch": batch,
+            "threads": threads, "img_size": img_size,
+            "target": target_backends().get(backend)}
+    proc = subprocess.run([sys.executable, "-m", "evit_deploy.bench", json.dumps(spec)], capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode != 0:
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def _memory_probe(spec: dict) -> float:
+    import resource
+
+    if spec["artifact"] is None:
+        run = _torch_runner(spec["model"], spec["backend"], spec["batch"], spec["img_size"], None, spec["threads"])
+    else:
+        from .targets import get_target
+        tgt = get_target(spec["target"])
+        description = tgt.read_description(Path(spec["artifact"]))
+        session = tgt.open_session(Path(spec["artifact"]), threads=spec["threads"])
+        x = np.random.default_rng(0).random(tuple([spec["batch"], *description.input.shape[1:]]), dtype=np.float32)
+        inputs = {description.input.name: x.astype(description.input.dtype)}
+        run = lambda: session(inputs)  # noqa: E731
+    for _ in range(3):
+        run()
+    try:
+        # VmHWM is this process image's own peak. ru_maxrss is not: Linux carries it over
+        # from the parent across fork+exec, so it would report the benchmark process.
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024.0
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# -- reporting -----------------------------------------------------------------------------
+
+def plot(result: BenchResult, path: str | os.PathLike) -> Path:
+    """Grouped bars of images/s per model and backend (PNG), written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .fsutil import atomic_path
+
+    models = list(dict.fromkeys(r.model for r in result.records))
+    backends = result.settings["backends"]
+    width = 0.8 / len(backends)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(models) + 2), 4.5), dpi=120)
+    for i, backend in enumerate(backends):
+        values = [next((r.images_per_s for r in result.records if r.model == m and r.backend == backend), 0)
+                  for m in models]
+        bars = ax.bar([x + i * width for x in range(len(models))], values, width, label=backend)
+        for bar, m in zip(bars, models):
+            rec = next((r for r in result.records if r.model == m and r.backend == backend), None)
+            if rec and rec.ratio_to_baseline and backend != result.settings["baseline"]:
+                ax.annotate(f"{(rec.ratio_to_baseline - 1) * 100:+.0f}%", (bar.get_x() + bar.get_width() / 2,
+                            bar.get_height()), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks([x + width * (len(backends) - 1) / 2 for x in range(len(models))])
+    ax.set_xticklabels([resolve_name(m).display_name for m in models])
+    ax.set_ylabel("images / s")
+    s = result.settings
+    ax.set_title(f"Throughput, batch {s['batch']}, {s['threads']} thread(s), fp32 — {result.host['model']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":   # memory probe, run in a fresh process by peak_rss_mb()
+    print(json.dumps({"peak_rss_mb": _memory_probe(json.loads(sys.argv[1]))}))

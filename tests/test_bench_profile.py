@@ -1,0 +1,58 @@
+"""``bench`` and ``profile`` run on a small configuration and produce well-formed output.
+
+No timing is asserted here: speed claims come from running the benchmark itself."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evit_deploy.errors import EXIT_BAD_INPUT
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_small_configuration(cli, tmp_path):
+    code, _, err = cli("bench", "m0", "--backends", "torch,torch-jit,onnxruntime", "--batch", "2", "--img-size", "64",
+                       "--rounds", "2", "--round-seconds", "0.05", "--json", tmp_path / "b.json",
+                       "--plot", tmp_path / "b.png")
+    assert code == 0, err
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["settings"]["batch"] == 2 and data["settings"]["threads"] == 1
+    assert data["settings"]["baseline"] == "torch-jit"
+    records = {r["backend"]: r for r in data["records"]}
+    assert set(records) == {"torch", "torch-jit", "onnxruntime"}
+    for r in records.values():
+        assert r["model"] == "efficientvit_m0" and r["images_per_s"] > 0 and r["iterations"] >= 4
+        lat = r["latency_ms"]
+        assert lat["min"] <= lat["p10"] <= lat["median"] <= lat["p90"] <= lat["max"]
+        assert r["images_per_s"] == pytest.approx(2 / (lat["median"] / 1000))
+        assert r["peak_rss_mb"] and r["peak_rss_mb"] > 10
+        assert r["cpu"] and r["versions"]["onnxruntime"]
+        assert r["ratio_to_baseline"] == pytest.approx(r["images_per_s"] / records["torch-jit"]["images_per_s"])
+    assert (tmp_path / "b.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_bench_rejects_unknown_backends(cli):
+    code, _, err = cli("bench", "m0", "--backends", "torch,onnxrt")
+    assert code == EXIT_BAD_INPUT and "unknown backend 'onnxrt'" in err
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_profile_splits_compute_and_memory_bound_time(cli, tmp_path, backend):
+    code, _, err = cli("profile", "m0", "--backend", backend, "--batch", "2", "--img-size", "64",
+                       "--iterations", "2", "--json", tmp_path / "p.json", "--plot", tmp_path / "p.png")
+    assert code == 0, err
+    (result,) = json.loads((tmp_path / "p.json").read_text())
+    assert result["backend"] == backend and result["total_ms"] > 0
+    shares = {c["category"]: c for c in result["by_category"]}
+    assert sum(c["share"] for c in result["by_category"]) == pytest.approx(1.0)
+    assert shares["convolution"]["bound"] == "compute-bound"
+    assert result["memory_bound_share"] + result["compute_bound_share"] == pytest.approx(1.0)
+    blocks = {b["block"]: b for b in result["by_block"]}
+    assert {"patch embedding", "attention", "FFN"} <= set(blocks)
+    assert sum(b["share"] for b in result["by_block"]) == pytest.approx(1.0)
+    # Attention carries the softmax and the reshapes: more memory-bound than the FFN.
+    assert blocks["attention"]["memory_bound_share"] > blocks["FFN"]["memory_bound_share"]
+    assert (tmp_path / "p.png").read_bytes()[:8] == PNG_SIGNATURE
