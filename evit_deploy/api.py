@@ -64,6 +64,7 @@ def export(model: str = "m0", target: str | None = "onnx", *, out_dir: str | Pat
            weights=None, options=None, profile: str | None = None, cli_args: list[str] | None = None,
            batch: int = 1, dynamic_batch: bool = False, img_size: int = 224, num_classes: int = 1000,
            distillation: bool = False, input_size: tuple[int, int] | None = None, seed: int = 0,
+           task: str = "classification", neck: str = "maskrcnn",
            verify: bool = True, images=None, tolerance: Tolerance | None = None,
            reporter: Reporter | None = None) -> ExportResult:
     """Trace ``model``, export it for ``target`` into ``out_dir`` and prove parity.
@@ -83,9 +84,12 @@ def export(model: str = "m0", target: str | None = "onnx", *, out_dir: str | Pat
     with reporter.stage("trace", str(model)):
         traced = trace(model, weights, batch=batch, dynamic_batch=dynamic_batch, img_size=img_size,
                        num_classes=num_classes, distillation=distillation, seed=seed,
-                       input_format=tgt.input_format(opts), input_size=input_size)
+                       input_format=tgt.input_format(opts), input_size=input_size, task=task, neck=neck)
     if traced.description.random_init:
         reporter.warn(RANDOM_INIT_WARNING.format(seed=traced.description.seed))
+    elif getattr(traced.reference, "neck_pretrained", True) is False:
+        reporter.warn("the checkpoint is a classification one: the backbone is loaded, but the FPN neck keeps "
+                      f"its seeded initialisation (seed {traced.description.seed})")
     return export_traced(traced, tgt, opts, out, profile=profile_name, verify=verify, images=images,
                          tolerance=tolerance, reporter=reporter)
 

@@ -165,7 +165,10 @@ def export(ctx: typer.Context,
            input_size: Optional[str] = typer.Option(None, "--input-size", help="For --model: 224 or HxW."),
            batch: int = typer.Option(1, "--batch", min=1, help="Static batch size."),
            dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Any batch size (if the target supports it)."),
-           img_size: int = typer.Option(224, "--img-size", help="Input resolution (multiple of 16)."),
+           img_size: str = typer.Option("224", "--img-size",
+                                        help="Input size, multiple of 16: 224, or HxW (e.g. 480x640) for detection."),
+           task: str = typer.Option("classification", "--task", help="classification, or detection (backbone + FPN)."),
+           neck: str = typer.Option("maskrcnn", "--neck", help="Detection neck: maskrcnn (strides 4-64) or retinanet (8-128)."),
            num_classes: int = typer.Option(1000, "--num-classes"),
            distillation: bool = typer.Option(False, "--distillation", help="The checkpoint has a distillation head."),
            no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity check."),
@@ -180,10 +183,9 @@ def export(ctx: typer.Context,
         raise BadInputError("no model given: pass MODEL (m0 … m5) or --model package.module:factory")
     try:
         result = api.export(model, target, out_dir=out, weights=weights, profile=profile, cli_args=list(ctx.args),
-                            batch=batch, dynamic_batch=dynamic_batch, img_size=img_size,
-                            num_classes=num_classes, distillation=distillation,
-                            input_size=_size(input_size), verify=not no_verify, images=images,
-                            reporter=_reporter())
+                            batch=batch, dynamic_batch=dynamic_batch, num_classes=num_classes,
+                            distillation=distillation, input_size=_size(input_size) or _size(img_size),
+                            task=task, neck=neck, verify=not no_verify, images=images, reporter=_reporter())
     except EvitError as exc:
         report = getattr(exc, "report", None)
         if report is not None:
@@ -247,8 +249,16 @@ def run(artifact: Path = typer.Argument(..., help="An exported artifact."),
         _save_outputs(save_outputs, result.outputs)
     _write_json(json_out, [{"input": p.source, "top": [{"index": i, "label": lab, "probability": pr}
                                                        for i, lab, pr in p.top]} for p in result.predictions])
-    if json_out != "-" and result.predictions:
+    if json_out == "-":
+        return
+    if result.predictions:
         _print(predictions_table(result.predictions, title=f"{result.description.display_name} — {result.runtime}"))
+    else:
+        from .console import table
+        specs = {s.name: s.doc for s in result.description.outputs}
+        _print(table(f"{result.description.display_name} — {result.runtime}", ["output", "shape", "min", "mean", "max", ""],
+                     [[name, "×".join(map(str, v.shape)), f"{v.min():.4g}", f"{v.mean():.4g}", f"{v.max():.4g}",
+                       specs.get(name, "")] for name, v in result.outputs.items()], justify_right={2, 3, 4}))
 
 
 def _save_outputs(path: Path, outputs: dict) -> None:

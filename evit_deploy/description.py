@@ -59,6 +59,15 @@ class ModelDescription:
         return self.inputs[0]
 
     @property
+    def stem(self) -> str:
+        """A file-name stem that tells artifacts of one model apart: efficientvit_m4,
+        efficientvit_m4_maskrcnn_fpn, mypkg_models_mobilenet."""
+        base = self.model.replace(":", "_").replace(".", "_")
+        if self.task == "detection":
+            return f"{base}_{self.model_options.get('neck', 'fpn')}_fpn"
+        return base
+
+    @property
     def batch(self) -> int | None:
         """The fixed batch size, or None when the batch dimension is dynamic."""
         first = self.input.shape[0]

@@ -132,11 +132,14 @@ def _custom_model(spec: str, seed: int, input_size) -> tuple[nn.Module, dict, in
 def trace(model: str = "m0", weights=None, *, batch: int = 1, dynamic_batch: bool = False,
           img_size: int = 224, num_classes: int = 1000, distillation: bool = False,
           input_format: str = "normalized", seed: int = DEFAULT_SEED,
-          input_size: tuple[int, int] | None = None) -> TracedModel:
+          input_size: tuple[int, int] | None = None, task: str = "classification",
+          neck: str = "maskrcnn") -> TracedModel:
     """Load, fold and capture a model with ``torch.export``.
 
     ``model`` is a family member (``m4``) or ``package.module:factory`` for any
     ``nn.Module`` (then ``input_size`` is required and ``weights`` is not used).
+    ``task="detection"`` traces the backbone + FPN at ``input_size`` (height, width; default
+    ``img_size`` square), with one output per FPN level.
     """
     if input_format not in INPUT_FORMATS:
         raise BadInputError(f"unknown input format '{input_format}'; valid: {', '.join(INPUT_FORMATS)}")
@@ -145,11 +148,24 @@ def trace(model: str = "m0", weights=None, *, batch: int = 1, dynamic_batch: boo
     if is_custom(model):
         reference, options, h, w = _custom_model(model, seed, input_size)
         name, display, weights_id, init_seed = model, model.rsplit(":", 1)[-1], FACTORY_WEIGHTS, seed
+    elif task == "detection":
+        spec = resolve_name(model)
+        h, w = input_size or (img_size, img_size)
+        if h % 16 or w % 16 or h <= 0 or w <= 0:
+            raise BadInputError(f"detection input size must be multiples of 16, got {h}x{w}")
+        options = {"task": "detection", "neck": neck}
+        reference = create_model(spec.name, RANDOM if weights is None else weights, seed=seed, **options)
+        name, display = spec.name, f"{spec.display_name} FPN ({neck})"
     else:
         spec = resolve_name(model)
+        if input_size is not None and input_size[0] != input_size[1]:
+            raise BadInputError(f"classification models take square inputs; got {input_size[0]}x{input_size[1]} "
+                                f"(non-square sizes are for --task detection)")
+        img_size = input_size[0] if input_size is not None else img_size
         options = {"img_size": img_size, "num_classes": num_classes, "distillation": distillation}
         reference = create_model(spec.name, RANDOM if weights is None else weights, seed=seed, **options)
         name, display, h, w = spec.name, spec.display_name, img_size, img_size
+    if not is_custom(model):
         weights_id = reference.weights_sha256 or RANDOM_INIT
         init_seed = reference.init_seed
         if weights is not None and weights_id == RANDOM_INIT:
@@ -174,16 +190,22 @@ def trace(model: str = "m0", weights=None, *, batch: int = 1, dynamic_batch: boo
 
     outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     batch_dim: int | str = "batch" if dynamic_batch else batch
-    out_names = ["logits"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+    if task == "detection":
+        out_names = list(reference.level_names)
+        docs = [f"FPN level {n}: stride {s}, {reference.out_channels} channels"
+                for n, s in zip(out_names, reference.strides)]
+    else:
+        out_names = ["logits"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+        docs = ["class scores (logits)" if n == "logits" else "" for n in out_names]
     description = ModelDescription(
-        model=name, display_name=display, task="classification", weights=weights_id,
+        model=name, display_name=display, task=task if not is_custom(model) else "classification",
+        weights=weights_id,
         seed=init_seed, model_options=options, input_format=input_format,
         preprocessing=Preprocessing.for_size(h, w),
         inputs=(TensorSpec("image", (batch_dim, 3, h, w), "uint8" if input_format == "uint8" else "float32",
                            f"RGB image, NCHW, {input_format}"),),
-        outputs=tuple(TensorSpec(n, (batch_dim, *o.shape[1:]), "float32",
-                                 "class scores (logits)" if n == "logits" else "")
-                      for n, o in zip(out_names, outputs)),
+        outputs=tuple(TensorSpec(n, (batch_dim, *o.shape[1:]), "float32", doc)
+                      for n, o, doc in zip(out_names, outputs, docs)),
         labels=labels_for(outputs[0].shape[-1]) if len(outputs) == 1 and outputs[0].dim() == 2 else None,
     )
     return TracedModel(program, description, reference, deploy)

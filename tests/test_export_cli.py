@@ -50,8 +50,13 @@ def test_any_torch_module_through_the_same_pipeline(cli, tmp_path):
     assert model.graph.input[0].type.tensor_type.shape.dim[2].dim_value == 160
     code, _, err = cli("verify", artifact)
     assert code == 0, err
-    code, _, err = cli("export", "--model", "custom_models:mobile_cnn", "-t", "onnx", "--out", tmp_path)
-    assert code == EXIT_BAD_INPUT and "--input-size" in err
+    # Without --input-size the common --img-size default (224) applies.
+    code, out, err = cli("-q", "export", "--model", "custom_models:mobile_cnn", "-t", "onnx", "--out", tmp_path / "d")
+    assert code == 0, err
+    model = onnx.load(Path(out.strip().splitlines()[-1]))
+    assert model.graph.input[0].type.tensor_type.shape.dim[2].dim_value == 224
+    code, _, err = cli("export", "--model", "custom_models:nothing_here", "-t", "onnx", "--out", tmp_path)
+    assert code == EXIT_BAD_INPUT and "has no callable 'nothing_here'" in err
 
 
 PLUGIN_DIST = textwrap.dedent("""\

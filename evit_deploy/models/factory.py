@@ -9,13 +9,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import fit_state_dict, load_checkpoint, official_weights_path
+from .checkpoint import (fit_state_dict, is_timm_layout, load_checkpoint, official_weights_path, read_state_dict,
+                         timm_to_official)
 from .efficientvit import EfficientViT, EfficientViTConfig
 from .fuse import fuse as fuse_bn
 from ..errors import BadInputError
 from .registry import resolve_name
 
 DEFAULT_SEED = 0
+DETECTION_CALIBRATION_SIZE = 448
 
 
 def config_for(name: str) -> EfficientViTConfig:
@@ -75,13 +77,24 @@ def randomize_weights(model: nn.Module, seed: int = DEFAULT_SEED, calibration_si
         elif hasattr(module, "attention_biases"):
             module.attention_biases.copy_(torch.randn(module.attention_biases.shape, generator=gen) * 0.5)
     was_training = model.training
-    model.train()
+    dtype = next(model.parameters()).dtype
+    threads = torch.get_num_threads()
+    # The statistics must not depend on the machine: one thread (a fixed reduction order)
+    # and float64, so that a reference rebuilt elsewhere has the same float32 weights.
+    torch.set_num_threads(1)
+    model.train().double()
     size = calibration_size
     white = torch.randn(4, 3, size, size, generator=gen)
     # Smooth noise: natural images are mostly low-frequency, white noise is not.
-    smooth = torch.nn.functional.interpolate(torch.randn(4, 3, size // 16, size // 16, generator=gen) * 1.5,
+    smooth = torch.nn.functional.interpolate(torch.randn(8, 3, size // 16, size // 16, generator=gen) * 1.5,
                                              size=(size, size), mode="bilinear", align_corners=False)
-    model(torch.cat([white, smooth]))
+    # Large flat areas of one colour (a wall, the sky) shift every channel at once.
+    smooth[4:] = smooth[4:] * 0.3 + (torch.rand(4, 3, 1, 1, generator=gen) * 4 - 2)
+    try:
+        model(torch.cat([white, smooth]).double())
+    finally:
+        torch.set_num_threads(threads)
+    model.to(dtype)
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.momentum = 0.1
@@ -92,9 +105,51 @@ def randomize_weights(model: nn.Module, seed: int = DEFAULT_SEED, calibration_si
     return model
 
 
+def build_detector(name: str, *, neck: str = "maskrcnn") -> nn.Module:
+    """An untrained backbone + FPN (default initialisation, global RNG), in train mode."""
+    from .detection import NECKS, EfficientViTFPN
+
+    spec = resolve_name(name)
+    if neck not in NECKS:
+        from ..errors import unknown_name
+        raise unknown_name("neck", neck, NECKS)
+    model = EfficientViTFPN(config_for(spec.name), neck=neck)
+    model.model_name = spec.name
+    return model
+
+
+def load_detector_weights(model: nn.Module, path: str | os.PathLike) -> str:
+    """Load a detection checkpoint (MMDetection layout: ``backbone.*``, ``neck.*``) or a
+    classification one into a detector; returns the file's SHA-256.
+
+    From a classification checkpoint only the backbone is loaded: the head is dropped, the
+    bias tables are resized to the detector's windows, and the neck keeps its
+    initialisation (``model.neck_pretrained`` is False).
+    """
+    from .detection import classification_to_backbone, resize_bias_table
+
+    raw, sha = read_state_dict(path)
+    own = model.state_dict()
+    if any(k.startswith("backbone.") for k in raw):
+        # Detector heads (rpn_head, roi_head, bbox_head...) are not part of what we export.
+        state = {k: v for k, v in raw.items() if k.startswith(("backbone.", "neck."))}
+        for key, value in state.items():
+            want = own.get(key)
+            if key.endswith("attention_biases") and want is not None and value.shape != want.shape:
+                state[key] = resize_bias_table(value, int(round(want.shape[1] ** 0.5)))
+        model.neck_pretrained = True
+    else:
+        state, _ = classification_to_backbone(timm_to_official(raw) if is_timm_layout(raw) else raw, model)
+        state.update({k: v for k, v in own.items() if k.startswith("neck.")})
+        model.neck_pretrained = False
+    model.load_state_dict(fit_state_dict(model, state, str(path)), strict=True)
+    return sha
+
+
 def create_model(name: str, weights: str | os.PathLike | Mapping | None = None, *,
                  fuse: bool = False, num_classes: int = 1000, img_size: int = 224,
-                 distillation: bool = False, seed: int = DEFAULT_SEED) -> torch.nn.Module:
+                 distillation: bool = False, seed: int = DEFAULT_SEED, task: str = "classification",
+                 neck: str = "maskrcnn") -> torch.nn.Module:
     """A family member in eval mode, ready for inference or export.
 
     ``weights`` is a checkpoint file (official, timm or safetensors layout), ``"official"``
@@ -104,22 +159,35 @@ def create_model(name: str, weights: str | os.PathLike | Mapping | None = None, 
     for the training initialisation. ``seed`` makes both random choices reproducible.
     The result records where its weights came from in ``weights_sha256`` (None unless
     loaded from a file) and ``init_seed`` (None when weights were loaded).
+
+    ``task="detection"`` builds the backbone + FPN (``neck`` "maskrcnn" or "retinanet")
+    for any input size; it outputs one feature map per FPN level. Classification
+    checkpoints load into its backbone (see :func:`load_detector_weights`).
     """
+    if task not in ("classification", "detection"):
+        raise BadInputError(f"unknown task '{task}'; valid: classification, detection")
+    detection = task == "detection"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_model(name, num_classes=num_classes, img_size=img_size,
-                            distillation=distillation)
+        model = (build_detector(name, neck=neck) if detection else
+                 build_model(name, num_classes=num_classes, img_size=img_size, distillation=distillation))
     model.weights_sha256 = None
-    model.init_seed = seed if weights is None or str(weights) == RANDOM else None
+    model.init_seed = seed if weights is None or str(weights) == RANDOM or detection else None
     if str(weights) == RANDOM and not isinstance(weights, Mapping):
-        randomize_weights(model, seed, img_size)
+        # A detector pads feature maps to whole 7x7 windows; calibrating its BN statistics
+        # on padding would make them unlike any trained model's. At 448x448 every stage
+        # tiles exactly (28, 14, 7), as 224x224 does for the classifier's windows.
+        randomize_weights(model, seed, DETECTION_CALIBRATION_SIZE if detection else img_size)
     elif weights is not None:
         if isinstance(weights, Mapping):
             model.load_state_dict(fit_state_dict(model, weights, "state dict"), strict=True)
         else:
             if str(weights) == "official":
                 weights = official_weights_path(resolve_name(name))
-            model.weights_sha256 = load_checkpoint(model, Path(weights)).sha256
+            if detection:
+                model.weights_sha256 = load_detector_weights(model, Path(weights))
+            else:
+                model.weights_sha256 = load_checkpoint(model, Path(weights)).sha256
     model.eval()
     if fuse:
         fuse_bn(model)

@@ -82,7 +82,7 @@ class Target:
         return "fp32"
 
     def artifact_name(self, description: ModelDescription, options) -> str:
-        return f"{description.model.replace(':', '_').replace('.', '_')}{self.suffixes[0]}"
+        return f"{description.stem}{self.suffixes[0]}"
 
     def export(self, traced, options, path: Path) -> Artifact:  # pragma: no cover - abstract
         """Write the artifact at ``path`` (and any sidecars next to it)."""
