@@ -275,12 +275,9 @@ def _memory_probe(spec: dict) -> float:
 
 def plot(result: BenchResult, path: str | os.PathLike) -> Path:
     """Grouped bars of images/s per model and backend (PNG), written atomically."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .charts import pyplot, save_png
 
-    from .fsutil import atomic_path
-
+    plt = pyplot()
     models = list(dict.fromkeys(r.model for r in result.records))
     backends = result.settings["backends"]
     width = 0.8 / len(backends)
@@ -300,12 +297,7 @@ def plot(result: BenchResult, path: str | os.PathLike) -> Path:
     s = result.settings
     ax.set_title(f"Throughput, batch {s['batch']}, {s['threads']} thread(s), fp32 — {result.host['model']}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 if __name__ == "__main__":   # memory probe, run in a fresh process by peak_rss_mb()

@@ -10,7 +10,6 @@ track of which module an operator came from.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -238,12 +237,9 @@ def profile(model: str, backend: str = "torch", *, batch: int = 16, threads: int
 def plot(results: list[ProfileResult], path: str | os.PathLike) -> Path:
     """Two panels like the paper's runtime breakdown: time per operator category (compute-
     bound vs memory-bound) and per block, one bar per backend."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .charts import pyplot, save_png
 
-    from .fsutil import atomic_path
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 2.6 + 0.8 * len(results)), dpi=120)
     labels = [f"{r.backend}\n{r.total_ms:.1f} ms" for r in results]
     categories = [c for c, _, _ in CATEGORIES] + [OTHER[0]]
@@ -281,13 +277,5 @@ def plot(results: list[ProfileResult], path: str | os.PathLike) -> Path:
     axes[1].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=4, frameon=False)
     model = resolve_name(results[0].model).display_name
     fig.suptitle(f"{model} runtime profile, batch {results[0].batch}, {results[0].threads} thread(s)", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
-
-def to_json(results: list[ProfileResult]) -> str:
-    return json.dumps([r.to_dict() for r in results], indent=2)
