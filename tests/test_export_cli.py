@@ -78,20 +78,29 @@ def plugin_path(tmp_path):
 
 
 def test_third_party_target_registered_by_entry_point(plugin_path, tmp_path):
-    env = {"PYTHONPATH": plugin_path}
-    listed = run_python("from evit_deploy.cli import invoke; import sys; sys.exit(invoke(['targets', '--json', '-']))",
-                        env_extra=env)
-    assert listed.returncode == 0, listed.stderr
-    targets = {t["name"]: t for t in json.loads(listed.stdout)}
+    # One fresh process (the plug-in is only visible with its PYTHONPATH): list, export,
+    # verify, each through the CLI entry point.
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import contextlib, io, json, sys
+        from evit_deploy.cli import invoke
+        results = {{}}
+        for name, args in [("targets", ["targets", "--json", "-"]),
+                           ("export", ["-q", "export", "m0", "--target", "pt2", "--out", {str(out)!r}, "--json", "-"]),
+                           ("verify", ["verify", {str(out / "efficientvit_m0.pt2")!r}, "--json", "-"])]:
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                code = invoke(args)
+            results[name] = {{"code": code, "out": json.loads(buf.getvalue())}}
+        print(json.dumps(results))
+    """)
+    proc = run_python(script, env_extra={"PYTHONPATH": plugin_path})
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    targets = {t["name"]: t for t in results["targets"]["out"]}
     assert targets["pt2"]["usable"] and targets["pt2"]["source"] == "evit_pt2_target:Pt2Target"
     assert "onnx" in targets
-    out = tmp_path / "out"
-    code = (f"from evit_deploy.cli import invoke; import sys; "
-            f"sys.exit(invoke(['export', 'm0', '--target', 'pt2', '--out', {str(out)!r}, '--json', '-']))")
-    exported = run_python(code, env_extra=env)
-    assert exported.returncode == 0, exported.stderr
-    assert json.loads(exported.stdout)["passed"]
-    artifact = out / "efficientvit_m0.pt2"
-    ran = run_python(f"from evit_deploy.cli import invoke; import sys; "
-                     f"sys.exit(invoke(['verify', {str(artifact)!r}]))", env_extra=env)
-    assert ran.returncode == 0, ran.stderr
+    assert results["export"]["code"] == 0 and results["export"]["out"]["passed"]
+    assert results["export"]["out"]["target"] == "pt2"
+    assert results["verify"]["code"] == 0 and results["verify"]["out"]["passed"]
+    assert (out / "efficientvit_m0.pt2").is_file()

@@ -13,6 +13,7 @@ After ``pip install`` of that package, ``evit-deploy targets`` lists ``pt2`` and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -45,18 +46,23 @@ class Pt2Target(Target):
         return Artifact(path, self.name, traced.description)
 
     def read_description(self, path: Path) -> ModelDescription:
-        import torch
-
-        extra = {DESCRIPTION_FILE: ""}
-        torch.export.load(str(path), extra_files=extra)
-        return ModelDescription.from_json(extra[DESCRIPTION_FILE])
+        return _load(str(Path(path).resolve()), Path(path).stat().st_mtime_ns)[1]
 
     def run(self, path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        description = self.read_description(path)
-        module = torch.export.load(str(path)).module()
+        module, description = _load(str(Path(path).resolve()), Path(path).stat().st_mtime_ns)
         with torch.no_grad():
             out = module(torch.from_numpy(inputs[description.input.name]))
         out = out if isinstance(out, (tuple, list)) else (out,)
         return {spec.name: o.numpy() for spec, o in zip(description.outputs, out)}
+
+
+@lru_cache(maxsize=2)
+def _load(path: str, mtime_ns: int):
+    """The program and its description, loaded once per file version."""
+    import torch
+
+    extra = {DESCRIPTION_FILE: ""}
+    program = torch.export.load(path, extra_files=extra)
+    return program.module(), ModelDescription.from_json(extra[DESCRIPTION_FILE])
