@@ -7,6 +7,8 @@ package through the executor.
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -23,6 +25,13 @@ from coremltools.converters.mil import Builder as mb  # noqa: E402  (after the q
 from coremltools.converters.mil.mil import types  # noqa: E402
 
 RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_per_test(request):
+    # Each test draws the same numbers whichever tests ran before it.
+    global RNG
+    RNG = np.random.default_rng(zlib.crc32(request.node.name.encode()))
 
 
 def randn(*shape, scale=1.0):
@@ -259,6 +268,7 @@ def test_constexpr_lut_to_dense_ios16(tmp_path):
     close(run(program, x), expected)
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
 def test_constexpr_affine_dequantize_matches_torch_dequantize(tmp_path):
     w = randn(4, 6)
     scale = (np.abs(w).max(axis=1) / 127).astype(np.float32)
@@ -306,7 +316,9 @@ def test_compressed_weights_decode_as_coremltools_decodes_them(tmp_path, mode, t
         assert np.array_equal(ours, op.materialized_val_inference())
     dense = next(program.constants[op.outputs[0].name] for op in constexprs)
     rms_error = np.sqrt(np.mean((dense.astype(np.float32) - w) ** 2)) / w.std()
-    assert 0 < rms_error < {"palettize4": 0.15, "palettize6": 0.04, "int8": 0.01}[mode]
+    # Optimal quantisers of Gaussian weights reach about 0.095 (16 levels), 0.026 (64 levels)
+    # and 0.007 (int8 per channel); these bounds leave room for a small sample.
+    assert 0 < rms_error < {"palettize4": 0.15, "palettize6": 0.06, "int8": 0.012}[mode]
 
 
 def model_spec(path):
