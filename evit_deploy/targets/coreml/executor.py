@@ -13,6 +13,8 @@ load time with its name and position, never skipped.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from .package import model_file, read_spec
 from .values import TensorInfo, ValueDecoder, tensor_info
 
 FUNCTION = "main"
+_REMEMBERED_RUNS = 16
 
 
 class UnsupportedOpError(BadInputError):
@@ -85,6 +88,8 @@ class Program:
         self.inputs = {nv.name: tensor_info(nv.type) for nv in function.inputs}
         self.output_names = list(block.outputs)
         decoder = ValueDecoder(model_file(self.package))
+        # Verification runs the photos once for parity and again to measure fp16 drift.
+        self._recent: OrderedDict[tuple, dict] = OrderedDict()
         self.operations = [self._parse(i, op, decoder) for i, op in enumerate(block.operations)]
         self.constants: dict[str, object] = {}
         self.steps: list[Operation] = []
@@ -144,6 +149,17 @@ class Program:
         missing = set(self.inputs) - set(feeds)
         if missing:
             raise ValueError(f"missing program inputs: {', '.join(sorted(missing))}")
+        key = (round_fp16, *(_fingerprint(feeds[name]) for name in sorted(self.inputs)))
+        if key in self._recent:
+            self._recent.move_to_end(key)
+            return dict(self._recent[key])
+        outputs = self._execute(feeds, round_fp16)
+        self._recent[key] = outputs
+        if len(self._recent) > _REMEMBERED_RUNS:
+            self._recent.popitem(last=False)
+        return dict(outputs)
+
+    def _execute(self, feeds: dict[str, np.ndarray], round_fp16: bool) -> dict[str, object]:
         env: dict[str, object] = dict(self.constants)
         for name, info in self.inputs.items():
             value = np.asarray(feeds[name])
@@ -174,6 +190,11 @@ class Program:
     def computes_fp16(self) -> bool:
         """Whether any executed op declares an fp16 result."""
         return any(info is not None and info.dtype == "fp16" for op in self.steps for _, info in op.outputs)
+
+
+def _fingerprint(array) -> tuple:
+    array = np.ascontiguousarray(array)
+    return array.shape, str(array.dtype), hashlib.sha256(array.tobytes()).hexdigest()
 
 
 def _call(op: Operation, params: dict[str, list], *, round_fp16: bool) -> list:
