@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import cli_without_torch
 from evit_deploy import api
 from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_PARITY_FAILED
 from evit_deploy.labels import imagenet_labels
@@ -139,6 +140,14 @@ def test_run_classifies_photos_like_pytorch(m0_coreml):
     assert probabilities.shape == (4, 1000)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-2)
     assert list(probabilities.argmax(axis=1)) == [p.top[0][0] for p in expected]
+
+
+def test_run_needs_no_torch(m0_coreml):
+    proc = cli_without_torch(["-q", "run", m0_coreml.artifact.path, SAMPLE[1], "--json", "-"])
+    assert proc.returncode == 0, proc.stderr
+    (prediction,) = json.loads(proc.stdout)
+    cat = next(i for i in m0_coreml.report.inputs if i.name == SAMPLE[1].stem)
+    assert prediction["top"][0]["index"] == cat.reference_top1
 
 
 def test_fp32_program_matches_unfused_pytorch(tmp_path, checkpoint):
@@ -277,6 +286,7 @@ def test_profile_iphone11_a13(tmp_path, cli):
     assert code == 0, err
     artifact = Path(out.strip().splitlines()[-1])
     assert artifact.name == "EfficientViT-M2.mlpackage"
+    assert "reference-executor" in out and "fp16_drift" in out      # the table says what ran and the drift
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] and report["precision"] == "fp16"
     description = CoreMLTarget().read_description(artifact)
