@@ -101,8 +101,7 @@ class CoreMLTarget(Target):
             units = self.read_description(path).extra.get("options", {}).get("compute_units", "all")
             return f"Core ML runtime (macOS {platform.mac_ver()[0]}, compute units {units})"
         precision = self.read_description(path).extra.get("coreml", {}).get("compute_precision", "fp32")
-        detail = "fp16 results rounded per op" if precision == "fp16" else "fp32"
-        return f"evit-deploy reference executor (numpy, {detail})"
+        return f"reference executor (numpy, {precision})"
 
     def parity_extras(self, path: Path, report) -> dict:
         from . import runtime

@@ -90,7 +90,7 @@ def set_metadata(spec, desc: ModelDescription, options, *, classifier: bool) -> 
     if classifier and options.input_type == "image":
         user[PREVIEW_TYPE_KEY] = "imageClassifier"
     docs = {desc.input.name: desc.input.doc,
-            LABEL_OUTPUT: "the most likely ImageNet class",
+            LABEL_OUTPUT: "the most likely class",
             PROBABILITIES_OUTPUT: "probability of every class (softmax of the logits)"}
     docs.update({o.name: o.doc or "model output" for o in desc.outputs})
     for feature in [*spec.description.input, *spec.description.output]:
