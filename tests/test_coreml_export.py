@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from torch import nn
 
 from conftest import cli_without_torch
 from evit_deploy import api
 from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_PARITY_FAILED
 from evit_deploy.labels import imagenet_labels
-from evit_deploy.preprocess import sample_images
+from evit_deploy.preprocess import IMAGENET_MEAN, IMAGENET_STD, sample_images
 from evit_deploy.targets.coreml import CoreMLTarget, numeric_outputs, runtime
 from evit_deploy.targets.coreml.blob import BlobFile
 from evit_deploy.targets.coreml.executor import Program
@@ -72,10 +73,16 @@ def test_export_is_an_ios16_ml_program_with_image_input_and_classifier(m0_coreml
     assert spec.description.predictedFeatureName == "classLabel"
     assert spec.description.predictedProbabilitiesName == "classLabelProbs"
     ops = [op.type for op in _main_ops(spec)]
-    # The image scale is the first op; the per-channel mean/std follows inside the program.
-    first = [t for t in ops if t != "const"][:3]
-    assert first == ["mul", "cast", "batch_norm"]
     assert ops.count("classify") == 1 and "softmax" in ops
+    # The image input's 1/255 is the first op; the exact per-channel mean/std follows.
+    program = Program(path)
+    scale, _, gain, offset = program.steps[:4]
+    assert [op.type for op in program.steps[:4]] == ["mul", "cast", "mul", "add"]
+    constant = lambda op: program.constants[op.params["y"][0][1]].astype(np.float32)  # noqa: E731
+    assert constant(scale) == np.float32(1 / 255)
+    mean, std = np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32)
+    np.testing.assert_allclose(constant(gain).reshape(-1), 1 / std, rtol=1e-3)         # stored in fp16
+    np.testing.assert_allclose(constant(offset).reshape(-1), -mean / std, rtol=1e-3)
     classes = next(op for op in _main_ops(spec) if op.type == "classify").inputs["classes"]
     labels = [v.immediateValue.tensor.strings.values[0] for v in
               classes.arguments[0].value.immediateValue.list.values]
@@ -267,18 +274,38 @@ def test_compressed_variant_reports_size_and_parity(tmp_path):
     assert report.outputs[0].max_rel > 1e-3       # lossy, and measured as such
 
 
-def test_tensor_input_with_a_batch(tmp_path):
-    result = api.export("m0", "coreml", out_dir=tmp_path, batch=2, options={"input_type": "tensor"})
+class FeaturePyramid(nn.Module):
+    """The three stage outputs of a classifier's backbone: several 4-D outputs, no labels."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return tuple(self.model.forward_features(x))
+
+
+def efficientvit_m0_pyramid() -> nn.Module:
+    from evit_deploy.models.factory import create_model
+    return FeaturePyramid(create_model("m0", "random", seed=5))
+
+
+def test_tensor_input_batch_and_several_outputs(tmp_path):
+    result = api.export(f"{__name__}:efficientvit_m0_pyramid", "coreml", out_dir=tmp_path, input_size=(224, 224),
+                        batch=2, options={"input_type": "tensor"})
     assert result.report.passed, result.report.summary()
+    assert [o.name for o in result.report.outputs] == ["output_0", "output_1", "output_2"]
     spec = read_spec(result.artifact.path)
     (tensor,) = spec.description.input
     assert tensor.type.WhichOneof("Type") == "multiArrayType" and list(tensor.type.multiArrayType.shape) == [2, 3, 224, 224]
-    assert [o.name for o in spec.description.output] == ["logits"]       # a batch is not a classifier
+    outputs = {o.name: list(o.type.multiArrayType.shape) for o in spec.description.output}
+    assert outputs == {"output_0": [2, 64, 14, 14], "output_1": [2, 128, 7, 7], "output_2": [2, 192, 4, 4]}
+    assert not spec.description.predictedFeatureName                     # not a classifier
+    assert "com.apple.coreml.model.preview.type" not in spec.description.metadata.userDefined
     assert result.artifact.description.input_format == "float01"
     run = api.run(result.artifact.path, SAMPLE[:3])                       # padded to two batches of two
-    assert run.outputs["logits"].shape == (3, 1000)
-    photos = [i for i in result.report.inputs if i.kind == "photo"][:3]
-    assert [p.top[0][0] for p in run.predictions] == [i.reference_top1 for i in photos]
+    assert {k: v.shape for k, v in run.outputs.items()} == {
+        "output_0": (3, 64, 14, 14), "output_1": (3, 128, 7, 7), "output_2": (3, 192, 4, 4)}
 
 
 def test_profile_iphone11_a13(tmp_path, cli):
@@ -286,7 +313,7 @@ def test_profile_iphone11_a13(tmp_path, cli):
     assert code == 0, err
     artifact = Path(out.strip().splitlines()[-1])
     assert artifact.name == "EfficientViT-M2.mlpackage"
-    assert "reference-executor" in out and "fp16_drift" in out      # the table says what ran and the drift
+    assert "reference-executor" in out and "fp16_drift" in out      # what ran, and the drift
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] and report["precision"] == "fp16"
     description = CoreMLTarget().read_description(artifact)
