@@ -85,6 +85,12 @@ def test_activations(tmp_path, op, ref):
     close(run(program, x), ref(T(x)))
 
 
+def test_clip_is_hardtanh(tmp_path):
+    x = randn(3, 7, scale=10.0)
+    program = save(tmp_path, lambda a: mb.clip(x=a, alpha=np.float32(0.0), beta=np.float32(6.0)), [x.shape])
+    close(run(program, x), F.relu6(T(x)))
+
+
 @pytest.mark.parametrize("axis", [-1, 1])
 def test_softmax(tmp_path, axis):
     x = randn(2, 5, 7, scale=60.0)          # exp overflows fp32 unless the max is subtracted first
@@ -442,7 +448,7 @@ def test_inconsistent_program_names_the_op(tmp_path):
 
 
 def test_every_registered_op_has_a_test():
-    tested = {"add", "sub", "mul", "real_div", "relu", "sigmoid", "softmax", "cast", "linear", "matmul",
+    tested = {"add", "sub", "mul", "real_div", "relu", "clip", "sigmoid", "softmax", "cast", "linear", "matmul",
               "conv", "batch_norm", "reduce_mean", "reshape", "transpose", "split", "concat",
               "slice_by_index", "pad", "classify", "constexpr_lut_to_dense", "constexpr_affine_dequantize",
               "constexpr_blockwise_shift_scale"}

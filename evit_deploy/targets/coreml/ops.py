@@ -121,6 +121,12 @@ def relu(call: OpCall):
     return np.maximum(x, np.zeros((), x.dtype))
 
 
+@register("clip")
+def clip(call: OpCall):
+    x = call.value("x")
+    return np.minimum(np.maximum(x, np.float32(call.value("alpha"))), np.float32(call.value("beta")))
+
+
 @register("sigmoid")
 def sigmoid(call: OpCall):
     x = call.value("x")
