@@ -382,7 +382,6 @@ def test_fp16_program_is_rounded_after_every_op(tmp_path):
     ("int4", "write_int4_data", np.int8), ("uint1", "write_uint1_data", np.uint8)])
 def test_blob_file_reads_what_coremltools_writes(tmp_path, type_name, writer, dtype):
     from coremltools import libmilstoragepython
-    from coremltools.optimize._utils import pack_elements_into_bits
 
     from evit_deploy.targets.coreml.blob import SUBBYTE_BITS
 
@@ -394,7 +393,7 @@ def test_blob_file_reads_what_coremltools_writes(tmp_path, type_name, writer, dt
             bits = SUBBYTE_BITS[type_name]
             low, high = (-(1 << bits - 1), 1 << bits - 1) if type_name.startswith("int") else (0, 1 << bits)
             values = RNG.integers(low, high, size=count).astype(dtype)
-            offset = getattr(blobs, writer)(values)
+            offset = getattr(blobs, writer)(values)             # the writer packs sub-byte values itself
         else:
             values = (RNG.standard_normal(count) * 50).astype(dtype)
             data = values.view(np.uint16) if dtype == np.float16 else values
