@@ -14,7 +14,7 @@ from torch import nn
 
 from conftest import cli_without_torch
 from evit_deploy import api
-from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_PARITY_FAILED
+from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, EXIT_PARITY_FAILED
 from evit_deploy.labels import imagenet_labels
 from evit_deploy.preprocess import IMAGENET_MEAN, IMAGENET_STD, sample_images
 from evit_deploy.targets.coreml import CoreMLTarget, numeric_outputs, runtime
@@ -247,6 +247,18 @@ def test_unknown_op_is_a_one_line_error_naming_it(m0_coreml, tmp_path, cli):
     (line,) = err.strip().splitlines()
     assert line.startswith("error: ") and "Traceback" not in err
     assert "'hard_sigmoid_v9'" in line and f"operation {index} of function main" in line
+
+
+def test_export_refuses_a_program_the_executor_cannot_verify(tmp_path, cli, monkeypatch):
+    from evit_deploy.targets.coreml import ops
+
+    monkeypatch.delitem(ops.OPS, "clip")          # custom_models.mobile_cnn uses ReLU6
+    code, _, err = cli("-q", "export", "--model", "custom_models:mobile_cnn", "--input-size", "96",
+                       "-t", "coreml", "--out", tmp_path)
+    assert code == EXIT_EXPORT_FAILED
+    (line,) = err.strip().splitlines()
+    assert "op 'clip'" in line and "mobile_cnn.mlpackage" in line and ".evit-staging" not in line
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_not_a_package(tmp_path, cli):

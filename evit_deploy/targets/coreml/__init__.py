@@ -68,7 +68,7 @@ class CoreMLTarget(Target):
         converted = convert(traced, options)
         write(converted, path)
         try:
-            check_supported(read_spec(path), path)
+            check_supported(read_spec(path), path.name)     # not the staging directory
         except UnsupportedOpError as exc:
             raise ExportError(f"the package cannot be verified: {exc}") from None
         sidecars = ()
