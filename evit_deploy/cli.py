@@ -146,10 +146,13 @@ def _target_options_epilog() -> str:
     from .targets import available_targets
     from .targets.base import describe_options
 
+    from rich.markup import escape
+
     lines = ["Target options (after the common ones):"]
     for name, cls in available_targets().items():
         for flag, default, text in describe_options(cls.Options):
-            lines.append(f"  [{name}] {flag} (default {default}): {text}")
+            # Escaped: rich would take "[coreml]" and "[fp16|fp32]" for markup and drop them.
+            lines.append(escape(f"  [{name}] {flag} (default {default}): {text}"))
     return "\n\n".join(lines) + "\n\n" + EXIT_CODES_HELP
 
 

@@ -96,8 +96,22 @@ def parity_table(report) -> Table:
     tol = report.tolerance
     title = (f"Parity of {report.artifact} — {report.runtime}, {report.precision} "
              f"(tolerance: max rel {tol.max_rel:g}, cosine ≥ {tol.min_cosine}, top-1 on {tol.top1})")
-    return table(title, ["output", "max abs", "max rel", "min cosine", "top-1 agree", "top-5 overlap", "verdict"],
-                 rows, justify_right={1, 2, 3, 4, 5})
+    t = table(title, ["output", "max abs", "max rel", "min cosine", "top-1 agree", "top-5 overlap", "verdict"],
+              rows, justify_right={1, 2, 3, 4, 5})
+    if report.extra:
+        t.caption = "; ".join(_extra_text(k, v) for k, v in report.extra.items())
+        t.caption_justify = "left"
+    return t
+
+
+def _extra_text(key: str, value) -> str:
+    """A target's extra report facts on one line (nested tables one level deep, lists left out)."""
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    if isinstance(value, dict):
+        inner = ", ".join(f"{k} {fmt(v)}" for k, v in value.items() if not isinstance(v, (list, dict)))
+        return f"{key}: {inner}"
+    return f"{key}: {fmt(value)}"
 
 
 def predictions_table(predictions, title: str | None = None) -> Table:

@@ -66,6 +66,7 @@ class OutputError(EvitError):
 def unknown_name(kind: str, name: str, valid) -> BadInputError:
     """``unknown model 'm9' (did you mean 'm0'?); valid: ...`` as a :class:`BadInputError`."""
     valid = list(valid)
-    close = difflib.get_close_matches(name.lower(), [v.lower() for v in valid], n=1, cutoff=0.5)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    spelling = {v.lower(): v for v in valid}      # suggest 'iOS16', not its lower-case form
+    close = difflib.get_close_matches(name.lower(), list(spelling), n=1, cutoff=0.5)
+    hint = f" (did you mean '{spelling[close[0]]}'?)" if close else ""
     return BadInputError(f"unknown {kind} '{name}'{hint}; valid: {', '.join(valid)}")
