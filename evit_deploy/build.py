@@ -423,10 +423,12 @@ def _artifact_facts(artifact, out_dir: Path) -> dict:
         files.append({"path": f.relative_to(out_dir).as_posix(), "size": tree_size(f), "sha256": tree_sha256(f)})
     facts = {"path": artifact.path.relative_to(out_dir).as_posix(), "size": tree_size(artifact.path),
              "sha256": tree_sha256(artifact.path), "files": files}
+    archive = artifact.path.with_name(artifact.path.name + ".zip")
     if artifact.path.is_dir():
-        # Artifact stores want one file: a zip whose bytes depend only on the contents.
-        archive = artifact.path.with_name(artifact.path.name + ".zip")
-        deterministic_zip(artifact.path, archive)
+        # Artifact stores want one file: a zip whose bytes depend only on the contents
+        # (unless the target already wrote one beside the artifact).
+        if archive not in artifact.sidecars:
+            deterministic_zip(artifact.path, archive)
         facts["zip"] = {"path": archive.relative_to(out_dir).as_posix(), "size": archive.stat().st_size,
                         "sha256": tree_sha256(archive)}
     return facts

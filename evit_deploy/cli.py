@@ -181,11 +181,16 @@ def export(ctx: typer.Context,
     from . import api
     from .console import err
 
+    extra = list(ctx.args)
+    if model_spec is not None and model_name is not None:
+        # With --model there is no positional MODEL: what landed there is a target option.
+        extra.insert(0, model_name)
+        model_name = None
     model = model_spec or model_name
     if model is None:
         raise BadInputError("no model given: pass MODEL (m0 … m5) or --model package.module:factory")
     try:
-        result = api.export(model, target, out_dir=out, weights=weights, profile=profile, cli_args=list(ctx.args),
+        result = api.export(model, target, out_dir=out, weights=weights, profile=profile, cli_args=extra,
                             batch=batch, dynamic_batch=dynamic_batch, num_classes=num_classes,
                             distillation=distillation, input_size=_size(input_size) or _size(img_size),
                             task=task, neck=neck, verify=not no_verify, images=images, reporter=_reporter())

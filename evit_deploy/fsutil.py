@@ -108,17 +108,18 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
 def deterministic_zip(src_dir: os.PathLike | str, dst: os.PathLike | str) -> Path:
-    """Zip a directory (as ``<dirname>/...``) atomically, with sorted entries, fixed
-    timestamps and permissions: the same tree always gives the same bytes."""
+    """Zip a directory (as ``<dirname>/...``) atomically: entries sorted by path, dated
+    1980-01-01, with fixed permissions, so the same tree always gives the same bytes."""
     import zipfile
 
     src_dir, dst = Path(src_dir), Path(dst)
-    files = sorted(p for p in src_dir.rglob("*") if p.is_file())
+    files = sorted((p for p in src_dir.rglob("*") if p.is_file()), key=lambda p: p.relative_to(src_dir).as_posix())
     with atomic_path(dst) as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zipfile.ZipFile(tmp, "w") as archive:
             for path in files:
                 info = zipfile.ZipInfo(f"{src_dir.name}/{path.relative_to(src_dir).as_posix()}", _ZIP_EPOCH)
                 info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                zf.writestr(info, path.read_bytes())
+                info.create_system = 3                      # unix, so the mode below is honoured
+                info.external_attr = 0o100644 << 16
+                archive.writestr(info, path.read_bytes(), compresslevel=9)
     return dst

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
 from evit_deploy.build import load_build_file
 from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_PARITY_FAILED, BadInputError
 from evit_deploy.targets.onnx import OnnxTarget

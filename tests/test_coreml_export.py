@@ -257,7 +257,7 @@ def test_export_refuses_a_program_the_executor_cannot_verify(tmp_path, cli, monk
                        "-t", "coreml", "--out", tmp_path)
     assert code == EXIT_EXPORT_FAILED
     (line,) = err.strip().splitlines()
-    assert "op 'clip'" in line and "mobile_cnn.mlpackage" in line and ".evit-staging" not in line
+    assert "op 'clip'" in line and "mobile-cnn.mlpackage" in line and ".evit-staging" not in line
     assert list(tmp_path.iterdir()) == []
 
 

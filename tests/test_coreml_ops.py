@@ -163,6 +163,34 @@ def test_conv(tmp_path, case):
     close(run(program, x), expected, atol=1e-4)
 
 
+CONV_TRANSPOSE_CASES = {
+    # name: (input shape, weight shape (C_in, C_out/groups, kh, kw), groups, strides, pad)
+    "fpn-2x2-stride2": ((1, 6, 4, 5), (6, 5, 2, 2), 1, (2, 2), (0, 0, 0, 0)),
+    "3x3-stride2-padded": ((2, 4, 5, 3), (4, 3, 3, 3), 1, (2, 2), (1, 1, 1, 1)),
+    "grouped-3x3": ((1, 4, 3, 3), (4, 3, 3, 3), 2, (1, 2), (0, 1, 1, 0)),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_TRANSPOSE_CASES))
+def test_conv_transpose(tmp_path, case):
+    shape, wshape, groups, strides, pad = CONV_TRANSPOSE_CASES[case]
+    x, w, b = randn(*shape), randn(*wshape), randn(wshape[1] * groups)
+    program = save(tmp_path, lambda a: mb.conv_transpose(x=a, weight=w, bias=b, groups=groups, strides=list(strides),
+                                                         pad_type="custom", pad=list(pad)), [x.shape])
+    full = F.conv_transpose2d(T(x), T(w), T(b), stride=strides, groups=groups)
+    expected = full[:, :, pad[0]: full.shape[2] - pad[1], pad[2]: full.shape[3] - pad[3]]
+    close(run(program, x), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("size,out", [((4, 5), (8, 10)), ((8, 10), (15, 20)), ((3, 3), (7, 4))])
+def test_upsample_nearest_neighbor(tmp_path, size, out):
+    x = randn(1, 3, *size)
+    program = save(tmp_path, lambda a: mb.upsample_nearest_neighbor(
+        x=a, scale_factor_height=np.float32(out[0] / size[0]), scale_factor_width=np.float32(out[1] / size[1])),
+        [x.shape])
+    close(run(program, x), F.interpolate(T(x), size=out, mode="nearest"))
+
+
 def test_batch_norm(tmp_path):
     x = randn(2, 5, 3, 4)
     mean, var, gamma, beta = randn(5), np.abs(randn(5)) + 0.1, randn(5), randn(5)
@@ -448,7 +476,7 @@ def test_inconsistent_program_names_the_op(tmp_path):
 
 def test_every_registered_op_has_a_test():
     tested = {"add", "sub", "mul", "real_div", "relu", "clip", "sigmoid", "softmax", "cast", "linear", "matmul",
-              "conv", "batch_norm", "reduce_mean", "reshape", "transpose", "split", "concat",
+              "conv", "conv_transpose", "upsample_nearest_neighbor", "batch_norm", "reduce_mean", "reshape", "transpose", "split", "concat",
               "slice_by_index", "pad", "classify", "constexpr_lut_to_dense", "constexpr_affine_dequantize",
               "constexpr_blockwise_shift_scale"}
     assert set(OPS) == tested

@@ -118,3 +118,12 @@ def test_neck_warning_when_only_the_backbone_is_pretrained(tmp_path, checkpoint)
                         input_size=(256, 256), reporter=reporter)
     assert result.report.passed
     assert any("FPN neck keeps its seeded initialisation" in w for w in reporter.warnings)
+
+
+def test_coreml_export_of_the_feature_pyramid(tmp_path):
+    # The FPN brings transposed convs and nearest upsampling into the Core ML program.
+    result = api.export("m0", "coreml", out_dir=tmp_path, task="detection", input_size=(256, 320),
+                        options={"precision": "fp32"})
+    assert result.report.passed and result.artifact.path.name == "EfficientViT-M0-FPN-maskrcnn-fp32.mlpackage"
+    assert [o.name for o in result.report.outputs] == ["p2", "p3", "p4", "p5", "p6"]
+    assert all(o.max_rel <= 1e-4 for o in result.report.outputs)

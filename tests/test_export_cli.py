@@ -50,6 +50,12 @@ def test_any_torch_module_through_the_same_pipeline(cli, tmp_path):
     assert model.graph.input[0].type.tensor_type.shape.dim[2].dim_value == 160
     code, _, err = cli("verify", artifact)
     assert code == 0, err
+    # Target options after --model are not mistaken for the MODEL argument.
+    code, out, err = cli("-q", "export", "--model", "custom_models:mobile_cnn", "--input-size", "96", "-t", "onnx",
+                         "--fp16", "--out", tmp_path / "fp16")
+    assert code == 0, err
+    meta = {p.key: p.value for p in onnx.load(Path(out.strip().splitlines()[-1])).metadata_props}
+    assert json.loads(meta["evit_deploy.description"])["extra"]["precision"] == "fp16"
     # Without --input-size the common --img-size default (224) applies.
     code, out, err = cli("-q", "export", "--model", "custom_models:mobile_cnn", "-t", "onnx", "--out", tmp_path / "d")
     assert code == 0, err

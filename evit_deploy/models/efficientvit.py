@@ -224,6 +224,9 @@ class LocalWindowAttention(nn.Module):
         self.window_resolution = min(window_resolution, resolution) if resolution else window_resolution
         self.attn = CascadedGroupAttention(dim, key_dim, num_heads, attn_ratio,
                                            self.window_resolution, kernels)
+        # Zero padding is the model's semantics. Synthetic-weight BN calibration switches to
+        # edge replication, so that padded tokens do not masquerade as data in the statistics.
+        self.pad_mode = "constant"
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -232,9 +235,9 @@ class LocalWindowAttention(nn.Module):
             return self.attn(x)
         pad_b = (ws - H % ws) % ws
         pad_r = (ws - W % ws) % ws
-        x = x.permute(0, 2, 3, 1)
         if pad_b or pad_r:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+            x = F.pad(x, (0, pad_r, 0, pad_b), mode=self.pad_mode)
+        x = x.permute(0, 2, 3, 1)
         pH, pW = H + pad_b, W + pad_r
         nH, nW = pH // ws, pW // ws
         # window partition: B(nH ws)(nW ws)C -> (B nH nW) C ws ws

@@ -17,7 +17,6 @@ from ..errors import BadInputError
 from .registry import resolve_name
 
 DEFAULT_SEED = 0
-DETECTION_CALIBRATION_SIZE = 448
 
 
 def config_for(name: str) -> EfficientViTConfig:
@@ -55,7 +54,7 @@ def randomize_weights(model: nn.Module, seed: int = DEFAULT_SEED, calibration_si
     model whose branches all have unit gain is chaotic, and its fp32 result would differ
     from its own fp64 result by more than any parity tolerance.
     """
-    from .efficientvit import Residual
+    from .efficientvit import LocalWindowAttention, Residual
 
     gen = torch.Generator().manual_seed(seed)
     branch_ends = set()
@@ -83,6 +82,9 @@ def randomize_weights(model: nn.Module, seed: int = DEFAULT_SEED, calibration_si
     # and float64, so that a reference rebuilt elsewhere has the same float32 weights.
     torch.set_num_threads(1)
     model.train().double()
+    windows = [m for m in model.modules() if isinstance(m, LocalWindowAttention)]
+    for m in windows:
+        m.pad_mode = "replicate"
     size = calibration_size
     white = torch.randn(4, 3, size, size, generator=gen)
     # Smooth noise: natural images are mostly low-frequency, white noise is not.
@@ -94,6 +96,8 @@ def randomize_weights(model: nn.Module, seed: int = DEFAULT_SEED, calibration_si
         model(torch.cat([white, smooth]).double())
     finally:
         torch.set_num_threads(threads)
+        for m in windows:
+            m.pad_mode = "constant"
     model.to(dtype)
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -174,10 +178,7 @@ def create_model(name: str, weights: str | os.PathLike | Mapping | None = None, 
     model.weights_sha256 = None
     model.init_seed = seed if weights is None or str(weights) == RANDOM or detection else None
     if str(weights) == RANDOM and not isinstance(weights, Mapping):
-        # A detector pads feature maps to whole 7x7 windows; calibrating its BN statistics
-        # on padding would make them unlike any trained model's. At 448x448 every stage
-        # tiles exactly (28, 14, 7), as 224x224 does for the classifier's windows.
-        randomize_weights(model, seed, DETECTION_CALIBRATION_SIZE if detection else img_size)
+        randomize_weights(model, seed, img_size)
     elif weights is not None:
         if isinstance(weights, Mapping):
             model.load_state_dict(fit_state_dict(model, weights, "state dict"), strict=True)

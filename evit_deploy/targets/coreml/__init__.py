@@ -9,6 +9,7 @@ fp16 result as the device does.
 from __future__ import annotations
 
 import platform
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -55,7 +56,8 @@ class CoreMLTarget(Target):
         return "compressed" if options.compress != "none" else options.precision
 
     def artifact_name(self, description: ModelDescription, options: CoreMLOptions) -> str:
-        base = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in description.display_name)
+        # Xcode names the generated class after the file: keep it a clean identifier.
+        base = re.sub(r"[^A-Za-z0-9]+", "-", description.display_name).strip("-")
         variant = ("-fp32" if options.precision == "fp32" else "") + \
                   (f"-{options.compress}" if options.compress != "none" else "")
         return f"{base}{variant}{self.suffixes[0]}"

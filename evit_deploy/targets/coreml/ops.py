@@ -279,6 +279,61 @@ def _im2col(x, weight, groups, out_size, strides, dilations):
     return out.transpose(0, 1, 3, 2).reshape(n, o, ho, wo)
 
 
+@register("conv_transpose")
+def conv_transpose(call: OpCall):
+    """Transposed 2-D convolution: every input pixel scatters its kernel-weighted copy."""
+    x, weight = call.value("x"), call.value("weight")
+    if x.ndim != 4 or weight.ndim != 4:
+        raise ValueError(f"conv_transpose on a rank-{x.ndim} input is not supported (2-D only)")
+    strides = call.ints("strides", None) or (1, 1)
+    dilations = call.ints("dilations", None) or (1, 1)
+    groups = call.int("groups", 1)
+    pad_type = call.str("pad_type", "valid")
+    n, c, h, w = x.shape
+    cin, cog, kh, kw = weight.shape                      # weight: C_in, C_out/groups, kh, kw
+    if cin != c or c % groups:
+        raise ValueError(f"weight {weight.shape} with groups={groups} does not fit an input of {c} channels")
+    (sh, sw), (dh, dw) = strides, dilations
+    full_h, full_w = (h - 1) * sh + (kh - 1) * dh + 1, (w - 1) * sw + (kw - 1) * dw + 1
+    out = np.zeros((n, cog * groups, full_h, full_w), np.float32)
+    xg = x.reshape(n, groups, c // groups, h, w)
+    wg = weight.reshape(groups, c // groups, cog, kh, kw)
+    for i in range(kh):
+        for j in range(kw):
+            contribution = np.einsum("ngchw,gco->ngohw", xg, wg[:, :, :, i, j]).reshape(n, -1, h, w)
+            out[:, :, i * dh: i * dh + (h - 1) * sh + 1: sh, j * dw: j * dw + (w - 1) * sw + 1: sw] += contribution
+    if pad_type == "custom":
+        top, bottom, left, right = call.ints("pad", None) or (0, 0, 0, 0)
+        out = out[:, :, top: full_h - bottom, left: full_w - right]
+    elif pad_type != "valid":
+        raise ValueError(f"conv_transpose with pad_type '{pad_type}' is not supported")
+    shape = call.ints("output_shape", None)
+    if shape is not None:
+        out = out[:, :, : shape[-2], : shape[-1]]
+    bias = call.value("bias", None)
+    if bias is not None:
+        out = out + bias.reshape(1, -1, 1, 1)
+    return out
+
+
+@register("upsample_nearest_neighbor")
+def upsample_nearest_neighbor(call: OpCall):
+    """Nearest-neighbour upsampling of the last two axes: output pixel i reads input pixel
+    floor(i / scale), which is also what PyTorch's ``interpolate(size=...)`` computes."""
+    x = call.value("x")
+    scale_h = float(np.asarray(call.value("scale_factor_height", 1)).item())
+    scale_w = float(np.asarray(call.value("scale_factor_width", 1)).item())
+    h, w = x.shape[-2:]
+    declared = call.outputs[0].shape if call.outputs and call.outputs[0] is not None else None
+    if declared and all(isinstance(d, int) for d in declared[-2:]):
+        out_h, out_w = declared[-2:]      # a fractional scale in fp32 can land a hair under the size
+    else:
+        out_h, out_w = int(np.floor(h * scale_h + 1e-4)), int(np.floor(w * scale_w + 1e-4))
+    rows = np.minimum(np.floor(np.arange(out_h) / scale_h).astype(np.int64), h - 1)
+    cols = np.minimum(np.floor(np.arange(out_w) / scale_w).astype(np.int64), w - 1)
+    return x[..., rows[:, None], cols[None, :]]
+
+
 @register("batch_norm")
 def batch_norm(call: OpCall):
     x = call.value("x")

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import uuid
-import zipfile
 from pathlib import Path
 
 from ...errors import BadInputError
@@ -27,7 +26,6 @@ MODEL_PATH_PREFIX = "@model_path/"      # how a program names files beside its s
 
 # Any fixed namespace works: it only has to be the same on every run.
 _ID_NAMESPACE = uuid.UUID("6f0e4c1a-3b9d-5e2f-8a47-0c1d2e3f4a5b")
-_ZIP_DATE = (1980, 1, 1, 0, 0, 0)      # the earliest date a zip entry can carry
 
 
 def model_file(package: Path) -> Path:
@@ -125,20 +123,7 @@ def package_bytes(package: Path) -> int:
 
 
 def zip_package(package: Path, destination: Path) -> Path:
-    """A deterministic zip of ``package`` (entries under ``<name>.mlpackage/``), written atomically.
+    """A deterministic zip of ``package`` (entries under ``<name>.mlpackage/``), written atomically."""
+    from ...fsutil import deterministic_zip
 
-    Entries are sorted, dated 1980-01-01 and carry fixed permissions, so the same package
-    always gives the same zip.
-    """
-    from ...fsutil import atomic_path
-
-    package = Path(package)
-    with atomic_path(destination) as tmp:
-        with zipfile.ZipFile(tmp, "w") as archive:
-            for file in package_files(package):
-                info = zipfile.ZipInfo(f"{package.name}/{file.relative_to(package).as_posix()}", _ZIP_DATE)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.create_system = 3                      # unix, so the mode below is honoured
-                info.external_attr = 0o100644 << 16
-                archive.writestr(info, file.read_bytes(), compresslevel=9)
-    return Path(destination)
+    return deterministic_zip(package, destination)
