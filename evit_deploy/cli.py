@@ -268,6 +268,47 @@ def _save_outputs(path: Path, outputs: dict) -> None:
 
 
 @app.command()
+def tune(model: str = typer.Argument("m0", help="m0 … m5"),
+         target: str = typer.Option("native", "--target", "-t",
+                                    help="TVM target: 'llvm -mcpu=broadwell [-num-cores=N]', JSON, or native."),
+         trials: Optional[int] = typer.Option(None, "--trials", min=1, help="Candidates to measure in this run."),
+         time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Wall-clock budget: 90s, 30m, 1h30m."),
+         db: Optional[Path] = typer.Option(None, "--db", help="Tuning database directory "
+                                           "(default: tvm-tuning/<target>); re-running continues it."),
+         batch: int = typer.Option(16, "--batch", min=1, help="Batch size the kernels are tuned for."),
+         threads: Optional[int] = typer.Option(None, "--threads", min=1,
+                                               help="Threads the kernels use (sets the target's num-cores)."),
+         img_size: int = typer.Option(224, "--img-size", help="Input resolution (multiple of 16)."),
+         rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: "
+                                                   "measure on its devices."),
+         rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="Key the devices registered with."),
+         json_out: Optional[str] = typer.Option(None, "--json", help="Write the result to FILE ('-': stdout).")):
+    """Tune a model's kernels for a TVM target (MetaSchedule) into a tuning database."""
+    from .console import table
+    from .targets.tvm.tune import tune as tune_model
+
+    result = tune_model(model, target, trials=trials, time_budget=time_budget, db_dir=db, batch=batch,
+                        threads=threads, img_size=img_size, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
+                        reporter=_reporter())
+    _write_json(json_out, result.to_dict())
+    if json_out == "-":
+        return
+    est = (f"{result.estimated_latency_ms:.2f} ms per batch of {result.input_shape[0]} "
+           f"(≈ {result.estimated_images_per_s:.0f} images/s, kernels only)" if result.estimated_latency_ms
+           else "not yet: some kernels have no measurement")
+    rows = [["database", str(result.db_path)], ["target", result.target_string],
+            ["model", f"{result.model} {'x'.join(map(str, result.input_shape))}"],
+            ["kernels", result.tasks], ["trials", f"{result.trials} in this run, {result.total_trials} in all"],
+            ["time", f"{result.seconds / 60:.1f} min (stopped: {result.stopped})"],
+            ["measured on", result.measured_on], ["estimated latency", est],
+            ["errors", result.errors], ["log", str(result.log_path)]]
+    _print(table("Tuning", ["", ""], rows))
+    if result.errors:
+        from .console import err
+        err.print(f"[yellow]warning:[/] {result.errors} candidates failed to build or run; see {result.log_path}")
+
+
+@app.command()
 def targets(json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout).")):
     """List export targets (built-in and plug-ins) and whether they are usable here."""
     from .console import table
