@@ -74,7 +74,15 @@ def build_candidate(mod, target) -> str:
     return path
 
 
+def _worker_ignores_ctrl_c() -> None:
+    """Ctrl-C goes to the whole process group; the tuner stops between rounds, so its
+    workers must not die in the middle of one (which would count as failed candidates)."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _warm_worker() -> None:
+    _worker_ignores_ctrl_c()
     import tvm  # noqa: F401  (pay the import once per worker, outside any timeout)
     import tvm.s_tir.transform  # noqa: F401
 
@@ -196,12 +204,14 @@ class Runner:
                                  enable_cpu_cache_flush=False)
         if rpc is None:
             self._runner = LocalRunner(timeout_sec=settings.run_timeout_s, evaluator_config=config,
-                                       f_run_evaluator=run_evaluator_with_threads)
+                                       f_run_evaluator=run_evaluator_with_threads,
+                                       initializer=_worker_ignores_ctrl_c)
         else:
             rpc_config = RPCConfig(tracker_host=rpc.host, tracker_port=rpc.port, tracker_key=rpc.key,
                                    session_timeout_sec=int(settings.run_timeout_s))
             self._runner = RPCRunner(rpc_config=rpc_config, evaluator_config=config, max_workers=max(1, devices),
-                                     f_run_evaluator=run_evaluator_with_threads)
+                                     f_run_evaluator=run_evaluator_with_threads,
+                                     initializer=_worker_ignores_ctrl_c)
 
     def run(self, built: list[tuple[object, str]], device_type: str = "cpu") -> list:
         """``built``: (candidate, artifact path) pairs -> RunnerResult per pair, with

@@ -11,8 +11,10 @@ count or a deadline, checks both between rounds, and reports after every round.
 from __future__ import annotations
 
 import logging
-import math
+import sys
 import time
+import types
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 log = logging.getLogger("evit_deploy.tvm.tuning")
@@ -65,6 +67,63 @@ def extract_tasks(mod, target) -> list[TaskState]:
     return tasks
 
 
+#: Widest vector loop a candidate may have. MetaSchedule's CPU default (64) lets it
+#: vectorize whole 49-long window rows (7x7 attention windows): LLVM then spends minutes
+#: legalising <49 x float> operations in unrolled loops (builds time out) and the code
+#: is no faster. 16 floats is one AVX-512 register or two AVX2 ones.
+MAX_VECTOR_LANES = 16
+
+
+def space_generator():
+    """MetaSchedule's LLVM design space with vector loops capped at :data:`MAX_VECTOR_LANES`."""
+    from tvm.s_tir.meta_schedule.schedule_rule import ParallelizeVectorizeUnroll, ScheduleRule
+    from tvm.s_tir.meta_schedule.space_generator import PostOrderApply
+
+    rules = [ParallelizeVectorizeUnroll(max_jobs_per_core=16, max_vectorize_extent=MAX_VECTOR_LANES,
+                                        unroll_max_steps=[0, 16, 64, 512], unroll_explicit=True)
+             if isinstance(rule, ParallelizeVectorizeUnroll) else rule
+             for rule in ScheduleRule.create("llvm")]
+    return PostOrderApply(sch_rules=rules, postprocs="llvm", mutator_probs="llvm")
+
+
+#: The cost model retrains once this many new measurements (or a quarter more) arrived.
+RETRAIN_AFTER = 64
+
+
+def cost_model(threads: int):
+    """MetaSchedule's XGBoost cost model, retrained less often.
+
+    The stock model retrains after every round; on a few hundred samples its training
+    runs up to thousands of boosting rounds with Python callbacks (10-15 s on a loaded
+    2-core machine, a third of a 16-candidate round). Measurements between retrainings
+    are still added to its data.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.cost_model.xgb_model import XGBModel
+
+    @derived_object
+    class BatchedXGBModel(XGBModel._cls):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.trained_at = 0
+
+        def update(self, context, candidates, results):
+            grown = self.data_size + len(candidates) - self.trained_at
+            if grown >= max(RETRAIN_AFTER, self.trained_at // 4):
+                super().update(context, candidates, results)
+                self.trained_at = self.data_size
+                return
+            # XGBModel skips training while data_size - last_train_size < last_train_size / 5.
+            saved = self.last_train_size
+            self.last_train_size = 1 << 60
+            try:
+                super().update(context, candidates, results)
+            finally:
+                self.last_train_size = saved
+
+    return BatchedXGBModel(num_tuning_cores=threads, adaptive_training=True)
+
+
 def _flops(mod) -> float:
     from tvm.s_tir.analysis import estimate_tir_flops
     try:
@@ -79,8 +138,6 @@ class Search:
     def __init__(self, tasks: list[TaskState], target, database, builder, runner, *,
                  trials_per_round: int = 16, search_threads: int = 1, seed: int = 0,
                  population: int = 256):
-        from tvm.s_tir.meta_schedule.cost_model import CostModel
-
         self.tasks = tasks
         self.target = target
         self.database = database
@@ -90,7 +147,7 @@ class Search:
         self.search_threads = max(1, search_threads)
         self.seed = seed
         self.population = population
-        self.cost_model = CostModel.create("xgb", num_tuning_cores=self.search_threads)
+        self.cost_model = cost_model(self.search_threads)
         self.trials_done = 0
         self.rounds = 0
         self.errors = 0
@@ -130,11 +187,14 @@ class Search:
         from tvm.s_tir.meta_schedule.search_strategy import EvolutionarySearch
 
         if task.ctx is None:
-            ctx = TuneContext(mod=task.mod, target=self.target, space_generator="post-order-apply",
-                              search_strategy=EvolutionarySearch(population_size=self.population,
-                                                                 init_min_unmeasured=min(50, self.population // 4)),
-                              task_name=task.name, rand_state=self.seed + task.index + 1,
-                              num_threads=self.search_threads, logger=get_logger("evit_deploy.tvm.tuning.metaschedule"))
+            with _without_tensor_intrinsics():
+                ctx = TuneContext(mod=task.mod, target=self.target, space_generator=space_generator(),
+                                  search_strategy=EvolutionarySearch(
+                                      population_size=self.population,
+                                      init_min_unmeasured=min(50, self.population // 4)),
+                                  task_name=task.name, rand_state=self.seed + task.index + 1,
+                                  num_threads=self.search_threads,
+                                  logger=get_logger("evit_deploy.tvm.tuning.metaschedule"))
             ctx.pre_tuning(max_trials=1 << 30, num_trials_per_iter=self.trials_per_round,
                            design_spaces=ctx.generate_design_space(), database=self.database,
                            cost_model=self.cost_model)
@@ -163,14 +223,14 @@ class Search:
         ok = [(c, path) for c, (path, _) in zip(candidates, built) if path]
         t2 = time.monotonic()
         measured = iter(self.runner.run(ok)) if ok else iter(())
-        log.info("%s: %d candidates: search %.1f s, build %.1f s, measure %.1f s", task.name, len(candidates),
-                 t1 - t0, t2 - t1, time.monotonic() - t2)
+        t3 = time.monotonic()
         results = []
         for cand, (path, error) in zip(candidates, built):
             results.append(next(measured) if path else RunnerResult(run_secs=None, error_msg=error))
             remove_artifact(path)
         ctx.notify_runner_results(candidates, results)
         self.cost_model.update(ctx, candidates, results)
+        t4 = time.monotonic()
         workload = self.database.commit_workload(task.mod)
         for cand, res in zip(candidates, results):
             if res.run_secs is None:
@@ -183,6 +243,8 @@ class Search:
                                                             cand.args_info))
             if task.best_s is None or min(secs) < task.best_s:
                 task.best_s = min(secs)
+        log.info("%s: %d candidates: search %.1f s, build %.1f s, measure %.1f s, learn %.1f s, record %.1f s",
+                 task.name, len(candidates), t1 - t0, t2 - t1, t3 - t2, t4 - t3, time.monotonic() - t4)
         task.trials += len(candidates)
         task.rounds += 1
         task.history.append(task.best_s)
@@ -196,11 +258,18 @@ class Search:
         return Progress(task, self.trials_done, self.rounds, sum(t.best_s is not None for t in self.tasks),
                         len(self.tasks), self.estimated_latency(), time.monotonic() - self.started, self.errors)
 
-    def run(self, *, max_trials: int | None = None, deadline: float | None = None, on_round=None) -> None:
+    def run(self, *, max_trials: int | None = None, deadline: float | None = None, on_round=None,
+            stop_requested=None) -> None:
         """Rounds until ``max_trials`` trials were measured, ``deadline`` (a
-        ``time.monotonic()`` value) passed, or every task is exhausted."""
+        ``time.monotonic()`` value) passed, or every task is exhausted.
+
+        ``stop_requested()`` is checked between rounds; when it returns true the loop
+        raises :class:`KeyboardInterrupt` (a round is never cut in half).
+        """
         try:
             while True:
+                if stop_requested is not None and stop_requested():
+                    raise KeyboardInterrupt
                 if max_trials is not None and self.trials_done >= max_trials:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
@@ -219,5 +288,22 @@ class Search:
                         pass
 
 
-def round_up_trials(n: float) -> int:
-    return int(math.ceil(n))
+@contextmanager
+def _without_tensor_intrinsics():
+    """Let TuneContext skip ``import tvm.s_tir.tensor_intrin``.
+
+    That import parses hundreds of TVMScript intrinsics for CUDA, ARM, Hexagon and int8
+    x86 (over a minute on a loaded 2-core machine, in the first tuning round); the fp32
+    LLVM design space of :func:`space_generator` uses none of them. A placeholder module
+    stands in while the context is built; nothing is left behind if the real one was
+    not imported.
+    """
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        yield
+        return
+    sys.modules[name] = types.ModuleType(name)
+    try:
+        yield
+    finally:
+        del sys.modules[name]

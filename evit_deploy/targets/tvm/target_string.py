@@ -41,7 +41,7 @@ def parse_target(text: str) -> dict:
     if not isinstance(text, str) or not text.strip():
         raise BadInputError("empty TVM target: write e.g. 'llvm -mcpu=broadwell', a JSON object or 'native'")
     text = text.strip()
-    if text.startswith("{"):
+    if text.startswith(("{", "[")):
         return _from_json(text)
     if text.lower() in HOST_ALIASES:
         return {"kind": "llvm", "mcpu": "native"}

@@ -12,8 +12,12 @@ in it start from their best schedules and are not measured again.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -125,6 +129,15 @@ def tune(model: str = "m0", target: str | dict = "native", *, trials: int | None
         rpc = parse_tracker(rpc_tracker, rpc_key)
     canonical = resolve_target(target, threads=threads)
     tvm_target = to_tvm(canonical)
+    devices = 1
+    measured_on = "this machine"
+    if rpc is not None:
+        devices = free_devices(rpc)
+        if devices == 0:
+            raise BadInputError(f"no device is registered with the tracker {rpc.host}:{rpc.port} under key "
+                                f"'{rpc.key}'; start one with: python -m tvm.exec.rpc_server "
+                                f"--tracker {rpc.host}:{rpc.port} --key {rpc.key}")
+        measured_on = f"{devices} device(s) '{rpc.key}' via tracker {rpc.host}:{rpc.port}"
     db = TuningDatabase.open_or_create(db_dir or default_path(canonical), canonical, graph=graph.VERSION)
     stale = db.version_mismatch()
     if stale:
@@ -141,15 +154,6 @@ def tune(model: str = "m0", target: str | dict = "native", *, trials: int | None
     if not tasks:
         raise BadInputError(f"{desc.model} has no kernels to tune")
 
-    devices = 1
-    measured_on = "this machine"
-    if rpc is not None:
-        devices = free_devices(rpc)
-        if devices == 0:
-            raise BadInputError(f"no device is registered with the tracker {rpc.host}:{rpc.port} under key "
-                                f"'{rpc.key}'; start one with: python -m tvm.exec.rpc_server "
-                                f"--tracker {rpc.host}:{rpc.port} --key {rpc.key}")
-        measured_on = f"{devices} device(s) '{rpc.key}' via tracker {rpc.host}:{rpc.port}"
     settings = settings_for_machine(canonical["num-cores"], remote=rpc is not None)
     if trials is None and budget_s is None:
         trials = DEFAULT_TRIALS_PER_TASK * len(tasks)
@@ -221,12 +225,43 @@ def _run(search, reporter: Reporter, model: str, trials, budget_s, deadline, sta
             log.info("round %d: %s best %s ms after %d trials; %d/%d kernels tuned; estimate %s; errors %d",
                      p.rounds, p.task.name, f"{p.task.best_s * 1e3:.4f}" if p.task.best_s else None,
                      p.task.total_trials, p.tasks_tuned, p.tasks_total, batch_info, p.errors)
-        search.run(max_trials=trials, deadline=deadline, on_round=on_round)
+        def first_ctrl_c():
+            reporter.warn("stopping after the current round (Ctrl-C again to stop at once, losing that round)")
+        with ctrl_c_between_rounds(first_ctrl_c) as stop_requested:
+            search.run(max_trials=trials, deadline=deadline, on_round=on_round, stop_requested=stop_requested)
     if deadline is not None and time.monotonic() >= deadline:
         return "time budget"
     if trials is not None and search.trials_done >= trials:
         return "trials"
     return "all kernels exhausted"
+
+
+@contextmanager
+def ctrl_c_between_rounds(on_first):
+    """Turn the first Ctrl-C into a request checked between rounds.
+
+    MetaSchedule's search runs C++ worker threads that call back into Python (the cost
+    model); a KeyboardInterrupt raised inside such a callback terminates the process. A
+    second Ctrl-C stops at once the ordinary way.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    requested = []
+
+    def handler(signum, frame):
+        if requested:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+            return
+        requested.append(True)
+        on_first()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(requested)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _check_tuning_dependencies() -> None:
