@@ -303,3 +303,10 @@ def predict(model: str, images, *, weights=None, top: int = 5, img_size: int = 2
     with torch.no_grad():
         logits = net(torch.from_numpy(x)).numpy()
     return top_k(logits, imagenet_labels(), top, [str(p) for p in paths])
+
+
+def tune(model: str = "m0", target: str | dict = "native", **kwargs):
+    """Tune ``model``'s kernels for a TVM target into a tuning database (``evit-deploy
+    tune``); see :func:`evit_deploy.targets.tvm.tune.tune` for the options."""
+    from .targets.tvm.tune import tune as tune_kernels
+    return tune_kernels(model, target, **kwargs)

@@ -286,6 +286,47 @@ def _save_outputs(path: Path, outputs: dict) -> None:
 
 
 @app.command()
+def tune(model: str = typer.Argument("m0", help="m0 … m5"),
+         target: str = typer.Option("native", "--target", "-t",
+                                    help="TVM target: 'llvm -mcpu=broadwell [-num-cores=N]', JSON, or native."),
+         trials: Optional[int] = typer.Option(None, "--trials", min=1, help="Candidates to measure in this run."),
+         time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Wall-clock budget: 90s, 30m, 1h30m."),
+         db: Optional[Path] = typer.Option(None, "--db", help="Tuning database directory "
+                                           "(default: tvm-tuning/<target>); re-running continues it."),
+         batch: int = typer.Option(16, "--batch", min=1, help="Batch size the kernels are tuned for."),
+         threads: Optional[int] = typer.Option(None, "--threads", min=1,
+                                               help="Threads the kernels use (sets the target's num-cores)."),
+         img_size: int = typer.Option(224, "--img-size", help="Input resolution (multiple of 16)."),
+         rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: "
+                                                   "measure on its devices."),
+         rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="Key the devices registered with."),
+         json_out: Optional[str] = typer.Option(None, "--json", help="Write the result to FILE ('-': stdout).")):
+    """Tune a model's kernels for a TVM target (MetaSchedule) into a tuning database."""
+    from . import api
+    from .console import table
+
+    result = api.tune(model, target, trials=trials, time_budget=time_budget, db_dir=db, batch=batch,
+                        threads=threads, img_size=img_size, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
+                        reporter=_reporter())
+    _write_json(json_out, result.to_dict())
+    if json_out == "-":
+        return
+    est = (f"{result.estimated_latency_ms:.2f} ms per batch of {result.input_shape[0]} "
+           f"(≈ {result.estimated_images_per_s:.0f} images/s, kernels only)" if result.estimated_latency_ms
+           else "not yet: some kernels have no measurement")
+    rows = [["database", str(result.db_path)], ["target", result.target_string],
+            ["model", f"{result.model} {'x'.join(map(str, result.input_shape))}"],
+            ["kernels", result.tasks], ["trials", f"{result.trials} in this run, {result.total_trials} in all"],
+            ["time", f"{result.seconds / 60:.1f} min (stopped: {result.stopped})"],
+            ["measured on", result.measured_on], ["estimated latency", est],
+            ["errors", result.errors], ["log", str(result.log_path)]]
+    _print(table("Tuning", ["", ""], rows))
+    if result.errors:
+        from .console import err
+        err.print(f"[yellow]warning:[/] {result.errors} candidates failed to build or run; see {result.log_path}")
+
+
+@app.command()
 def targets(json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout).")):
     """List export targets (built-in and plug-ins) and whether they are usable here."""
     from .console import table
@@ -331,6 +372,7 @@ def bench(models: list[str] = typer.Argument(..., help="m0 … m5"),
           img_size: int = typer.Option(224, "--img-size"),
           option: Optional[list[str]] = typer.Option(None, "--option", "-O",
                                                      help="Export option for a target, TARGET.KEY=VALUE (repeatable)."),
+          db: Optional[Path] = typer.Option(None, "--db", help="TVM tuning database (same as -O tvm.db=DIR)."),
           memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak RSS per backend."),
           json_out: Optional[str] = typer.Option(None, "--json", help="Write records to FILE ('-': stdout)."),
           plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG chart.")):
@@ -340,7 +382,7 @@ def bench(models: list[str] = typer.Argument(..., help="m0 … m5"),
     from .bench import plot as write_plot
 
     result = run_bench(models, parse_backends(backends), batch=batch, threads=threads, img_size=img_size,
-                       rounds=rounds, round_seconds=round_seconds, target_options=_target_options(option),
+                       rounds=rounds, round_seconds=round_seconds, target_options=_target_options(option, db),
                        memory=memory, reporter=_reporter())
     _write_json(json_out, result.to_dict())
     if plot is not None:
@@ -349,8 +391,9 @@ def bench(models: list[str] = typer.Argument(..., help="m0 … m5"),
         _print(_bench_table(result))
 
 
-def _target_options(pairs: list[str] | None) -> dict:
-    """``tvm.db=DIR`` pairs -> ``{"tvm": {"db": "DIR"}}`` (validated by the target on export)."""
+def _target_options(pairs: list[str] | None, db: Path | None = None) -> dict:
+    """``tvm.db=DIR`` pairs -> ``{"tvm": {"db": "DIR"}}`` (validated by the target on export);
+    ``--db DIR`` is short for ``-O tvm.db=DIR``."""
     options: dict = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -358,6 +401,8 @@ def _target_options(pairs: list[str] | None) -> dict:
         if not sep or not dot or not target or not name:
             raise BadInputError(f"--option must look like TARGET.KEY=VALUE, got '{pair}'")
         options.setdefault(target, {})[name.replace("-", "_")] = value
+    if db is not None:
+        options.setdefault("tvm", {})["db"] = str(db)
     return options
 
 
@@ -401,6 +446,7 @@ def profile_command(model: str = typer.Argument(..., help="m0 … m5"),
                     img_size: int = typer.Option(224, "--img-size"),
                     option: Optional[list[str]] = typer.Option(None, "--option", "-O",
                                                                help="Export option for a target, TARGET.KEY=VALUE."),
+                    db: Optional[Path] = typer.Option(None, "--db", help="TVM tuning database (same as -O tvm.db=DIR)."),
                     json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout)."),
                     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG chart.")):
     """Where the time goes: compute- vs memory-bound operators, and time per block."""
@@ -409,7 +455,7 @@ def profile_command(model: str = typer.Argument(..., help="m0 … m5"),
     from .profiler import profile
 
     results = [profile(model, b, batch=batch, threads=threads, iterations=iterations, img_size=img_size,
-                       target_options=_target_options(option), reporter=_reporter())
+                       target_options=_target_options(option, db), reporter=_reporter())
                for b in (backend or ["torch"])]
     _write_json(json_out, [r.to_dict() for r in results])
     if plot is not None:

@@ -1,0 +1,211 @@
+"""TVM target: Relax + MetaSchedule-tuned kernels in a deployable shared library.
+
+``export`` imports the trace into Relax, applies a tuning database made by
+``evit-deploy tune`` (see :mod:`.tune`), compiles for the TVM target and writes
+``<model>.so`` (weights included) and ``<model>.tvm.json`` (the description). Running an
+artifact needs ``tvm`` and numpy only (:mod:`.runtime`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ...description import ModelDescription
+from ...errors import ExportError
+from ..base import Artifact, Finding, Target, option
+
+UNTUNED_WARNING = ("no tuning database (--db): the library uses TVM's default, untuned kernels and runs "
+                   "far slower than PyTorch or onnxruntime; tune first with `evit-deploy tune`")
+
+
+@dataclass
+class TvmOptions:
+    tvm_target: str | None = option(None, "TVM target: 'llvm -mcpu=broadwell -num-cores=14', JSON, or native "
+                                    "(default: the database's target with --db, else native)",
+                                    flag="--tvm-target")
+    db: str | None = option(None, "tuning database directory made by `evit-deploy tune`", flag="--db")
+    db_any_target: bool = option(False, "apply a database tuned for a different TVM target anyway",
+                                 flag="--db-any-target")
+
+
+def warn(message: str) -> None:
+    """A warning for the person exporting (targets get no reporter; without logging
+    configured, Python prints WARNING records to stderr as they are)."""
+    logging.getLogger("evit_deploy").warning("warning: %s", message)
+
+
+#: What MetaSchedule imports (module -> pip package); export and run need none of them.
+TUNING_REQUIRES = {"xgboost": "xgboost-cpu", "psutil": "psutil", "cloudpickle": "cloudpickle"}
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """``0.1.15.post2`` -> (0, 1, 15): enough to compare releases."""
+    return tuple(int(n) for n in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+class TvmTarget(Target):
+    name = "tvm"
+    produces = "shared library (.so) + description (.tvm.json), run by the TVM runtime"
+    suffixes = (".so",)
+    requires = {"tvm": "apache-tvm", "tvm_ffi": "apache-tvm-ffi"}
+    run_requires = {"tvm": "apache-tvm", "tvm_ffi": "apache-tvm-ffi"}
+    supports_dynamic_batch = False
+    benchmark_backend = "tvm"
+    reproducible = False
+    reproducibility_note = ("the library is compiled from the schedules in the tuning database, so it is "
+                            "determined by the database (its record count is in the description), the TVM "
+                            "target and the TVM version; tuning itself measures wall-clock time and is not "
+                            "repeatable, and LLVM output is not guaranteed byte-identical")
+    Options = TvmOptions
+
+    def input_format(self, options: TvmOptions) -> str:
+        # Called before the (slow) trace: check the target and the database here so that a
+        # typo or a database for another target fails at once.
+        from .database import TuningDatabase
+
+        target = self.resolved_target(options)
+        if options.db:
+            TuningDatabase.open(options.db).check_target(target, allow_mismatch=options.db_any_target)
+        return "normalized"
+
+    @staticmethod
+    def resolved_target(options: TvmOptions) -> dict:
+        """The target to compile for: as given, else the database's (tuning records only
+        apply to the target they were measured on), else the host."""
+        from .database import TuningDatabase
+        from .target_string import resolve_target
+
+        if options.tvm_target is None and options.db:
+            return resolve_target(TuningDatabase.open(options.db).meta["target"])
+        return resolve_target(options.tvm_target or "native")
+
+    def export(self, traced, options: TvmOptions, path: Path) -> Artifact:
+        from ...fsutil import write_text_atomic
+        from . import compile as tvm_compile
+        from . import graph
+        from .database import TuningDatabase, model_key
+        from .runtime import description_json, sidecar_path
+        from .target_string import to_classic, to_tvm
+
+        target = self.resolved_target(options)
+        tvm_target = to_tvm(target)
+        desc = traced.description
+        database = db_info = None
+        if options.db:
+            db = TuningDatabase.open(options.db)
+            same = db.check_target(target, allow_mismatch=options.db_any_target)
+            if not same:
+                warn(f"applying {db.path}, tuned for '{db.meta['target_string']}', to '{to_classic(target)}' "
+                     f"(--db-any-target)")
+            stale = db.version_mismatch()
+            if stale:
+                warn(stale)
+            key = model_key(desc.model, desc.input.shape)
+            if key not in db.models():
+                tuned_for = ", ".join(db.models()) or "nothing yet"
+                warn(f"{db.path} has no tuning run for {key} (it has: {tuned_for}); only kernels shared with "
+                     f"those are tuned")
+            database = db.ms_database()
+            db_info = {"path": str(db.path), "target_string": db.meta["target_string"],
+                       "records": db.record_count(), "models": sorted(db.models())}
+        else:
+            warn(UNTUNED_WARNING)
+        try:
+            prepared = graph.prepare(graph.import_program(traced.program), tvm_target)
+            built = tvm_compile.build(prepared, tvm_target, database)
+        except Exception as exc:
+            raise ExportError(f"TVM compilation failed: {type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+        if database is not None and built.tuned < built.kernels:
+            warn(f"{built.kernels - built.tuned} of {built.kernels} kernels have no record in {options.db} "
+                 f"and stay untuned (slow); tune this model and input shape for this target")
+        import tvm
+
+        description = desc.with_extra(tuned=built.tuned > 0, tvm={
+            "target": target, "target_string": to_classic(target), "threads": target["num-cores"],
+            "kernels": built.kernels, "tuned_kernels": built.tuned, "graph": graph.VERSION,
+            "database": db_info, "tvm_version": tvm.__version__})
+        try:
+            built.executable.export_library(str(path))
+        except Exception as exc:
+            raise ExportError(f"writing the TVM library failed: {str(exc).strip().splitlines()[0]}") from exc
+        side = sidecar_path(path)
+        write_text_atomic(side, description_json(description))
+        return Artifact(path, self.name, description, sidecars=(side,))
+
+    def diagnose(self) -> list[Finding]:
+        findings = super().diagnose()
+        if any(f.level == "error" for f in findings):
+            return findings
+        from ...hostinfo import package_version
+        from .target_string import resolve_target, to_classic
+
+        ffi = package_version("apache-tvm-ffi")
+        if ffi and _version_tuple(ffi) >= (0, 1, 15) and _version_tuple(package_version("apache-tvm") or "0") < (0, 28):
+            findings.append(Finding(
+                "error", f"apache-tvm-ffi {ffi} with apache-tvm {package_version('apache-tvm')}: tuning crashes "
+                         "(segfault in tvm::ffi::ToJSONGraph when MetaSchedule starts)",
+                'pip install "apache-tvm-ffi>=0.1.14.post0,<0.1.15"'))
+        missing = [pkg for mod, pkg in TUNING_REQUIRES.items() if importlib.util.find_spec(mod) is None]
+        if missing:
+            findings.append(Finding("warning", f"tuning needs {', '.join(missing)} (export and run work without)",
+                                    f"pip install {' '.join(missing)}"))
+        try:
+            host = resolve_target("native")
+            findings.append(Finding("ok", f"host target: {to_classic(host)}"))
+        except Exception as exc:  # LLVM may not know a brand-new CPU
+            findings.append(Finding("warning", f"cannot name the host CPU for LLVM: {exc}",
+                                    "pass an explicit target, e.g. --tvm-target 'llvm -mcpu=skylake-avx512'"))
+        return findings
+
+    def open_session(self, path: Path, threads: int | None = None):
+        from .runtime import load
+
+        model = load(path, threads=threads)
+        name = model.description.input.name
+
+        def session(inputs):
+            return dict(zip(model.output_names, (o.numpy() for o in model.run_device(model.to_device(inputs[name])))))
+        return session
+
+    def profile_ops(self, path: Path, inputs: dict[str, np.ndarray], *, threads: int, iterations: int,
+                    blocks: dict[str, str]) -> list:
+        """Per-kernel times from the Relax VM's profiler. TVM fuses operators into kernels
+        named after them (``fused_conv2d_add_relu``) and keeps no module paths, so
+        kernels are categorised by name and not attributed to blocks."""
+        from ...profiler import OpTime
+        from .runtime import load
+
+        model = load(path, threads=threads, profile=True)
+        x = model.to_device(inputs[model.description.input.name])
+        model.run_device(x)                                # warm-up
+        ops = []
+        for _ in range(iterations):
+            for name, seconds in model.profile_kernels(x):
+                ops.append(OpTime(name, seconds, None))
+        return ops
+
+    # -- reading and running (torch-free) ----------------------------------------------------
+    def read_description(self, path: Path) -> ModelDescription:
+        from .runtime import read_description
+        return read_description(path)
+
+    def run(self, path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .runtime import cached_model
+        return cached_model(path).run_named(inputs)
+
+    def runtime_name(self, path: Path) -> str:
+        from .runtime import describe_runtime, read_description
+        return describe_runtime(read_description(path))
+
+    def parity_extras(self, path: Path, report) -> dict:
+        from .runtime import read_description
+        info = read_description(path).extra.get("tvm", {})
+        return {"tvm_target": info.get("target_string"),
+                "tuned_kernels": f"{info.get('tuned_kernels')}/{info.get('kernels')}"}

@@ -1,0 +1,173 @@
+"""Load and run an exported TVM library with ``tvm`` and numpy only (no torch).
+
+An export is two files::
+
+    efficientvit_m4.so          the compiled model, weights included (a Relax VM executable)
+    efficientvit_m4.tvm.json    its description: input/output contract, preprocessing,
+                                labels, target, thread count
+
+Application code::
+
+    from evit_deploy.targets.tvm.runtime import load
+    model = load("efficientvit_m4.so")
+    logits = model(batch)          # numpy float32, N x 3 x 224 x 224 (N = the exported batch)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ...description import ModelDescription
+from ...errors import BadInputError
+
+SIDECAR_SUFFIX = ".tvm.json"
+
+
+def sidecar_path(library: Path) -> Path:
+    library = Path(library)
+    return library.with_name(library.name[: -len(library.suffix)] + SIDECAR_SUFFIX)
+
+
+def read_description(library: Path) -> ModelDescription:
+    library = Path(library)
+    if not library.is_file():
+        raise BadInputError(f"artifact not found: {library}")
+    side = sidecar_path(library)
+    if not side.is_file():
+        raise BadInputError(f"{library} has no description {side.name} beside it (keep the two files together)")
+    try:
+        return ModelDescription.from_json(side.read_text("utf-8"))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BadInputError(f"{side} is not a readable evit-deploy description: {exc}") from None
+
+
+def set_threads(threads: int) -> None:
+    """Size TVM's kernel thread pool (process-wide)."""
+    import tvm  # noqa: F401  (registers the runtime functions)
+    import tvm_ffi
+
+    tvm_ffi.get_global_func("runtime.config_threadpool")(1, int(threads))
+
+
+def default_threads(description: ModelDescription) -> int:
+    """The thread count the kernels were tuned for (the target's ``num-cores``), capped at
+    the CPUs this process may use; ``TVM_NUM_THREADS`` overrides it."""
+    if os.environ.get("TVM_NUM_THREADS"):
+        return int(os.environ["TVM_NUM_THREADS"])
+    tuned_for = int(description.extra.get("tvm", {}).get("threads") or 1)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(tuned_for, usable))
+
+
+class CompiledModel:
+    """A loaded library: call it on a numpy batch, or use :meth:`to_device` and
+    :meth:`run_device` to time the model without conversion costs."""
+
+    def __init__(self, library: str | os.PathLike, *, threads: int | None = None, profile: bool = False):
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+
+        self.path = Path(library)
+        self.description = read_description(self.path)
+        self.threads = threads or default_threads(self.description)
+        set_threads(self.threads)
+        try:
+            lib = tvm.runtime.load_module(str(self.path))
+        except Exception as exc:  # TVM raises its own error types
+            raise BadInputError(f"{self.path} is not a loadable TVM library: {str(exc).splitlines()[0]}") from None
+        self.device = tvm.cpu()
+        self._vm = VirtualMachine(lib, self.device)
+        self._main = self._vm["main"]
+        self._timings: list[tuple[str, float]] | None = None
+        if profile:
+            self._vm.set_instrument(self._time_call)
+        spec = self.description.input
+        self.input_shape = tuple(spec.shape)
+        self.input_dtype = spec.dtype
+        self.output_names = [o.name for o in self.description.outputs]
+
+    def to_device(self, x: np.ndarray):
+        import tvm
+
+        x = np.ascontiguousarray(x, dtype=self.input_dtype)
+        if tuple(x.shape) != self.input_shape:
+            raise BadInputError(f"{self.path.name} takes input of shape {list(self.input_shape)}, "
+                                f"got {list(x.shape)}")
+        return tvm.runtime.tensor(x, self.device)
+
+    def run_device(self, x):
+        """Run on a tensor from :meth:`to_device`; returns TVM tensors (no copy)."""
+        out = self._main(x)
+        return list(out) if not hasattr(out, "numpy") else [out]
+
+    def _time_call(self, func, symbol, before_run, ret_value, *args):
+        # Called by the VM around each call instruction. A kernel returns only when its
+        # thread pool is done, so the wall time between the two calls is the kernel's.
+        if self._timings is not None and not str(symbol).startswith("vm.builtin."):
+            if before_run:
+                self._started = time.perf_counter()
+            else:
+                self._timings.append((str(symbol), time.perf_counter() - self._started))
+        return 0
+
+    def profile_kernels(self, x) -> list[tuple[str, float]]:
+        """(kernel name, seconds) for each kernel call of one run on ``x`` (a device
+        tensor); needs ``load(..., profile=True)``."""
+        self._timings = []
+        try:
+            self.run_device(x)
+            return self._timings
+        finally:
+            self._timings = None
+
+    def __call__(self, x: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
+        outs = [o.numpy() for o in self.run_device(self.to_device(x))]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def run_named(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        name = self.description.input.name
+        if name not in inputs:
+            raise BadInputError(f"{self.path.name} takes input '{name}', got {', '.join(inputs) or 'none'}")
+        outs = [o.numpy() for o in self.run_device(self.to_device(inputs[name]))]
+        return dict(zip(self.output_names, outs))
+
+
+def load(library: str | os.PathLike, *, threads: int | None = None, profile: bool = False) -> CompiledModel:
+    """Load an exported ``.so`` (with its ``.tvm.json`` beside it); ``profile`` enables
+    :meth:`CompiledModel.profile_kernels`."""
+    return CompiledModel(library, threads=threads, profile=profile)
+
+
+@lru_cache(maxsize=2)
+def _cached(path: str, mtime_ns: int, sidecar_mtime_ns: int) -> CompiledModel:
+    return CompiledModel(path)
+
+
+def cached_model(library: Path) -> CompiledModel:
+    """A loaded model, reused while the files are unchanged (verify and run read the
+    description and then run the same library)."""
+    library = Path(library)
+    if not library.is_file():
+        raise BadInputError(f"artifact not found: {library}")
+    side = sidecar_path(library)
+    side_mtime = side.stat().st_mtime_ns if side.is_file() else 0
+    return _cached(str(library.resolve()), library.stat().st_mtime_ns, side_mtime)
+
+
+def describe_runtime(description: ModelDescription) -> str:
+    import tvm
+
+    info = description.extra.get("tvm", {})
+    tuned = info.get("tuned_kernels")
+    state = "untuned" if not tuned else f"{tuned}/{info.get('kernels')} kernels tuned"
+    return f"TVM {tvm.__version__} Relax VM, {info.get('target_string', '?')}, {state}"
+
+
+def description_json(description: ModelDescription) -> str:
+    return json.dumps(description.to_dict(), indent=1, sort_keys=True) + "\n"

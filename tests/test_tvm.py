@@ -1,0 +1,302 @@
+"""TVM target: tuning (interrupted, resumed, over RPC), the database contract, export with
+parity, and running the library without torch.
+
+Small on purpose (M0 at 32x32, batch 2, a few dozen trials): these tests check behaviour,
+not speed; the speed comparison is benchmarks/cpu_throughput.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, cli_without_torch, run_python
+from evit_deploy import api
+from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, BadInputError
+from evit_deploy.preprocess import sample_images
+
+pytest.importorskip("tvm")
+pytest.importorskip("xgboost")
+
+from evit_deploy.targets.tvm import database as tvmdb  # noqa: E402
+from evit_deploy.targets.tvm.target_string import resolve_target  # noqa: E402
+from evit_deploy.targets.tvm.tune import parse_duration, tune  # noqa: E402
+
+IMG, BATCH = 32, 2
+TARGET = "native -num-cores=1"
+SAMPLE = sample_images()
+
+
+def _records(db: Path) -> int:
+    path = db / tvmdb.RECORD_FILE
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def tuned_db(tmp_path_factory):
+    """A database made by a tune that was interrupted with Ctrl-C, then resumed.
+
+    Returns (path, result of the resumed run, records before resuming).
+    """
+    db = tmp_path_factory.mktemp("tvm-tuning") / "db"
+    cmd = [sys.executable, "-m", "evit_deploy", "tune", "m0", "--target", TARGET, "--img-size", str(IMG),
+           "--batch", str(BATCH), "--trials", "100000", "--db", str(db)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while _records(db) < 12 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.stderr.read()
+        assert _records(db) >= 12, "no tuning records within 4 minutes"
+        os.killpg(proc.pid, signal.SIGINT)          # Ctrl-C reaches the whole process group
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert "interrupted" in err and "run the same command to continue" in err and "Traceback" not in err
+    before = _records(db)
+    result = tune("m0", TARGET, img_size=IMG, batch=BATCH, trials=24, db_dir=db)
+    return db, result, before
+
+
+def test_interrupted_tune_leaves_a_database_that_loads(tuned_db):
+    db, _, before = tuned_db
+    meta = json.loads((db / tvmdb.META_FILE).read_text())
+    entry = meta["models"][f"efficientvit_m0 {BATCH}x3x{IMG}x{IMG}"]
+    first = entry["runs"][0]
+    assert first["stopped"] == "interrupted" and first["trials"] >= 12
+    # What was there when Ctrl-C arrived loads as a MetaSchedule database.
+    import tvm  # noqa: F401
+    loaded = tvmdb.TuningDatabase.open(db).ms_database()
+    assert len(loaded.get_all_tuning_records()) >= before
+
+
+def test_resumed_tune_continues_from_the_database(tuned_db):
+    db, result, before = tuned_db
+    assert result.trials == 24 and result.stopped == "trials" and result.errors == 0
+    assert _records(db) == before + 24
+    assert result.total_trials == before + 24
+    entry = json.loads((db / tvmdb.META_FILE).read_text())["models"][f"efficientvit_m0 {BATCH}x3x{IMG}x{IMG}"]
+    assert [r["stopped"] for r in entry["runs"]] == ["interrupted", "trials"]
+    assert entry["trials"] == result.total_trials
+    log = result.log_path.read_text()
+    assert "candidate failed" not in log and "timed out" not in log
+
+
+def test_database_records_what_it_was_made_for(tuned_db):
+    import tvm
+
+    db, result, _ = tuned_db
+    meta = json.loads((db / tvmdb.META_FILE).read_text())
+    assert meta["target"] == resolve_target(TARGET) == result.target
+    assert meta["versions"]["tvm"] == tvm.__version__
+    entry = meta["models"][f"efficientvit_m0 {BATCH}x3x{IMG}x{IMG}"]
+    assert entry["model"] == "efficientvit_m0" and entry["input_shape"] == [BATCH, 3, IMG, IMG]
+    assert entry["tasks"] == result.tasks > 10
+    assert entry["estimated_latency_ms"] is None or entry["estimated_latency_ms"] > 0
+
+
+def test_a_truncated_record_is_dropped_on_open(tuned_db, tmp_path):
+    import shutil
+
+    db, _, _ = tuned_db
+    copy = tmp_path / "db"
+    shutil.copytree(db, copy)
+    lines = _records(copy)
+    with (copy / tvmdb.RECORD_FILE).open("a") as f:
+        f.write('[0, [[["b0", "SampleCat')        # a crash in the middle of a line
+    opened = tvmdb.TuningDatabase.open(copy)
+    assert _records(copy) == lines
+    assert len(opened.ms_database().get_all_tuning_records()) == lines
+    # Damage that is not a cut-off last line is reported, not silently dropped.
+    text = (copy / tvmdb.RECORD_FILE).read_text().splitlines()
+    text[0] = text[0][:20]
+    (copy / tvmdb.RECORD_FILE).write_text("\n".join(text) + "\n")
+    with pytest.raises(BadInputError, match="damaged at line 1"):
+        tvmdb.TuningDatabase.open(copy)
+
+
+def test_a_database_is_never_applied_to_another_target(tuned_db, cli, tmp_path):
+    db, _, _ = tuned_db
+    other = "llvm -mcpu=broadwell -num-cores=1"
+    code, _, err = cli("export", "m0", "--target", "tvm", "--tvm-target", other, "--db", db,
+                       "--img-size", IMG, "--batch", BATCH, "--out", tmp_path)
+    assert code == EXIT_BAD_INPUT
+    assert "was made for TVM target" in err and "--db-any-target" in err and "Traceback" not in err
+    code, _, err = cli("tune", "m0", "--target", other, "--db", db, "--img-size", IMG, "--trials", 1)
+    assert code == EXIT_BAD_INPUT and "was made for TVM target" in err
+
+
+@pytest.fixture(scope="module")
+def tuned_library(tuned_db, tmp_path_factory):
+    db, _, _ = tuned_db
+    out = tmp_path_factory.mktemp("tvm-export")
+    result = api.export("m0", "tvm", out_dir=out, img_size=IMG, batch=BATCH,
+                        options={"tvm_target": TARGET, "db": str(db)})
+    return result
+
+
+def test_export_applies_the_database_and_passes_parity(tuned_library):
+    result = tuned_library
+    lib = result.artifact.path
+    assert lib.name == "efficientvit_m0.so" and lib.is_file()
+    side = lib.with_name("efficientvit_m0.tvm.json")
+    assert result.artifact.sidecars == (side,) and side.is_file()
+    report = result.report
+    assert report.passed and report.precision == "fp32"
+    assert report.outputs[0].max_rel <= 1e-4
+    info = json.loads(side.read_text())["extra"]["tvm"]
+    assert info["target"] == resolve_target(TARGET) and info["threads"] == 1
+    assert 0 < info["tuned_kernels"] <= info["kernels"]
+    assert info["database"]["records"] > 0
+
+
+def test_library_runs_without_torch(tuned_library, tmp_path):
+    lib = tuned_library.artifact.path
+    proc = cli_without_torch(["run", lib, *SAMPLE[:3], "--json", "-", "--save-outputs", tmp_path / "out.npy"])
+    assert proc.returncode == 0, proc.stderr
+    preds = json.loads(proc.stdout)
+    assert [p["input"] for p in preds] == [str(s) for s in SAMPLE[:3]]     # 3 inputs through a batch-2 library
+    expected = api.predict("m0", SAMPLE[:3], img_size=IMG)
+    assert [p["top"][0]["index"] for p in preds] == [p.top[0][0] for p in expected]
+    assert np.load(tmp_path / "out.npy").shape == (3, 1000)
+
+
+def test_example_application_loads_the_library_directly(tuned_library):
+    lib = tuned_library.artifact.path
+    code = ("import runpy, sys; sys.modules['torch'] = None; "
+            f"sys.argv = ['tvm_app.py', {str(lib)!r}, {str(SAMPLE[0])!r}]; "
+            f"runpy.run_path({str(ROOT / 'examples' / 'tvm_app.py')!r}, run_name='__main__')")
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    label = api.predict("m0", SAMPLE[:1], img_size=IMG)[0].top[0][1]
+    assert label in proc.stdout
+
+
+def test_verify_detects_a_library_that_computes_something_else(tuned_library, tmp_path, cli):
+    """Swap in the description of another model: the parity engine must catch it."""
+    import shutil
+
+    lib = tuned_library.artifact.path
+    bad = tmp_path / "efficientvit_m0.so"
+    shutil.copy(lib, bad)
+    desc = json.loads(lib.with_name("efficientvit_m0.tvm.json").read_text())
+    desc["seed"] = 1                         # the reference becomes another random model
+    bad.with_name("efficientvit_m0.tvm.json").write_text(json.dumps(desc))
+    code, out, err = cli("verify", bad, "--json", "-")
+    assert code == 4 and not json.loads(out)["passed"]
+
+
+def test_untuned_export_says_so(tmp_path, caplog):
+    result = api.export("m0", "tvm", out_dir=tmp_path, img_size=IMG, batch=BATCH,
+                        options={"tvm_target": TARGET})
+    assert result.report.passed
+    assert any("untuned" in r.getMessage() for r in caplog.records)
+    info = json.loads(result.artifact.sidecars[0].read_text())["extra"]["tvm"]
+    assert info["tuned_kernels"] == 0 and info["database"] is None
+
+
+# -- RPC -------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(predicate, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_rpc_tuning_measures_on_every_registered_device(tmp_path):
+    from evit_deploy.targets.tvm.measure import RpcSpec, free_devices
+
+    port = _free_port()
+    key = "evit-test"
+    procs, logs = [], []
+    try:
+        procs.append(subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
+                                       "--port", str(port), "--port-end", str(port + 1), "--silent"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        spec = RpcSpec("127.0.0.1", port, key)
+        _wait_for(lambda: _tracker_up(spec), 60, "the tracker")
+        for i in range(2):
+            log = tmp_path / f"server{i}.log"
+            logs.append(log)
+            sport = _free_port()
+            procs.append(subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker",
+                                           f"127.0.0.1:{port}", "--key", key, "--host", "127.0.0.1",
+                                           "--port", str(sport), "--port-end", str(sport + 1)],
+                                          stdout=log.open("w"), stderr=subprocess.STDOUT))
+        _wait_for(lambda: free_devices(spec) == 2, 90, "two servers to register")
+        result = tune("m0", TARGET, img_size=IMG, batch=BATCH, trials=32, db_dir=tmp_path / "db",
+                      rpc_tracker=f"127.0.0.1:{port}", rpc_key=key)
+        assert result.trials == 32 and result.errors == 0
+        assert result.measured_on.startswith("2 device(s)")
+        assert _records(tmp_path / "db") == 32
+        # Both devices measured candidates.
+        served = [log.read_text().count("load_module") for log in logs]
+        assert all(n > 0 for n in served), served
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _tracker_up(spec) -> bool:
+    from evit_deploy.targets.tvm.measure import free_devices
+    try:
+        free_devices(spec, timeout_s=2)
+        return True
+    except BadInputError:
+        return False
+
+
+def test_rpc_and_budget_errors_are_one_line(cli, tmp_path):
+    code, _, err = cli("tune", "m0", "--rpc-key", "k")
+    assert code == EXIT_BAD_INPUT and "--rpc-key needs --rpc-tracker" in err
+    code, _, err = cli("tune", "m0", "--rpc-tracker", "localhost", "--rpc-key", "k")
+    assert code == EXIT_BAD_INPUT and "HOST:PORT" in err
+    code, _, err = cli("tune", "m0", "--time-budget", "ten minutes")
+    assert code == EXIT_BAD_INPUT and "time budget" in err
+    port = _free_port()     # nothing listens there
+    code, _, err = cli("tune", "m0", "--target", TARGET, "--img-size", IMG, "--trials", 1,
+                       "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", "k", "--db", tmp_path / "db")
+    assert code == EXIT_BAD_INPUT and "cannot reach the RPC tracker" in err
+    assert not (tmp_path / "db").exists()
+
+
+@pytest.mark.parametrize("text,seconds", [("90", 90), ("90s", 90), ("30m", 1800), ("1h30m", 5400),
+                                          ("1.5h", 5400), (45, 45)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+def test_profile_targets_the_papers_xeon():
+    from evit_deploy.profiles import load_profile
+
+    profile = load_profile("xeon-e5-2690v4")
+    assert profile.target == "tvm"
+    target = resolve_target(profile.options["tvm_target"])
+    assert target["mcpu"] == "broadwell" and target["num-cores"] == 14 == profile.device["cores"]
+    assert set(profile.paper["throughput_tvm_ips"]) == {f"m{i}" for i in range(6)}
