@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
+
+import pytest
 
 from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_MISSING_DEPENDENCY
 from evit_deploy.hostinfo import cpu_info
@@ -45,3 +48,29 @@ def test_cpu_info_reads_the_model_name():
         names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
     if names:
         assert info["model"] == names[0]
+
+
+def test_doctor_flags_the_tvm_ffi_release_that_crashes_tuning(cli, monkeypatch):
+    pytest.importorskip("tvm")
+    import evit_deploy.hostinfo as hostinfo
+
+    real = hostinfo.package_version
+    monkeypatch.setattr(hostinfo, "package_version",
+                        lambda name: "0.1.15.post2" if name == "apache-tvm-ffi" else real(name))
+    code, out, err = cli("doctor", "--target", "tvm", "--json", "-")
+    tvm = next(t for t in json.loads(out)["targets"] if t["name"] == "tvm")
+    crash = [f for f in tvm["findings"] if "ToJSONGraph" in f["message"]]
+    assert code != 0 and not tvm["usable"] and crash and "<0.1.15" in crash[0]["advice"]
+    monkeypatch.setattr(hostinfo, "package_version", real)
+    code, out, _ = cli("doctor", "--target", "tvm", "--json", "-")
+    tvm = next(t for t in json.loads(out)["targets"] if t["name"] == "tvm")
+    assert code == 0 and tvm["usable"] and any("host target: llvm -mcpu=" in f["message"] for f in tvm["findings"])
+
+
+def test_doctor_says_how_core_ml_artifacts_are_checked_here(cli):
+    pytest.importorskip("coremltools")
+    code, out, err = cli("doctor", "--target", "coreml", "--json", "-")
+    coreml = next(t for t in json.loads(out)["targets"] if t["name"] == "coreml")
+    assert code == 0 and "Failed to load" not in err
+    if sys.platform != "darwin":
+        assert any("reference executor" in f["message"] for f in coreml["findings"])

@@ -8,8 +8,10 @@ fp16 result as the device does.
 
 from __future__ import annotations
 
+import os
 import platform
 import re
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -18,7 +20,7 @@ import numpy as np
 
 from ...description import ModelDescription
 from ...errors import ExportError
-from ..base import Artifact, Target, option
+from ..base import Artifact, Finding, Target, option
 from .compress import MODES as COMPRESS_MODES
 from .convert import DEPLOYMENT_TARGETS
 from .runtime import COMPUTE_UNITS
@@ -46,6 +48,31 @@ class CoreMLTarget(Target):
     run_requires = {"coremltools": "coremltools"}
     supports_dynamic_batch = False
     Options = CoreMLOptions
+
+    def diagnose(self) -> list[Finding]:
+        from ._coremltools import coremltools
+        from .runtime import EXECUTOR_ENV, available
+
+        missing = self.missing_packages()
+        if missing:
+            return super().diagnose()
+        try:
+            ct = coremltools()      # quietly: the base check would print its import chatter
+        except Exception as exc:
+            return [Finding("error", f"coremltools fails to import: {type(exc).__name__}: {exc}",
+                            "pip install --force-reinstall coremltools")]
+        findings = [Finding("ok", f"coremltools {ct.__version__} converts here")]
+        if available():
+            findings.append(Finding("ok", "Core ML runtime available: artifacts are verified and run by Core ML"))
+        elif sys.platform == "darwin" and os.environ.get(EXECUTOR_ENV, "").lower() != "reference":
+            findings.append(Finding("warning", "macOS, but coremltools has no native extension: the reference "
+                                               "executor verifies artifacts instead of Core ML",
+                                    "install a coremltools wheel built for this macOS and Python"))
+        else:
+            findings.append(Finding("ok", "Core ML prediction needs macOS: artifacts are verified by "
+                                          "evit-deploy's reference executor (the same ML program, in numpy)",
+                                    "re-verify on a Mac with `evit-deploy verify` before shipping"))
+        return findings
 
     def input_format(self, options: CoreMLOptions) -> str:
         # The program holds the per-channel normalisation; the image input's 1/255 scale

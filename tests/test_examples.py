@@ -1,0 +1,112 @@
+"""examples/: each one exercised where it can run here (the classify script on ONNX and TVM
+artifacts without torch, the build file, the CI workflow, the Swift snippet's names)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_python
+from evit_deploy import api
+from evit_deploy.preprocess import sample_images
+
+EXAMPLES = ROOT / "examples"
+SAMPLE = sample_images()
+
+
+def classify_without_torch(artifact: Path, images) -> list[dict]:
+    """Run examples/classify.py as an application would: neither torch nor evit-deploy importable."""
+    code = ("import runpy, sys\n"
+            "sys.modules['torch'] = None; sys.modules['evit_deploy'] = None\n"
+            f"sys.argv = ['classify.py', '--json', {str(artifact)!r}, *{[str(i) for i in images]!r}]\n"
+            f"runpy.run_path({str(EXAMPLES / 'classify.py')!r}, run_name='__main__')\n")
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def test_classify_script_agrees_with_evit_deploy_run(m0_onnx):
+    results = classify_without_torch(m0_onnx, SAMPLE)
+    expected = api.run(m0_onnx, SAMPLE).predictions
+    assert [r["image"] for r in results] == [str(p) for p in SAMPLE]
+    assert [[t["index"] for t in r["top"]] for r in results] == [[i for i, *_ in p.top] for p in expected]
+
+
+def test_classify_script_follows_the_artifacts_input_format(tmp_path):
+    """A uint8 artifact with the preprocessing baked in takes the cropped pixels as they are."""
+    baked = api.export("m0", "onnx", out_dir=tmp_path, options={"bake_preprocessing": "uint8"}).artifact.path
+    results = classify_without_torch(baked, SAMPLE[:2])
+    expected = api.predict("m0", SAMPLE[:2])
+    assert [r["top"][0]["index"] for r in results] == [p.top[0][0] for p in expected]
+
+
+def test_classify_script_rejects_what_it_cannot_run(tmp_path):
+    other = tmp_path / "model.bin"
+    other.write_bytes(b"\0")
+    proc = run_python(f"import runpy, sys; sys.argv = ['classify.py', {str(other)!r}, 'x.jpg']; "
+                      f"runpy.run_path({str(EXAMPLES / 'classify.py')!r}, run_name='__main__')")
+    assert proc.returncode != 0 and "not an artifact this script knows" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_build_file_is_valid_and_lists_the_release():
+    from evit_deploy.build import load_build_file
+
+    spec = load_build_file(EXAMPLES / "evit-deploy.toml")
+    targets = {a.name: a.target for a in spec.artifacts}
+    assert targets == {"ios": "coreml", "server-onnx": "onnx", "server-tvm": "tvm"}
+    tvm = next(a for a in spec.artifacts if a.target == "tvm")
+    assert tvm.batch == 16 and "broadwell" in tvm.options["tvm_target"]
+    # The tuning command in the file's comment makes a database for exactly that target.
+    text = (EXAMPLES / "evit-deploy.toml").read_text()
+    command = re.search(r"evit-deploy tune .*", text).group(0)
+    target = shlex.split(command)[shlex.split(command).index("--target") + 1]
+    from evit_deploy.targets.tvm.target_string import resolve_target
+    assert resolve_target(target) == resolve_target(tvm.options["tvm_target"])
+
+
+def test_workflow_runs_commands_that_exist():
+    yaml = pytest.importorskip("yaml")
+    from typer.main import get_command
+
+    from evit_deploy.cli import app
+
+    workflow = yaml.safe_load((EXAMPLES / "github-actions.yml").read_text())
+    jobs = workflow["jobs"]
+    assert jobs["verify-on-macos"]["needs"] == "build" and "macos" in jobs["verify-on-macos"]["runs-on"]
+    steps = [s for job in jobs.values() for s in job["steps"]]
+    assert any(s.get("uses", "").startswith("actions/upload-artifact") and s["with"]["path"] == "dist/"
+               for s in steps)
+    commands = get_command(app).commands
+    used = [line.strip() for s in steps for line in s.get("run", "").splitlines()
+            if line.strip().startswith("evit-deploy")]
+    assert used, "the workflow runs no evit-deploy command"
+    for line in used:
+        words = [w for w in shlex.split(line)[1:] if not w.startswith("--quiet")]
+        command = commands[words[0]]                 # KeyError: a command the CLI does not have
+        known = {opt for p in command.params for opt in getattr(p, "opts", [])}
+        assert {w for w in words if w.startswith("--")} <= known, line
+
+
+def test_swift_snippet_uses_the_names_core_ml_export_gives(m0_onnx):
+    pytest.importorskip("coremltools")
+    from types import SimpleNamespace
+
+    from evit_deploy.models.registry import resolve_name
+    from evit_deploy.targets import get_target
+    from evit_deploy.targets.coreml.metadata import LABEL_OUTPUT, PROBABILITIES_OUTPUT
+
+    swift = (EXAMPLES / "ios" / "ClassifyPhoto.swift").read_text()
+    target = get_target("coreml")
+    package = target.artifact_name(SimpleNamespace(display_name=resolve_name("m2").display_name),
+                                   target.parse_options({}))
+    # Xcode names the generated class after the package, '-' becoming '_'.
+    assert package == "EfficientViT-M2.mlpackage" and "EfficientViT_M2(" in swift
+    assert f"output.{LABEL_OUTPUT}" in swift and PROBABILITIES_OUTPUT in swift
+    # Every target names the input after the trace; the generated method takes it as a label.
+    _, description = api.inspect_artifact(m0_onnx)
+    assert f"prediction({description.input.name}:" in swift
