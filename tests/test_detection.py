@@ -127,3 +127,15 @@ def test_coreml_export_of_the_feature_pyramid(tmp_path):
     assert result.report.passed and result.artifact.path.name == "EfficientViT-M0-FPN-maskrcnn-fp32.mlpackage"
     assert [o.name for o in result.report.outputs] == ["p2", "p3", "p4", "p5", "p6"]
     assert all(o.max_rel <= 1e-4 for o in result.report.outputs)
+
+
+def test_tvm_export_of_the_feature_pyramid(tmp_path):
+    # TOPI lowers transposed convolutions in NCHW only; the NHWC graph must keep them so.
+    pytest.importorskip("tvm")
+    result = api.export("m0", "tvm", out_dir=tmp_path, task="detection", input_size=(64, 96),
+                        options={"tvm_target": "native -num-cores=1"})
+    assert result.report.passed
+    shapes = {o.name: list(o.shape) for o in result.artifact.description.outputs}
+    assert shapes == {"p2": [1, 256, 16, 24], "p3": [1, 256, 8, 12], "p4": [1, 256, 4, 6],
+                      "p5": [1, 256, 2, 3], "p6": [1, 256, 1, 2]}
+    assert all(o.max_rel <= 1e-4 for o in result.report.outputs)

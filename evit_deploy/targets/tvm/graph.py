@@ -49,7 +49,10 @@ def prepare(mod, target, *, layout: str = DEFAULT_LAYOUT):
     ]
     if layout == "NHWC":
         passes += [
-            relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"]}),
+            # TOPI lowers transposed convolutions (the FPN's extra levels) in NCHW only;
+            # left to follow its NHWC input, one would reach the VM unlowered.
+            relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OHWI"],
+                                           "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}),
             fold_constant_layout_ops(),         # weights OIHW -> OHWI and biases, once
             simplify_layout(),
         ]
