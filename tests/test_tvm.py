@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, cli_without_torch, run_python
+from conftest import cli_without_torch
 from evit_deploy import api
 from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, BadInputError
 from evit_deploy.preprocess import sample_images
@@ -136,6 +136,15 @@ def test_a_database_is_never_applied_to_another_target(tuned_db, cli, tmp_path):
     assert "was made for TVM target" in err and "--db-any-target" in err and "Traceback" not in err
     code, _, err = cli("tune", "m0", "--target", other, "--db", db, "--img-size", IMG, "--trials", 1)
     assert code == EXIT_BAD_INPUT and "was made for TVM target" in err
+
+
+def test_export_with_a_database_builds_for_its_target_by_default(tuned_db):
+    from evit_deploy.targets.tvm import TvmOptions, TvmTarget
+
+    db, _, _ = tuned_db
+    made_for = json.loads((db / tvmdb.META_FILE).read_text())["target"]
+    assert TvmTarget.resolved_target(TvmOptions(db=str(db))) == resolve_target(made_for)
+    assert TvmTarget.resolved_target(TvmOptions()) == resolve_target("native")
 
 
 @pytest.fixture(scope="module")
