@@ -133,8 +133,9 @@ def prepare(model_name: str, backend: str, *, batch: int, threads: int, img_size
     session = tgt.open_session(result.artifact.path, threads=threads)
     x = np.random.default_rng(0).random((batch, 3, img_size, img_size), dtype=np.float32)
     inputs = {result.artifact.description.input.name: x.astype(result.artifact.description.input.dtype)}
-    tuned = result.artifact.description.extra.get("tuned")
-    return Prepared(lambda: session(inputs), tuned=tuned, artifact=str(result.artifact.path))
+    extra = result.artifact.description.extra
+    return Prepared(lambda: session(inputs), tuned=extra.get("tuned"), artifact=str(result.artifact.path),
+                    note=extra.get("tuning", ""))
 
 
 # -- timing --------------------------------------------------------------------------------
@@ -195,7 +196,8 @@ def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 
                                                 weights=(weights or {}).get(model), workdir=workdir / model,
                                                 target_options=target_options, reporter=QuietReporter())
                 if prepared[backend].tuned is False:
-                    reporter.warn(f"{model} {backend}: no tuning database given, so this is an untuned build")
+                    reporter.warn(f"{model} {backend}: not fully tuned ({prepared[backend].note or 'no database'}), "
+                                  f"so its kernels are partly TVM's slow defaults")
             with reporter.task(f"timing {model}", total=rounds * len(backends)) as task:
                 samples = time_interleaved({b: p.run for b, p in prepared.items()}, rounds=rounds,
                                            round_seconds=round_seconds, warmup_seconds=warmup_seconds, task=task)
@@ -213,7 +215,8 @@ def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 
                 drift = (max(round_medians) - min(round_medians)) / statistics.median(round_medians)
                 records.append(BenchRecord(model, backend, batch, threads, batch / (summary["median"] / 1000.0),
                                            summary, len(lat), rounds, spread > NOISY_SPREAD or drift > NOISY_SPREAD,
-                                           prepared[backend].tuned, peaks.get(backend)))
+                                           prepared[backend].tuned, peaks.get(backend),
+                                           note=prepared[backend].note))
     by_model: dict[str, dict[str, BenchRecord]] = {}
     for r in records:
         by_model.setdefault(r.model, {})[r.backend] = r

@@ -421,7 +421,8 @@ def _bench_table(result):
             r = recs[b]
             ratio = "" if b == s["baseline"] else f" ({(r.ratio_to_baseline - 1) * 100:+.1f}%)"
             flag = " [yellow]noisy[/]" if r.noisy else ""
-            tuned = " [red]untuned[/]" if r.tuned is False else ""
+            tuned = f" [red]untuned ({r.note})[/]" if r.tuned is False and r.note else \
+                " [red]untuned[/]" if r.tuned is False else ""
             cells.append(f"{r.images_per_s:.0f}{ratio}{flag}{tuned}")
         paper = spec.paper
         rows.append([spec.short_name.upper(), f"{paper.top1:.1f}", *cells,

@@ -169,6 +169,9 @@ def test_export_applies_the_database_and_passes_parity(tuned_library):
     assert info["target"] == resolve_target(TARGET) and info["threads"] == 1
     assert 0 < info["tuned_kernels"] <= info["kernels"]
     assert info["database"]["records"] > 0
+    extra = json.loads(side.read_text())["extra"]
+    assert extra["tuned"] == (info["tuned_kernels"] == info["kernels"])
+    assert extra["tuning"] == f"{info['tuned_kernels']}/{info['kernels']} kernels tuned"
 
 
 def test_library_runs_without_torch(tuned_library, tmp_path):
@@ -212,6 +215,7 @@ def test_untuned_export_says_so(tmp_path, caplog):
     assert any("untuned" in r.getMessage() for r in caplog.records)
     info = json.loads(result.artifact.sidecars[0].read_text())["extra"]["tvm"]
     assert info["tuned_kernels"] == 0 and info["database"] is None
+    assert result.artifact.description.extra["tuned"] is False
 
 
 # -- RPC -------------------------------------------------------------------------------------

@@ -127,7 +127,10 @@ class TvmTarget(Target):
                  f"and stay untuned (slow); tune this model and input shape for this target")
         import tvm
 
-        description = desc.with_extra(tuned=built.tuned > 0, tvm={
+        # "tuned" means every kernel has a tuned schedule: one untuned kernel is enough to
+        # make the library slow.
+        description = desc.with_extra(tuned=built.tuned == built.kernels,
+                                      tuning=f"{built.tuned}/{built.kernels} kernels tuned", tvm={
             "target": target, "target_string": to_classic(target), "threads": target["num-cores"],
             "kernels": built.kernels, "tuned_kernels": built.tuned, "graph": graph.VERSION,
             "database": db_info, "tvm_version": tvm.__version__})
