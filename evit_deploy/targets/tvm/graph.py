@@ -74,6 +74,18 @@ def prepare(mod, target, *, layout: str = DEFAULT_LAYOUT):
         return tvm.transform.Sequential(passes)(mod)
 
 
+def bound_value(mutator, expr):
+    """What a dataflow variable is bound to (so rewrites can look through ``lv = ...``),
+    or ``expr`` itself."""
+    from tvm import relax
+
+    if isinstance(expr, relax.Var):
+        bound = mutator.lookup_binding(expr)
+        if bound is not None:
+            return bound
+    return expr
+
+
 def fold_constant_layout_ops():
     """Evaluate ``take``, ``permute_dims`` and ``reshape`` of constants with numpy.
 
@@ -105,11 +117,7 @@ def fold_constant_layout_ops():
     class Folder(relax.PyExprMutator):
         def resolve(self, expr):
             """A constant bound to a variable (``lv = metadata[...]``) counts as constant."""
-            if isinstance(expr, relax.Var):
-                bound = self.lookup_binding(expr)
-                if bound is not None:
-                    return bound
-            return expr
+            return bound_value(self, expr)
 
         def visit_call_(self, call):
             call = super().visit_call_(call)
@@ -179,11 +187,7 @@ def simplify_layout():
             self.changed = False
 
         def producer(self, expr):
-            if isinstance(expr, relax.Var):
-                bound = self.lookup_binding(expr)
-                if bound is not None:
-                    return bound
-            return expr
+            return bound_value(self, expr)
 
         def permuted(self, expr):
             """(x, axes) if ``expr`` is ``permute_dims(x, axes)``."""
