@@ -85,12 +85,12 @@ def main(argv=None) -> int:
 
 def _print_table(rows: list[dict], settings: dict) -> None:
     from evit_deploy.console import out, table
+    from evit_deploy.models.registry import resolve_name
 
     out.print(table(f"Images/s at batch {settings['batch']}, {settings['threads']} thread(s), median of "
                     f"{settings['rounds']} interleaved rounds",
-                    ["model", "TVM tuned", "PyTorch jit", "onnxruntime", "TVM/PyTorch", "paper TVM/PyTorch",
-                     "TVM/onnxruntime", "goal met"],
-                    [[r["model"], f"{r['tvm']:.1f}", f"{r['torch-jit']:.1f}", f"{r['onnxruntime']:.1f}",
+                    ["model", "TVM", "torch-jit", "ORT", "TVM/torch", "paper", "TVM/ORT", "goal met"],
+                    [[resolve_name(r["model"]).short_name.upper(), f"{r['tvm']:.0f}", f"{r['torch-jit']:.0f}", f"{r['onnxruntime']:.0f}",
                       f"{r['tvm_vs_torch']:.2f}", "" if r["paper_tvm_vs_torch"] is None else f"{r['paper_tvm_vs_torch']:.2f}",
                       f"{r['tvm_vs_onnxruntime']:.2f}",
                       ("yes" if r["goal_met"] else "NO") + (" (noisy)" if r["noisy"] else "")] for r in rows],
