@@ -119,7 +119,9 @@ def classify(model, images: list[str], top: int = 5) -> list[dict]:
     """Top-``top`` classes per image. The artifact's batch size is fixed: fill the last
     batch by repeating its final image and drop those rows."""
     description = model.description
-    batch = description["inputs"][0]["shape"][0] or 1
+    batch = description["inputs"][0]["shape"][0]
+    if not isinstance(batch, int):              # a dynamic batch dimension: all at once
+        batch = len(images)
     labels = description["labels"]
     x = np.stack([preprocess(p, description) for p in images])
     results = []

@@ -37,8 +37,10 @@ def test_classify_script_agrees_with_evit_deploy_run(m0_onnx):
 
 
 def test_classify_script_follows_the_artifacts_input_format(tmp_path):
-    """A uint8 artifact with the preprocessing baked in takes the cropped pixels as they are."""
-    baked = api.export("m0", "onnx", out_dir=tmp_path, options={"bake_preprocessing": "uint8"}).artifact.path
+    """A uint8 artifact with the preprocessing baked in takes the cropped pixels as they are;
+    a dynamic batch takes all photos at once."""
+    baked = api.export("m0", "onnx", out_dir=tmp_path, options={"bake_preprocessing": "uint8"},
+                       dynamic_batch=True).artifact.path
     results = classify_without_torch(baked, SAMPLE[:2])
     expected = api.predict("m0", SAMPLE[:2])
     assert [r["top"][0]["index"] for r in results] == [p.top[0][0] for p in expected]
