@@ -118,6 +118,12 @@ def _torch_runner(model_name: str, backend: str, batch: int, img_size: int, weig
     return run
 
 
+def random_inputs(description, batch: int) -> dict[str, np.ndarray]:
+    """A seeded input batch for an artifact (its speed does not depend on the values)."""
+    x = np.random.default_rng(0).random((batch, *description.input.shape[1:]), dtype=np.float32)
+    return {description.input.name: x.astype(description.input.dtype)}
+
+
 def prepare(model_name: str, backend: str, *, batch: int, threads: int, img_size: int = 224, weights=None,
             workdir: Path, target_options: dict | None = None, reporter: Reporter | None = None) -> Prepared:
     if backend in TORCH_BACKENDS:
@@ -131,8 +137,7 @@ def prepare(model_name: str, backend: str, *, batch: int, threads: int, img_size
                         img_size=img_size, options=options, reporter=reporter)
     tgt = get_target(target_name)
     session = tgt.open_session(result.artifact.path, threads=threads)
-    x = np.random.default_rng(0).random((batch, 3, img_size, img_size), dtype=np.float32)
-    inputs = {result.artifact.description.input.name: x.astype(result.artifact.description.input.dtype)}
+    inputs = random_inputs(result.artifact.description, batch)
     extra = result.artifact.description.extra
     return Prepared(lambda: session(inputs), tuned=extra.get("tuned"), artifact=str(result.artifact.path),
                     note=extra.get("tuning", ""))
@@ -260,8 +265,7 @@ def _memory_probe(spec: dict) -> float:
         tgt = get_target(spec["target"])
         description = tgt.read_description(Path(spec["artifact"]))
         session = tgt.open_session(Path(spec["artifact"]), threads=spec["threads"])
-        x = np.random.default_rng(0).random(tuple([spec["batch"], *description.input.shape[1:]]), dtype=np.float32)
-        inputs = {description.input.name: x.astype(description.input.dtype)}
+        inputs = random_inputs(description, spec["batch"])
         run = lambda: session(inputs)  # noqa: E731
     for _ in range(3):
         run()

@@ -254,11 +254,9 @@ def tree_size(path: Path) -> int:
 
 def _inputs_key(model: ModelEntry, art: ArtifactEntry, build: BuildFile, weights_id: str, versions: dict) -> str:
     """Everything an artifact is made from; equal keys mean a rebuild would be redundant."""
-    files = {}
-    for key, value in art.options.items():
-        # Options naming files or directories (a tuning database, say) count by content.
-        if isinstance(value, str) and value and Path(build.path.parent, value).exists():
-            files[key] = tree_sha256(Path(build.path.parent, value))
+    # Options naming files or directories (a tuning database, say) count by content.
+    files = {key: tree_sha256(path) for key, value in art.options.items()
+             if (path := _option_path(value, build.path.parent)) is not None}
     record = {"model": model.name, "model_options": model.options, "weights": weights_id,
               "target": art.target, "profile": art.profile, "options": art.options, "files": files,
               "batch": art.batch, "dynamic_batch": art.dynamic_batch, "seed": build.seed,
@@ -288,9 +286,15 @@ class BuildResult:
         return [r for r in self.records if r["status"].startswith("failed")]
 
 
+def _option_path(value, base: Path) -> Path | None:
+    """The file or directory an option value names, relative to the build file, if any."""
+    if isinstance(value, str) and value and Path(base, value).exists():
+        return Path(base, value)
+    return None
+
+
 def _resolve_options_paths(options: dict, base: Path) -> dict:
-    return {k: (str(Path(base, v)) if isinstance(v, str) and v and Path(base, v).exists() else v)
-            for k, v in options.items()}
+    return {k: str(path) if (path := _option_path(v, base)) is not None else v for k, v in options.items()}
 
 
 def build(path: str | os.PathLike, *, out: str | os.PathLike | None = None, jobs: int = 1,
@@ -418,11 +422,11 @@ def _build_one(spec: BuildFile, model: ModelEntry, art: ArtifactEntry, weights_i
 
 
 def _artifact_facts(artifact, out_dir: Path) -> dict:
-    files = []
-    for f in artifact.files:
-        files.append({"path": f.relative_to(out_dir).as_posix(), "size": tree_size(f), "sha256": tree_sha256(f)})
-    facts = {"path": artifact.path.relative_to(out_dir).as_posix(), "size": tree_size(artifact.path),
-             "sha256": tree_sha256(artifact.path), "files": files}
+    # Hashed once each: the artifact itself is the last of its files.
+    files = [{"path": f.relative_to(out_dir).as_posix(), "size": tree_size(f), "sha256": tree_sha256(f)}
+             for f in artifact.files]
+    main = files[-1]
+    facts = {"path": main["path"], "size": main["size"], "sha256": main["sha256"], "files": files}
     archive = artifact.path.with_name(artifact.path.name + ".zip")
     if artifact.path.is_dir():
         # Artifact stores want one file: a zip whose bytes depend only on the contents

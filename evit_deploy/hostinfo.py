@@ -31,6 +31,11 @@ def package_versions(names=DEPENDENCIES) -> dict[str, str | None]:
             **{name: package_version(name) for name in names}}
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 @lru_cache(maxsize=1)
 def cpu_info() -> dict:
     """CPU model, core counts and vector extensions (from /proc/cpuinfo where it exists)."""
@@ -52,7 +57,6 @@ def cpu_info() -> dict:
     except ImportError:
         physical = None
     return {"model": model, "machine": platform.machine(), "logical_cores": os.cpu_count(),
-            "physical_cores": physical, "usable_cores": len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "physical_cores": physical, "usable_cores": usable_cpus(),
             "vector_extensions": [f for f in VECTOR_FLAGS if f in flags],
             "os": f"{platform.system()} {platform.release()}"}

@@ -196,10 +196,9 @@ def profile(model: str, backend: str = "torch", *, batch: int = 16, threads: int
             iterations: int = 10, weights=None, target_options: dict | None = None,
             reporter: Reporter | None = None) -> ProfileResult:
     """Per-operator-category and per-block time of one model on one backend."""
-    import numpy as np
     import torch
 
-    from .bench import target_backends
+    from .bench import random_inputs, target_backends
     from .models import create_model
 
     reporter = reporter or Reporter()
@@ -224,10 +223,8 @@ def profile(model: str, backend: str = "torch", *, batch: int = 16, threads: int
         with reporter.stage("export", f"{name} {tgt.name}"):
             result = api.export(name, tgt.name, out_dir=tmp, weights=weights, batch=batch, img_size=img_size,
                                 options=(target_options or {}).get(tgt.name, {}), reporter=QuietReporter())
-        desc = result.artifact.description
-        x = np.random.default_rng(0).random((batch, *desc.input.shape[1:]), dtype=np.float32)
         with reporter.stage("profile", f"{name} {backend}"):
-            ops = tgt.profile_ops(result.artifact.path, {desc.input.name: x.astype(desc.input.dtype)},
+            ops = tgt.profile_ops(result.artifact.path, random_inputs(result.artifact.description, batch),
                                   threads=threads, iterations=iterations, blocks=block_map(net))
     return summarise(ops, model=name, backend=backend, batch=batch, threads=threads, iterations=iterations)
 

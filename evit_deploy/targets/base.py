@@ -54,6 +54,11 @@ class Artifact:
         return (*self.sidecars, self.path)
 
 
+def missing_modules(needed: dict[str, str]) -> dict[str, str]:
+    """The entries of ``needed`` (import name -> pip package) that cannot be imported."""
+    return {mod: pip for mod, pip in needed.items() if importlib.util.find_spec(mod) is None}
+
+
 class Target:
     """Base class of export targets. Subclasses set the class attributes and override
     :meth:`export`, :meth:`run` and :meth:`read_description`."""
@@ -148,8 +153,7 @@ class Target:
     # -- shared helpers --------------------------------------------------------------------
     @classmethod
     def missing_packages(cls, for_run: bool = False) -> dict[str, str]:
-        needed = cls.run_requires if for_run else {**cls.requires, **cls.run_requires}
-        return {mod: pip for mod, pip in needed.items() if importlib.util.find_spec(mod) is None}
+        return missing_modules(cls.run_requires if for_run else {**cls.requires, **cls.run_requires})
 
     @classmethod
     def check_available(cls, for_run: bool = False) -> None:

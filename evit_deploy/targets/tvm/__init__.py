@@ -8,7 +8,6 @@ artifact needs ``tvm`` and numpy only (:mod:`.runtime`).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import re
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import numpy as np
 
 from ...description import ModelDescription
 from ...errors import ExportError
-from ..base import Artifact, Finding, Target, option
+from ..base import Artifact, Finding, Target, missing_modules, option
 
 UNTUNED_WARNING = ("no tuning database (--db): the library uses TVM's default, untuned kernels and runs "
                    "far slower than PyTorch or onnxruntime; tune first with `evit-deploy tune`")
@@ -155,7 +154,7 @@ class TvmTarget(Target):
                 "error", f"apache-tvm-ffi {ffi} with apache-tvm {package_version('apache-tvm')}: tuning crashes "
                          "(segfault in tvm::ffi::ToJSONGraph when MetaSchedule starts)",
                 'pip install "apache-tvm-ffi>=0.1.14.post0,<0.1.15"'))
-        missing = [pkg for mod, pkg in TUNING_REQUIRES.items() if importlib.util.find_spec(mod) is None]
+        missing = sorted(missing_modules(TUNING_REQUIRES).values())
         if missing:
             findings.append(Finding("warning", f"tuning needs {', '.join(missing)} (export and run work without)",
                                     f"pip install {' '.join(missing)}"))
@@ -170,12 +169,7 @@ class TvmTarget(Target):
     def open_session(self, path: Path, threads: int | None = None):
         from .runtime import load
 
-        model = load(path, threads=threads)
-        name = model.description.input.name
-
-        def session(inputs):
-            return dict(zip(model.output_names, (o.numpy() for o in model.run_device(model.to_device(inputs[name])))))
-        return session
+        return load(path, threads=threads).run_named
 
     def profile_ops(self, path: Path, inputs: dict[str, np.ndarray], *, threads: int, iterations: int,
                     blocks: dict[str, str]) -> list:

@@ -45,10 +45,10 @@ def settings_for_machine(threads: int, *, remote: bool = False) -> MeasureSettin
     to allow for a loaded machine (another tuner, a converter): a healthy candidate
     compiles in seconds, so 5 minutes only ever stops a pathological one.
     """
+    from ...hostinfo import usable_cpus
     from .target_string import host_cpu_count
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = max(1, min(cores, 8))
+    workers = max(1, min(usable_cpus(), 8))
     if not remote:
         # Measuring locally: building and timing share the CPUs; more builders than
         # cores only slows both.
@@ -141,8 +141,8 @@ def run_evaluator_with_threads(*args):
     else:
         rt_mod, device, config, repeated = args
         if threads:
-            import tvm_ffi
-            tvm_ffi.get_global_func("runtime.config_threadpool")(1, threads)
+            from .runtime import set_threads
+            set_threads(threads)
     return run_evaluator_common(rt_mod, device, config, repeated)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from ...description import ModelDescription
 from ...errors import BadInputError
+from ...hostinfo import usable_cpus
 
 SIDECAR_SUFFIX = ".tvm.json"
 
@@ -61,8 +62,7 @@ def default_threads(description: ModelDescription) -> int:
     if os.environ.get("TVM_NUM_THREADS"):
         return int(os.environ["TVM_NUM_THREADS"])
     tuned_for = int(description.extra.get("tvm", {}).get("threads") or 1)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(tuned_for, usable))
+    return max(1, min(tuned_for, usable_cpus()))
 
 
 class CompiledModel:

@@ -15,7 +15,7 @@ import sys
 import time
 import types
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 log = logging.getLogger("evit_deploy.tvm.tuning")
 
@@ -33,8 +33,6 @@ class TaskState:
     previous_trials: int = 0          # records found in the database
     rounds: int = 0
     exhausted: bool = False
-    errors: int = 0
-    history: list = field(default_factory=list)
 
     @property
     def total_trials(self) -> int:
@@ -160,11 +158,10 @@ class Search:
         if not self.database.has_workload(task.mod):
             return
         workload = self.database.commit_workload(task.mod)
-        top = self.database.get_top_k(workload, 1)
-        if top:
-            secs = [float(s) for s in top[0].run_secs]
-            task.best_s = min(secs)
-        task.previous_trials = len(self.database.get_top_k(workload, 1_000_000))
+        records = self.database.get_top_k(workload, 1_000_000)     # best first
+        if records:
+            task.best_s = min(float(s) for s in records[0].run_secs)
+        task.previous_trials = len(records)
 
     # -- scheduling ---------------------------------------------------------------------
     def estimated_latency(self) -> float | None:
@@ -237,7 +234,6 @@ class Search:
         workload = self.database.commit_workload(task.mod)
         for cand, res in zip(candidates, results):
             if res.run_secs is None:
-                task.errors += 1
                 self.errors += 1
                 log.warning("%s: candidate failed: %s", task.name, str(res.error_msg).strip().splitlines()[-1])
                 continue
@@ -250,7 +246,6 @@ class Search:
                  task.name, len(candidates), t1 - t0, t2 - t1, t3 - t2, t4 - t3, time.monotonic() - t4)
         task.trials += len(candidates)
         task.rounds += 1
-        task.history.append(task.best_s)
         self.trials_done += len(candidates)
         self.rounds += 1
         if task.best_s is None:          # all candidates failed: do not retry forever

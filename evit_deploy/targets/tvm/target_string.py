@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import shlex
 
 from ...errors import BadInputError
@@ -153,12 +152,9 @@ def _convert(key: str, kind_of: str, value: str, text: str):
 
 def host_cpu_count() -> int:
     """Physical cores this process may use (TVM's CPU tuner plans one thread per core)."""
-    try:
-        import psutil
-        physical = psutil.cpu_count(logical=False) or 0
-    except ImportError:  # psutil is a dependency, but do not fail over a core count
-        physical = 0
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from ...hostinfo import cpu_info, usable_cpus
+
+    physical, usable = cpu_info()["physical_cores"], usable_cpus()
     return max(1, min(physical, usable) if physical else usable)
 
 

@@ -265,12 +265,11 @@ def ctrl_c_between_rounds(on_first):
 
 
 def _check_tuning_dependencies() -> None:
-    import importlib.util
-
     from ...errors import MissingDependencyError
+    from ..base import missing_modules
     from . import TUNING_REQUIRES
 
-    missing = {m: p for m, p in TUNING_REQUIRES.items() if importlib.util.find_spec(m) is None}
+    missing = missing_modules(TUNING_REQUIRES)
     if missing:
         raise MissingDependencyError(f"tuning needs {', '.join(sorted(missing))}: "
                                      f"pip install {' '.join(sorted(missing.values()))}")
