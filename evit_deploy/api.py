@@ -62,7 +62,7 @@ def resolve_target_options(target: str | None, options=None, *, profile: str | N
 
 def export(model: str = "m0", target: str | None = "onnx", *, out_dir: str | Path = ".",
            weights=None, options=None, profile: str | None = None, cli_args: list[str] | None = None,
-           batch: int = 1, dynamic_batch: bool = False, img_size: int = 224, num_classes: int = 1000,
+           batch: int | None = None, dynamic_batch: bool = False, img_size: int = 224, num_classes: int = 1000,
            distillation: bool = False, input_size: tuple[int, int] | None = None, seed: int = 0,
            task: str = "classification", neck: str = "maskrcnn",
            verify: bool = True, images=None, tolerance: Tolerance | None = None,
@@ -72,6 +72,8 @@ def export(model: str = "m0", target: str | None = "onnx", *, out_dir: str | Pat
     The artifact appears under its final name only after it passed parity (or with
     ``verify=False``). On a parity failure the files are kept in
     ``<out_dir>/<name>.rejected/`` with the report, and :class:`ParityError` is raised.
+    ``batch=None`` is the target's choice (a TVM export takes the batch its tuning database
+    was made for), else 1.
     """
     from .trace import trace
 
@@ -80,6 +82,12 @@ def export(model: str = "m0", target: str | None = "onnx", *, out_dir: str | Pat
     tgt.check_available()
     if dynamic_batch and not tgt.supports_dynamic_batch:
         raise BadInputError(f"target '{tgt.name}' does not support a dynamic batch; use --batch N")
+    if batch is None and not dynamic_batch:
+        chosen = tgt.default_batch(opts, str(model))
+        if chosen is not None:
+            batch, why = chosen
+            reporter.info(f"batch {batch}: {why} (--batch N to change)")
+    batch = batch or 1
     out = ensure_output_dir(out_dir)
     with reporter.stage("trace", str(model)):
         traced = trace(model, weights, batch=batch, dynamic_batch=dynamic_batch, img_size=img_size,

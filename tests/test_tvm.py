@@ -145,14 +145,18 @@ def test_export_with_a_database_builds_for_its_target_by_default(tuned_db):
     made_for = json.loads((db / tvmdb.META_FILE).read_text())["target"]
     assert TvmTarget.resolved_target(TvmOptions(db=str(db))) == resolve_target(made_for)
     assert TvmTarget.resolved_target(TvmOptions()) == resolve_target("native")
+    # ... and at the batch it was tuned at: kernels of another batch have no record.
+    assert TvmTarget().default_batch(TvmOptions(db=str(db)), "m0")[0] == BATCH
+    assert TvmTarget().default_batch(TvmOptions(db=str(db)), "m4") is None
+    assert TvmTarget().default_batch(TvmOptions(), "m0") is None
 
 
 @pytest.fixture(scope="module")
 def tuned_library(tuned_db, tmp_path_factory):
     db, _, _ = tuned_db
     out = tmp_path_factory.mktemp("tvm-export")
-    result = api.export("m0", "tvm", out_dir=out, img_size=IMG, batch=BATCH,
-                        options={"tvm_target": TARGET, "db": str(db)})
+    # No batch given: the export takes the one the database was tuned at.
+    result = api.export("m0", "tvm", out_dir=out, img_size=IMG, options={"tvm_target": TARGET, "db": str(db)})
     return result
 
 
@@ -167,6 +171,7 @@ def test_export_applies_the_database_and_passes_parity(tuned_library):
     assert report.outputs[0].max_rel <= 1e-4
     info = json.loads(side.read_text())["extra"]["tvm"]
     assert info["target"] == resolve_target(TARGET) and info["threads"] == 1
+    assert json.loads(side.read_text())["inputs"][0]["shape"][0] == BATCH
     assert 0 < info["tuned_kernels"] <= info["kernels"]
     assert info["database"]["records"] > 0
     extra = json.loads(side.read_text())["extra"]

@@ -86,6 +86,10 @@ class Target:
         """The parity tolerance class of an export with these options (fp32, fp16, ...)."""
         return "fp32"
 
+    def default_batch(self, options, model: str) -> tuple[int, str] | None:
+        """(batch, why) to export ``model`` at when the user names no batch; None: 1."""
+        return None
+
     def artifact_name(self, description: ModelDescription, options) -> str:
         return f"{description.stem}{self.suffixes[0]}"
 

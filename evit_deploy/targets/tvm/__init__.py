@@ -73,6 +73,25 @@ class TvmTarget(Target):
             TuningDatabase.open(options.db).check_target(target, allow_mismatch=options.db_any_target)
         return "normalized"
 
+    def default_batch(self, options: TvmOptions, model: str) -> tuple[int, str] | None:
+        """The batch the database tuned ``model`` at, if it tuned it at one batch only:
+        kernels of another batch size have no record and would run untuned."""
+        from ...models.registry import resolve_name
+        from .database import TuningDatabase
+
+        if not options.db:
+            return None
+        try:
+            name = resolve_name(model).name
+        except Exception:           # a custom nn.Module: the database keys it by its own name
+            name = model
+        batches = {int(entry["input_shape"][0]) for entry in TuningDatabase.open(options.db).models().values()
+                   if entry.get("model") == name and entry.get("input_shape")}
+        if len(batches) != 1:
+            return None
+        batch = batches.pop()
+        return batch, f"the batch {options.db} was tuned at"
+
     @staticmethod
     def resolved_target(options: TvmOptions) -> dict:
         """The target to compile for: as given, else the database's (tuning records only
