@@ -151,6 +151,29 @@ def test_export_with_a_database_builds_for_its_target_by_default(tuned_db):
     assert TvmTarget().default_batch(TvmOptions(), "m0") is None
 
 
+def test_tuning_the_pooling_kernel_prints_no_tvm_warning(capfd):
+    """TOPI marks its pooling block with a custom rule TVM registers for no CPU target;
+    unhandled, MetaSchedule prints a C++ warning on the user's terminal."""
+    from tvm.s_tir.meta_schedule import TuneContext
+
+    from evit_deploy.targets.tvm import graph
+    from evit_deploy.targets.tvm.search import _without_tensor_intrinsics, extract_tasks, space_generator
+    from evit_deploy.targets.tvm.target_string import to_tvm
+    from evit_deploy.trace import trace
+
+    target = to_tvm(resolve_target(TARGET))
+    mod = graph.prepare(graph.import_program(trace("m0", batch=1, img_size=IMG).program), target)
+    pool = [t for t in extract_tasks(mod, target) if "pool" in t.name]
+    assert pool, "the model's global average pool should be a kernel of its own"
+    capfd.readouterr()
+    with _without_tensor_intrinsics():
+        ctx = TuneContext(mod=pool[0].mod, target=target, space_generator=space_generator(),
+                          task_name=pool[0].name)
+        spaces = ctx.generate_design_space()
+    assert len(spaces) == 1
+    assert "Unknown schedule rule" not in capfd.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def tuned_library(tuned_db, tmp_path_factory):
     db, _, _ = tuned_db

@@ -72,10 +72,33 @@ def extract_tasks(mod, target) -> list[TaskState]:
 MAX_VECTOR_LANES = 16
 
 
+#: Custom schedule rules TOPI names on its blocks that TVM registers for no CPU target.
+UNREGISTERED_CPU_RULES = ("meta_schedule.adaptive_pool_avg",)
+
+
+def _register_cpu_rules() -> None:
+    """Keep TOPI's pooling block as it is, and say so.
+
+    MetaSchedule leaves a block whose custom rule is not registered unscheduled, after
+    printing a C++ warning on the terminal ("Unknown schedule rule
+    meta_schedule.adaptive_pool_avg"). Here that is the model's one global average pool
+    (a few microseconds): registering the rule as "unchanged" keeps exactly that
+    behaviour, without the warning.
+    """
+    import tvm_ffi
+
+    for rule in UNREGISTERED_CPU_RULES:
+        name = f"s_tir.meta_schedule.cpu.{rule}"
+        if tvm_ffi.get_global_func(name, allow_missing=True) is None:
+            tvm_ffi.register_global_func(name, lambda sch, block: [sch])
+
+
 def space_generator():
     """MetaSchedule's LLVM design space with vector loops capped at :data:`MAX_VECTOR_LANES`."""
     from tvm.s_tir.meta_schedule.schedule_rule import ParallelizeVectorizeUnroll, ScheduleRule
     from tvm.s_tir.meta_schedule.space_generator import PostOrderApply
+
+    _register_cpu_rules()
 
     rules = [ParallelizeVectorizeUnroll(max_jobs_per_core=16, max_vectorize_extent=MAX_VECTOR_LANES,
                                         unroll_max_steps=[0, 16, 64, 512], unroll_explicit=True)
