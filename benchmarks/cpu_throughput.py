@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 PAPER_PROFILE = "xeon-e5-2690v4"
@@ -64,6 +65,10 @@ def main(argv=None) -> int:
     parser.add_argument("--round-seconds", type=float, default=2.0, help="time per backend per round")
     parser.add_argument("--json", type=Path, help="write the benchmark records and verdicts as JSON")
     args = parser.parse_args(argv)
+    # As the CLI does: deprecation notices from inside torch (its ONNX exporter) are not
+    # the reader's business.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
     from evit_deploy.bench import bench
     from evit_deploy.console import RichReporter
