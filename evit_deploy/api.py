@@ -87,7 +87,8 @@ def export(model: str = "m0", target: str | None = "onnx", *, out_dir: str | Pat
         if chosen is not None:
             batch, why = chosen
             reporter.info(f"batch {batch}: {why} (--batch N to change)")
-    batch = batch or 1
+    if batch is None:
+        batch = 1
     out = ensure_output_dir(out_dir)
     with reporter.stage("trace", str(model)):
         traced = trace(model, weights, batch=batch, dynamic_batch=dynamic_batch, img_size=img_size,

@@ -77,14 +77,14 @@ class TvmTarget(Target):
         """The batch the database tuned ``model`` at, if it tuned it at one batch only:
         kernels of another batch size have no record and would run untuned."""
         from ...models.registry import resolve_name
+        from ...trace import is_custom
         from .database import TuningDatabase
 
         if not options.db:
             return None
-        try:
-            name = resolve_name(model).name
-        except Exception:           # a custom nn.Module: the database keys it by its own name
-            name = model
+        # The database keys a model by its trace's name: canonical for the family, the
+        # factory spec itself for a custom nn.Module.
+        name = model if is_custom(model) else resolve_name(model).name
         batches = {int(entry["input_shape"][0]) for entry in TuningDatabase.open(options.db).models().values()
                    if entry.get("model") == name and entry.get("input_shape")}
         if len(batches) != 1:
