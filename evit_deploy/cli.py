@@ -167,7 +167,7 @@ def export(ctx: typer.Context,
            model_spec: Optional[str] = typer.Option(None, "--model", help="Any nn.Module: package.module:factory."),
            input_size: Optional[str] = typer.Option(None, "--input-size", help="For --model: 224 or HxW."),
            batch: Optional[int] = typer.Option(None, "--batch", min=1,
-                                               help="Static batch size [default: 1; TVM: the database's]."),
+                                               help="Static batch size \\[default: 1; TVM: the database's]."),
            dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Any batch size (if the target supports it)."),
            img_size: str = typer.Option("224", "--img-size",
                                         help="Input size, multiple of 16: 224, or HxW (e.g. 480x640) for detection."),
@@ -479,7 +479,7 @@ def profile_command(model: str = typer.Argument(..., help="m0 … m5"),
 
 @app.command()
 def build(file: Path = typer.Argument(Path("evit-deploy.toml"), help="The build file."),
-          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: the file's [build] out)."),
+          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: the file's \\[build] out)."),
           jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Models built in parallel processes."),
           json_out: Optional[str] = typer.Option(None, "--json", help="Also write the manifest to FILE ('-': stdout).")):
     """Build, verify and record every artifact of a build file (skips what is up to date)."""

@@ -111,3 +111,25 @@ def test_profiles_and_targets_commands(cli):
     assert code == 0
     onnx_target = next(t for t in json.loads(out) if t["name"] == "onnx")
     assert onnx_target["usable"] and "onnxruntime" in onnx_target["requires"]
+
+
+def test_help_shows_every_option_text_in_full(cli, monkeypatch):
+    """Rich reads "[word]" in a help text as markup and drops it ("Static batch size ."):
+    every option's help must reach the terminal as written."""
+    import typer
+
+    from evit_deploy.cli import app
+
+    monkeypatch.setenv("COLUMNS", "400")
+    group = typer.main.get_command(app)
+    checked = 0
+    for name, command in group.commands.items():
+        code, out, _ = cli(name, "--help")
+        assert code == 0
+        shown = " ".join(out.replace("│", " ").split())
+        for param in command.params:
+            text = getattr(param, "help", None)
+            if getattr(param, "param_type_name", "") == "option" and text and "[" in text:
+                assert " ".join(text.replace("\\[", "[").split()) in shown, (name, param.name)
+                checked += 1
+    assert checked >= 2

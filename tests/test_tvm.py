@@ -94,6 +94,23 @@ def test_resumed_tune_continues_from_the_database(tuned_db):
     assert "candidate failed" not in log and "timed out" not in log
 
 
+def test_hand_written_kernels_are_measured_first_and_once(tuned_db):
+    """templates.py candidates go in before MetaSchedule's, and a resumed tune does not
+    measure them again."""
+    from collections import Counter
+
+    import tvm_ffi
+
+    from evit_deploy.targets.tvm import templates
+
+    db, _, _ = tuned_db
+    records = tvmdb.TuningDatabase.open(db).ms_database().get_all_tuning_records()
+    written = Counter((tvm_ffi.structural_hash(r.workload.mod), str(r.trace))
+                      for r in records if templates.is_template(r.trace))
+    assert written, "no hand-written kernel was measured"
+    assert max(written.values()) == 1
+
+
 def test_database_records_what_it_was_made_for(tuned_db):
     import tvm
 

@@ -4,8 +4,10 @@ MetaSchedule's own task schedulers give every task a full round (64 trials) befo
 looking at where time goes, so a modest budget is spent on the first tasks of the list
 and the rest stay untuned. Here every task first gets one small round, then each next
 round goes to the task with the largest share of the estimated model latency per trial
-already spent on it (``weight x best latency / trials``). The loop stops at a trial
-count or a deadline, checks both between rounds, and reports after every round.
+already spent on it (``weight x best latency / trials``). Before any of that, each 1x1
+convolution and the input transpose get one round of the hand-written kernels of
+:mod:`.templates`, measured and stored like any other candidate. The loop stops at a
+trial count or a deadline, checks both between rounds, and reports after every round.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import time
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from . import templates
 
 log = logging.getLogger("evit_deploy.tvm.tuning")
 
@@ -33,6 +37,7 @@ class TaskState:
     previous_trials: int = 0          # records found in the database
     rounds: int = 0
     exhausted: bool = False
+    template_pending: bool = False    # hand-written candidates (templates.py) not measured yet
 
     @property
     def total_trials(self) -> int:
@@ -178,13 +183,15 @@ class Search:
 
     # -- database -----------------------------------------------------------------------
     def _load_previous(self, task: TaskState) -> None:
-        if not self.database.has_workload(task.mod):
-            return
-        workload = self.database.commit_workload(task.mod)
-        records = self.database.get_top_k(workload, 1_000_000)     # best first
+        records = []
+        if self.database.has_workload(task.mod):
+            workload = self.database.commit_workload(task.mod)
+            records = self.database.get_top_k(workload, 1_000_000)     # best first
         if records:
             task.best_s = min(float(s) for s in records[0].run_secs)
         task.previous_trials = len(records)
+        task.template_pending = (templates.applies(task.mod)
+                                 and not any(templates.is_template(r.trace) for r in records))
 
     # -- scheduling ---------------------------------------------------------------------
     def estimated_latency(self) -> float | None:
@@ -196,9 +203,11 @@ class Search:
         live = [t for t in self.tasks if not t.exhausted]
         if not live:
             return None
-        fresh = [t for t in live if t.best_s is None]
-        if fresh:       # everything gets a schedule first, biggest kernels first
-            return max(fresh, key=lambda t: (t.weight * t.flops, -t.index))
+        # Hand-written kernels first (a few candidates that are often the best there
+        # is), then a schedule for everything, biggest kernels first.
+        for first in ([t for t in live if t.template_pending], [t for t in live if t.best_s is None]):
+            if first:
+                return max(first, key=lambda t: (t.weight * t.flops, -t.index))
         return max(live, key=lambda t: (t.weight * t.best_s / (1 + t.total_trials), -t.index))
 
     def _context(self, task: TaskState):
@@ -235,7 +244,13 @@ class Search:
             return None
         t0 = time.monotonic()
         ctx = self._context(task)
-        candidates = ctx.generate_measure_candidates()
+        candidates = []
+        if task.template_pending:
+            task.template_pending = False
+            candidates = templates.candidates(task.mod, ctx.space_generator.postprocs)
+        from_search = not candidates
+        if from_search:
+            candidates = ctx.generate_measure_candidates()
         if candidates and limit is not None:
             candidates = list(candidates)[:limit]     # a trial budget is a promise, not a hint
         if not candidates:
@@ -251,7 +266,8 @@ class Search:
         for cand, (path, error) in zip(candidates, built):
             results.append(next(measured) if path else RunnerResult(run_secs=None, error_msg=error))
             remove_artifact(path)
-        ctx.notify_runner_results(candidates, results)
+        if from_search:         # the evolutionary search counts only its own candidates
+            ctx.notify_runner_results(candidates, results)
         self.cost_model.update(ctx, candidates, results)
         t4 = time.monotonic()
         workload = self.database.commit_workload(task.mod)

@@ -1,0 +1,213 @@
+"""Hand-written schedules measured beside MetaSchedule's, for kernels its design space serves badly.
+
+Most of EfficientViT's time is in 1x1 convolutions (the FFNs and projections), which in
+NHWC are matrix products ``[N*H*W, C] x [C, F]`` with an element-wise epilogue (bias,
+residual, ReLU). MetaSchedule's fp32 design space accumulates into a full-size buffer and
+on the small 7x7 and 4x4 maps settles on one vector of output channels per row tile;
+measured on an AVX-512 Xeon, most of M0's best tuned 1x1 kernels ran 1.1-1.8x slower than
+the classic register-blocked kernel (as in onnxruntime's MLAS): a block of output rows x ``NR``
+channels held in registers across the whole reduction, weights packed into
+``NR``-wide panels, the epilogue applied while the block is still in registers.
+
+:func:`candidates` writes that kernel for a task in a few block shapes. The tuner measures
+them with the same builder and runner as MetaSchedule's candidates and stores them in
+the same database, so compilation simply picks whichever schedule measured fastest.
+
+The second kernel is the input's NCHW -> NHWC transpose. MetaSchedule always vectorizes
+the innermost output loop, here the 3 colour channels: every vector is a gather (1.5 ms
+for a batch of 16 at 224x224). Vectorizing along the image row instead (contiguous
+loads, one store per channel) takes less than half of that.
+"""
+
+from __future__ import annotations
+
+import math
+
+#: Block annotation that marks a schedule written here (read back from database traces).
+MARK = "evit_deploy.template"
+GEMM = "gemm"
+TRANSPOSE = "transpose"
+
+#: SIMD width the kernel's inner loop is written for, in floats (one AVX-512 register;
+#: LLVM splits it in two on AVX2 CPUs).
+LANES = 16
+#: The register block holds at most this many accumulator vectors (AVX-512 has 32
+#: registers; the rest hold weights and the broadcast input).
+MAX_ACCUMULATORS = 28
+MIN_ACCUMULATORS = 6
+#: Block shapes tried per kernel; more rarely win and each costs a build and a run.
+MAX_CANDIDATES = 6
+#: Longest loop nest the transpose kernel unrolls (3 colour channels in practice).
+MAX_UNROLLED = 16
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def block_shapes(batch: int, height: int, width: int, channels_out: int) -> list[tuple[int, int, int, int]]:
+    """(images, rows, columns, channels) register blocks for an NHWC output, best guesses first.
+
+    A block's pixels come either from the same position in several images (any map size)
+    or from consecutive pixels of one image (whole rows when it spans more than one), so
+    its output is always a rectangle the epilogue can be placed under.
+    """
+    widths = [nr for nr in (2 * LANES, LANES, 4 * LANES) if channels_out % nr == 0]
+    pixel_blocks: list[tuple[int, int, int]] = []
+    for images in _divisors(batch):
+        pixel_blocks.append((images, 1, 1))
+    for cols in sorted(_divisors(width), reverse=True):
+        for rows in _divisors(height):
+            if rows > 1 and cols != width:
+                continue
+            pixel_blocks.append((1, rows, cols))
+    shapes = [(images, rows, cols, nr) for nr in widths for images, rows, cols in pixel_blocks
+              if MIN_ACCUMULATORS <= images * rows * cols * nr // LANES <= MAX_ACCUMULATORS]
+    # Measured best on M0-M5: about 16 accumulators, 32 channels wide.
+    shapes.sort(key=lambda s: (abs(s[0] * s[1] * s[2] * s[3] // LANES - 16), widths.index(s[3])))
+    return shapes[:MAX_CANDIDATES]
+
+
+def conv1x1_extents(mod) -> tuple[int, int, int, int, int] | None:
+    """(N, H, W, F, C) when the task's kernel is a dense 1x1 NHWC convolution, else None."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(mod)
+    try:
+        conv = sch.get_sblock("conv2d_nhwc")
+    except Exception:       # no such block: not a dense NHWC convolution
+        return None
+    loops = sch.get_loops(conv)
+    if len(loops) != 7:
+        return None
+    try:
+        n, h, w, f, ry, rx, c = (int(sch.get(loop).extent) for loop in loops)
+    except TypeError:       # symbolic extents (dynamic batch)
+        return None
+    if (ry, rx) != (1, 1):
+        return None
+    return n, h, w, f, c
+
+
+def schedule_gemm(mod, block: tuple[int, int, int, int]):
+    """The micro-kernel schedule of a 1x1 convolution task, before MetaSchedule's
+    post-processors (which add the weight packing and the reduction init)."""
+    from tvm import s_tir
+
+    images, rows, cols, nr = block
+    sch = s_tir.Schedule(mod)
+    conv = sch.get_sblock("conv2d_nhwc")
+    epilogue = None
+    for b in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(b).name_hint == "conv2d_nhwc":
+            continue
+        if sch.get_consumers(b):
+            sch.compute_inline(b)          # padding copy, bias, intermediate element-wise ops
+        elif epilogue is None:
+            epilogue = b
+        else:
+            raise ValueError("more than one output")
+    nn, yy, xx, ff, ry, rx, rc = sch.get_loops(conv)
+    no, ni = sch.split(nn, [None, images])
+    yo, yi = sch.split(yy, [None, rows])
+    xo, xi = sch.split(xx, [None, cols])
+    fo, fi = sch.split(ff, [None, nr])
+    fio, fii = sch.split(fi, [None, LANES])
+    sch.reorder(fo, no, yo, xo, ry, rx, rc, ni, yi, xi, fio, fii)
+    outer = sch.fuse(fo, no, yo, xo)
+    sch.parallel(outer)
+    # The accumulators live in a local block (registers once unrolled); the epilogue
+    # reads them straight back, so the conv result never goes to memory.
+    sch.compute_inline(sch.cache_write(conv, 0, "local"))
+    if epilogue is not None:
+        sch.reverse_compute_at(epilogue, outer)
+        sch.vectorize(sch.split(sch.get_loops(epilogue)[-1], [None, LANES])[-1])
+    for loop in (ni, yi, xi, fio):
+        sch.unroll(loop)
+    sch.vectorize(fii)
+    sch.annotate(conv, MARK, GEMM)
+    return sch
+
+
+def transposed_axis(mod) -> int | None:
+    """For a task that is a single transpose whose input's innermost axis is not its
+    output's, the output loop that walks that axis; else None."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(mod)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    if len(blocks) != 1 or sch.get(blocks[0]).name_hint != "T_transpose":
+        return None
+    block = sch.get(blocks[0])
+    innermost = block.reads[0].region[-1].min
+    walks = [iv.var.same_as(innermost) for iv in block.iter_vars]
+    if not any(walks) or walks[-1]:
+        return None
+    extents = [int(iv.dom.extent) for iv in block.iter_vars]
+    axis = walks.index(True)
+    if math.prod(extents[axis + 1:]) > MAX_UNROLLED:
+        return None                 # the loops after it are unrolled: keep them short
+    return axis
+
+
+def schedule_transpose(mod, lanes: int):
+    """Vector loads along the input's rows, the output's short innermost loop unrolled."""
+    from tvm import s_tir
+
+    axis = transposed_axis(mod)
+    sch = s_tir.Schedule(mod)
+    block = sch.get_child_blocks(sch.get_sblock("root"))[0]
+    loops = list(sch.get_loops(block))
+    if int(sch.get(loops[axis]).extent) % lanes:
+        raise ValueError("row not a whole number of vectors")
+    outer, inner = sch.split(loops[axis], [None, lanes])
+    rest = loops[axis + 1:]
+    sch.reorder(outer, *rest, inner)
+    for loop in rest:
+        sch.unroll(loop)
+    sch.vectorize(inner)
+    if axis > 0:
+        sch.parallel(sch.fuse(*loops[:axis]) if axis > 1 else loops[0])
+    sch.annotate(block, MARK, TRANSPOSE)
+    return sch
+
+
+def _schedules(mod):
+    extents = conv1x1_extents(mod)
+    if extents is not None:
+        n, h, w, f, _ = extents
+        for block in block_shapes(n, h, w, f):
+            yield lambda block=block: schedule_gemm(mod, block)
+    if transposed_axis(mod) is not None:
+        for lanes in (LANES, LANES // 2):
+            yield lambda lanes=lanes: schedule_transpose(mod, lanes)
+
+
+def applies(mod) -> bool:
+    """Whether this module has a hand-written kernel for the task."""
+    return conv1x1_extents(mod) is not None or transposed_axis(mod) is not None
+
+
+def candidates(mod, postprocs) -> list:
+    """Measure candidates (MetaSchedule ``MeasureCandidate``) of the hand-written kernels
+    for a task, one per variant; empty when none applies or its schedule does not."""
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.search_strategy import MeasureCandidate
+
+    out = []
+    for make in _schedules(mod):
+        try:
+            sch = make()
+            sch.enter_postproc()
+            if not all(p.apply(sch) for p in postprocs):
+                continue
+        except Exception:   # a schedule primitive refused this kernel's shape: skip it
+            continue
+        # The runner feeds the kernel as built: weights already packed.
+        out.append(MeasureCandidate(sch, ArgInfo.from_entry_func(sch.mod, remove_preproc=True)))
+    return out
+
+
+def is_template(trace) -> bool:
+    """Whether a database trace was written by this module."""
+    return any(inst.kind.name == "Annotate" and str(inst.attrs[0]) == MARK for inst in trace.insts)
