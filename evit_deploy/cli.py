@@ -317,7 +317,9 @@ def tune(model: str = typer.Argument("m0", help="m0 … m5"),
            else "not yet: some kernels have no measurement")
     rows = [["database", str(result.db_path)], ["target", result.target_string],
             ["model", f"{result.model} {'x'.join(map(str, result.input_shape))}"],
-            ["kernels", result.tasks], ["trials", f"{result.trials} in this run, {result.total_trials} in all"],
+            ["kernels", f"{result.tasks} ({sum(k['hand_written'] for k in result.per_task)} best with a "
+                        "hand-written schedule)"],
+            ["trials", f"{result.trials} in this run, {result.total_trials} in all"],
             ["time", f"{result.seconds / 60:.1f} min (stopped: {result.stopped})"],
             ["measured on", result.measured_on], ["estimated latency", est],
             ["errors", result.errors], ["log", str(result.log_path)]]

@@ -103,12 +103,19 @@ def test_hand_written_kernels_are_measured_first_and_once(tuned_db):
 
     from evit_deploy.targets.tvm import templates
 
-    db, _, _ = tuned_db
+    db, result, _ = tuned_db
     records = tvmdb.TuningDatabase.open(db).ms_database().get_all_tuning_records()
     written = Counter((tvm_ffi.structural_hash(r.workload.mod), str(r.trace))
                       for r in records if templates.is_template(r.trace))
     assert written, "no hand-written kernel was measured"
     assert max(written.values()) == 1
+    # The tune result says which kernels' best schedule is hand-written, as the database does.
+    best = {}
+    for r in records:
+        key, mean = tvm_ffi.structural_hash(r.workload.mod), sum(map(float, r.run_secs)) / len(r.run_secs)
+        if key not in best or mean < best[key][0]:
+            best[key] = (mean, templates.is_template(r.trace))
+    assert sum(k["hand_written"] for k in result.per_task) == sum(h for _, h in best.values())
 
 
 def test_database_records_what_it_was_made_for(tuned_db):
@@ -213,6 +220,7 @@ def test_export_applies_the_database_and_passes_parity(tuned_library):
     assert info["target"] == resolve_target(TARGET) and info["threads"] == 1
     assert json.loads(side.read_text())["inputs"][0]["shape"][0] == BATCH
     assert 0 < info["tuned_kernels"] <= info["kernels"]
+    assert 0 <= info["hand_written_kernels"] <= info["tuned_kernels"]
     assert info["database"]["records"] > 0
     extra = json.loads(side.read_text())["extra"]
     assert extra["tuned"] == (info["tuned_kernels"] == info["kernels"])

@@ -10,6 +10,7 @@ class BuildResult:
     executable: object
     kernels: int          # fused kernels in the module
     tuned: int            # of which a tuning record was applied
+    hand_written: int     # of which the record is a schedule from templates.py
 
 
 def count_kernels(mod) -> int:
@@ -21,6 +22,19 @@ def count_tuned(mod) -> int:
     from tvm import tirx
     return sum(1 for _, f in mod.functions.items()
                if isinstance(f, tirx.PrimFunc) and f.attrs is not None and f.attrs.get("tirx.is_scheduled", False))
+
+
+def count_hand_written(mod) -> int:
+    from tvm import s_tir, tirx
+
+    from .templates import MARK
+
+    count = 0
+    for _, f in mod.functions.items():
+        if isinstance(f, tirx.PrimFunc) and f.attrs is not None and f.attrs.get("tirx.is_scheduled", False):
+            sch = s_tir.Schedule(f)
+            count += any(MARK in sch.get(b).annotations for b in sch.get_child_blocks(sch.get_sblock("root")))
+    return count
 
 
 def build(prepared, target, database=None) -> BuildResult:
@@ -39,7 +53,7 @@ def build(prepared, target, database=None) -> BuildResult:
         if database is not None:
             with database:
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-        tuned = count_tuned(mod)
+        tuned, hand_written = count_tuned(mod), count_hand_written(mod)
         # Tuned kernels may read their weights in a blocked layout: split that rewrite
         # out of the kernel and fold it into the constants at build time.
         mod = tvm.transform.Sequential([
@@ -55,4 +69,4 @@ def build(prepared, target, database=None) -> BuildResult:
             *rp.finalize_passes(target),
         ])
         executable = tvm.compile(mod, target=target, relax_pipeline=lower)
-    return BuildResult(executable, kernels, tuned)
+    return BuildResult(executable, kernels, tuned, hand_written)

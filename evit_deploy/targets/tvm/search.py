@@ -38,6 +38,7 @@ class TaskState:
     rounds: int = 0
     exhausted: bool = False
     template_pending: bool = False    # hand-written candidates (templates.py) not measured yet
+    best_hand_written: bool = False   # the best schedule is one of templates.py's
 
     @property
     def total_trials(self) -> int:
@@ -189,6 +190,7 @@ class Search:
             records = self.database.get_top_k(workload, 1_000_000)     # best first
         if records:
             task.best_s = min(float(s) for s in records[0].run_secs)
+            task.best_hand_written = templates.is_template(records[0].trace)
         task.previous_trials = len(records)
         task.template_pending = (templates.applies(task.mod)
                                  and not any(templates.is_template(r.trace) for r in records))
@@ -281,8 +283,10 @@ class Search:
                                                             cand.args_info))
             if task.best_s is None or min(secs) < task.best_s:
                 task.best_s = min(secs)
-        log.info("%s: %d candidates: search %.1f s, build %.1f s, measure %.1f s, learn %.1f s, record %.1f s",
-                 task.name, len(candidates), t1 - t0, t2 - t1, t3 - t2, t4 - t3, time.monotonic() - t4)
+                task.best_hand_written = not from_search
+        log.info("%s: %d %s candidates: search %.1f s, build %.1f s, measure %.1f s, learn %.1f s, record %.1f s",
+                 task.name, len(candidates), "searched" if from_search else "hand-written",
+                 t1 - t0, t2 - t1, t3 - t2, t4 - t3, time.monotonic() - t4)
         task.trials += len(candidates)
         task.rounds += 1
         self.trials_done += len(candidates)

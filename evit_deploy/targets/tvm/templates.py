@@ -143,7 +143,10 @@ def transposed_axis(mod) -> int | None:
     walks = [iv.var.same_as(innermost) for iv in block.iter_vars]
     if not any(walks) or walks[-1]:
         return None
-    extents = [int(iv.dom.extent) for iv in block.iter_vars]
+    try:
+        extents = [int(iv.dom.extent) for iv in block.iter_vars]
+    except TypeError:               # symbolic extents (dynamic batch)
+        return None
     axis = walks.index(True)
     if math.prod(extents[axis + 1:]) > MAX_UNROLLED:
         return None                 # the loops after it are unrolled: keep them short

@@ -205,7 +205,8 @@ def tune(model: str = "m0", target: str | dict = "native", *, trials: int | None
                       sum(t.total_trials for t in tasks), seconds, stopped,
                       estimate * 1e3 if estimate else None, search.errors, measured_on, log_path,
                       [{"kernel": t.name, "calls": t.weight, "best_ms": t.best_s * 1e3 if t.best_s else None,
-                        "trials": t.total_trials} for t in sorted(tasks, key=lambda t: -(t.weight * (t.best_s or 0)))])
+                        "trials": t.total_trials, "hand_written": t.best_hand_written}
+                       for t in sorted(tasks, key=lambda t: -(t.weight * (t.best_s or 0)))])
 
 
 def _run(search, reporter: Reporter, model: str, trials, budget_s, deadline, started) -> str:
