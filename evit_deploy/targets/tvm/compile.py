@@ -18,22 +18,26 @@ def count_kernels(mod) -> int:
     return sum(1 for _, f in mod.functions.items() if isinstance(f, tirx.PrimFunc))
 
 
-def count_tuned(mod) -> int:
+def _scheduled(mod):
+    """The kernels a tuning record was applied to."""
     from tvm import tirx
-    return sum(1 for _, f in mod.functions.items()
-               if isinstance(f, tirx.PrimFunc) and f.attrs is not None and f.attrs.get("tirx.is_scheduled", False))
+    return [f for _, f in mod.functions.items()
+            if isinstance(f, tirx.PrimFunc) and f.attrs is not None and f.attrs.get("tirx.is_scheduled", False)]
+
+
+def count_tuned(mod) -> int:
+    return len(_scheduled(mod))
 
 
 def count_hand_written(mod) -> int:
-    from tvm import s_tir, tirx
+    from tvm import s_tir
 
     from .templates import MARK
 
     count = 0
-    for _, f in mod.functions.items():
-        if isinstance(f, tirx.PrimFunc) and f.attrs is not None and f.attrs.get("tirx.is_scheduled", False):
-            sch = s_tir.Schedule(f)
-            count += any(MARK in sch.get(b).annotations for b in sch.get_child_blocks(sch.get_sblock("root")))
+    for f in _scheduled(mod):
+        sch = s_tir.Schedule(f)
+        count += any(MARK in sch.get(b).annotations for b in sch.get_child_blocks(sch.get_sblock("root")))
     return count
 
 

@@ -153,11 +153,11 @@ def transposed_axis(mod) -> int | None:
     return axis
 
 
-def schedule_transpose(mod, lanes: int):
-    """Vector loads along the input's rows, the output's short innermost loop unrolled."""
+def schedule_transpose(mod, axis: int, lanes: int):
+    """Vector loads along the input's rows (output loop ``axis``, from
+    :func:`transposed_axis`), the output's short innermost loop unrolled."""
     from tvm import s_tir
 
-    axis = transposed_axis(mod)
     sch = s_tir.Schedule(mod)
     block = sch.get_child_blocks(sch.get_sblock("root"))[0]
     loops = list(sch.get_loops(block))
@@ -181,9 +181,10 @@ def _schedules(mod):
         n, h, w, f, _ = extents
         for block in block_shapes(n, h, w, f):
             yield lambda block=block: schedule_gemm(mod, block)
-    if transposed_axis(mod) is not None:
+    axis = transposed_axis(mod)
+    if axis is not None:
         for lanes in (LANES, LANES // 2):
-            yield lambda lanes=lanes: schedule_transpose(mod, lanes)
+            yield lambda lanes=lanes: schedule_transpose(mod, axis, lanes)
 
 
 def applies(mod) -> bool:
