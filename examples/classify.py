@@ -69,11 +69,18 @@ class TvmModel:
         self.description = json.loads(path.with_name(path.stem + ".tvm.json").read_text("utf-8"))
         # The kernels were tuned for this many threads (the target's num-cores).
         tvm.get_global_func("runtime.config_threadpool")(1, self.description["extra"]["tvm"]["threads"])
-        self._tvm = tvm
+        self._in_place = self.description["extra"]["tvm"].get("inputs_in_place", False)
         self._main = VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())["main"]
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        out = self._main(self._tvm.runtime.tensor(np.ascontiguousarray(batch)))
+        import tvm
+        import tvm_ffi
+
+        batch = np.ascontiguousarray(batch)
+        # Libraries that say so read the array where it is, at any alignment (no copy of
+        # the batch); others need TVM's 64-byte-aligned copy.
+        x = tvm_ffi.from_dlpack(batch, require_alignment=0) if self._in_place else tvm.runtime.tensor(batch)
+        out = self._main(x)
         return (out[0] if not hasattr(out, "numpy") else out).numpy()
 
 

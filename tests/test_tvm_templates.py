@@ -14,12 +14,16 @@ from evit_deploy.targets.tvm import templates  # noqa: E402
 TARGET = "native -num-cores=1"
 
 
+@pytest.mark.parametrize("window", [False, True])
 @pytest.mark.parametrize("shape", [(16, 7, 7, 128), (16, 4, 4, 192), (1, 14, 14, 256), (2, 1, 1, 48), (1, 1, 1, 64),
-                                   (64, 7, 7, 48), (1, 1, 1, 1000)])
-def test_block_shapes_tile_the_output_and_fit_in_registers(shape):
+                                   (64, 7, 7, 48), (1, 1, 1, 1000), (16, 56, 56, 32)])
+def test_block_shapes_tile_the_output_and_fit_in_registers(shape, window):
     n, h, w, f = shape
-    shapes = templates.block_shapes(n, h, w, f)
+    shapes = templates.block_shapes(n, h, w, f, window=window)
     assert len(shapes) <= templates.MAX_CANDIDATES
+    if window:                                  # a 3x3 convolution: one position of several images
+        assert all(rows == cols == 1 for _, rows, cols, _ in shapes)
+        assert bool(shapes) == (n >= 8 or (n >= 4 and f % 64 == 0) or (n >= 2 and f % 128 == 0))
     if f % templates.LANES:
         assert not shapes                       # no whole-vector block of channels
     for images, rows, cols, nr in shapes:
@@ -61,21 +65,27 @@ def _run(mod, target, args):
     return out[-1].numpy()
 
 
-def test_hand_written_kernels_apply_to_1x1_convolutions_and_the_input_transpose(m0_tasks):
+def _window(extents) -> bool:
+    return extents[4:6] != (1, 1)
+
+
+def test_hand_written_kernels_apply_to_dense_convolutions_and_the_input_transpose(m0_tasks):
     _, tasks = m0_tasks
-    gemm = {t.name for t in tasks if templates.conv1x1_extents(t.mod) is not None}
+    gemm = {t.name: templates.conv_extents(t.mod) for t in tasks if templates.conv_extents(t.mod) is not None}
     transpose = {t.name for t in tasks if templates.transposed_axis(t.mod) is not None}
     assert gemm and all("conv2d" in name for name in gemm)
+    assert sorted(e[4:6] for e in gemm.values() if _window(e)) == [(3, 3)] * 4     # the stem
     assert transpose == {"transpose1"}            # the NCHW image -> NHWC, nothing else
-    assert {t.name for t in tasks if templates.applies(t.mod)} == gemm | transpose
-    stem = [t for t in tasks if "conv2d" in t.name and t.name not in gemm]
-    assert stem, "3x3 and depthwise convolutions stay with MetaSchedule"
+    assert {t.name for t in tasks if templates.applies(t.mod)} == set(gemm) | transpose
+    depthwise = [t for t in tasks if "conv2d" in t.name and t.name not in gemm]
+    assert depthwise, "grouped (depthwise) convolutions stay with MetaSchedule"
 
 
 def test_every_candidate_computes_the_kernel(m0_tasks):
     """Each variant of each kernel of M0 with a hand-written schedule (1x1 convolutions
-    with their fused bias, residual, ReLU or sigmoid; the input transpose) against the
-    same kernel unscheduled."""
+    with their fused bias, residual, ReLU or sigmoid; a 3x3 stride-2 convolution of the
+    stem, its zero padding inlined; the input transpose) against the same kernel
+    unscheduled."""
     target, tasks = m0_tasks
     rng = np.random.default_rng(0)
     checked = set()
@@ -89,11 +99,12 @@ def test_every_candidate_computes_the_kernel(m0_tasks):
         cands = templates.candidates(task.mod, _postprocs(task, target))
         # None only when no GEMM block fits (tiny maps at this test size), never
         # because a schedule failed to apply.
-        extents = templates.conv1x1_extents(task.mod)
-        assert cands or (extents and not templates.block_shapes(*extents[:4])), task.name
+        extents = templates.conv_extents(task.mod)
+        assert cands or (extents and not templates.block_shapes(*extents[:4], window=_window(extents))), task.name
         for cand in cands:
             assert templates.is_template(cand.sch.trace)
             np.testing.assert_allclose(_run(cand.sch.mod, target, args), expected, rtol=1e-4, atol=1e-4,
                                        err_msg=task.name)
             checked.add(task.name)
     assert "transpose1" in checked and len(checked) >= 10
+    assert any(_window(templates.conv_extents(t.mod)) for t in tasks if t.name in checked and "conv2d" in t.name)

@@ -151,7 +151,7 @@ class TvmTarget(Target):
                                       tuning=f"{built.tuned}/{built.kernels} kernels tuned", tvm={
             "target": target, "target_string": to_classic(target), "threads": target["num-cores"],
             "kernels": built.kernels, "tuned_kernels": built.tuned, "hand_written_kernels": built.hand_written,
-            "graph": graph.VERSION,
+            "inputs_in_place": built.inputs_in_place, "graph": graph.VERSION,
             "database": db_info, "tvm_version": tvm.__version__})
         try:
             built.executable.export_library(str(path))

@@ -91,14 +91,22 @@ class CompiledModel:
         self.input_shape = tuple(spec.shape)
         self.input_dtype = spec.dtype
         self.output_names = [o.name for o in self.description.outputs]
+        # A library whose description says so reads the caller's array where it is (see
+        # compile.read_inputs_in_place); others assume TVM's 64-byte alignment.
+        self.inputs_in_place = bool(self.description.extra.get("tvm", {}).get("inputs_in_place"))
 
     def to_device(self, x: np.ndarray):
+        """``x`` as the library's input: the same memory when the library reads inputs
+        in place (kept alive by the returned tensor), else a copy."""
         import tvm
 
         x = np.ascontiguousarray(x, dtype=self.input_dtype)
         if tuple(x.shape) != self.input_shape:
             raise BadInputError(f"{self.path.name} takes input of shape {list(self.input_shape)}, "
                                 f"got {list(x.shape)}")
+        if self.inputs_in_place:
+            import tvm_ffi
+            return tvm_ffi.from_dlpack(x, require_alignment=0)
         return tvm.runtime.tensor(x, self.device)
 
     def run_device(self, x):
