@@ -38,6 +38,14 @@ TRANSPOSE = "transpose"
 #: SIMD width the kernel's inner loop is written for, in floats (one AVX-512 register;
 #: LLVM splits it in two on AVX2 CPUs).
 LANES = 16
+#: Channel counts that are not a multiple of LANES (the stem's first convolution: 8 in
+#: M0, 24 in M5) are written as vectors of this many: one AVX2 register.
+HALF_LANES = LANES // 2
+
+
+def lanes(nr: int) -> int:
+    """The vector width a block of ``nr`` channels is computed in."""
+    return LANES if nr % LANES == 0 else HALF_LANES
 #: The register block holds at most this many accumulator vectors (AVX-512 has 32
 #: registers; the rest hold weights and the broadcast input).
 MAX_ACCUMULATORS = 28
@@ -62,6 +70,8 @@ def block_shapes(batch: int, height: int, width: int, channels_out: int, *,
     a ``window`` larger than 1x1 gets image blocks only (see the module's docstring).
     """
     widths = [nr for nr in (2 * LANES, LANES, 4 * LANES) if channels_out % nr == 0]
+    if not widths and channels_out % HALF_LANES == 0 and channels_out <= 2 * LANES:
+        widths = [channels_out]          # all the channels, in half-width vectors
     pixel_blocks: list[tuple[int, int, int]] = []
     for images in _divisors(batch):
         pixel_blocks.append((images, 1, 1))
@@ -71,9 +81,9 @@ def block_shapes(batch: int, height: int, width: int, channels_out: int, *,
                 continue
             pixel_blocks.append((1, rows, cols))
     shapes = [(images, rows, cols, nr) for nr in widths for images, rows, cols in pixel_blocks
-              if MIN_ACCUMULATORS <= images * rows * cols * nr // LANES <= MAX_ACCUMULATORS]
+              if MIN_ACCUMULATORS <= images * rows * cols * nr // lanes(nr) <= MAX_ACCUMULATORS]
     # Measured best on M0-M5: about 16 accumulators, 32 channels wide.
-    shapes.sort(key=lambda s: (abs(s[0] * s[1] * s[2] * s[3] // LANES - 16), widths.index(s[3])))
+    shapes.sort(key=lambda s: (abs(s[0] * s[1] * s[2] * s[3] // lanes(s[3]) - 16), widths.index(s[3])))
     return shapes[:MAX_CANDIDATES]
 
 
@@ -119,7 +129,7 @@ def schedule_gemm(mod, block: tuple[int, int, int, int]):
     yo, yi = sch.split(yy, [None, rows])
     xo, xi = sch.split(xx, [None, cols])
     fo, fi = sch.split(ff, [None, nr])
-    fio, fii = sch.split(fi, [None, LANES])
+    fio, fii = sch.split(fi, [None, lanes(nr)])
     sch.reorder(fo, no, yo, xo, ry, rx, rc, ni, yi, xi, fio, fii)
     outer = sch.fuse(fo, no, yo, xo)
     sch.parallel(outer)
@@ -128,7 +138,7 @@ def schedule_gemm(mod, block: tuple[int, int, int, int]):
     sch.compute_inline(sch.cache_write(conv, 0, "local"))
     if epilogue is not None:
         sch.reverse_compute_at(epilogue, outer)
-        sch.vectorize(sch.split(sch.get_loops(epilogue)[-1], [None, LANES])[-1])
+        sch.vectorize(sch.split(sch.get_loops(epilogue)[-1], [None, lanes(nr)])[-1])
     for loop in (ni, yi, xi, fio):
         sch.unroll(loop)
     sch.vectorize(fii)
