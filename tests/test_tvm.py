@@ -198,6 +198,25 @@ def test_tuning_the_pooling_kernel_prints_no_tvm_warning(capfd):
     assert "Unknown schedule rule" not in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_the_first_convolution_reads_the_image_as_it_comes(layout):
+    """NHWC kernels: no transpose kernel for the NCHW image, the stem's first
+    convolution reads it (the library's parity, below, checks what it computes)."""
+    from tvm import relax
+
+    from evit_deploy.targets.tvm import graph
+    from evit_deploy.targets.tvm.target_string import to_tvm
+    from evit_deploy.trace import trace
+
+    mod = graph.prepare(graph.import_program(trace("m0", batch=1, img_size=IMG).program), to_tvm(resolve_target(TARGET)),
+                        layout=layout)
+    main = mod["main"]
+    calls = [b.value for block in main.body.blocks for b in block.bindings if isinstance(b.value, relax.Call)]
+    readers = [c.args[0].name_hint for c in calls if any(a.same_as(main.params[0]) for a in c.args[1].fields)]
+    assert len(readers) == 1 and readers[0].startswith("fused_conv2d")
+    assert ("nchw_input" in readers[0]) == (layout == "NHWC")
+
+
 @pytest.fixture(scope="module")
 def tuned_library(tuned_db, tmp_path_factory):
     db, _, _ = tuned_db

@@ -10,7 +10,7 @@ LAYOUTS = ("NCHW", "NHWC")
 DEFAULT_LAYOUT = "NHWC"
 #: Changes whenever :func:`prepare` produces different kernels: a tuning database made
 #: by another version matches fewer (or none) of them.
-VERSION = "4-nhwc-simplified-fast-softmax-layout-free-weights"
+VERSION = "5-nhwc-simplified-fast-softmax-layout-free-weights-nchw-input-conv"
 
 
 def import_program(program):
@@ -55,6 +55,7 @@ def prepare(mod, target, *, layout: str = DEFAULT_LAYOUT):
                                            "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}),
             fold_constant_layout_ops(),         # weights OIHW -> OHWI and biases, once
             simplify_layout(),
+            read_image_in_first_convolution(),
         ]
     passes += [
         relax.transform.FuseTransposeMatmul(),
@@ -312,3 +313,56 @@ def simplify_layout():
         return mod
 
     return simplify
+
+
+def read_image_in_first_convolution():
+    """Fold the input's NCHW -> NHWC transpose into the convolution that reads it.
+
+    The image comes in NCHW; as a kernel of its own, the transpose read and wrote the
+    whole batch (9.6 MB each way at 16x224x224) and took 1.3-1.4 ms in every model, about
+    as long as the 3-channel convolution after it. Fused, the convolution reads the NCHW
+    image directly (its zero padding already indexes the input element by element), as
+    onnxruntime's first convolution does: M0 ran 4.7% faster.
+    """
+    import tvm
+    from tvm import relax, te, topi
+
+    def conv_of_nchw(x, filt, stride, padding, dilation, groups, kernel_layout, out_dtype):
+        nhwc = te.compute((x.shape[0], x.shape[2], x.shape[3], x.shape[1]),
+                          lambda n, h, w, c: x[n, c, h, w], name="T_transpose")
+        return topi.nn.conv(nhwc, filt, stride, padding, dilation, groups, "NHWC", kernel_layout, out_dtype)
+
+    @relax.expr_functor.mutator
+    class Folder(relax.PyExprMutator):
+        def __init__(self, mod, inputs):
+            super().__init__(mod)
+            self.inputs = inputs
+
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if not (isinstance(call, relax.Call) and getattr(call.op, "name", None) == "relax.nn.conv2d"):
+                return call
+            attrs = call.attrs
+            data = call.args[0]
+            producer = self.lookup_binding(data) if isinstance(data, relax.Var) else None
+            if not (attrs.data_layout == attrs.out_layout == "NHWC" and isinstance(producer, relax.Call)
+                    and getattr(producer.op, "name", None) == "relax.permute_dims"
+                    and [int(a) for a in producer.attrs.axes] == [0, 2, 3, 1]
+                    and any(producer.args[0].same_as(x) for x in self.inputs)):
+                return call
+            return self.builder_.call_te(conv_of_nchw, producer.args[0], call.args[1], stride=attrs.strides,
+                                         padding=attrs.padding, dilation=attrs.dilation, groups=attrs.groups,
+                                         kernel_layout=attrs.kernel_layout,
+                                         out_dtype=attrs.out_dtype if attrs.out_dtype != "" else None,
+                                         primfunc_name_hint="conv2d_nchw_input")
+
+    @tvm.transform.module_pass(opt_level=0, name="ReadImageInFirstConvolution")
+    def fold(mod, _ctx):
+        folder = Folder(mod, list(mod["main"].params))
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                folder.builder_.update_func(gv, folder.visit_expr(func))
+        # The transpose stays only if something else reads it.
+        return relax.transform.DeadCodeElimination()(folder.builder_.get())
+
+    return fold

@@ -5,7 +5,7 @@ looking at where time goes, so a modest budget is spent on the first tasks of th
 and the rest stay untuned. Here every task first gets one small round, then each next
 round goes to the task with the largest share of the estimated model latency per trial
 already spent on it (``weight x best latency / trials``). Before any of that, each dense
-convolution and the input transpose get one round of the hand-written kernels of
+convolution gets one round of the hand-written kernels of
 :mod:`.templates`, measured and stored like any other candidate. The loop stops at a
 trial count or a deadline, checks both between rounds, and reports after every round.
 """

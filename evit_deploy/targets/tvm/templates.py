@@ -19,21 +19,14 @@ output position of several images. The zero padding, inlined into the loads, the
 one position per step for the whole block; a block along an image row tests every pixel
 and ran 1.6-2.2x slower than MetaSchedule's schedules (measured on M4's stem), while
 the image block ran 1.1-1.4x faster than them.
-
-The second kernel is the input's NCHW -> NHWC transpose. MetaSchedule always vectorizes
-the innermost output loop, here the 3 colour channels: every vector is a gather (1.5 ms
-for a batch of 16 at 224x224). Vectorizing along the image row instead (contiguous
-loads, one store per channel) takes less than half of that.
 """
 
 from __future__ import annotations
 
-import math
 
 #: Block annotation that marks a schedule written here (read back from database traces).
 MARK = "evit_deploy.template"
 GEMM = "gemm"
-TRANSPOSE = "transpose"
 
 #: SIMD width the kernel's inner loop is written for, in floats (one AVX-512 register;
 #: LLVM splits it in two on AVX2 CPUs).
@@ -52,8 +45,6 @@ MAX_ACCUMULATORS = 28
 MIN_ACCUMULATORS = 6
 #: Block shapes tried per kernel; more rarely win and each costs a build and a run.
 MAX_CANDIDATES = 6
-#: Longest loop nest the transpose kernel unrolls (3 colour channels in practice).
-MAX_UNROLLED = 16
 
 
 def _divisors(n: int) -> list[int]:
@@ -146,67 +137,17 @@ def schedule_gemm(mod, block: tuple[int, int, int, int]):
     return sch
 
 
-def transposed_axis(mod) -> int | None:
-    """For a task that is a single transpose whose input's innermost axis is not its
-    output's, the output loop that walks that axis; else None."""
-    from tvm import s_tir
-
-    sch = s_tir.Schedule(mod)
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    if len(blocks) != 1 or sch.get(blocks[0]).name_hint != "T_transpose":
-        return None
-    block = sch.get(blocks[0])
-    innermost = block.reads[0].region[-1].min
-    walks = [iv.var.same_as(innermost) for iv in block.iter_vars]
-    if not any(walks) or walks[-1]:
-        return None
-    try:
-        extents = [int(iv.dom.extent) for iv in block.iter_vars]
-    except TypeError:               # symbolic extents (dynamic batch)
-        return None
-    axis = walks.index(True)
-    if math.prod(extents[axis + 1:]) > MAX_UNROLLED:
-        return None                 # the loops after it are unrolled: keep them short
-    return axis
-
-
-def schedule_transpose(mod, axis: int, lanes: int):
-    """Vector loads along the input's rows (output loop ``axis``, from
-    :func:`transposed_axis`), the output's short innermost loop unrolled."""
-    from tvm import s_tir
-
-    sch = s_tir.Schedule(mod)
-    block = sch.get_child_blocks(sch.get_sblock("root"))[0]
-    loops = list(sch.get_loops(block))
-    if int(sch.get(loops[axis]).extent) % lanes:
-        raise ValueError("row not a whole number of vectors")
-    outer, inner = sch.split(loops[axis], [None, lanes])
-    rest = loops[axis + 1:]
-    sch.reorder(outer, *rest, inner)
-    for loop in rest:
-        sch.unroll(loop)
-    sch.vectorize(inner)
-    if axis > 0:
-        sch.parallel(sch.fuse(*loops[:axis]) if axis > 1 else loops[0])
-    sch.annotate(block, MARK, TRANSPOSE)
-    return sch
-
-
 def _schedules(mod):
     extents = conv_extents(mod)
     if extents is not None:
         n, h, w, f, kh, kw, _ = extents
         for block in block_shapes(n, h, w, f, window=(kh, kw) != (1, 1)):
             yield lambda block=block: schedule_gemm(mod, block)
-    axis = transposed_axis(mod)
-    if axis is not None:
-        for lanes in (LANES, LANES // 2):
-            yield lambda lanes=lanes: schedule_transpose(mod, axis, lanes)
 
 
 def applies(mod) -> bool:
     """Whether this module has a hand-written kernel for the task."""
-    return conv_extents(mod) is not None or transposed_axis(mod) is not None
+    return conv_extents(mod) is not None
 
 
 def candidates(mod, postprocs) -> list:
