@@ -87,6 +87,13 @@ def bound_value(mutator, expr):
     return expr
 
 
+def op_name(expr) -> str | None:
+    """The operator a Relax call applies (``relax.nn.conv2d``), or None for anything else."""
+    from tvm import relax
+
+    return getattr(getattr(expr, "op", None), "name", None) if isinstance(expr, relax.Call) else None
+
+
 def fold_constant_layout_ops():
     """Evaluate ``take``, ``permute_dims`` and ``reshape`` of constants with numpy.
 
@@ -122,7 +129,7 @@ def fold_constant_layout_ops():
 
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            name = getattr(call.op, "name", None)
+            name = op_name(call)
             if name != "relax.reshape" and name not in folders:
                 return call
             args = [self.resolve(a) for a in call.args]
@@ -170,9 +177,6 @@ def simplify_layout():
 
     binary = {"relax.add", "relax.subtract", "relax.multiply", "relax.divide"}
     unary = {"relax.nn.relu", "relax.sigmoid"}
-
-    def op_name(expr):
-        return getattr(getattr(expr, "op", None), "name", None) if isinstance(expr, relax.Call) else None
 
     def shape(expr):
         ty = expr.ty
@@ -340,13 +344,11 @@ def read_image_in_first_convolution():
 
         def visit_call_(self, call):
             call = super().visit_call_(call)
-            if not (isinstance(call, relax.Call) and getattr(call.op, "name", None) == "relax.nn.conv2d"):
+            if op_name(call) != "relax.nn.conv2d":
                 return call
             attrs = call.attrs
-            data = call.args[0]
-            producer = self.lookup_binding(data) if isinstance(data, relax.Var) else None
-            if not (attrs.data_layout == attrs.out_layout == "NHWC" and isinstance(producer, relax.Call)
-                    and getattr(producer.op, "name", None) == "relax.permute_dims"
+            producer = bound_value(self, call.args[0])
+            if not (attrs.data_layout == attrs.out_layout == "NHWC" and op_name(producer) == "relax.permute_dims"
                     and [int(a) for a in producer.attrs.axes] == [0, 2, 3, 1]
                     and any(producer.args[0].same_as(x) for x in self.inputs)):
                 return call

@@ -23,7 +23,6 @@ the image block ran 1.1-1.4x faster than them.
 
 from __future__ import annotations
 
-
 #: Block annotation that marks a schedule written here (read back from database traces).
 MARK = "evit_deploy.template"
 GEMM = "gemm"
@@ -34,17 +33,17 @@ LANES = 16
 #: Channel counts that are not a multiple of LANES (the stem's first convolution: 8 in
 #: M0, 24 in M5) are written as vectors of this many: one AVX2 register.
 HALF_LANES = LANES // 2
-
-
-def lanes(nr: int) -> int:
-    """The vector width a block of ``nr`` channels is computed in."""
-    return LANES if nr % LANES == 0 else HALF_LANES
 #: The register block holds at most this many accumulator vectors (AVX-512 has 32
 #: registers; the rest hold weights and the broadcast input).
 MAX_ACCUMULATORS = 28
 MIN_ACCUMULATORS = 6
 #: Block shapes tried per kernel; more rarely win and each costs a build and a run.
 MAX_CANDIDATES = 6
+
+
+def lanes(nr: int) -> int:
+    """The vector width a block of ``nr`` channels is computed in."""
+    return LANES if nr % LANES == 0 else HALF_LANES
 
 
 def _divisors(n: int) -> list[int]:
