@@ -17,17 +17,20 @@ _API = {
     "model_info": ("evit_deploy.api", "model_info"),
     "models_overview": ("evit_deploy.api", "models_overview"),
     "list_targets": ("evit_deploy.targets", "list_targets"),
-    "load_profile": ("evit_deploy.profiles", "load_profile"),
-    "list_profiles": ("evit_deploy.profiles", "list_profiles"),
+    "load_device_profile": ("evit_deploy.device_profiles", "load_device_profile"),
+    "list_device_profiles": ("evit_deploy.device_profiles", "list_device_profiles"),
+    "plan_export": ("evit_deploy.plan", "plan_export"),
 }
+# Earlier names, kept so that existing code keeps working.
+_ALIASES = {"load_profile": _API["load_device_profile"], "list_profiles": _API["list_device_profiles"]}
 
 __all__ = ["__version__", *_API]
 
 
 def __getattr__(name):
-    if name in _API:
+    if name in _API or name in _ALIASES:
         import importlib
-        module, attr = _API[name]
+        module, attr = _API.get(name) or _ALIASES[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'evit_deploy' has no attribute {name!r}")
 

@@ -20,44 +20,14 @@ from .fsutil import ensure_output_dir, output_error, publish, remove, write_json
 from .parity import ParityReport, Tolerance, verify_outputs
 from .preprocess import preprocess_file
 from .progress import Reporter
-from .targets import Artifact, get_target, target_for_artifact
-from .targets.base import options_to_dict, parse_cli_values
-
-RANDOM_INIT_WARNING = ("no weights given: using a RANDOM initialisation (seed {seed}); the artifact "
-                       "computes nothing useful and is marked random-init in its metadata")
-
+from .plan import ExportPlan, plan_export, trace_plan
+from .targets import Artifact, target_for_artifact
 
 @dataclass
 class ExportResult:
     artifact: Artifact
     report: ParityReport | None
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def resolve_target_options(target: str | None, options=None, *, profile: str | None = None,
-                           cli_args: list[str] | None = None):
-    """(Target, parsed options, profile name) from a target name, a profile and options.
-
-    Explicit options override the profile's; ``cli_args`` are raw ``--flag value`` pairs.
-    """
-    values: dict = {}
-    if profile is not None:
-        from .profiles import load_profile
-        prof = load_profile(profile)
-        if target is not None and target != prof.target:
-            raise BadInputError(f"profile '{prof.name}' is for target '{prof.target}', not '{target}'")
-        target = prof.target
-        values.update(prof.options)
-    if target is None:
-        raise BadInputError("no target given: pass --target NAME or --profile NAME")
-    tgt = get_target(target)
-    if dataclasses.is_dataclass(options) and not isinstance(options, type):
-        values.update(options_to_dict(options))
-    else:
-        values.update(options or {})
-    if cli_args:
-        values.update(parse_cli_values(tgt.Options, cli_args, target=tgt.name))
-    return tgt, tgt.parse_options(values), (profile and Path(profile).stem)
 
 
 def export(model: str = "m0", target: str | None = "onnx", *, out_dir: str | Path = ".",
@@ -73,51 +43,43 @@ def export(model: str = "m0", target: str | None = "onnx", *, out_dir: str | Pat
     ``verify=False``). On a parity failure the files are kept in
     ``<out_dir>/<name>.rejected/`` with the report, and :class:`ParityError` is raised.
     ``batch=None`` is the target's choice (a TVM export takes the batch its tuning database
-    was made for), else 1.
+    was made for), else 1. See :func:`~evit_deploy.plan.plan_export` for the options.
     """
-    from .trace import trace
+    plan = plan_export(model, target, options=options, profile=profile, cli_args=cli_args, batch=batch,
+                       dynamic_batch=dynamic_batch, weights=weights, img_size=img_size, num_classes=num_classes,
+                       distillation=distillation, input_size=input_size, task=task, neck=neck, seed=seed)
+    return export_plan(plan, out_dir, verify=verify, images=images, tolerance=tolerance, reporter=reporter)
 
+
+def export_plan(plan: ExportPlan, out_dir: str | Path, *, verify: bool = True, images=None,
+                tolerance: Tolerance | None = None, reporter: Reporter | None = None) -> ExportResult:
+    """Carry out an export plan: trace, export, verify (see :func:`export`)."""
     reporter = reporter or Reporter()
-    tgt, opts, profile_name = resolve_target_options(target, options, profile=profile, cli_args=cli_args)
-    tgt.check_available()
-    if dynamic_batch and not tgt.supports_dynamic_batch:
-        raise BadInputError(f"target '{tgt.name}' does not support a dynamic batch; use --batch N")
-    if batch is None and not dynamic_batch:
-        chosen = tgt.default_batch(opts, str(model))
-        if chosen is not None:
-            batch, why = chosen
-            reporter.info(f"batch {batch}: {why} (--batch N to change)")
-    if batch is None:
-        batch = 1
+    for note in plan.notes:
+        reporter.info(note)
     out = ensure_output_dir(out_dir)
-    with reporter.stage("trace", str(model)):
-        traced = trace(model, weights, batch=batch, dynamic_batch=dynamic_batch, img_size=img_size,
-                       num_classes=num_classes, distillation=distillation, seed=seed,
-                       input_format=tgt.input_format(opts), input_size=input_size, task=task, neck=neck)
-    if traced.description.random_init:
-        reporter.warn(RANDOM_INIT_WARNING.format(seed=traced.description.seed))
-    elif getattr(traced.reference, "neck_pretrained", True) is False:
-        reporter.warn("the checkpoint is a classification one: the backbone is loaded, but the FPN neck keeps "
-                      f"its seeded initialisation (seed {traced.description.seed})")
-    return export_traced(traced, tgt, opts, out, profile=profile_name, verify=verify, images=images,
-                         tolerance=tolerance, reporter=reporter)
+    with reporter.stage("trace", plan.request.model):
+        traced = trace_plan(plan)
+    for warning in traced.warnings:
+        reporter.warn(warning)
+    return export_traced(traced, plan, out, verify=verify, images=images, tolerance=tolerance, reporter=reporter)
 
 
-def export_traced(traced, tgt, opts, out_dir: Path, *, profile: str | None = None, verify: bool = True,
-                  images=None, tolerance: Tolerance | None = None,
-                  reporter: Reporter | None = None) -> ExportResult:
-    """Export an already traced model (several targets can share one trace)."""
+def export_traced(traced, plan: ExportPlan, out_dir: Path, *, verify: bool = True, images=None,
+                  tolerance: Tolerance | None = None, reporter: Reporter | None = None) -> ExportResult:
+    """Export an already traced model (plans with the same ``trace_key`` can share one trace)."""
     reporter = reporter or Reporter()
+    tgt, opts = plan.target, plan.options
     description = traced.description.with_extra(
-        target=tgt.name, precision=tgt.precision(opts), options=options_to_dict(opts),
-        **({"profile": profile} if profile else {}))
+        target=tgt.name, precision=plan.precision, options=plan.options_dict(),
+        **({"profile": plan.profile} if plan.profile else {}))
     traced = dataclasses.replace(traced, description=description)
     final = out_dir / tgt.artifact_name(description, opts)
     staging = out_dir / f".evit-staging-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
     try:
         with reporter.stage("export", tgt.name):
-            artifact = tgt.export(traced, opts, staging / final.name)
+            artifact = tgt.export(traced, opts, staging / final.name, reporter)
         report = None
         if verify:
             with reporter.stage("verify", tgt.runtime_name(artifact.path)):
@@ -254,16 +216,15 @@ def run(artifact: str | Path, inputs, *, top: int = 5) -> RunResult:
 # -- the model family ----------------------------------------------------------------------
 
 def models_overview() -> list[dict]:
-    """Every family member with measured parameters (after BN folding) and MACs at 224x224,
-    beside the paper's figures."""
-    from .models import MODELS, create_model
-    from .models.counting import count_macs, count_parameters
+    """Every family member with its parameters (after BN folding) and MACs at 224x224, as
+    counted on our model (stored in the registry; a test recounts them), beside the
+    paper's figures. Torch-free."""
+    from .models import MODELS
 
     rows = []
     for spec in MODELS.values():
-        model = create_model(spec.name, fuse=True)
         rows.append({"model": spec.name, "display_name": spec.display_name, "resolution": 224,
-                     "params_m": count_parameters(model) / 1e6, "macs_m": count_macs(model) / 1e6,
+                     "params_m": spec.counts.params / 1e6, "macs_m": spec.counts.macs / 1e6,
                      "paper_top1": spec.paper.top1, "paper_params_m": spec.paper.params_m,
                      "paper_macs_m": spec.paper.macs_m})
     return rows
@@ -295,7 +256,7 @@ def model_info(name: str, *, img_size: int = 224) -> dict:
 
 
 def predict(model: str, images, *, weights=None, top: int = 5, img_size: int = 224,
-            distillation: bool = False, seed: int = 0) -> list[Prediction]:
+            distillation: bool = False, seed: int = 0, reporter: Reporter | None = None) -> list[Prediction]:
     """Classify image files with the PyTorch model (standard evaluation preprocessing)."""
     import torch
 
@@ -303,7 +264,11 @@ def predict(model: str, images, *, weights=None, top: int = 5, img_size: int = 2
     from .models import create_model
     from .preprocess import Preprocessing
 
-    net = create_model(model, "random" if weights is None else weights, img_size=img_size, distillation=distillation, seed=seed)
+    if weights is None:
+        (reporter or Reporter()).warn(f"no weights given: using a RANDOM initialisation (seed {seed}); the "
+                                      "predictions mean nothing")
+    net = create_model(model, "random" if weights is None else weights, img_size=img_size,
+                       distillation=distillation, seed=seed)
     spec = Preprocessing.for_size(img_size)
     paths = [Path(p) for p in images]
     if not paths:
@@ -312,10 +277,3 @@ def predict(model: str, images, *, weights=None, top: int = 5, img_size: int = 2
     with torch.no_grad():
         logits = net(torch.from_numpy(x)).numpy()
     return top_k(logits, imagenet_labels(), top, [str(p) for p in paths])
-
-
-def tune(model: str = "m0", target: str | dict = "native", **kwargs):
-    """Tune ``model``'s kernels for a TVM target into a tuning database (``evit-deploy
-    tune``); see :func:`evit_deploy.targets.tvm.tune.tune` for the options."""
-    from .targets.tvm.tune import tune as tune_kernels
-    return tune_kernels(model, target, **kwargs)

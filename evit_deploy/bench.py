@@ -66,10 +66,9 @@ class BenchRecord:
     iterations: int
     rounds: int
     noisy: bool
-    tuned: bool | None = None         # TVM: was a tuning database applied
     peak_rss_mb: float | None = None
     ratio_to_baseline: float | None = None
-    note: str = ""
+    notes: list[str] = field(default_factory=list)    # the artifact's health warnings (Target.health)
 
 
 @dataclass
@@ -91,9 +90,8 @@ class BenchResult:
 class Prepared:
     """A backend ready to run one batch per call, and what a memory probe needs."""
     run: callable
-    tuned: bool | None = None
     artifact: str | None = None
-    note: str = ""
+    notes: list[str] = field(default_factory=list)   # warnings about how well it will run
 
 
 def _torch_runner(model_name: str, backend: str, batch: int, img_size: int, weights, threads: int):
@@ -128,19 +126,37 @@ def prepare(model_name: str, backend: str, *, batch: int, threads: int, img_size
             workdir: Path, target_options: dict | None = None, reporter: Reporter | None = None) -> Prepared:
     if backend in TORCH_BACKENDS:
         return Prepared(_torch_runner(model_name, backend, batch, img_size, weights, threads))
-    from . import api
+    result = export_backend(model_name, backend, batch=batch, img_size=img_size, weights=weights,
+                            out_dir=workdir / backend, target_options=target_options, reporter=reporter)
+    artifact = result.artifact
+    tgt = backend_target(backend)
+    session = tgt.open_session(artifact.path, threads=threads)
+    inputs = random_inputs(artifact.description, batch)
+    notes = [f.message for f in tgt.health(artifact.path, artifact.description) if f.level != "ok"]
+    return Prepared(lambda: session(inputs), artifact=str(artifact.path), notes=notes)
+
+
+def backend_target(backend: str):
+    """The export target whose runtime ``backend`` is."""
     from .targets import get_target
 
-    target_name = target_backends()[backend]
-    options = (target_options or {}).get(target_name, {})
-    result = api.export(model_name, target_name, out_dir=workdir / backend, weights=weights, batch=batch,
-                        img_size=img_size, options=options, reporter=reporter)
-    tgt = get_target(target_name)
-    session = tgt.open_session(result.artifact.path, threads=threads)
-    inputs = random_inputs(result.artifact.description, batch)
-    extra = result.artifact.description.extra
-    return Prepared(lambda: session(inputs), tuned=extra.get("tuned"), artifact=str(result.artifact.path),
-                    note=extra.get("tuning", ""))
+    targets = target_backends()
+    if backend not in targets:
+        from .errors import unknown_name
+        raise unknown_name("backend", backend, [*TORCH_BACKENDS, *targets])
+    return get_target(targets[backend])
+
+
+def export_backend(model_name: str, backend: str, *, batch: int, img_size: int, weights, out_dir: Path,
+                   target_options: dict | None, reporter: Reporter | None):
+    """An artifact made and verified for timing ``backend`` (bench and profile share it)."""
+    from .api import export_plan
+    from .plan import plan_export
+
+    target = backend_target(backend).name
+    plan = plan_export(model_name, target, options=(target_options or {}).get(target, {}), batch=batch,
+                       weights=weights, img_size=img_size)
+    return export_plan(plan, out_dir, reporter=reporter)
 
 
 # -- timing --------------------------------------------------------------------------------
@@ -200,9 +216,8 @@ def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 
                     prepared[backend] = prepare(model, backend, batch=batch, threads=threads, img_size=img_size,
                                                 weights=(weights or {}).get(model), workdir=workdir / model,
                                                 target_options=target_options, reporter=QuietReporter())
-                if prepared[backend].tuned is False:
-                    reporter.warn(f"{model} {backend}: not fully tuned ({prepared[backend].note or 'no database'}), "
-                                  f"so its kernels are partly TVM's slow defaults")
+                for note in prepared[backend].notes:
+                    reporter.warn(f"{model} {backend}: {note}")
             with reporter.task(f"timing {model}", total=rounds * len(backends)) as task:
                 samples = time_interleaved({b: p.run for b, p in prepared.items()}, rounds=rounds,
                                            round_seconds=round_seconds, warmup_seconds=warmup_seconds, task=task)
@@ -220,8 +235,7 @@ def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 
                 drift = (max(round_medians) - min(round_medians)) / statistics.median(round_medians)
                 records.append(BenchRecord(model, backend, batch, threads, batch / (summary["median"] / 1000.0),
                                            summary, len(lat), rounds, spread > NOISY_SPREAD or drift > NOISY_SPREAD,
-                                           prepared[backend].tuned, peaks.get(backend),
-                                           note=prepared[backend].note))
+                                           peaks.get(backend), notes=prepared[backend].notes))
     by_model: dict[str, dict[str, BenchRecord]] = {}
     for r in records:
         by_model.setdefault(r.model, {})[r.backend] = r

@@ -38,6 +38,7 @@ from .errors import BadInputError, EvitError, ExportError, ParityError
 from .fsutil import deterministic_zip, ensure_output_dir, write_json_atomic
 from .hostinfo import cpu_info, package_versions
 from .models.registry import resolve_name
+from .plan import merge_options, plan_export, trace_plan
 from .progress import Reporter
 
 MANIFEST = "manifest.json"
@@ -63,8 +64,8 @@ class ArtifactEntry:
     target: str
     profile: str | None
     models: list[str]             # keys of [models]
-    options: dict                 # merged: profile options, then the entry's
-    batch: int = 1
+    options: dict                 # the entry's own (the profile's come first, see plan.merge_options)
+    batch: int | None = None      # None: the target's choice (plan.plan_export)
     dynamic_batch: bool = False
 
 
@@ -132,7 +133,7 @@ def _check_keys(problems: _Problems, data: dict, schema: dict, where: str, table
 
 def load_build_file(path: str | os.PathLike) -> BuildFile:
     """Parse and validate a build file; every problem is reported at once."""
-    from .profiles import load_profile
+    from .device_profiles import load_device_profile
     from .targets import get_target
 
     path = Path(path)
@@ -187,40 +188,40 @@ def load_build_file(path: str | os.PathLike) -> BuildFile:
             problems.add(f"{where} must be a table")
             continue
         _check_keys(problems, entry, ARTIFACT_KEYS, where, "artifact", i)
-        target, profile, options = entry.get("target"), entry.get("profile"), {}
+        target, profile = entry.get("target"), entry.get("profile")
+        options = entry.get("options", {}) if isinstance(entry.get("options"), dict) else {}
         if profile is not None:
             try:
-                prof = load_profile(profile)
-                options.update(prof.options)
-                if target is not None and target != prof.target:
-                    problems.add(f"{where}: profile '{profile}' is for target '{prof.target}', not '{target}'",
-                                 "target", "artifact", i)
-                target = prof.target
+                prof = load_device_profile(profile)
             except BadInputError as exc:
                 problems.add(f"{where}: {exc}", "profile", "artifact", i)
                 continue
+            if target is not None and target != prof.target:
+                problems.add(f"{where}: profile '{profile}' is for target '{prof.target}', not '{target}'",
+                             "target", "artifact", i)
+                continue
+            target = prof.target
         if target is None:
             problems.add(f"{where} needs 'target' or 'profile'", None, "artifact", i)
             continue
-        options.update(entry.get("options", {}) if isinstance(entry.get("options"), dict) else {})
         try:
             tgt = get_target(target)
         except BadInputError as exc:
             problems.add(f"{where}: {exc}", "target", "artifact", i)
             continue
         try:
-            tgt.parse_options(options, source=f"{where}")
+            merge_options(target, options, profile=profile, source=where)   # as the export will see them
         except BadInputError as exc:
             problems.add(str(exc), None, "artifact", i)
         if entry.get("dynamic_batch") and not tgt.supports_dynamic_batch:
-            problems.add(f"{where}: target '{target}' does not support dynamic_batch", "dynamic_batch", "artifact", i)
+            problems.add(f"{where}: target '{tgt.name}' does not support dynamic_batch", "dynamic_batch", "artifact", i)
         names = entry.get("models", list(models))
         for m in names if isinstance(names, list) else []:
             if m not in models:
                 problems.add(f"{where}: model '{m}' is not defined in a [models.{m}] table", "models", "artifact", i)
-        artifacts.append(ArtifactEntry(entry.get("name") or profile or target, target, profile,
+        artifacts.append(ArtifactEntry(entry.get("name") or profile or tgt.name, tgt.name, profile,
                                        [m for m in names if m in models] if isinstance(names, list) else [],
-                                       options, entry.get("batch", 1), entry.get("dynamic_batch", False)))
+                                       options, entry.get("batch"), entry.get("dynamic_batch", False)))
     seen: dict[tuple, str] = {}
     for a in artifacts:
         for m in a.models:
@@ -379,34 +380,30 @@ def _build_group(build_path: str, items: list[tuple], out_dir: str) -> list[dict
 
 def _build_one(spec: BuildFile, model: ModelEntry, art: ArtifactEntry, weights_id: str, key: str,
                out_dir: Path, reporter: Reporter, traces: dict) -> dict:
-    from .api import RANDOM_INIT_WARNING, export_traced
-    from .targets import get_target
-    from .trace import trace
+    from .api import export_traced
 
-    tgt = get_target(art.target)
-    options = tgt.parse_options(_resolve_options_paths(art.options, spec.path.parent))
     record = {"artifact": art.name, "model": model.name, "target": art.target, "profile": art.profile,
-              "options": dataclasses.asdict(options) if options is not None else {},
+              "options": art.options,
               "weights": weights_id.split(":")[0] if weights_id.startswith("random-init") else weights_id,
               "seed": spec.seed if model.weights is None else None, "batch": art.batch,
-              "dynamic_batch": art.dynamic_batch, "inputs_sha256": key,
-              "reproducible": tgt.reproducible,
-              **({"reproducibility": tgt.reproducibility_note} if not tgt.reproducible else {})}
+              "dynamic_batch": art.dynamic_batch, "inputs_sha256": key}
     start = time.perf_counter()
     try:
-        tgt.check_available()
-        fmt = tgt.input_format(options)
-        trace_key = (model.key, fmt, art.batch, art.dynamic_batch)
-        if trace_key not in traces:
-            with reporter.stage("trace", f"{model.key} ({fmt})"):
-                traces[trace_key] = trace(model.name, model.weights, batch=art.batch,
-                                          dynamic_batch=art.dynamic_batch, seed=spec.seed, input_format=fmt,
-                                          **model.options)
-            if traces[trace_key].description.random_init:
-                reporter.warn(f"{model.key}: " + RANDOM_INIT_WARNING.format(seed=spec.seed))
+        plan = plan_export(model.name, art.target, profile=art.profile,
+                           options=_resolve_options_paths(art.options, spec.path.parent), batch=art.batch,
+                           dynamic_batch=art.dynamic_batch, weights=model.weights, seed=spec.seed, **model.options)
+        record.update(options=plan.options_dict(), batch=plan.batch, reproducible=plan.target.reproducible,
+                      **({"reproducibility": plan.target.reproducibility_note} if not plan.target.reproducible
+                         else {}))
+        for note in plan.notes:
+            reporter.info(f"{art.name}/{model.key}: {note}")
+        if plan.trace_key not in traces:
+            with reporter.stage("trace", f"{model.key} ({plan.input_format})"):
+                traces[plan.trace_key] = trace_plan(plan)
+            for warning in traces[plan.trace_key].warnings:
+                reporter.warn(f"{model.key}: {warning}")
         target_dir = ensure_output_dir(out_dir / art.name)
-        result = export_traced(traces[trace_key], tgt, options, target_dir, profile=art.profile,
-                               images=spec.images, reporter=reporter)
+        result = export_traced(traces[plan.trace_key], plan, target_dir, images=spec.images, reporter=reporter)
         record.update(status="built", **_artifact_facts(result.artifact, out_dir))
         record["parity"] = _parity_summary(result.report)
     except ParityError as exc:

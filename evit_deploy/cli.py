@@ -86,7 +86,7 @@ def models(json_out: Optional[str] = typer.Option(None, "--json", help="Write JS
     rows = api.models_overview()
     _write_json(json_out, rows)
     if json_out != "-":
-        _print(table("EfficientViT family (params after BN folding, MACs at 224×224, both measured)",
+        _print(table("EfficientViT family (params after BN folding, MACs at 224×224, counted on our model)",
                      ["model", "resolution", "params (M)", "MACs (M)", "paper top-1 (%)"],
                      [[r["model"], r["resolution"], f"{r['params_m']:.2f}", f"{r['macs_m']:.1f}",
                        f"{r['paper_top1']:.1f}"] for r in rows], justify_right={1, 2, 3, 4}))
@@ -126,14 +126,10 @@ def predict(model: str = typer.Argument(..., help="m0 … m5"),
             json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout).")):
     """Classify images with the PyTorch model (short side 256 bicubic, centre crop 224)."""
     from . import api
-    from .api import RANDOM_INIT_WARNING
     from .console import predictions_table
 
-    reporter = _reporter()
-    if weights is None:
-        reporter.warn(RANDOM_INIT_WARNING.format(seed=0).replace("the artifact", "the predictions")
-                      .replace(" and is marked random-init in its metadata", ""))
-    preds = api.predict(model, images, weights=weights, top=top, img_size=img_size, distillation=distillation)
+    preds = api.predict(model, images, weights=weights, top=top, img_size=img_size, distillation=distillation,
+                        reporter=_reporter())
     _write_json(json_out, [{"input": p.source, "top": [{"index": i, "label": lab, "probability": pr}
                                                        for i, lab, pr in p.top]} for p in preds])
     if json_out != "-":
@@ -287,49 +283,6 @@ def _save_outputs(path: Path, outputs: dict) -> None:
 
 
 @app.command()
-def tune(model: str = typer.Argument("m0", help="m0 … m5"),
-         target: str = typer.Option("native", "--target", "-t",
-                                    help="TVM target: 'llvm -mcpu=broadwell [-num-cores=N]', JSON, or native."),
-         trials: Optional[int] = typer.Option(None, "--trials", min=1, help="Candidates to measure in this run."),
-         time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Wall-clock budget: 90s, 30m, 1h30m."),
-         db: Optional[Path] = typer.Option(None, "--db", help="Tuning database directory "
-                                           "(default: tvm-tuning/<target>); re-running continues it."),
-         batch: int = typer.Option(16, "--batch", min=1, help="Batch size the kernels are tuned for."),
-         threads: Optional[int] = typer.Option(None, "--threads", min=1,
-                                               help="Threads the kernels use (sets the target's num-cores)."),
-         img_size: int = typer.Option(224, "--img-size", help="Input resolution (multiple of 16)."),
-         rpc_tracker: Optional[str] = typer.Option(None, "--rpc-tracker", help="HOST:PORT of a TVM RPC tracker: "
-                                                   "measure on its devices."),
-         rpc_key: Optional[str] = typer.Option(None, "--rpc-key", help="Key the devices registered with."),
-         json_out: Optional[str] = typer.Option(None, "--json", help="Write the result to FILE ('-': stdout).")):
-    """Tune a model's kernels for a TVM target (MetaSchedule) into a tuning database."""
-    from . import api
-    from .console import table
-
-    result = api.tune(model, target, trials=trials, time_budget=time_budget, db_dir=db, batch=batch,
-                        threads=threads, img_size=img_size, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
-                        reporter=_reporter())
-    _write_json(json_out, result.to_dict())
-    if json_out == "-":
-        return
-    est = (f"{result.estimated_latency_ms:.2f} ms per batch of {result.input_shape[0]} "
-           f"(≈ {result.estimated_images_per_s:.0f} images/s, kernels only)" if result.estimated_latency_ms
-           else "not yet: some kernels have no measurement")
-    rows = [["database", str(result.db_path)], ["target", result.target_string],
-            ["model", f"{result.model} {'x'.join(map(str, result.input_shape))}"],
-            ["kernels", f"{result.tasks} ({sum(k['hand_written'] for k in result.per_task)} best with a "
-                        "hand-written schedule)"],
-            ["trials", f"{result.trials} in this run, {result.total_trials} in all"],
-            ["time", f"{result.seconds / 60:.1f} min (stopped: {result.stopped})"],
-            ["measured on", result.measured_on], ["estimated latency", est],
-            ["errors", result.errors], ["log", str(result.log_path)]]
-    _print(table("Tuning", ["", ""], rows))
-    if result.errors:
-        from .console import err
-        err.print(f"[yellow]warning:[/] {result.errors} candidates failed to build or run; see {result.log_path}")
-
-
-@app.command()
 def targets(json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout).")):
     """List export targets (built-in and plug-ins) and whether they are usable here."""
     from .console import table
@@ -353,9 +306,9 @@ def targets(json_out: Optional[str] = typer.Option(None, "--json", help="Write J
 def profiles(json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout).")):
     """List device profiles (the TOML files of targets/)."""
     from .console import table
-    from .profiles import list_profiles
+    from .device_profiles import list_device_profiles
 
-    profs = list_profiles()
+    profs = list_device_profiles()
     _write_json(json_out, [{"name": p.name, "target": p.target, "description": p.description,
                             "options": p.options, "device": p.device, "paper": p.paper} for p in profs])
     if json_out != "-":
@@ -364,8 +317,20 @@ def profiles(json_out: Optional[str] = typer.Option(None, "--json", help="Write 
                       for p in profs]))
 
 
-@app.command()
-def bench(models: list[str] = typer.Argument(..., help="m0 … m5"),
+def _shortcuts_epilog() -> str:
+    from rich.markup import escape
+
+    from .targets import option_shortcuts
+
+    lines = [escape(f"  {flag} VALUE: same as -O {target}.{name}=VALUE")
+             for flag, (target, name) in sorted(option_shortcuts().items())]
+    return ("Target option shortcuts:\n\n" + "\n\n".join(lines)) if lines else ""
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             epilog=_shortcuts_epilog())
+def bench(ctx: typer.Context,
+          models: list[str] = typer.Argument(..., help="m0 … m5"),
           backends: str = typer.Option("torch,torch-jit,onnxruntime", "--backends", "-b",
                                        help="Comma-separated, or 'all' (torch, torch-jit, and each target's runtime)."),
           batch: int = typer.Option(16, "--batch", min=1),
@@ -375,7 +340,6 @@ def bench(models: list[str] = typer.Argument(..., help="m0 … m5"),
           img_size: int = typer.Option(224, "--img-size"),
           option: Optional[list[str]] = typer.Option(None, "--option", "-O",
                                                      help="Export option for a target, TARGET.KEY=VALUE (repeatable)."),
-          db: Optional[Path] = typer.Option(None, "--db", help="TVM tuning database (same as -O tvm.db=DIR)."),
           memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak RSS per backend."),
           json_out: Optional[str] = typer.Option(None, "--json", help="Write records to FILE ('-': stdout)."),
           plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG chart.")):
@@ -385,7 +349,7 @@ def bench(models: list[str] = typer.Argument(..., help="m0 … m5"),
     from .bench import plot as write_plot
 
     result = run_bench(models, parse_backends(backends), batch=batch, threads=threads, img_size=img_size,
-                       rounds=rounds, round_seconds=round_seconds, target_options=_target_options(option, db),
+                       rounds=rounds, round_seconds=round_seconds, target_options=_target_options(option, ctx.args),
                        memory=memory, reporter=_reporter())
     _write_json(json_out, result.to_dict())
     if plot is not None:
@@ -394,9 +358,12 @@ def bench(models: list[str] = typer.Argument(..., help="m0 … m5"),
         _print(_bench_table(result))
 
 
-def _target_options(pairs: list[str] | None, db: Path | None = None) -> dict:
-    """``tvm.db=DIR`` pairs -> ``{"tvm": {"db": "DIR"}}`` (validated by the target on export);
-    ``--db DIR`` is short for ``-O tvm.db=DIR``."""
+def _target_options(pairs: list[str] | None, extra_args: list[str]) -> dict:
+    """``-O tvm.db=DIR`` pairs and target shortcuts (``--db DIR``) -> ``{"tvm": {"db": "DIR"}}``
+    (validated by the target when the artifact is planned)."""
+    from .errors import unknown_name
+    from .targets import option_shortcuts
+
     options: dict = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -404,8 +371,18 @@ def _target_options(pairs: list[str] | None, db: Path | None = None) -> dict:
         if not sep or not dot or not target or not name:
             raise BadInputError(f"--option must look like TARGET.KEY=VALUE, got '{pair}'")
         options.setdefault(target, {})[name.replace("-", "_")] = value
-    if db is not None:
-        options.setdefault("tvm", {})["db"] = str(db)
+    shortcuts = option_shortcuts()
+    args = list(extra_args)
+    while args:
+        flag, eq, value = args.pop(0).partition("=")
+        if flag not in shortcuts:
+            raise unknown_name("option", flag, sorted(shortcuts) or ["(none: use -O TARGET.KEY=VALUE)"])
+        if not eq:
+            if not args:
+                raise BadInputError(f"option {flag} needs a value")
+            value = args.pop(0)
+        target, name = shortcuts[flag]
+        options.setdefault(target, {})[name] = value
     return options
 
 
@@ -424,9 +401,8 @@ def _bench_table(result):
             r = recs[b]
             ratio = "" if b == s["baseline"] else f" ({(r.ratio_to_baseline - 1) * 100:+.1f}%)"
             flag = " [yellow]noisy[/]" if r.noisy else ""
-            tuned = f" [red]untuned ({r.note})[/]" if r.tuned is False and r.note else \
-                " [red]untuned[/]" if r.tuned is False else ""
-            cells.append(f"{r.images_per_s:.0f}{ratio}{flag}{tuned}")
+            notes = "".join(f" [red]({note})[/]" for note in r.notes)
+            cells.append(f"{r.images_per_s:.0f}{ratio}{flag}{notes}")
         paper = spec.paper
         rows.append([spec.short_name.upper(), f"{paper.top1:.1f}", *cells,
                      f"{paper.cpu_torch_ips:.0f} → {paper.cpu_tvm_ips:.0f} "
@@ -440,8 +416,10 @@ def _bench_table(result):
                  justify_right=set(range(1, len(backends) + 2)))
 
 
-@app.command(name="profile")
-def profile_command(model: str = typer.Argument(..., help="m0 … m5"),
+@app.command(name="profile", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             epilog=_shortcuts_epilog())
+def profile_command(ctx: typer.Context,
+                    model: str = typer.Argument(..., help="m0 … m5"),
                     backend: Optional[list[str]] = typer.Option(None, "--backend", "-b",
                                                                help="torch, onnxruntime, tvm (repeatable; default torch)."),
                     batch: int = typer.Option(16, "--batch", min=1),
@@ -450,7 +428,6 @@ def profile_command(model: str = typer.Argument(..., help="m0 … m5"),
                     img_size: int = typer.Option(224, "--img-size"),
                     option: Optional[list[str]] = typer.Option(None, "--option", "-O",
                                                                help="Export option for a target, TARGET.KEY=VALUE."),
-                    db: Optional[Path] = typer.Option(None, "--db", help="TVM tuning database (same as -O tvm.db=DIR)."),
                     json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout)."),
                     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG chart.")):
     """Where the time goes: compute- vs memory-bound operators, and time per block."""
@@ -459,7 +436,7 @@ def profile_command(model: str = typer.Argument(..., help="m0 … m5"),
     from .profiler import profile
 
     results = [profile(model, b, batch=batch, threads=threads, iterations=iterations, img_size=img_size,
-                       target_options=_target_options(option, db), reporter=_reporter())
+                       target_options=_target_options(option, ctx.args), reporter=_reporter())
                for b in (backend or ["torch"])]
     _write_json(json_out, [r.to_dict() for r in results])
     if plot is not None:
@@ -540,6 +517,57 @@ def doctor(requested: Optional[list[str]] = typer.Option(None, "--target", "-t",
     if unusable:
         raise MissingDependencyError(f"requested target(s) not usable here: {', '.join(unusable)} "
                                      f"(see the advice above)")
+
+
+# -- commands of target plug-ins -----------------------------------------------------------
+
+def _target_command(command):
+    """A Typer command running a target's :class:`~evit_deploy.targets.Command`: its own
+    parameters, plus ``--json``; the reporter is the CLI's, the result rendered as by
+    every built-in command."""
+    import inspect
+    import typing
+
+    function = command.function
+    signature = inspect.signature(function)
+    hints = typing.get_type_hints(function)
+    params = [p.replace(annotation=hints.get(p.name, p.annotation), kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)
+              for p in signature.parameters.values() if p.name != "reporter"]
+    params.append(inspect.Parameter("json_out", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[str],
+                                    default=typer.Option(None, "--json", help="Write the result to FILE ('-': stdout).")))
+
+    def run(**kwargs):
+        json_out = kwargs.pop("json_out")
+        result = function(reporter=_reporter(), **kwargs)
+        _write_json(json_out, result.data)
+        if json_out != "-":
+            for renderable in result.tables:
+                _print(renderable)
+        if result.warnings:
+            from .console import err
+            for warning in result.warnings:
+                err.print(f"[yellow]warning:[/] {warning}")
+
+    run.__signature__ = signature.replace(parameters=params, return_annotation=inspect.Signature.empty)
+    run.__doc__ = function.__doc__
+    run.__name__ = command.name
+    return run
+
+
+def _add_target_commands() -> None:
+    """Register the commands of every target plug-in (built-in names win: a plug-in cannot
+    replace ``export``)."""
+    from .targets import available_targets
+
+    taken = {c.name or c.callback.__name__ for c in app.registered_commands}
+    for cls in available_targets().values():
+        for command in cls.commands():
+            if command.name not in taken:
+                app.command(name=command.name)(_target_command(command))
+                taken.add(command.name)
+
+
+_add_target_commands()
 
 
 # -- entry point ---------------------------------------------------------------------------

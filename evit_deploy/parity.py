@@ -16,7 +16,8 @@ import numpy as np
 
 from .description import ModelDescription
 from .errors import BadInputError, EvitError
-from .preprocess import Preprocessing, list_images, load_image, resize_crop, sample_images, to_input
+from .preprocess import Preprocessing, to_input
+from .samples import SampleImage, sample_inputs
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,6 @@ TOLERANCES: dict[str, Tolerance] = {
     # Palettised / int8 weights: a lossy compression whose quality is what is measured.
     "compressed": Tolerance(max_rel=0.25, min_cosine=0.98, top1="none"),
 }
-
-
-@dataclass(frozen=True)
-class ParityInput:
-    name: str
-    kind: str               # "noise" | "photo" | "user"
-    image: np.ndarray       # uint8 HWC RGB at the model's input size
 
 
 @dataclass
@@ -131,36 +125,9 @@ def _finite(obj):
     return obj
 
 
-# -- inputs --------------------------------------------------------------------------------
-
-def parity_inputs(spec: Preprocessing, *, images_dir=None, noise: int = 4, seed: int = 0,
-                  photos: bool = True) -> list[ParityInput]:
-    """Seeded noise images, the bundled photos, and any user images, at the model's size."""
-    rng = np.random.default_rng(seed)
-    inputs = []
-    for i in range(noise):
-        if i % 2 == 0:
-            img = rng.integers(0, 256, (spec.height, spec.width, 3), dtype=np.uint8)
-        else:
-            # Smooth noise: natural images are mostly low-frequency, uniform noise is not.
-            coarse = rng.random((max(2, spec.height // 16), max(2, spec.width // 16), 3))
-            img = np.kron(coarse, np.ones((16, 16, 1)))[:spec.height, :spec.width]
-            img = np.pad(img, ((0, spec.height - img.shape[0]), (0, spec.width - img.shape[1]), (0, 0)),
-                         mode="edge")
-            img = (img * 255).round().astype(np.uint8)
-        inputs.append(ParityInput(f"noise-{i}", "noise", img))
-    if photos:
-        for path in sample_images():
-            inputs.append(ParityInput(path.stem, "photo", resize_crop(load_image(path), spec)))
-    if images_dir is not None:
-        for path in list_images(images_dir):
-            inputs.append(ParityInput(path.name, "user", resize_crop(load_image(path), spec)))
-    return inputs
-
-
 # -- running -------------------------------------------------------------------------------
 
-def reference_outputs(reference, inputs: list[ParityInput], spec: Preprocessing) -> dict[str, np.ndarray]:
+def reference_outputs(reference, inputs: list[SampleImage], spec: Preprocessing) -> dict[str, np.ndarray]:
     """Outputs of the PyTorch reference on numpy-normalised inputs, by output position."""
     import torch
 
@@ -221,7 +188,7 @@ def compare_output(name: str, ref: np.ndarray, out: np.ndarray, kinds: list[str]
 
 
 def compare(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray], description: ModelDescription,
-            inputs: list[ParityInput], tolerance: Tolerance) -> tuple[list[OutputMetrics], list[InputResult]]:
+            inputs: list[SampleImage], tolerance: Tolerance) -> tuple[list[OutputMetrics], list[InputResult]]:
     kinds = [p.kind for p in inputs]
     labels = description.labels
     results = [InputResult(p.name, p.kind) for p in inputs]
@@ -246,7 +213,7 @@ def verify_outputs(*, target, path, description: ModelDescription, reference, ar
         if precision not in TOLERANCES:
             raise BadInputError(f"no default tolerance for precision '{precision}'; pass one explicitly")
         tolerance = TOLERANCES[precision]
-    inputs = parity_inputs(description.preprocessing, images_dir=images_dir, noise=noise, seed=seed)
+    inputs = sample_inputs(description.preprocessing, images_dir=images_dir, noise=noise, seed=seed)
     ref = reference_outputs(reference, inputs, description.preprocessing)
     x = to_input(np.stack([p.image for p in inputs]), description.preprocessing, description.input_format)
     try:

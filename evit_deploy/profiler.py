@@ -20,6 +20,7 @@ from .errors import BadInputError
 from .hostinfo import cpu_info, package_versions
 from .models.registry import resolve_name
 from .progress import QuietReporter, Reporter
+from .targets.base import OpTime
 
 COMPUTE, MEMORY = "compute-bound", "memory-bound"
 
@@ -77,13 +78,6 @@ def block_map(model) -> dict[str, str]:
     """Module path -> block kind for every block-level module of a model."""
     return {path: kind for path, module in model.named_modules()
             if path and (kind := block_of_module(path, module)) is not None}
-
-
-@dataclass
-class OpTime:
-    name: str                 # operator/kernel name as the backend reports it
-    seconds: float            # total over the profiled iterations
-    block: str | None = None  # block kind, where known
 
 
 @dataclass
@@ -198,7 +192,7 @@ def profile(model: str, backend: str = "torch", *, batch: int = 16, threads: int
     """Per-operator-category and per-block time of one model on one backend."""
     import torch
 
-    from .bench import random_inputs, target_backends
+    from .bench import backend_target, export_backend, random_inputs
     from .models import create_model
 
     reporter = reporter or Reporter()
@@ -209,20 +203,13 @@ def profile(model: str, backend: str = "torch", *, batch: int = 16, threads: int
         with reporter.stage("profile", f"{name} torch"):
             ops = _torch_ops(net, x, iterations, threads)
         return summarise(ops, model=name, backend=backend, batch=batch, threads=threads, iterations=iterations)
-    targets = target_backends()
-    if backend not in targets:
-        from .errors import unknown_name
-        raise unknown_name("backend", backend, ["torch", *targets])
-    from . import api
-    from .targets import get_target
-
-    tgt = get_target(targets[backend])
-    if not hasattr(tgt, "profile_ops"):
+    tgt = backend_target(backend)
+    if not tgt.supports_profiling:
         raise BadInputError(f"backend '{backend}' cannot report per-operator times")
     with tempfile.TemporaryDirectory(prefix="evit-profile-") as tmp:
         with reporter.stage("export", f"{name} {tgt.name}"):
-            result = api.export(name, tgt.name, out_dir=tmp, weights=weights, batch=batch, img_size=img_size,
-                                options=(target_options or {}).get(tgt.name, {}), reporter=QuietReporter())
+            result = export_backend(name, backend, batch=batch, img_size=img_size, weights=weights,
+                                    out_dir=Path(tmp), target_options=target_options, reporter=QuietReporter())
         with reporter.stage("profile", f"{name} {backend}"):
             ops = tgt.profile_ops(result.artifact.path, random_inputs(result.artifact.description, batch),
                                   threads=threads, iterations=iterations, blocks=block_map(net))

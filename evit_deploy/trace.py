@@ -18,12 +18,15 @@ from .description import RANDOM_INIT, ModelDescription, TensorSpec
 from .errors import BadInputError, CheckpointError, ExportError
 from .labels import labels_for
 from .models.checkpoint import official_weights_path, sha256_file
-from .models.factory import DEFAULT_SEED, RANDOM, create_model
+from .models.factory import DEFAULT_SEED, RANDOM, create_model, load_model
 from .models.fuse import fuse
-from .models.registry import resolve_name
+from .models.registry import is_custom, resolve_name
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, INPUT_FORMATS, Preprocessing
 
 FACTORY_WEIGHTS = "factory"   # a custom model's weights are whatever its factory returns
+
+RANDOM_INIT_WARNING = ("no weights given: using a RANDOM initialisation (seed {seed}); the artifact "
+                       "computes nothing useful and is marked random-init in its metadata")
 
 
 class InputAdapter(nn.Module):
@@ -56,6 +59,7 @@ class TracedModel:
     description: ModelDescription
     reference: nn.Module          # unfused, fp32, eval; takes normalised input
     deploy: nn.Module             # what was traced: folded model behind the input adapter
+    warnings: tuple[str, ...] = ()   # what the person exporting should know (synthetic weights, ...)
 
     def example_input(self, batch: int | None = None) -> torch.Tensor:
         spec = self.description.input
@@ -79,10 +83,6 @@ def load_factory(spec: str):
     if not callable(factory):
         raise BadInputError(f"{module_name} has no callable '{attr}' (from --model {spec})")
     return factory
-
-
-def is_custom(model: str) -> bool:
-    return ":" in str(model)
 
 
 def _resolve_weights(description_weights: str, model: str, weights) -> str | Path | None:
@@ -154,7 +154,7 @@ def trace(model: str = "m0", weights=None, *, batch: int = 1, dynamic_batch: boo
         if h % 16 or w % 16 or h <= 0 or w <= 0:
             raise BadInputError(f"detection input size must be multiples of 16, got {h}x{w}")
         options = {"task": "detection", "neck": neck}
-        reference = create_model(spec.name, RANDOM if weights is None else weights, seed=seed, **options)
+        reference, provenance = load_model(spec.name, RANDOM if weights is None else weights, seed=seed, **options)
         name, display = spec.name, f"{spec.display_name} FPN ({neck})"
     else:
         spec = resolve_name(model)
@@ -163,13 +163,19 @@ def trace(model: str = "m0", weights=None, *, batch: int = 1, dynamic_batch: boo
                                 f"(non-square sizes are for --task detection)")
         img_size = input_size[0] if input_size is not None else img_size
         options = {"img_size": img_size, "num_classes": num_classes, "distillation": distillation}
-        reference = create_model(spec.name, RANDOM if weights is None else weights, seed=seed, **options)
+        reference, provenance = load_model(spec.name, RANDOM if weights is None else weights, seed=seed, **options)
         name, display, h, w = spec.name, spec.display_name, img_size, img_size
+    warnings = []
     if not is_custom(model):
-        weights_id = reference.weights_sha256 or RANDOM_INIT
-        init_seed = reference.init_seed
+        weights_id = provenance.weights_sha256 or RANDOM_INIT
+        init_seed = provenance.init_seed
         if weights is not None and weights_id == RANDOM_INIT:
             weights_id = "state-dict"
+        if weights_id == RANDOM_INIT:
+            warnings.append(RANDOM_INIT_WARNING.format(seed=init_seed))
+        elif provenance.neck_pretrained is False:
+            warnings.append("the checkpoint is a classification one: the backbone is loaded, but the FPN neck "
+                            f"keeps its seeded initialisation (seed {init_seed})")
 
     deploy = InputAdapter(fuse(copy.deepcopy(reference)).eval(), input_format,
                           IMAGENET_MEAN, IMAGENET_STD).eval()
@@ -208,5 +214,5 @@ def trace(model: str = "m0", weights=None, *, batch: int = 1, dynamic_batch: boo
                       for n, o, doc in zip(out_names, outputs, docs)),
         labels=labels_for(outputs[0].shape[-1]) if len(outputs) == 1 and outputs[0].dim() == 2 else None,
     )
-    return TracedModel(program, description, reference, deploy)
+    return TracedModel(program, description, reference, deploy, tuple(warnings))
 

@@ -71,8 +71,8 @@ def test_unwritable_output_location(cli, tmp_path):
 def test_parity_failure_leaves_no_valid_looking_artifact(cli, tmp_path, monkeypatch):
     real_export = OnnxTarget.export
 
-    def broken_export(self, traced, options, path):
-        artifact = real_export(self, traced, options, path)
+    def broken_export(self, traced, options, path, reporter):
+        artifact = real_export(self, traced, options, path, reporter)
         model = onnx.load(path)
         init = max(model.graph.initializer, key=lambda i: numpy_helper.to_array(i).size)
         arr = numpy_helper.to_array(init) * 1.5
@@ -95,7 +95,7 @@ def test_interrupted_export_keeps_the_previous_artifact(cli, tmp_path, m0_onnx, 
     final.write_bytes(Path(m0_onnx).read_bytes())
     before = _sha(final)
 
-    def interrupted(self, traced, options, path):
+    def interrupted(self, traced, options, path, reporter):
         path.write_bytes(b"half an onnx file")
         raise KeyboardInterrupt
 

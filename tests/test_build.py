@@ -153,8 +153,8 @@ def test_bad_build_file_exit_code(tmp_path, cli):
 def test_a_failing_artifact_fails_the_build_but_not_the_others(project, cli, monkeypatch):
     real_export = OnnxTarget.export
 
-    def fp16_breaks(self, traced, options, path):
-        artifact = real_export(self, traced, options, path)
+    def fp16_breaks(self, traced, options, path, reporter):
+        artifact = real_export(self, traced, options, path, reporter)
         if options.fp16:
             import onnx
             from onnx import numpy_helper
@@ -179,12 +179,12 @@ def test_ctrl_c_mid_build_keeps_what_was_built(project, cli, monkeypatch):
     real_export = OnnxTarget.export
     calls = []
 
-    def interrupt_second(self, traced, options, path):
+    def interrupt_second(self, traced, options, path, reporter):
         calls.append(path)
         if len(calls) == 2:
             path.write_bytes(b"partial")
             raise KeyboardInterrupt
-        return real_export(self, traced, options, path)
+        return real_export(self, traced, options, path, reporter)
 
     monkeypatch.setattr(OnnxTarget, "export", interrupt_second)
     code, _, err = cli("build", project / "evit-deploy.toml")

@@ -13,6 +13,8 @@ import torch
 
 from evit_deploy.errors import CheckpointError
 from evit_deploy.models import MODELS, create_model
+from evit_deploy.models.checkpoint import sha256_file
+from evit_deploy.models.factory import load_model
 
 
 def _outputs(model, seed=0):
@@ -25,9 +27,9 @@ def _outputs(model, seed=0):
 def test_official_layout_loads_strictly(name, checkpoint):
     path = checkpoint(name, seed=7)
     source = create_model(name, "random", seed=7)
-    loaded = create_model(name, path)
+    loaded, provenance = load_model(name, path)
     assert torch.equal(_outputs(loaded), _outputs(source))
-    assert loaded.weights_sha256 is not None and len(loaded.weights_sha256) == 64
+    assert provenance.weights_sha256 == sha256_file(path) and provenance.init_seed is None
     # strict: the file's keys are exactly the model's keys
     assert set(torch.load(path, weights_only=True)["model"]) == set(loaded.state_dict())
 

@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from conftest import cli_without_torch
 from evit_deploy.errors import BadInputError
 from evit_deploy.labels import imagenet_labels
 from evit_deploy.preprocess import Preprocessing, resize_crop, sample_images, to_input
-from evit_deploy.profiles import list_profiles, load_profile
+from evit_deploy.device_profiles import list_device_profiles, load_device_profile
 
 SAMPLE = sample_images()
 
@@ -24,6 +25,13 @@ def test_models_table_is_measured(cli):
     assert 8.7 < rows["efficientvit_m4"]["params_m"] < 8.9
     code, out, _ = cli("models")
     assert code == 0 and "efficientvit_m5" in out and "MACs" in out
+
+
+def test_models_are_listed_without_building_them():
+    # The figures are stored (test_models.py recounts them), so listing needs no torch.
+    proc = cli_without_torch(["models", "--json", "-"])
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)) == 6
 
 
 def test_info_summarises_the_architecture(cli):
@@ -79,9 +87,9 @@ def test_preprocessing_matches_the_standard_transform():
 
 
 def test_builtin_profiles_load():
-    names = {p.name for p in list_profiles()}
+    names = {p.name for p in list_device_profiles()}
     assert {"onnx-cpu"} <= names
-    onnx_cpu = load_profile("onnx-cpu")
+    onnx_cpu = load_device_profile("onnx-cpu")
     assert onnx_cpu.target == "onnx" and onnx_cpu.options["opset"] == 18
 
 
@@ -101,7 +109,7 @@ def test_profile_validation(tmp_path, text, message):
     path = tmp_path / "p.toml"
     path.write_text(text)
     with pytest.raises(BadInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load_profile(path)
+        load_device_profile(path)
 
 
 def test_profiles_and_targets_commands(cli):

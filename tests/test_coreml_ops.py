@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evit_deploy.targets.coreml._coremltools import coremltools
+from evit_deploy.targets.coreml.quiet_import import coremltools
 from evit_deploy.targets.coreml.blob import BlobFile, unpack_subbyte
 from evit_deploy.targets.coreml.executor import Program, ProgramError, UnsupportedOpError
 from evit_deploy.targets.coreml.ops import OPS, OpCall

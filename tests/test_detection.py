@@ -11,6 +11,7 @@ import torch
 from evit_deploy import api
 from evit_deploy.errors import EXIT_BAD_INPUT
 from evit_deploy.models import create_model
+from evit_deploy.models.factory import load_model
 from evit_deploy.models.detection import resize_bias_table
 
 
@@ -56,8 +57,8 @@ def test_bias_table_resize_keeps_the_dy_dx_layout():
 def test_classification_checkpoint_loads_into_the_backbone(checkpoint):
     path = checkpoint("m4", seed=5)
     cls = create_model("m4", "random", seed=5)
-    det = create_model("m4", path, task="detection")
-    assert det.neck_pretrained is False and det.weights_sha256
+    det, provenance = load_model("m4", path, task="detection")
+    assert provenance.neck_pretrained is False and provenance.weights_sha256
     sd, cls_sd = det.state_dict(), cls.state_dict()
     assert torch.equal(sd["backbone.patch_embed.0.c.weight"], cls_sd["patch_embed.0.c.weight"])
     key = "blocks3.3.mixer.m.attn.attention_biases"
@@ -72,8 +73,8 @@ def test_mmdetection_checkpoint_loads_backbone_and_neck(tmp_path):
     state = {**source.state_dict(), "rpn_head.rpn_conv.weight": torch.zeros(3), "roi_head.x": torch.zeros(1)}
     path = tmp_path / "mask_rcnn_efficientvit_m2.pth"
     torch.save({"meta": {"epoch": 12}, "state_dict": state}, path)
-    loaded = create_model("m2", path, task="detection", seed=99)
-    assert loaded.neck_pretrained is True
+    loaded, provenance = load_model("m2", path, task="detection", seed=99)
+    assert provenance.neck_pretrained is True
     x = torch.randn(1, 3, 256, 256)
     with torch.no_grad():
         for a, b in zip(loaded(x), source(x)):

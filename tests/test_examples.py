@@ -57,18 +57,20 @@ def test_classify_script_rejects_what_it_cannot_run(tmp_path):
 
 def test_build_file_is_valid_and_lists_the_release():
     from evit_deploy.build import load_build_file
+    from evit_deploy.plan import merge_options
 
     spec = load_build_file(EXAMPLES / "evit-deploy.toml")
     targets = {a.name: a.target for a in spec.artifacts}
     assert targets == {"ios": "coreml", "server-onnx": "onnx", "server-tvm": "tvm"}
     tvm = next(a for a in spec.artifacts if a.target == "tvm")
-    assert tvm.batch == 16 and "broadwell" in tvm.options["tvm_target"]
+    _, options, _ = merge_options(tvm.target, tvm.options, profile=tvm.profile)    # as the export sees them
+    assert tvm.batch == 16 and "broadwell" in options.tvm_target
     # The tuning command in the file's comment makes a database for exactly that target.
     text = (EXAMPLES / "evit-deploy.toml").read_text()
     command = re.search(r"evit-deploy tune .*", text).group(0)
     target = shlex.split(command)[shlex.split(command).index("--target") + 1]
     from evit_deploy.targets.tvm.target_string import resolve_target
-    assert resolve_target(target) == resolve_target(tvm.options["tvm_target"])
+    assert resolve_target(target) == resolve_target(options.tvm_target)
 
 
 def test_workflow_runs_commands_that_exist():

@@ -93,7 +93,8 @@ def test_third_party_target_registered_by_entry_point(plugin_path, tmp_path):
         results = {{}}
         for name, args in [("targets", ["targets", "--json", "-"]),
                            ("export", ["-q", "export", "m0", "--target", "pt2", "--out", {str(out)!r}, "--json", "-"]),
-                           ("verify", ["verify", {str(out / "efficientvit_m0.pt2")!r}, "--json", "-"])]:
+                           ("verify", ["verify", {str(out / "efficientvit_m0.pt2")!r}, "--json", "-"]),
+                           ("pt2-ops", ["pt2-ops", {str(out / "efficientvit_m0.pt2")!r}, "--json", "-"])]:
             buf = io.StringIO()
             with contextlib.redirect_stdout(buf):
                 code = invoke(args)
@@ -110,3 +111,6 @@ def test_third_party_target_registered_by_entry_point(plugin_path, tmp_path):
     assert results["export"]["out"]["target"] == "pt2"
     assert results["verify"]["code"] == 0 and results["verify"]["out"]["passed"]
     assert (out / "efficientvit_m0.pt2").is_file()
+    # The plug-in's own command: registered by the target, rendered and exited like any other.
+    ops = results["pt2-ops"]["out"]
+    assert results["pt2-ops"]["code"] == 0 and ops["aten.conv2d.default"] > 10

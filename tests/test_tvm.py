@@ -2,7 +2,9 @@
 parity, and running the library without torch.
 
 Small on purpose (M0 at 32x32, batch 2, a few dozen trials): these tests check behaviour,
-not speed; the speed comparison is benchmarks/cpu_throughput.py.
+not speed; the speed comparison is benchmarks/cpu_throughput.py. One real tune is
+interrupted and resumed; the tests that only need a database use one made from fixed
+records (tests/tvm_database.py: no timing, no signals).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from conftest import cli_without_torch
@@ -27,9 +30,11 @@ from evit_deploy.preprocess import sample_images
 pytest.importorskip("tvm")
 pytest.importorskip("xgboost")
 
+from evit_deploy.targets.tvm import TvmTarget  # noqa: E402
 from evit_deploy.targets.tvm import database as tvmdb  # noqa: E402
 from evit_deploy.targets.tvm.target_string import resolve_target  # noqa: E402
 from evit_deploy.targets.tvm.tune import parse_duration, tune  # noqa: E402
+from tvm_database import deterministic_database  # noqa: E402
 
 IMG, BATCH = 32, 2
 TARGET = "native -num-cores=1"
@@ -42,10 +47,18 @@ def _records(db: Path) -> int:
 
 
 @pytest.fixture(scope="module")
+def fixed_db(tmp_path_factory):
+    """A database with one fixed record per kernel of M0 at BATCH x 3 x IMG x IMG."""
+    return deterministic_database(tmp_path_factory.mktemp("tvm-fixed") / "db", "m0", batch=BATCH, img_size=IMG,
+                                  target=TARGET)
+
+
+@pytest.fixture(scope="module")
 def tuned_db(tmp_path_factory):
     """A database made by a tune that was interrupted with Ctrl-C, then resumed.
 
-    Returns (path, result of the resumed run, records before resuming).
+    Returns (path, result of the resumed run, records before resuming, processes left
+    behind by either run).
     """
     db = tmp_path_factory.mktemp("tvm-tuning") / "db"
     cmd = [sys.executable, "-m", "evit_deploy", "tune", "m0", "--target", TARGET, "--img-size", str(IMG),
@@ -65,13 +78,33 @@ def tuned_db(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == EXIT_INTERRUPTED, err
     assert "interrupted" in err and "run the same command to continue" in err and "Traceback" not in err
+    left = {"interrupted command": _in_session(proc.pid)}
     before = _records(db)
     result = tune("m0", TARGET, img_size=IMG, batch=BATCH, trials=24, db_dir=db)
-    return db, result, before
+    left["in-process tune"] = [p.cmdline() for p in psutil.Process().children(recursive=True)]
+    return db, result, before, left
+
+
+def _in_session(session: int) -> list:
+    """Command lines of the processes still in a session (a command's workers, say)."""
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if os.getsid(p.pid) == session:
+                found.append(p.info["cmdline"])
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return found
+
+
+def test_tuning_leaves_no_process_behind(tuned_db):
+    """Build and measurement workers end with the tune, interrupted or not."""
+    *_, left = tuned_db
+    assert left == {"interrupted command": [], "in-process tune": []}
 
 
 def test_interrupted_tune_leaves_a_database_that_loads(tuned_db):
-    db, _, before = tuned_db
+    db, _, before, _ = tuned_db
     meta = json.loads((db / tvmdb.META_FILE).read_text())
     entry = meta["models"][f"efficientvit_m0 {BATCH}x3x{IMG}x{IMG}"]
     first = entry["runs"][0]
@@ -83,7 +116,7 @@ def test_interrupted_tune_leaves_a_database_that_loads(tuned_db):
 
 
 def test_resumed_tune_continues_from_the_database(tuned_db):
-    db, result, before = tuned_db
+    db, result, before, _ = tuned_db
     assert result.trials == 24 and result.stopped == "trials" and result.errors == 0
     assert _records(db) == before + 24
     assert result.total_trials == before + 24
@@ -95,18 +128,18 @@ def test_resumed_tune_continues_from_the_database(tuned_db):
 
 
 def test_hand_written_kernels_are_measured_first_and_once(tuned_db):
-    """templates.py candidates go in before MetaSchedule's, and a resumed tune does not
+    """handwritten.py candidates go in before MetaSchedule's, and a resumed tune does not
     measure them again."""
     from collections import Counter
 
     import tvm_ffi
 
-    from evit_deploy.targets.tvm import templates
+    from evit_deploy.targets.tvm import handwritten
 
-    db, result, _ = tuned_db
+    db, result, _, _ = tuned_db
     records = tvmdb.TuningDatabase.open(db).ms_database().get_all_tuning_records()
     written = Counter((tvm_ffi.structural_hash(r.workload.mod), str(r.trace))
-                      for r in records if templates.is_template(r.trace))
+                      for r in records if handwritten.is_hand_written(r.trace))
     assert written, "no hand-written kernel was measured"
     assert max(written.values()) == 1
     # The tune result says which kernels' best schedule is hand-written, as the database does.
@@ -114,27 +147,27 @@ def test_hand_written_kernels_are_measured_first_and_once(tuned_db):
     for r in records:
         key, mean = tvm_ffi.structural_hash(r.workload.mod), sum(map(float, r.run_secs)) / len(r.run_secs)
         if key not in best or mean < best[key][0]:
-            best[key] = (mean, templates.is_template(r.trace))
-    assert sum(k["hand_written"] for k in result.per_task) == sum(h for _, h in best.values())
+            best[key] = (mean, handwritten.is_hand_written(r.trace))
+    assert result.hand_written_kernels == sum(h for _, h in best.values())
 
 
 def test_database_records_what_it_was_made_for(tuned_db):
     import tvm
 
-    db, result, _ = tuned_db
+    db, result, _, _ = tuned_db
     meta = json.loads((db / tvmdb.META_FILE).read_text())
     assert meta["target"] == resolve_target(TARGET) == result.target
     assert meta["versions"]["tvm"] == tvm.__version__
     entry = meta["models"][f"efficientvit_m0 {BATCH}x3x{IMG}x{IMG}"]
     assert entry["model"] == "efficientvit_m0" and entry["input_shape"] == [BATCH, 3, IMG, IMG]
-    assert entry["tasks"] == result.tasks > 10
+    assert entry["kernels"] == result.kernels > 10
     assert entry["estimated_latency_ms"] is None or entry["estimated_latency_ms"] > 0
 
 
-def test_a_truncated_record_is_dropped_on_open(tuned_db, tmp_path):
+def test_a_truncated_record_is_dropped_on_open(fixed_db, tmp_path):
     import shutil
 
-    db, _, _ = tuned_db
+    db = fixed_db
     copy = tmp_path / "db"
     shutil.copytree(db, copy)
     lines = _records(copy)
@@ -151,8 +184,8 @@ def test_a_truncated_record_is_dropped_on_open(tuned_db, tmp_path):
         tvmdb.TuningDatabase.open(copy)
 
 
-def test_a_database_is_never_applied_to_another_target(tuned_db, cli, tmp_path):
-    db, _, _ = tuned_db
+def test_a_database_is_never_applied_to_another_target(fixed_db, cli, tmp_path):
+    db = fixed_db
     other = "llvm -mcpu=broadwell -num-cores=1"
     code, _, err = cli("export", "m0", "--target", "tvm", "--tvm-target", other, "--db", db,
                        "--img-size", IMG, "--batch", BATCH, "--out", tmp_path)
@@ -162,17 +195,17 @@ def test_a_database_is_never_applied_to_another_target(tuned_db, cli, tmp_path):
     assert code == EXIT_BAD_INPUT and "was made for TVM target" in err
 
 
-def test_export_with_a_database_builds_for_its_target_by_default(tuned_db):
+def test_export_with_a_database_builds_for_its_target_by_default(fixed_db):
     from evit_deploy.targets.tvm import TvmOptions, TvmTarget
 
-    db, _, _ = tuned_db
+    db = fixed_db
     made_for = json.loads((db / tvmdb.META_FILE).read_text())["target"]
     assert TvmTarget.resolved_target(TvmOptions(db=str(db))) == resolve_target(made_for)
     assert TvmTarget.resolved_target(TvmOptions()) == resolve_target("native")
     # ... and at the batch it was tuned at: kernels of another batch have no record.
-    assert TvmTarget().default_batch(TvmOptions(db=str(db)), "m0")[0] == BATCH
-    assert TvmTarget().default_batch(TvmOptions(db=str(db)), "m4") is None
-    assert TvmTarget().default_batch(TvmOptions(), "m0") is None
+    assert TvmTarget().default_batch(TvmOptions(db=str(db)), "efficientvit_m0")[0] == BATCH
+    assert TvmTarget().default_batch(TvmOptions(db=str(db)), "efficientvit_m4") is None
+    assert TvmTarget().default_batch(TvmOptions(), "efficientvit_m0") is None
 
 
 def test_tuning_the_pooling_kernel_prints_no_tvm_warning(capfd):
@@ -181,16 +214,16 @@ def test_tuning_the_pooling_kernel_prints_no_tvm_warning(capfd):
     from tvm.s_tir.meta_schedule import TuneContext
 
     from evit_deploy.targets.tvm import graph
-    from evit_deploy.targets.tvm.search import _without_tensor_intrinsics, extract_tasks, space_generator
+    from evit_deploy.targets.tvm.metaschedule import extract_kernels, space_generator, without_tensor_intrinsics
     from evit_deploy.targets.tvm.target_string import to_tvm
     from evit_deploy.trace import trace
 
     target = to_tvm(resolve_target(TARGET))
     mod = graph.prepare(graph.import_program(trace("m0", batch=1, img_size=IMG).program), target)
-    pool = [t for t in extract_tasks(mod, target) if "pool" in t.name]
+    pool = [t for t in extract_kernels(mod, target) if "pool" in t.name]
     assert pool, "the model's global average pool should be a kernel of its own"
     capfd.readouterr()
-    with _without_tensor_intrinsics():
+    with without_tensor_intrinsics():
         ctx = TuneContext(mod=pool[0].mod, target=target, space_generator=space_generator(),
                           task_name=pool[0].name)
         spaces = ctx.generate_design_space()
@@ -218,8 +251,8 @@ def test_the_first_convolution_reads_the_image_as_it_comes(layout):
 
 
 @pytest.fixture(scope="module")
-def tuned_library(tuned_db, tmp_path_factory):
-    db, _, _ = tuned_db
+def tuned_library(fixed_db, tmp_path_factory):
+    db = fixed_db
     out = tmp_path_factory.mktemp("tvm-export")
     # No batch given: the export takes the one the database was tuned at.
     result = api.export("m0", "tvm", out_dir=out, img_size=IMG, options={"tvm_target": TARGET, "db": str(db)})
@@ -238,12 +271,10 @@ def test_export_applies_the_database_and_passes_parity(tuned_library):
     info = json.loads(side.read_text())["extra"]["tvm"]
     assert info["target"] == resolve_target(TARGET) and info["threads"] == 1
     assert json.loads(side.read_text())["inputs"][0]["shape"][0] == BATCH
-    assert 0 < info["tuned_kernels"] <= info["kernels"]
-    assert 0 <= info["hand_written_kernels"] <= info["tuned_kernels"]
-    assert info["database"]["records"] > 0
-    extra = json.loads(side.read_text())["extra"]
-    assert extra["tuned"] == (info["tuned_kernels"] == info["kernels"])
-    assert extra["tuning"] == f"{info['tuned_kernels']}/{info['kernels']} kernels tuned"
+    # Every kernel has its record in the database; the GEMM-shaped ones are hand-written.
+    assert 0 < info["hand_written_kernels"] < info["tuned_kernels"] == info["kernels"]
+    assert info["database"]["records"] == info["kernels"]
+    assert TvmTarget().health(lib, result.artifact.description) == []
 
 
 def test_library_reads_the_callers_array_in_place(tuned_library):
@@ -327,14 +358,37 @@ def test_verify_detects_a_library_that_computes_something_else(tuned_library, tm
     assert code == 4 and not json.loads(out)["passed"]
 
 
-def test_untuned_export_says_so(tmp_path, caplog):
+def test_untuned_export_says_so(tmp_path):
+    from evit_deploy.progress import QuietReporter
+
+    reporter = QuietReporter()
     result = api.export("m0", "tvm", out_dir=tmp_path, img_size=IMG, batch=BATCH,
-                        options={"tvm_target": TARGET})
+                        options={"tvm_target": TARGET}, reporter=reporter)
     assert result.report.passed
-    assert any("untuned" in r.getMessage() for r in caplog.records)
+    assert any("untuned" in w for w in reporter.warnings)        # the target reports through the reporter
     info = json.loads(result.artifact.sidecars[0].read_text())["extra"]["tvm"]
     assert info["tuned_kernels"] == 0 and info["database"] is None
-    assert result.artifact.description.extra["tuned"] is False
+    health = TvmTarget().health(result.artifact.path, result.artifact.description)
+    assert [f.level for f in health] == ["warning"] and f"{info['kernels']} of {info['kernels']}" in health[0].message
+
+
+def test_a_build_file_takes_the_batch_the_database_was_tuned_at(tmp_path):
+    """A build file naming a database tuned at batch 4 builds the library at batch 4 with
+    every kernel scheduled from it, as `export --db` does (it used to build at batch 1,
+    where no kernel has a record)."""
+    from evit_deploy.build import build
+
+    deterministic_database(tmp_path / "db4", "m0", batch=4, img_size=IMG, target=TARGET)
+    (tmp_path / "evit-deploy.toml").write_text(
+        f'[models.m0]\nimg_size = {IMG}\n\n[[artifact]]\ntarget = "tvm"\n[artifact.options]\ndb = "db4"\n')
+    result = build(tmp_path / "evit-deploy.toml", out=tmp_path / "dist")
+    record = result.records[0]
+    assert record["status"] == "built", record.get("error")
+    assert record["batch"] == 4
+    side = next(f for f in record["files"] if f["path"].endswith(".tvm.json"))
+    description = json.loads((tmp_path / "dist" / side["path"]).read_text())
+    info = description["extra"]["tvm"]
+    assert description["inputs"][0]["shape"][0] == 4 and info["tuned_kernels"] == info["kernels"]
 
 
 # -- RPC -------------------------------------------------------------------------------------
@@ -363,7 +417,7 @@ def test_rpc_tuning_measures_on_every_registered_device(tmp_path):
     try:
         procs.append(subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
                                        "--port", str(port), "--port-end", str(port + 1), "--silent"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         spec = RpcSpec("127.0.0.1", port, key)
         _wait_for(lambda: _tracker_up(spec), 60, "the tracker")
         for i in range(2):
@@ -373,24 +427,34 @@ def test_rpc_tuning_measures_on_every_registered_device(tmp_path):
             procs.append(subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker",
                                            f"127.0.0.1:{port}", "--key", key, "--host", "127.0.0.1",
                                            "--port", str(sport), "--port-end", str(sport + 1)],
-                                          stdout=log.open("w"), stderr=subprocess.STDOUT))
+                                          stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
         _wait_for(lambda: free_devices(spec) == 2, 90, "two servers to register")
-        result = tune("m0", TARGET, img_size=IMG, batch=BATCH, trials=32, db_dir=tmp_path / "db",
+        result = tune("m0", TARGET, img_size=IMG, batch=BATCH, trials=16, db_dir=tmp_path / "db",
                       rpc_tracker=f"127.0.0.1:{port}", rpc_key=key)
-        assert result.trials == 32 and result.errors == 0
+        assert result.trials == 16 and result.errors == 0
         assert result.measured_on.startswith("2 device(s)")
-        assert _records(tmp_path / "db") == 32
+        assert _records(tmp_path / "db") == 16
         # Both devices measured candidates.
         served = [log.read_text().count("load_module") for log in logs]
         assert all(n > 0 for n in served), served
     finally:
+        # A server runs each session in a worker process of its own: end the whole group,
+        # or the workers outlive the test.
         for p in procs:
-            p.terminate()
+            _signal_group(p.pid, signal.SIGTERM)
         for p in procs:
             try:
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                p.kill()
+                _signal_group(p.pid, signal.SIGKILL)
+        _wait_for(lambda: not any(_in_session(p.pid) for p in procs), 20, "the RPC processes to end")
+
+
+def _signal_group(pgid: int, sig) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _tracker_up(spec) -> bool:
@@ -423,9 +487,9 @@ def test_parse_duration(text, seconds):
 
 
 def test_profile_targets_the_papers_xeon():
-    from evit_deploy.profiles import load_profile
+    from evit_deploy.device_profiles import load_device_profile
 
-    profile = load_profile("xeon-e5-2690v4")
+    profile = load_device_profile("xeon-e5-2690v4")
     assert profile.target == "tvm"
     target = resolve_target(profile.options["tvm_target"])
     assert target["mcpu"] == "broadwell" and target["num-cores"] == 14 == profile.device["cores"]

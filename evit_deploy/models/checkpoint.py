@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BadInputError, CheckpointError
+from ..errors import CheckpointError
 from ..fsutil import atomic_path
+from .efficientvit import EfficientViT, EfficientViTConfig
 from .registry import MODELS, ModelSpec
 
 # Wrappers used by training scripts around the state dict itself.
@@ -199,8 +200,9 @@ _DERIVED = re.compile(r"(attention_bias_idxs|num_batches_tracked)$")
 
 
 def fit_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
-                   source: str) -> dict[str, torch.Tensor]:
-    """Check a state dict against ``model`` and return it ready for ``strict=True`` loading.
+                   source: str, *, name: str | None = None) -> dict[str, torch.Tensor]:
+    """Check a state dict against ``model`` (the family member ``name``) and return it
+    ready for ``strict=True`` loading.
 
     Raises :class:`CheckpointError` listing the first missing, unexpected and mismatched
     keys (with shapes), and naming the family member the checkpoint seems to belong to.
@@ -221,7 +223,8 @@ def fit_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor
     missing = [k for k in target if k not in state_dict and not _DERIVED.search(k)]
     unexpected = [k for k in state_dict if k not in target]
     if missing or unexpected or mismatched:
-        raise CheckpointError(_mismatch_message(model, state_dict, source, missing, unexpected, mismatched))
+        raise CheckpointError(_mismatch_message(name or type(model).__name__, state_dict, source,
+                                                missing, unexpected, mismatched))
     for key in target:
         if key not in fitted:
             fitted[key] = target[key]
@@ -232,7 +235,7 @@ def fit_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor
     return fitted
 
 
-def _mismatch_message(model, state_dict, source, missing, unexpected, mismatched) -> str:
+def _mismatch_message(name, state_dict, source, missing, unexpected, mismatched) -> str:
     def first(items, n=3):
         more = f" (+{len(items) - n} more)" if len(items) > n else ""
         return "; ".join(items[:n]) + more
@@ -244,7 +247,6 @@ def _mismatch_message(model, state_dict, source, missing, unexpected, mismatched
         parts.append(f"{len(missing)} missing keys: {first(missing)}")
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected keys: {first(unexpected)}")
-    name = getattr(model, "model_name", type(model).__name__)
     guess = guess_model(state_dict)
     hint = f"; it looks like {guess} weights" if guess and guess != name else ""
     if any(k.startswith("head_dist.") for k in unexpected) and not missing and not mismatched:
@@ -254,15 +256,13 @@ def _mismatch_message(model, state_dict, source, missing, unexpected, mismatched
 
 def guess_model(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """The family member whose layer widths and depths match this state dict, if any."""
-    from .factory import build_model  # the factory imports this module
-
     def comparable(key: str) -> bool:
         # Head and bias-table sizes depend on num_classes and img_size, not on the member.
         return not (_DERIVED.search(key) or key.startswith("head") or key.endswith("attention_biases"))
 
     for spec in MODELS.values():
         with torch.device("meta"):
-            reference = build_model(spec.name).state_dict()
+            reference = EfficientViT(EfficientViTConfig.from_spec(spec)).state_dict()
         if all(k in state_dict and state_dict[k].shape == v.shape
                for k, v in reference.items() if comparable(k)) \
                 and all(k in reference for k in state_dict if comparable(k)):
@@ -270,18 +270,13 @@ def guess_model(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> Checkpoint:
-    """Load a checkpoint file into ``model`` (strictly) and describe what was loaded."""
+def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, *, name: str | None = None) -> Checkpoint:
+    """Load a checkpoint file into ``model`` (the family member ``name``, strictly) and
+    describe what was loaded."""
     raw, sha = read_state_dict(path)
     layout = "timm" if is_timm_layout(raw) else "official"
     state_dict = timm_to_official(raw) if layout == "timm" else raw
-    fitted = fit_state_dict(model, state_dict, str(path))
+    fitted = fit_state_dict(model, state_dict, str(path), name=name)
     model.load_state_dict(fitted, strict=True)
     return Checkpoint(fitted, sha, Path(path), layout)
 
-
-def require_file(path: str | os.PathLike, what: str = "file") -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"{what} not found: {path}")
-    return path

@@ -41,6 +41,11 @@ class EfficientViTConfig:
     # Subsampling between stages: stage i+1 starts with a PatchMerging of stride 2.
     down_ops: tuple[tuple, ...] = field(default=(("subsample", 2), ("subsample", 2), ("",)))
 
+    @classmethod
+    def from_spec(cls, spec) -> "EfficientViTConfig":
+        """The configuration of a family member (a :class:`~.registry.ModelSpec`)."""
+        return cls(embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads, kernels=spec.kernels)
+
 
 def _make_divisible(value: float, divisor: int = 8) -> int:
     # The released checkpoints were trained with timm's SqueezeExcite, which rounds the

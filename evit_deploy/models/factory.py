@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,16 +14,19 @@ from .checkpoint import (fit_state_dict, is_timm_layout, load_checkpoint, offici
                          timm_to_official)
 from .efficientvit import EfficientViT, EfficientViTConfig
 from .fuse import fuse as fuse_bn
+from .synthetic import DEFAULT_SEED, randomize_weights
 from ..errors import BadInputError
 from .registry import resolve_name
 
-DEFAULT_SEED = 0
 
 
-def config_for(name: str) -> EfficientViTConfig:
-    spec = resolve_name(name)
-    return EfficientViTConfig(embed_dim=spec.embed_dim, depth=spec.depth,
-                              num_heads=spec.num_heads, kernels=spec.kernels)
+@dataclass(frozen=True)
+class Provenance:
+    """Where a model's weights came from (what an artifact's description records)."""
+
+    weights_sha256: str | None      # SHA-256 of the checkpoint file; None unless loaded from one
+    init_seed: int | None           # seed of synthetic or initial weights; None when loaded
+    neck_pretrained: bool | None = None   # detection: whether the FPN neck came from the checkpoint
 
 
 def build_model(name: str, *, num_classes: int = 1000, img_size: int | None = 224,
@@ -33,80 +37,11 @@ def build_model(name: str, *, num_classes: int = 1000, img_size: int | None = 22
         raise BadInputError(f"img_size must be a positive multiple of 16, got {img_size}")
     if num_classes < 0:
         raise BadInputError(f"num_classes must be 0 (no head) or more, got {num_classes}")
-    model = EfficientViT(config_for(spec.name), img_size=img_size, num_classes=num_classes,
-                         distillation=distillation)
-    model.model_name = spec.name
-    return model
+    return EfficientViT(EfficientViTConfig.from_spec(spec), img_size=img_size, num_classes=num_classes,
+                        distillation=distillation)
 
 
 RANDOM = "random"
-
-
-@torch.no_grad()
-def randomize_weights(model: nn.Module, seed: int = DEFAULT_SEED, calibration_size: int = 224) -> nn.Module:
-    """Seeded synthetic weights in which every layer matters.
-
-    The training initialisation zeroes the last BN gain of every residual branch, so an
-    untrained model is nearly the identity and a broken attention or FFN in an exported
-    artifact would go unnoticed. Here every BN gets a random gain and shift, the bias
-    tables and the classifier are random, and BN running statistics are calibrated on
-    seeded noise. Residual branches end with small gains, as in trained networks: a
-    model whose branches all have unit gain is chaotic, and its fp32 result would differ
-    from its own fp64 result by more than any parity tolerance.
-    """
-    from .efficientvit import LocalWindowAttention, Residual
-
-    gen = torch.Generator().manual_seed(seed)
-    branch_ends = set()
-    for module in model.modules():
-        if isinstance(module, Residual):
-            norms = [m for m in module.m.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-            branch_ends.add(id(norms[-1]))
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            low, high = (0.05, 0.25) if id(module) in branch_ends else (0.3, 0.6)
-            module.weight.copy_(low + (high - low) * torch.rand(module.weight.shape, generator=gen))
-            module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
-            module.reset_running_stats()
-            module.momentum = None          # calibrate with a cumulative average
-        elif isinstance(module, nn.Linear):
-            module.weight.copy_(torch.randn(module.weight.shape, generator=gen) / module.in_features ** 0.5)
-            if module.bias is not None:
-                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
-        elif hasattr(module, "attention_biases"):
-            module.attention_biases.copy_(torch.randn(module.attention_biases.shape, generator=gen) * 0.5)
-    was_training = model.training
-    dtype = next(model.parameters()).dtype
-    threads = torch.get_num_threads()
-    # The statistics must not depend on the machine: one thread (a fixed reduction order)
-    # and float64, so that a reference rebuilt elsewhere has the same float32 weights.
-    torch.set_num_threads(1)
-    model.train().double()
-    windows = [m for m in model.modules() if isinstance(m, LocalWindowAttention)]
-    for m in windows:
-        m.pad_mode = "replicate"
-    size = calibration_size
-    white = torch.randn(4, 3, size, size, generator=gen)
-    # Smooth noise: natural images are mostly low-frequency, white noise is not.
-    smooth = torch.nn.functional.interpolate(torch.randn(8, 3, size // 16, size // 16, generator=gen) * 1.5,
-                                             size=(size, size), mode="bilinear", align_corners=False)
-    # Large flat areas of one colour (a wall, the sky) shift every channel at once.
-    smooth[4:] = smooth[4:] * 0.3 + (torch.rand(4, 3, 1, 1, generator=gen) * 4 - 2)
-    try:
-        model(torch.cat([white, smooth]).double())
-    finally:
-        torch.set_num_threads(threads)
-        for m in windows:
-            m.pad_mode = "constant"
-    model.to(dtype)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.momentum = 0.1
-            # A channel that the noise barely excites (a ReLU that rarely fires) would
-            # get a near-zero variance and amplify rounding error hundreds of times.
-            module.running_var.clamp_(min=0.1 * float(module.running_var.median()))
-    model.train(was_training)
-    return model
 
 
 def build_detector(name: str, *, neck: str = "maskrcnn") -> nn.Module:
@@ -117,18 +52,17 @@ def build_detector(name: str, *, neck: str = "maskrcnn") -> nn.Module:
     if neck not in NECKS:
         from ..errors import unknown_name
         raise unknown_name("neck", neck, NECKS)
-    model = EfficientViTFPN(config_for(spec.name), neck=neck)
-    model.model_name = spec.name
-    return model
+    return EfficientViTFPN(EfficientViTConfig.from_spec(spec), neck=neck)
 
 
-def load_detector_weights(model: nn.Module, path: str | os.PathLike) -> str:
+def load_detector_weights(model: nn.Module, path: str | os.PathLike, *, name: str) -> tuple[str, bool]:
     """Load a detection checkpoint (MMDetection layout: ``backbone.*``, ``neck.*``) or a
-    classification one into a detector; returns the file's SHA-256.
+    classification one into the detector of family member ``name``; returns the file's
+    SHA-256 and whether the neck was loaded.
 
     From a classification checkpoint only the backbone is loaded: the head is dropped, the
     bias tables are resized to the detector's windows, and the neck keeps its
-    initialisation (``model.neck_pretrained`` is False).
+    initialisation.
     """
     from .detection import classification_to_backbone, resize_bias_table
 
@@ -141,13 +75,13 @@ def load_detector_weights(model: nn.Module, path: str | os.PathLike) -> str:
             want = own.get(key)
             if key.endswith("attention_biases") and want is not None and value.shape != want.shape:
                 state[key] = resize_bias_table(value, int(round(want.shape[1] ** 0.5)))
-        model.neck_pretrained = True
+        neck_pretrained = True
     else:
         state, _ = classification_to_backbone(timm_to_official(raw) if is_timm_layout(raw) else raw, model)
         state.update({k: v for k, v in own.items() if k.startswith("neck.")})
-        model.neck_pretrained = False
-    model.load_state_dict(fit_state_dict(model, state, str(path)), strict=True)
-    return sha
+        neck_pretrained = False
+    model.load_state_dict(fit_state_dict(model, state, str(path), name=name), strict=True)
+    return sha, neck_pretrained
 
 
 def create_model(name: str, weights: str | os.PathLike | Mapping | None = None, *,
@@ -161,35 +95,44 @@ def create_model(name: str, weights: str | os.PathLike | Mapping | None = None, 
     dict, ``"random"`` for seeded synthetic weights that exercise every layer (see
     :func:`randomize_weights`; what commands use when no weights are given), or ``None``
     for the training initialisation. ``seed`` makes both random choices reproducible.
-    The result records where its weights came from in ``weights_sha256`` (None unless
-    loaded from a file) and ``init_seed`` (None when weights were loaded).
 
     ``task="detection"`` builds the backbone + FPN (``neck`` "maskrcnn" or "retinanet")
     for any input size; it outputs one feature map per FPN level. Classification
     checkpoints load into its backbone (see :func:`load_detector_weights`).
+    :func:`load_model` also says where the weights came from.
     """
+    return load_model(name, weights, fuse=fuse, num_classes=num_classes, img_size=img_size,
+                      distillation=distillation, seed=seed, task=task, neck=neck)[0]
+
+
+def load_model(name: str, weights: str | os.PathLike | Mapping | None = None, *,
+               fuse: bool = False, num_classes: int = 1000, img_size: int = 224,
+               distillation: bool = False, seed: int = DEFAULT_SEED, task: str = "classification",
+               neck: str = "maskrcnn") -> tuple[torch.nn.Module, Provenance]:
+    """:func:`create_model`, and the :class:`Provenance` of the weights it holds."""
     if task not in ("classification", "detection"):
         raise BadInputError(f"unknown task '{task}'; valid: classification, detection")
+    spec = resolve_name(name)
     detection = task == "detection"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = (build_detector(name, neck=neck) if detection else
                  build_model(name, num_classes=num_classes, img_size=img_size, distillation=distillation))
-    model.weights_sha256 = None
-    model.init_seed = seed if weights is None or str(weights) == RANDOM or detection else None
+    sha, neck_pretrained = None, None
     if str(weights) == RANDOM and not isinstance(weights, Mapping):
         randomize_weights(model, seed, img_size)
     elif weights is not None:
         if isinstance(weights, Mapping):
-            model.load_state_dict(fit_state_dict(model, weights, "state dict"), strict=True)
+            model.load_state_dict(fit_state_dict(model, weights, "state dict", name=spec.name), strict=True)
         else:
             if str(weights) == "official":
-                weights = official_weights_path(resolve_name(name))
+                weights = official_weights_path(spec)
             if detection:
-                model.weights_sha256 = load_detector_weights(model, Path(weights))
+                sha, neck_pretrained = load_detector_weights(model, Path(weights), name=spec.name)
             else:
-                model.weights_sha256 = load_checkpoint(model, Path(weights)).sha256
+                sha = load_checkpoint(model, Path(weights), name=spec.name).sha256
+    init_seed = seed if weights is None or str(weights) == RANDOM or detection else None
     model.eval()
     if fuse:
         fuse_bn(model)
-    return model
+    return model, Provenance(sha, init_seed, neck_pretrained)

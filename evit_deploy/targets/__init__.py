@@ -14,10 +14,11 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..errors import BadInputError, unknown_name
-from .base import Artifact, Target, option
+from .base import Artifact, Command, CommandResult, Finding, OpTime, Target, option
 
-__all__ = ["Artifact", "Target", "option", "ENTRY_POINT_GROUP", "available_targets", "get_target",
-           "target_for_artifact", "list_targets", "TargetInfo"]
+__all__ = ["Artifact", "Command", "CommandResult", "Finding", "OpTime", "Target", "option", "ENTRY_POINT_GROUP",
+           "available_targets", "get_target", "target_for_artifact", "list_targets", "TargetInfo",
+           "option_shortcuts"]
 
 ENTRY_POINT_GROUP = "evit_deploy.targets"
 
@@ -63,6 +64,20 @@ def get_target(name: str) -> Target:
             raise BadInputError(f"target '{name}' ({broken[name][0]}) failed to load: {broken[name][1]}")
         raise unknown_name("target", name, targets or ["(none registered: is evit-deploy installed?)"])
     return targets[name]()
+
+
+def option_shortcuts() -> dict[str, tuple[str, str]]:
+    """``{"--db": ("tvm", "db")}``: the short flags targets declare for ``bench`` and
+    ``profile`` (see :attr:`Target.option_shortcuts`), to the target option each sets.
+
+    Two targets declaring the same flag is the plug-ins' conflict: the flag is then left
+    out (and must be written ``-O TARGET.KEY=VALUE``), never silently given to one of them.
+    """
+    owners: dict[str, list[tuple[str, str]]] = {}
+    for name, cls in available_targets().items():
+        for flag, option_name in cls.option_shortcuts.items():
+            owners.setdefault(flag, []).append((name, option_name))
+    return {flag: found[0] for flag, found in owners.items() if len(found) == 1}
 
 
 def target_for_artifact(path: str | Path) -> Target:

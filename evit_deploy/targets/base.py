@@ -1,9 +1,14 @@
 """The contract every export target fulfils, and the option schema they share.
 
 A target is a class with a ``name``, what it ``produces``, the Python packages it
-``requires``, an ``Options`` dataclass, ``export(traced, options, path)`` and
+``requires``, an ``Options`` dataclass, ``export(traced, options, path, reporter)`` and
 ``run(path, inputs)``. Targets are found through the ``evit_deploy.targets`` entry-point
-group, so a package that declares one adds a target without touching evit-deploy.
+group, so a package that declares one adds a target without touching evit-deploy. A
+target owns everything about itself: its options, the commands it adds to the CLI
+(:meth:`Target.commands`), what it says about an artifact's health
+(:meth:`Target.health`) and how it times its operators (:meth:`Target.profile_ops`).
+Target modules import nothing of evit-deploy's command layer (``api``, ``cli``,
+``bench``, ``profiler``, ``build``); ``tests/test_layers.py`` enforces it.
 
 Target modules must import their heavy dependencies (torch, converters, runtimes)
 inside methods: the registry imports every target module to list them, and ``run`` for
@@ -16,6 +21,7 @@ import dataclasses
 import importlib
 import importlib.util
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,11 +39,44 @@ def option(default, help: str, *, choices: tuple | None = None, flag: str | None
 
 @dataclass(frozen=True)
 class Finding:
-    """One fact ``evit-deploy doctor`` reports about a target on this machine."""
+    """One fact about a target on this machine (``evit-deploy doctor``) or about an
+    artifact (:meth:`Target.health`)."""
 
-    level: str              # "ok" | "warning" | "error" (error: the target is unusable)
+    level: str              # "ok" | "warning" | "error" (error: the target or artifact is unusable)
     message: str
     advice: str = ""
+
+
+@dataclass
+class OpTime:
+    """One operator's time, as a target's profiler reports it (``evit-deploy profile``)."""
+
+    name: str                 # operator/kernel name as the runtime reports it
+    seconds: float            # total over the profiled iterations
+    block: str | None = None  # block kind of the network, where the runtime knows it
+
+
+@dataclass
+class CommandResult:
+    """What a target's command returns: data for ``--json`` and renderables for people."""
+
+    data: Any
+    tables: list = field(default_factory=list)      # Rich renderables, printed in order
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command a target adds to the CLI: ``evit-deploy NAME ...``.
+
+    ``function`` declares its parameters as any Typer command does (``typer.Argument`` and
+    ``typer.Option`` defaults), plus a ``reporter`` parameter that the CLI fills in with
+    its progress display; it returns a :class:`CommandResult`. The CLI adds ``--json`` and
+    turns :class:`~evit_deploy.errors.EvitError` into its one-line message and exit code.
+    """
+
+    name: str
+    function: Callable[..., CommandResult]
 
 
 @dataclass
@@ -76,8 +115,17 @@ class Target:
     reproducibility_note: ClassVar[str] = ""
     # The name `evit-deploy bench --backends` knows this target's runtime by, if any.
     benchmark_backend: ClassVar[str | None] = None
+    # Short flags `bench` and `profile` accept for this target's options, e.g. TVM's
+    # {"--db": "db"}: `--db DIR` is `-O tvm.db=DIR`.
+    option_shortcuts: ClassVar[dict[str, str]] = {}
+    # Whether profile_ops() can time this target's operators.
+    supports_profiling: ClassVar[bool] = False
 
     # -- what the framework asks of a target ------------------------------------------------
+    def validate(self, options) -> None:
+        """Check options against the world before the (slow) trace: files they name, a
+        database's target, ... Raises :class:`BadInputError`; changes nothing."""
+
     def input_format(self, options) -> str:
         """The input format to trace the model with (see preprocess.INPUT_FORMATS)."""
         return "normalized"
@@ -87,15 +135,34 @@ class Target:
         return "fp32"
 
     def default_batch(self, options, model: str) -> tuple[int, str] | None:
-        """(batch, why) to export ``model`` at when the user names no batch; None: 1."""
+        """(batch, why) to export ``model`` (the name the trace gives it: ``efficientvit_m4``
+        or a factory spec) at when the user names no batch; None: 1."""
         return None
 
     def artifact_name(self, description: ModelDescription, options) -> str:
         return f"{description.stem}{self.suffixes[0]}"
 
-    def export(self, traced, options, path: Path) -> Artifact:  # pragma: no cover - abstract
-        """Write the artifact at ``path`` (and any sidecars next to it)."""
+    def export(self, traced, options, path: Path, reporter) -> Artifact:  # pragma: no cover - abstract
+        """Write the artifact at ``path`` (and any sidecars next to it); warnings for the
+        person exporting go to ``reporter`` (a :class:`~evit_deploy.progress.Reporter`)."""
         raise NotImplementedError
+
+    @classmethod
+    def commands(cls) -> list[Command]:
+        """The commands this target adds to the CLI (TVM: ``tune``)."""
+        return []
+
+    def health(self, path: Path, description: ModelDescription) -> list[Finding]:
+        """What a user of this artifact should know about how well it will run (TVM: how
+        many kernels have a tuned schedule). Benchmarks and reports show the warnings."""
+        return []
+
+    def profile_ops(self, path: Path, inputs: dict[str, np.ndarray], *, threads: int, iterations: int,
+                    blocks: dict[str, str]) -> list[OpTime]:
+        """Per-operator times of ``iterations`` runs on ``inputs`` (after a warm-up);
+        ``blocks`` maps PyTorch module paths to block kinds, for runtimes that keep them.
+        Only for targets with ``supports_profiling``."""
+        raise BadInputError(f"target '{self.name}' cannot report per-operator times")
 
     def run(self, path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # pragma: no cover
         """Run the artifact with its own runtime on named inputs; outputs by name."""

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..description import ModelDescription
 from ..errors import BadInputError, ExportError
-from .base import Artifact, Target, option
+from .base import Artifact, OpTime, Target, option
 
 METADATA_KEY = "evit_deploy.description"
 
@@ -40,6 +40,7 @@ class OnnxTarget(Target):
     supports_dynamic_batch = True
     Options = OnnxOptions
     benchmark_backend = "onnxruntime"
+    supports_profiling = True
 
     def input_format(self, options: OnnxOptions) -> str:
         return "normalized" if options.bake_preprocessing == "none" else options.bake_preprocessing
@@ -47,7 +48,7 @@ class OnnxTarget(Target):
     def precision(self, options: OnnxOptions) -> str:
         return "fp16" if options.fp16 else "fp32"
 
-    def export(self, traced, options: OnnxOptions, path: Path) -> Artifact:
+    def export(self, traced, options: OnnxOptions, path: Path, reporter) -> Artifact:
         import onnx
         import torch
 
@@ -108,7 +109,7 @@ class OnnxTarget(Target):
         return lambda inputs: dict(zip(names, session.run(names, inputs)))
 
     def profile_ops(self, path: Path, inputs: dict[str, np.ndarray], *, threads: int, iterations: int,
-                    blocks: dict[str, str]) -> list:
+                    blocks: dict[str, str]) -> list[OpTime]:
         """Per-node kernel times from onnxruntime's profiler, each attributed to the block
         of the PyTorch module it was exported from (the exporter records module paths)."""
         import json as json_
@@ -116,8 +117,6 @@ class OnnxTarget(Target):
 
         import onnx
         import onnxruntime as ort
-
-        from ..profiler import OpTime
 
         scopes = {}
         for node in onnx.load(str(path)).graph.node:

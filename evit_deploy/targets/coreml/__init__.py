@@ -50,7 +50,7 @@ class CoreMLTarget(Target):
     Options = CoreMLOptions
 
     def diagnose(self) -> list[Finding]:
-        from ._coremltools import coremltools
+        from .quiet_import import coremltools
         from .runtime import EXECUTOR_ENV, available
 
         missing = self.missing_packages()
@@ -89,7 +89,7 @@ class CoreMLTarget(Target):
                   (f"-{options.compress}" if options.compress != "none" else "")
         return f"{base}{variant}{self.suffixes[0]}"
 
-    def export(self, traced, options: CoreMLOptions, path: Path) -> Artifact:
+    def export(self, traced, options: CoreMLOptions, path: Path, reporter) -> Artifact:
         from .convert import convert, write
         from .executor import UnsupportedOpError, check_supported
         from .package import read_spec, zip_package
@@ -175,12 +175,12 @@ def fp16_drift(program, description: ModelDescription) -> dict:
     result rounded to fp16 as declared, and with fp32 activations. Also checks that the
     classifier's label is the arg-max of the logits.
     """
-    from ...parity import parity_inputs
     from ...preprocess import to_input
+    from ...samples import sample_inputs
 
     if not program.computes_fp16:
         return {"fp16_drift": None, "fp16_drift_note": "the program computes in fp32"}
-    photos = parity_inputs(description.preprocessing, noise=0)
+    photos = sample_inputs(description.preprocessing, noise=0)
     x = to_input(np.stack([p.image for p in photos]), description.preprocessing, description.input_format)
     name, first = description.input.name, description.outputs[0].name
     batch = description.batch or 1

@@ -12,7 +12,7 @@ from functools import partial
 
 import numpy as np
 
-from ._coremltools import coremltools
+from .quiet_import import coremltools
 
 MODES = ("none", "palettize8", "palettize6", "palettize4", "int8")
 _ITERATIONS = 50

@@ -21,7 +21,7 @@ import numpy as np
 from ...description import ModelDescription
 from ...errors import BadInputError, EvitError, ExportError
 from . import package
-from ._coremltools import coremltools
+from .quiet_import import coremltools
 from .compress import compression_pipeline
 from .metadata import LABEL_OUTPUT, PROBABILITIES_OUTPUT, artifact_description, set_metadata
 

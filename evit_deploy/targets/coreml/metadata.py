@@ -11,7 +11,7 @@ from dataclasses import replace
 from ... import __version__
 from ...description import ModelDescription, TensorSpec
 from ...errors import BadInputError
-from ._coremltools import coremltools
+from .quiet_import import coremltools
 
 DESCRIPTION_KEY = "evit_deploy.description"
 PREVIEW_TYPE_KEY = "com.apple.coreml.model.preview.type"

@@ -61,7 +61,7 @@ def resolve_program_file(spec_file: Path, file_name: str) -> Path:
 
 def read_spec(package: Path):
     """The package's ``Model`` protobuf."""
-    from ._coremltools import proto
+    from .quiet_import import proto
 
     Model_pb2, _ = proto()
     path = model_file(package)

@@ -38,7 +38,7 @@ def _mtime(package: Path) -> int:
 
 @lru_cache(maxsize=2)
 def _load(path: str, mtime_ns: int, compute_units: str):
-    from ._coremltools import coremltools
+    from .quiet_import import coremltools
 
     ct = coremltools()
     return ct.models.MLModel(path, compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[compute_units]))

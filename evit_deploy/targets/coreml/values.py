@@ -46,7 +46,7 @@ class TensorInfo:
 
 
 def type_name(data_type: int) -> str:
-    from ._coremltools import proto
+    from .quiet_import import proto
 
     _, MIL_pb2 = proto()
     return _PROTO_TYPE_NAMES.get(MIL_pb2.DataType.Name(data_type), MIL_pb2.DataType.Name(data_type).lower())

@@ -8,7 +8,6 @@ artifact needs ``tvm`` and numpy only (:mod:`.runtime`).
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 
 from ...description import ModelDescription
 from ...errors import ExportError
-from ..base import Artifact, Finding, Target, missing_modules, option
+from ..base import Artifact, Command, Finding, OpTime, Target, missing_modules, option
 
 UNTUNED_WARNING = ("no tuning database (--db): the library uses TVM's default, untuned kernels and runs "
                    "far slower than PyTorch or onnxruntime; tune first with `evit-deploy tune`")
@@ -31,16 +30,6 @@ class TvmOptions:
     db: str | None = option(None, "tuning database directory made by `evit-deploy tune`", flag="--db")
     db_any_target: bool = option(False, "apply a database tuned for a different TVM target anyway",
                                  flag="--db-any-target")
-
-
-def warn(message: str) -> None:
-    """A warning for the person exporting (targets get no reporter; without logging
-    configured, Python prints WARNING records to stderr as they are)."""
-    logging.getLogger("evit_deploy").warning("warning: %s", message)
-
-
-#: What MetaSchedule imports (module -> pip package); export and run need none of them.
-TUNING_REQUIRES = {"xgboost": "xgboost-cpu", "psutil": "psutil", "cloudpickle": "cloudpickle"}
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -63,30 +52,33 @@ class TvmTarget(Target):
                             "repeatable, and LLVM output is not guaranteed byte-identical")
     Options = TvmOptions
 
-    def input_format(self, options: TvmOptions) -> str:
-        # Called before the (slow) trace: check the target and the database here so that a
-        # typo or a database for another target fails at once.
-        from .database import TuningDatabase
+    option_shortcuts = {"--db": "db"}
+    supports_profiling = True
 
+    @classmethod
+    def commands(cls) -> list[Command]:
+        from .commands import tune_command
+        return [Command("tune", tune_command)]
+
+    def validate(self, options: TvmOptions) -> None:
+        # Before the (slow) trace: a typo in the target or a database for another target
+        # fails at once.
         target = self.resolved_target(options)
         if options.db:
-            TuningDatabase.open(options.db).check_target(target, allow_mismatch=options.db_any_target)
-        return "normalized"
+            self.database(options).check_target(target, allow_mismatch=options.db_any_target)
+
+    @staticmethod
+    def database(options: TvmOptions):
+        from .database import TuningDatabase
+        return TuningDatabase.open(options.db)
 
     def default_batch(self, options: TvmOptions, model: str) -> tuple[int, str] | None:
         """The batch the database tuned ``model`` at, if it tuned it at one batch only:
         kernels of another batch size have no record and would run untuned."""
-        from ...models.registry import resolve_name
-        from ...trace import is_custom
-        from .database import TuningDatabase
-
         if not options.db:
             return None
-        # The database keys a model by its trace's name: canonical for the family, the
-        # factory spec itself for a custom nn.Module.
-        name = model if is_custom(model) else resolve_name(model).name
-        batches = {int(entry["input_shape"][0]) for entry in TuningDatabase.open(options.db).models().values()
-                   if entry.get("model") == name and entry.get("input_shape")}
+        batches = {int(entry["input_shape"][0]) for entry in self.database(options).models().values()
+                   if entry.get("model") == model and entry.get("input_shape")}
         if len(batches) != 1:
             return None
         batch = batches.pop()
@@ -103,7 +95,7 @@ class TvmTarget(Target):
             return resolve_target(TuningDatabase.open(options.db).meta["target"])
         return resolve_target(options.tvm_target or "native")
 
-    def export(self, traced, options: TvmOptions, path: Path) -> Artifact:
+    def export(self, traced, options: TvmOptions, path: Path, reporter) -> Artifact:
         from ...fsutil import write_text_atomic
         from . import compile as tvm_compile
         from . import graph
@@ -119,21 +111,21 @@ class TvmTarget(Target):
             db = TuningDatabase.open(options.db)
             same = db.check_target(target, allow_mismatch=options.db_any_target)
             if not same:
-                warn(f"applying {db.path}, tuned for '{db.meta['target_string']}', to '{to_classic(target)}' "
-                     f"(--db-any-target)")
-            stale = db.version_mismatch()
-            if stale:
-                warn(stale)
+                reporter.warn(f"applying {db.path}, tuned for '{db.meta['target_string']}', to "
+                              f"'{to_classic(target)}' (--db-any-target)")
+            for stale in (db.version_mismatch(), db.graph_mismatch(graph.VERSION)):
+                if stale:
+                    reporter.warn(stale)
             key = model_key(desc.model, desc.input.shape)
             if key not in db.models():
                 tuned_for = ", ".join(db.models()) or "nothing yet"
-                warn(f"{db.path} has no tuning run for {key} (it has: {tuned_for}); only kernels shared with "
-                     f"those are tuned")
+                reporter.warn(f"{db.path} has no tuning run for {key} (it has: {tuned_for}); only kernels "
+                              f"shared with those are tuned")
             database = db.ms_database()
             db_info = {"path": str(db.path), "target_string": db.meta["target_string"],
                        "records": db.record_count(), "models": sorted(db.models())}
         else:
-            warn(UNTUNED_WARNING)
+            reporter.warn(UNTUNED_WARNING)
         try:
             prepared = graph.prepare(graph.import_program(traced.program), tvm_target)
             built = tvm_compile.build(prepared, tvm_target, database)
@@ -141,14 +133,11 @@ class TvmTarget(Target):
             raise ExportError(f"TVM compilation failed: {type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
         if database is not None and built.tuned < built.kernels:
-            warn(f"{built.kernels - built.tuned} of {built.kernels} kernels have no record in {options.db} "
-                 f"and stay untuned (slow); tune this model and input shape for this target")
+            reporter.warn(f"{built.kernels - built.tuned} of {built.kernels} kernels have no record in "
+                          f"{options.db} and stay untuned (slow); tune this model and input shape for this target")
         import tvm
 
-        # "tuned" means every kernel has a tuned schedule: one untuned kernel is enough to
-        # make the library slow.
-        description = desc.with_extra(tuned=built.tuned == built.kernels,
-                                      tuning=f"{built.tuned}/{built.kernels} kernels tuned", tvm={
+        description = desc.with_extra(tvm={
             "target": target, "target_string": to_classic(target), "threads": target["num-cores"],
             "kernels": built.kernels, "tuned_kernels": built.tuned, "hand_written_kernels": built.hand_written,
             "inputs_in_place": built.inputs_in_place, "graph": graph.VERSION,
@@ -174,6 +163,8 @@ class TvmTarget(Target):
                 "error", f"apache-tvm-ffi {ffi} with apache-tvm {package_version('apache-tvm')}: tuning crashes "
                          "(segfault in tvm::ffi::ToJSONGraph when MetaSchedule starts)",
                 'pip install "apache-tvm-ffi>=0.1.14.post0,<0.1.15"'))
+        from .measure import TUNING_REQUIRES
+
         missing = sorted(missing_modules(TUNING_REQUIRES).values())
         if missing:
             findings.append(Finding("warning", f"tuning needs {', '.join(missing)} (export and run work without)",
@@ -191,12 +182,27 @@ class TvmTarget(Target):
 
         return load(path, threads=threads).run_named
 
+    def health(self, path: Path, description: ModelDescription) -> list[Finding]:
+        from .graph import VERSION
+
+        info = description.extra.get("tvm", {})
+        findings = []
+        kernels, tuned = info.get("kernels"), info.get("tuned_kernels")
+        if kernels is not None and tuned != kernels:
+            # One kernel with TVM's default code is enough to make the whole library slow.
+            findings.append(Finding("warning", f"{kernels - tuned} of {kernels} kernels untuned",
+                                    "tune this model for this target and input shape (evit-deploy tune), "
+                                    "then export with --db"))
+        if info.get("graph") not in (None, VERSION):
+            findings.append(Finding("warning", f"compiled by an older graph pipeline ({info.get('graph')})",
+                                    "export it again to get this version's kernels"))
+        return findings
+
     def profile_ops(self, path: Path, inputs: dict[str, np.ndarray], *, threads: int, iterations: int,
-                    blocks: dict[str, str]) -> list:
+                    blocks: dict[str, str]) -> list[OpTime]:
         """Per-kernel times from the Relax VM's profiler. TVM fuses operators into kernels
         named after them (``fused_conv2d_add_relu``) and keeps no module paths, so
         kernels are categorised by name and not attributed to blocks."""
-        from ...profiler import OpTime
         from .runtime import load
 
         model = load(path, threads=threads, profile=True)

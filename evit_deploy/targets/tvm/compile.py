@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 
 @dataclass
-class BuildResult:
+class CompiledLibrary:
     executable: object
     kernels: int          # fused kernels in the module
     tuned: int            # of which a tuning record was applied
-    hand_written: int     # of which the record is a schedule from templates.py
+    hand_written: int     # of which the record is a schedule from handwritten.py
     inputs_in_place: bool = False   # the kernels read a caller's array where it is
 
 
@@ -33,7 +33,7 @@ def count_tuned(mod) -> int:
 def count_hand_written(mod) -> int:
     from tvm import s_tir
 
-    from .templates import MARK
+    from .handwritten import MARK
 
     count = 0
     for f in _scheduled(mod):
@@ -100,7 +100,7 @@ def read_inputs_in_place(mod):
     return mod, bool(readers)
 
 
-def build(prepared, target, database=None) -> BuildResult:
+def build(prepared, target, database=None) -> CompiledLibrary:
     """``prepared`` (from :func:`graph.prepare`) -> executable.
 
     With a database, kernels that have a record get the tuned schedule and the rest keep
@@ -133,4 +133,4 @@ def build(prepared, target, database=None) -> BuildResult:
             *rp.finalize_passes(target),
         ])
         executable = tvm.compile(mod, target=target, relax_pipeline=lower)
-    return BuildResult(executable, kernels, tuned, hand_written, inputs_in_place)
+    return CompiledLibrary(executable, kernels, tuned, hand_written, inputs_in_place)

@@ -116,6 +116,15 @@ class TuningDatabase:
         now = versions()["tvm"]
         return None if made in (None, now) else f"tuning database {self.path} was made with TVM {made}, this is {now}"
 
+    def graph_mismatch(self, current: str) -> str | None:
+        """Why the database's kernels may not be this evit-deploy's: :data:`graph.VERSION`
+        names the graph pipeline, whose kernels are the database's keys."""
+        made = self.meta.get("graph")
+        if made in (None, current):
+            return None
+        return (f"tuning database {self.path} was made for graph pipeline '{made}', this evit-deploy prepares "
+                f"'{current}' (kernels that changed have no record)")
+
     def models(self) -> dict:
         return self.meta.get("models", {})
 

@@ -13,6 +13,7 @@ make a run slower, never faster, so the minimum is the most faithful figure.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import shutil
@@ -20,6 +21,11 @@ import tempfile
 from dataclasses import dataclass
 
 from ...errors import BadInputError
+
+
+#: What MetaSchedule's building and measuring import (module -> pip package); export and
+#: run need none of them.
+TUNING_REQUIRES = {"xgboost": "xgboost-cpu", "psutil": "psutil", "cloudpickle": "cloudpickle"}
 
 
 @dataclass(frozen=True)
@@ -124,25 +130,22 @@ def remove_artifact(path: str | None) -> None:
 
 # -- running -----------------------------------------------------------------------------
 
-def run_evaluator_with_threads(*args):
-    """MetaSchedule's evaluator, after setting the kernel thread count.
+def run_evaluator_with_threads(threads: int, *args):
+    """MetaSchedule's evaluator, after setting the kernel thread count (bound with
+    ``functools.partial``, it travels to the worker with the function).
 
-    Local runs pass (rt_mod, device, config, args); RPC runs pass the session first.
-    The thread count travels in the environment of the local worker, or is set on the
-    remote through ``runtime.config_threadpool``.
+    Local runs pass (rt_mod, device, config, args); RPC runs pass the session first, and
+    the remote's pool is set through ``runtime.config_threadpool``.
     """
     from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
 
-    threads = int(os.environ.get("EVIT_TVM_MEASURE_THREADS", "0"))
     if len(args) == 5:       # RPC: (session, rt_mod, device, config, repeated_args)
         session, rt_mod, device, config, repeated = args
-        if threads:
-            session.get_function("runtime.config_threadpool")(1, threads)
+        session.get_function("runtime.config_threadpool")(1, threads)
     else:
         rt_mod, device, config, repeated = args
-        if threads:
-            from .runtime import set_threads
-            set_threads(threads)
+        from .runtime import set_threads
+        set_threads(threads)
     return run_evaluator_common(rt_mod, device, config, repeated)
 
 
@@ -205,44 +208,36 @@ class Runner:
         from tvm.s_tir.meta_schedule.runner import EvaluatorConfig, LocalRunner, RPCConfig, RPCRunner
 
         self.settings = settings
-        self._saved_env = os.environ.get("EVIT_TVM_MEASURE_THREADS")
-        # Popen workers inherit the environment when they start (or restart after a timeout).
-        os.environ["EVIT_TVM_MEASURE_THREADS"] = str(settings.threads)
+        evaluate = functools.partial(run_evaluator_with_threads, settings.threads)
         config = EvaluatorConfig(number=1, repeat=settings.repeat, min_repeat_ms=settings.min_repeat_ms,
                                  enable_cpu_cache_flush=False)
         if rpc is None:
             self._runner = LocalRunner(timeout_sec=settings.run_timeout_s, evaluator_config=config,
-                                       f_run_evaluator=run_evaluator_with_threads,
+                                       f_run_evaluator=evaluate,
                                        initializer=_worker_ignores_ctrl_c)
         else:
             rpc_config = RPCConfig(tracker_host=rpc.host, tracker_port=rpc.port, tracker_key=rpc.key,
                                    session_timeout_sec=int(settings.run_timeout_s))
             self._runner = RPCRunner(rpc_config=rpc_config, evaluator_config=config, max_workers=max(1, devices),
-                                     f_run_evaluator=run_evaluator_with_threads,
+                                     f_run_evaluator=evaluate,
                                      initializer=_worker_ignores_ctrl_c)
 
-    def run(self, built: list[tuple[object, str]], device_type: str = "cpu") -> list:
-        """``built``: (candidate, artifact path) pairs -> RunnerResult per pair, with
-        ``run_secs`` reduced to the best repeat."""
-        from tvm.s_tir.meta_schedule.runner import RunnerInput, RunnerResult
+    def run(self, built: list[tuple[object, str]], device_type: str = "cpu") -> list[tuple[float | None, str | None]]:
+        """``built``: (candidate, artifact path) pairs -> (best repeat in seconds, None) or
+        (None, error) per pair."""
+        from tvm.s_tir.meta_schedule.runner import RunnerInput
 
         inputs = [RunnerInput(path, device_type, cand.args_info) for cand, path in built]
-        futures = self._runner.run(inputs)
         results = []
-        for fut in futures:
+        for fut in self._runner.run(inputs):
             res = fut.result()
             if res.error_msg is None and res.run_secs:
-                secs = [float(s) for s in res.run_secs]
-                results.append(RunnerResult(run_secs=[min(secs)], error_msg=None))
+                results.append((min(float(s) for s in res.run_secs), None))
             else:
-                results.append(RunnerResult(run_secs=None, error_msg=str(res.error_msg or "no result")))
+                results.append((None, str(res.error_msg or "no result")))
         return results
 
     def shutdown(self) -> None:
         pool = getattr(self._runner, "pool", None)
         if pool is not None:
             pool.shutdown()
-        if self._saved_env is None:
-            os.environ.pop("EVIT_TVM_MEASURE_THREADS", None)
-        else:
-            os.environ["EVIT_TVM_MEASURE_THREADS"] = self._saved_env

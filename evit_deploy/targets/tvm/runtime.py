@@ -48,12 +48,26 @@ def read_description(library: Path) -> ModelDescription:
         raise BadInputError(f"{side} is not a readable evit-deploy description: {exc}") from None
 
 
+#: The size TVM's thread pool was last given here. The pool is the process's, shared by
+#: every loaded library; a model sizes it when it runs (not when it loads), so two
+#: models with different thread counts can live side by side.
+_pool_threads: int | None = None
+
+
 def set_threads(threads: int) -> None:
     """Size TVM's kernel thread pool (process-wide)."""
+    global _pool_threads
     import tvm  # noqa: F401  (registers the runtime functions)
     import tvm_ffi
 
     tvm_ffi.get_global_func("runtime.config_threadpool")(1, int(threads))
+    _pool_threads = int(threads)
+
+
+def ensure_threads(threads: int) -> None:
+    """:func:`set_threads`, unless the pool already has that size (resizing restarts it)."""
+    if _pool_threads != threads:
+        set_threads(threads)
 
 
 def default_threads(description: ModelDescription) -> int:
@@ -76,7 +90,6 @@ class CompiledModel:
         self.path = Path(library)
         self.description = read_description(self.path)
         self.threads = threads or default_threads(self.description)
-        set_threads(self.threads)
         try:
             lib = tvm.runtime.load_module(str(self.path))
         except Exception as exc:  # TVM raises its own error types
@@ -110,7 +123,9 @@ class CompiledModel:
         return tvm.runtime.tensor(x, self.device)
 
     def run_device(self, x):
-        """Run on a tensor from :meth:`to_device`; returns TVM tensors (no copy)."""
+        """Run on a tensor from :meth:`to_device` with this model's thread count; returns
+        TVM tensors (no copy)."""
+        ensure_threads(self.threads)
         out = self._main(x)
         return list(out) if not hasattr(out, "numpy") else [out]
 

@@ -23,13 +23,13 @@ from pathlib import Path
 
 from ...errors import BadInputError
 from ...progress import Reporter
+from .database import model_key, versions
+from .target_string import to_classic
 
-#: Trials per task when neither --trials nor --time-budget is given.
-DEFAULT_TRIALS_PER_TASK = 32
+#: Trials per kernel when neither --trials nor --time-budget is given.
+DEFAULT_TRIALS_PER_KERNEL = 32
 #: Candidates built and measured together; small rounds let a small budget reach every task.
 TRIALS_PER_ROUND = 16
-
-log = logging.getLogger("evit_deploy.tvm.tuning")
 
 
 @dataclass
@@ -39,16 +39,16 @@ class TuneResult:
     input_shape: tuple[int, ...]
     target: dict
     target_string: str
-    tasks: int
+    kernels: int
     trials: int                          # measured in this run
     total_trials: int                    # records for this model's kernels, all runs
     seconds: float
-    stopped: str                         # "trials" | "time budget" | "all tasks exhausted" | "interrupted"
+    stopped: str                         # "trials" | "time budget" | "all kernels exhausted" | "interrupted"
     estimated_latency_ms: float | None   # sum over kernels of calls x best latency
     errors: int
     measured_on: str
     log_path: Path | None = None
-    per_task: list[dict] = field(default_factory=list)
+    per_kernel: list[dict] = field(default_factory=list)
 
     @property
     def estimated_images_per_s(self) -> float | None:
@@ -56,12 +56,32 @@ class TuneResult:
             return None
         return self.input_shape[0] / (self.estimated_latency_ms / 1e3)
 
+    @property
+    def hand_written_kernels(self) -> int:
+        return sum(k["hand_written"] for k in self.per_kernel)
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["db_path"] = str(self.db_path)
         data["log_path"] = str(self.log_path) if self.log_path else None
         data["estimated_images_per_s"] = self.estimated_images_per_s
         return data
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    """A checked ``tune`` request."""
+
+    model: str
+    target: dict                         # canonical (target_string.resolve_target)
+    batch: int
+    img_size: int
+    trials: int | None
+    budget_s: float | None
+    db_dir: Path | None
+    rpc: object | None                   # measure.RpcSpec
+    seed: int
+    trials_per_round: int
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|min|s|sec)?", re.IGNORECASE)
@@ -99,20 +119,46 @@ def tune(model: str = "m0", target: str | dict = "native", *, trials: int | None
     """Tune ``model``'s kernels at ``batch`` x 3 x ``img_size``² for ``target``.
 
     The budget is ``trials`` (measured candidates in this run) and/or ``time_budget``
-    (seconds or ``"30m"``); without either, :data:`DEFAULT_TRIALS_PER_TASK` per kernel.
+    (seconds or ``"30m"``); without either, :data:`DEFAULT_TRIALS_PER_KERNEL` per kernel.
     ``threads`` sets the target's ``num-cores``: kernels are tuned and measured for that
     many threads. With ``rpc_tracker`` (``HOST:PORT``) and ``rpc_key``, candidates are built
     here and timed on every device registered with the tracker under that key.
     """
-    from .. import get_target
-    from ...trace import trace
-    from . import graph
-    from .database import TuningDatabase, default_path, model_key, versions
-    from .measure import Builder, Runner, free_devices, parse_tracker, settings_for_machine
-    from .search import Search, extract_tasks
-    from .target_string import resolve_target, to_classic, to_tvm
-
     reporter = reporter or Reporter()
+    request = tuning_request(model, target, trials=trials, time_budget=time_budget, db_dir=db_dir, batch=batch,
+                             threads=threads, img_size=img_size, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
+                             seed=seed, trials_per_round=trials_per_round)
+    devices, measured_on = _measurement_devices(request)
+    db = _open_database(request, reporter)
+    model_name, shape, kernels = _model_kernels(request, reporter)
+    trials = request.trials
+    if trials is None and request.budget_s is None:
+        trials = DEFAULT_TRIALS_PER_KERNEL * len(kernels)
+    with tuning_log(db.path, model_name) as (log, log_path):
+        run = _TuningRun(db, model_name, shape, len(kernels), measured_on, log, log_path)
+        try:
+            search = _search(request, kernels, db, devices, trials, reporter, run)
+        except KeyboardInterrupt:
+            reporter.warn(f"interrupted: {db.path} keeps every finished measurement; run the same command to "
+                          f"continue from it")
+            raise
+        finally:
+            run.record()
+    return TuneResult(db.path, model_name, shape, request.target, to_classic(request.target), len(kernels),
+                      search.trials_done, sum(s.total_trials for s in search.states), run.seconds, run.stopped,
+                      run.estimate * 1e3 if run.estimate else None, search.errors, measured_on, log_path,
+                      [{"kernel": s.name, "calls": s.calls, "best_ms": s.best_s * 1e3 if s.best_s else None,
+                        "trials": s.total_trials, "hand_written": s.best_hand_written}
+                       for s in sorted(search.states, key=lambda s: -(s.calls * (s.best_s or 0)))])
+
+
+def tuning_request(model: str, target: str | dict, *, trials, time_budget, db_dir, batch: int, threads,
+                   img_size: int, rpc_tracker, rpc_key, seed: int, trials_per_round: int) -> TuneRequest:
+    """Check every argument of :func:`tune` (one-line errors) before any work."""
+    from .. import get_target
+    from .measure import parse_tracker
+    from .target_string import resolve_target
+
     get_target("tvm").check_available()
     _check_tuning_dependencies()
     if trials is not None and trials < 1:
@@ -127,89 +173,125 @@ def tune(model: str = "m0", target: str | dict = "native", *, trials: int | None
         if rpc_tracker is None:
             raise BadInputError("--rpc-key needs --rpc-tracker HOST:PORT")
         rpc = parse_tracker(rpc_tracker, rpc_key)
-    canonical = resolve_target(target, threads=threads)
-    tvm_target = to_tvm(canonical)
-    devices = 1
-    measured_on = "this machine"
-    if rpc is not None:
-        devices = free_devices(rpc)
-        if devices == 0:
-            raise BadInputError(f"no device is registered with the tracker {rpc.host}:{rpc.port} under key "
-                                f"'{rpc.key}'; start one with: python -m tvm.exec.rpc_server "
-                                f"--tracker {rpc.host}:{rpc.port} --key {rpc.key}")
-        measured_on = f"{devices} device(s) '{rpc.key}' via tracker {rpc.host}:{rpc.port}"
-    db = TuningDatabase.open_or_create(db_dir or default_path(canonical), canonical, graph=graph.VERSION)
-    stale = db.version_mismatch()
-    if stale:
-        reporter.warn(stale + "; its records may no longer apply")
+    return TuneRequest(model, resolve_target(target, threads=threads), batch, img_size, trials, budget_s,
+                       Path(db_dir) if db_dir is not None else None, rpc, seed, trials_per_round)
 
-    with reporter.stage("trace", str(model)):
-        traced = trace(model, None, batch=batch, img_size=img_size)
+
+def _measurement_devices(request: TuneRequest) -> tuple[int, str]:
+    """How many devices time candidates, and where they are."""
+    from .measure import free_devices
+
+    rpc = request.rpc
+    if rpc is None:
+        return 1, "this machine"
+    devices = free_devices(rpc)
+    if devices == 0:
+        raise BadInputError(f"no device is registered with the tracker {rpc.host}:{rpc.port} under key "
+                            f"'{rpc.key}'; start one with: python -m tvm.exec.rpc_server "
+                            f"--tracker {rpc.host}:{rpc.port} --key {rpc.key}")
+    return devices, f"{devices} device(s) '{rpc.key}' via tracker {rpc.host}:{rpc.port}"
+
+
+def _open_database(request: TuneRequest, reporter: Reporter):
+    from . import graph
+    from .database import TuningDatabase, default_path
+
+    db = TuningDatabase.open_or_create(request.db_dir or default_path(request.target), request.target,
+                                       graph=graph.VERSION)
+    for problem in (db.version_mismatch(), db.graph_mismatch(graph.VERSION)):
+        if problem:
+            reporter.warn(problem + "; its records may no longer apply")
+    return db
+
+
+def _model_kernels(request: TuneRequest, reporter: Reporter):
+    """(model name, input shape, kernels) of the model as export will compile it."""
+    from ...trace import trace
+    from . import graph
+    from .metaschedule import extract_kernels
+    from .target_string import to_tvm
+
+    with reporter.stage("trace", str(request.model)):
+        traced = trace(request.model, None, batch=request.batch, img_size=request.img_size)
     desc = traced.description
-    shape = tuple(desc.input.shape)
-    key = model_key(desc.model, shape)
+    tvm_target = to_tvm(request.target)
     with reporter.stage("import", f"Relax, {graph.DEFAULT_LAYOUT}"):
-        prepared = graph.prepare(graph.import_program(traced.program), tvm_target)
-        tasks = extract_tasks(prepared, tvm_target)
-    if not tasks:
+        kernels = extract_kernels(graph.prepare(graph.import_program(traced.program), tvm_target), tvm_target)
+    if not kernels:
         raise BadInputError(f"{desc.model} has no kernels to tune")
+    return desc.model, tuple(desc.input.shape), kernels
 
-    settings = settings_for_machine(canonical["num-cores"], remote=rpc is not None)
-    if trials is None and budget_s is None:
-        trials = DEFAULT_TRIALS_PER_TASK * len(tasks)
-    log_path = _open_log(db.path, desc.model)
-    started_at, started = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.monotonic()
-    deadline = started + budget_s if budget_s is not None else None
+
+class _TuningRun:
+    """What one run did, recorded into the database when it ends, however it ends."""
+
+    def __init__(self, db, model: str, shape: tuple, kernels: int, measured_on: str, log: logging.Logger,
+                 log_path: Path):
+        self.db, self.model, self.shape, self.kernels = db, model, shape, kernels
+        self.key = model_key(model, shape)
+        self.measured_on, self.log, self.log_path = measured_on, log, log_path
+        self.started_at, self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.monotonic()
+        self.search = None
+        self.settings = None
+        self.stopped = "interrupted"
+        self.estimate = None
+        self.seconds = 0.0
+
+    def record(self) -> None:
+        self.seconds = time.monotonic() - self.started
+        search = self.search
+        if search is None:
+            return
+        self.estimate = search.estimated_latency()
+        db = self.db
+        entry = db.update_model(
+            self.key, model=self.model, input_shape=list(self.shape), kernels=self.kernels,
+            trials=sum(s.total_trials for s in search.states),
+            seconds=round(db.models().get(self.key, {}).get("seconds", 0.0) + self.seconds, 1),
+            estimated_latency_ms=round(self.estimate * 1e3, 4) if self.estimate else None)
+        db.add_run(self.key, {"started": self.started_at, "seconds": round(self.seconds, 1),
+                              "trials": search.trials_done, "stopped": self.stopped, "errors": search.errors,
+                              "measured_on": self.measured_on, "settings": asdict(self.settings),
+                              "versions": versions(), "log": str(self.log_path.relative_to(db.path))})
+        db.save_meta()
+        self.log.info("stopped (%s) after %.0f s: %d trials, %d errors; estimated latency %s",
+                      self.stopped, self.seconds, search.trials_done, search.errors,
+                      entry.get("estimated_latency_ms"))
+
+
+def _search(request: TuneRequest, kernels, db, devices: int, trials, reporter: Reporter, run: _TuningRun):
+    """Build the measuring machinery, run the loop, and shut the machinery down."""
+    from .measure import Builder, Runner, settings_for_machine
+    from .search import Search
+    from .target_string import to_tvm
+
+    target = request.target
+    settings = run.settings = settings_for_machine(target["num-cores"], remote=request.rpc is not None)
+    deadline = run.started + request.budget_s if request.budget_s is not None else None
+    log = run.log
     log.info("tuning %s for %s (%s) into %s; %d kernels; budget %s trials, %s s; measured on %s; %s",
-             key, to_classic(canonical), canonical, db.path, len(tasks), trials, budget_s, measured_on,
+             run.key, to_classic(target), target, db.path, len(kernels), trials, request.budget_s, run.measured_on,
              settings.describe())
-
-    builder = runner = search = None
-    stopped = "interrupted"
+    builder = runner = None
     try:
-        database = db.ms_database()
         builder = Builder(settings)
-        runner = Runner(settings, rpc=rpc, devices=devices)
-        search = Search(tasks, tvm_target, database, builder, runner, trials_per_round=trials_per_round,
-                        search_threads=settings.build_workers, seed=seed)
-        resumed = sum(t.previous_trials for t in tasks)
+        runner = Runner(settings, rpc=request.rpc, devices=devices)
+        search = run.search = Search(kernels, to_tvm(target), db.ms_database(), builder, runner, logger=log,
+                                     trials_per_round=request.trials_per_round,
+                                     search_threads=settings.build_workers, seed=request.seed)
+        resumed = sum(s.previous_trials for s in search.states)
         if resumed:
             reporter.info(f"resuming: {resumed} measured schedules of these kernels are already in {db.path}")
-        reporter.info(f"{len(tasks)} kernels; measuring on {measured_on}; {settings.describe()}")
-        stopped = _run(search, reporter, desc.model, trials, budget_s, deadline, started)
-    except KeyboardInterrupt:
-        reporter.warn(f"interrupted: {db.path} keeps every finished measurement; run the same command to "
-                      f"continue from it")
-        raise
+        reporter.info(f"{len(kernels)} kernels; measuring on {run.measured_on}; {settings.describe()}")
+        run.stopped = _run(search, reporter, run.model, trials, request.budget_s, deadline, log)
+        return search
     finally:
         for part in (builder, runner):
             if part is not None:
                 part.shutdown()
-        seconds = time.monotonic() - started
-        if search is not None:
-            estimate = search.estimated_latency()
-            entry = db.update_model(
-                key, model=desc.model, input_shape=list(shape), tasks=len(tasks),
-                trials=sum(t.total_trials for t in tasks),
-                seconds=round(db.models().get(key, {}).get("seconds", 0.0) + seconds, 1),
-                estimated_latency_ms=round(estimate * 1e3, 4) if estimate else None)
-            db.add_run(key, {"started": started_at, "seconds": round(seconds, 1), "trials": search.trials_done,
-                             "stopped": stopped, "errors": search.errors, "measured_on": measured_on,
-                             "settings": asdict(settings), "versions": versions(),
-                             "log": str(log_path.relative_to(db.path))})
-            db.save_meta()
-            log.info("stopped (%s) after %.0f s: %d trials, %d errors; estimated latency %s",
-                     stopped, seconds, search.trials_done, search.errors, entry.get("estimated_latency_ms"))
-        _close_log()
-    return TuneResult(db.path, desc.model, shape, canonical, to_classic(canonical), len(tasks), search.trials_done,
-                      sum(t.total_trials for t in tasks), seconds, stopped,
-                      estimate * 1e3 if estimate else None, search.errors, measured_on, log_path,
-                      [{"kernel": t.name, "calls": t.weight, "best_ms": t.best_s * 1e3 if t.best_s else None,
-                        "trials": t.total_trials, "hand_written": t.best_hand_written}
-                       for t in sorted(tasks, key=lambda t: -(t.weight * (t.best_s or 0)))])
 
 
-def _run(search, reporter: Reporter, model: str, trials, budget_s, deadline, started) -> str:
+def _run(search, reporter: Reporter, model: str, trials, budget_s, deadline, log: logging.Logger) -> str:
     by_time = trials is None
     total = round(budget_s) if by_time else trials
     unit = "s" if by_time else "trials"
@@ -218,14 +300,14 @@ def _run(search, reporter: Reporter, model: str, trials, budget_s, deadline, sta
             est = p.estimated_latency_s
             batch_info = "" if est is None else f"{est * 1e3:.2f} ms/batch"
             bar.update(completed=min(total, round(p.elapsed_s) if by_time else p.trials_done),
-                       kernel=p.task.name[:32], tuned=f"{p.tasks_tuned}/{p.tasks_total}",
+                       kernel=p.kernel.name[:32], measured=f"{p.kernels_measured}/{p.kernels_total}",
                        trials=p.trials_done,
-                       best=f"{p.task.best_s * 1e3:.3f} ms" if p.task.best_s else "-",
+                       best=f"{p.kernel.best_s * 1e3:.3f} ms" if p.kernel.best_s else "-",
                        model=batch_info or "after every kernel has one",
                        errors=p.errors)
-            log.info("round %d: %s best %s ms after %d trials; %d/%d kernels tuned; estimate %s; errors %d",
-                     p.rounds, p.task.name, f"{p.task.best_s * 1e3:.4f}" if p.task.best_s else None,
-                     p.task.total_trials, p.tasks_tuned, p.tasks_total, batch_info, p.errors)
+            log.info("round %d: %s best %s ms after %d trials; %d/%d kernels measured; estimate %s; errors %d",
+                     p.rounds, p.kernel.name, f"{p.kernel.best_s * 1e3:.4f}" if p.kernel.best_s else None,
+                     p.kernel.total_trials, p.kernels_measured, p.kernels_total, batch_info, p.errors)
         def first_ctrl_c():
             reporter.warn("stopping after the current round (Ctrl-C again to stop at once, losing that round)")
         with ctrl_c_between_rounds(first_ctrl_c) as stop_requested:
@@ -268,7 +350,7 @@ def ctrl_c_between_rounds(on_first):
 def _check_tuning_dependencies() -> None:
     from ...errors import MissingDependencyError
     from ..base import missing_modules
-    from . import TUNING_REQUIRES
+    from .measure import TUNING_REQUIRES
 
     missing = missing_modules(TUNING_REQUIRES)
     if missing:
@@ -276,28 +358,22 @@ def _check_tuning_dependencies() -> None:
                                      f"pip install {' '.join(sorted(missing.values()))}")
 
 
-_handler: logging.Handler | None = None
-
-
-def _open_log(db_path: Path, model: str) -> Path:
-    """Send this run's log (ours and MetaSchedule's) to a file in the database."""
-    global _handler
+@contextmanager
+def tuning_log(db_path: Path, model: str):
+    """A logger writing this run's details (ours and MetaSchedule's) to a file in the
+    database, and the file's path. The logger is private to the run: nothing global is
+    configured, and nothing reaches the terminal, whose display is the progress bar."""
     logs = db_path / "logs"
     logs.mkdir(exist_ok=True)
     path = logs / f"tune-{model}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    _handler = logging.FileHandler(path, encoding="utf-8")
-    _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    # The display is the progress bar; the details (MetaSchedule's included) go to the file.
-    log.addHandler(_handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    return path
-
-
-def _close_log() -> None:
-    global _handler
-    if _handler is not None:
-        log.removeHandler(_handler)
-        log.propagate = True
-        _handler.close()
-        _handler = None
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # A Logger made directly (not through logging.getLogger) is in no hierarchy: it
+    # propagates nowhere and its children (getChild) only reach its handler.
+    log = logging.Logger(f"evit_deploy.tvm.tuning.{model}", logging.INFO)
+    log.addHandler(handler)
+    try:
+        yield log, path
+    finally:
+        log.removeHandler(handler)
+        handler.close()

@@ -1,4 +1,6 @@
-"""Target profiles: declarative descriptions of deployment devices (TOML).
+"""Device profiles: declarative descriptions of deployment devices (TOML).
+
+("Profile" alone is the ``profile`` command, which times operators.)
 
 The repository's ``targets/`` directory is shipped inside the package as
 ``evit_deploy.target_profiles``. A profile names a target, the export options that suit the
@@ -28,7 +30,7 @@ PAPER_KEYS = {"latency_ms", "throughput_ips", "throughput_tvm_ips", "batch", "th
 
 
 @dataclass(frozen=True)
-class Profile:
+class DeviceProfile:
     name: str
     description: str
     target: str
@@ -38,35 +40,35 @@ class Profile:
     path: Path | None = None
 
 
-def profile_dir() -> Path:
+def device_profile_dir() -> Path:
     return Path(str(resources.files("evit_deploy.target_profiles")))
 
 
-def list_profiles() -> list[Profile]:
-    return [load_profile(p) for p in sorted(profile_dir().glob("*.toml"))]
+def list_device_profiles() -> list[DeviceProfile]:
+    return [load_device_profile(p) for p in sorted(device_profile_dir().glob("*.toml"))]
 
 
 def _type_name(tp) -> str:
     return " or ".join(t.__name__ for t in tp) if isinstance(tp, tuple) else tp.__name__
 
 
-def load_profile(name_or_path: str | Path) -> Profile:
+def load_device_profile(name_or_path: str | Path) -> DeviceProfile:
     """A built-in profile by name (``iphone11-a13``) or a TOML file by path, validated."""
     path = Path(name_or_path)
     if path.suffix != ".toml":
-        path = profile_dir() / f"{name_or_path}.toml"
+        path = device_profile_dir() / f"{name_or_path}.toml"
         if not path.is_file():
-            raise unknown_name("profile", str(name_or_path), [p.stem for p in sorted(profile_dir().glob("*.toml"))])
+            raise unknown_name("profile", str(name_or_path), [p.stem for p in sorted(device_profile_dir().glob("*.toml"))])
     elif not path.is_file():
         raise BadInputError(f"profile not found: {path}")
     try:
         data = tomllib.loads(path.read_text("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise BadInputError(f"{path}: invalid TOML: {exc}") from None
-    return validate_profile(data, path)
+    return validate_device_profile(data, path)
 
 
-def validate_profile(data: dict, path: Path) -> Profile:
+def validate_device_profile(data: dict, path: Path) -> DeviceProfile:
     problems = []
     for key, value in data.items():
         if key not in TOP_LEVEL:
@@ -95,7 +97,7 @@ def validate_profile(data: dict, path: Path) -> Profile:
         raise BadInputError(f"{path}: {exc}") from None
     options = data.get("options", {})
     target_cls.parse_options(options, source=str(path))    # raises on unknown keys / bad values
-    return Profile(data["name"], data.get("description", ""), data["target"], dict(options),
+    return DeviceProfile(data["name"], data.get("description", ""), data["target"], dict(options),
                    dict(data.get("device", {})), dict(data.get("paper", {})), path)
 
 

@@ -23,7 +23,9 @@ the image block ran 1.1-1.4x faster than them.
 
 from __future__ import annotations
 
-#: Block annotation that marks a schedule written here (read back from database traces).
+#: Block annotation that marks a schedule written here (read back from database traces;
+#: the value predates the module's name and stays, so that existing databases still say
+#: which of their records are hand-written).
 MARK = "evit_deploy.template"
 GEMM = "gemm"
 
@@ -169,6 +171,6 @@ def candidates(mod, postprocs) -> list:
     return out
 
 
-def is_template(trace) -> bool:
+def is_hand_written(trace) -> bool:
     """Whether a database trace was written by this module."""
     return any(inst.kind.name == "Annotate" and str(inst.attrs[0]) == MARK for inst in trace.insts)

@@ -1,0 +1,110 @@
+"""The package's layers, read from its import statements (function-level ones included):
+
+* no import cycle anywhere in ``evit_deploy``;
+* a target module never imports the command layer (``api``, ``cli``, ``bench``,
+  ``profiler``, ``build``): what a target needs from the core lives below it;
+* the core names no target module: it reaches targets through the registry
+  (``evit_deploy.targets``) and their contract (``evit_deploy.targets.base``) only.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import evit_deploy
+
+PACKAGE_DIR = Path(evit_deploy.__file__).parent
+COMMAND_LAYER = {f"evit_deploy.{m}" for m in ("api", "cli", "bench", "profiler", "build")}
+TARGET_CONTRACT = {"evit_deploy.targets", "evit_deploy.targets.base"}
+
+
+def _module_names() -> dict[str, Path]:
+    names = {}
+    for path in PACKAGE_DIR.rglob("*.py"):
+        parts = ("evit_deploy", *path.relative_to(PACKAGE_DIR).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        names[".".join(parts)] = path
+    return names
+
+
+MODULES = _module_names()
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """The evit_deploy modules ``name`` imports (a ``from package import module`` counts as
+    importing the module)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                base = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                base = node.module or ""
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
+    return {m for m in found if m in MODULES and m != name}
+
+
+GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_import_reader_sees_what_it_must():
+    # The rules below are only as good as the reader: check it on known imports.
+    assert "evit_deploy.targets.base" in GRAPH["evit_deploy.targets.onnx"]          # from .base import ...
+    assert "evit_deploy.targets.tvm.tune" in GRAPH["evit_deploy.targets.tvm.commands"]   # inside a function
+    assert "evit_deploy.models.registry" in GRAPH["evit_deploy.plan"]
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycles():
+    assert _cycles(GRAPH) == []
+
+
+def test_targets_never_import_the_command_layer():
+    offending = {m: sorted(GRAPH[m] & COMMAND_LAYER) for m in GRAPH
+                 if m.startswith("evit_deploy.targets.") and GRAPH[m] & COMMAND_LAYER}
+    assert offending == {}
+
+
+def test_the_core_names_no_target():
+    offending = {m: sorted(i for i in GRAPH[m] if i.startswith("evit_deploy.targets.") and i not in TARGET_CONTRACT)
+                 for m in GRAPH if not m.startswith("evit_deploy.targets")}
+    assert {m: i for m, i in offending.items() if i} == {}

@@ -1,0 +1,172 @@
+"""The tuner's scheduling policy (pure: no TVM), and the graph's layout rules, each on a
+small module, checked for the transposes they remove and for computing the same thing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evit_deploy.targets.tvm.policy import (FAILED_ROUNDS_LIMIT, KernelState, estimated_latency, next_kernel,
+                                            record_round)
+
+
+def _kernels(*specs) -> list[KernelState]:
+    """(calls, flops) -> kernels, in the model's order."""
+    return [KernelState(i, f"k{i}", calls, flops) for i, (calls, flops) in enumerate(specs)]
+
+
+def test_hand_written_first_then_every_kernel_once_biggest_first():
+    kernels = _kernels((1, 10.0), (4, 10.0), (1, 1000.0), (2, 1.0))
+    kernels[0].hand_written_pending = kernels[3].hand_written_pending = True
+    order = []
+    for _ in range(4):
+        k = next_kernel(kernels)
+        order.append(k.name)
+        if k.hand_written_pending:
+            k.hand_written_pending = False
+            record_round(k, [1e-3], hand_written=True)
+        else:
+            record_round(k, [1e-3], hand_written=False)
+    # Hand-written rounds by calls x flops (10 > 2), then the unmeasured by calls x flops.
+    assert order == ["k0", "k3", "k2", "k1"]
+    assert kernels[0].best_hand_written and not kernels[2].best_hand_written
+
+
+def test_later_rounds_go_where_the_model_time_is_per_trial_spent():
+    kernels = _kernels((1, 1.0), (10, 1.0), (1, 1.0))
+    for k, best in zip(kernels, (5e-3, 1e-3, 1e-4)):
+        record_round(k, [best], hand_written=False)
+    # calls x best / (1 + trials): 5e-3/2, 1e-2/2, 1e-4/2
+    assert next_kernel(kernels).name == "k1"
+    record_round(kernels[1], [1e-3] * 16, hand_written=False)        # 10 x 1e-3 / 18 < 5e-3 / 2
+    assert next_kernel(kernels).name == "k0"
+    # Ties go to the earlier kernel, so the order is reproducible.
+    tied = _kernels((1, 1.0), (1, 1.0))
+    for k in tied:
+        record_round(k, [1e-3], hand_written=False)
+    assert next_kernel(tied).name == "k0"
+
+
+def test_a_round_keeps_the_best_and_failures_exhaust_a_kernel():
+    k = _kernels((1, 1.0))[0]
+    record_round(k, [3e-3, None, 2e-3], hand_written=False)
+    assert (k.best_s, k.trials, k.rounds) == (2e-3, 3, 1)
+    record_round(k, [2.5e-3], hand_written=True)
+    assert k.best_s == 2e-3 and not k.best_hand_written
+    record_round(k, [1e-3], hand_written=True)
+    assert k.best_s == 1e-3 and k.best_hand_written
+    broken = _kernels((1, 1.0))[0]
+    for _ in range(FAILED_ROUNDS_LIMIT - 1):
+        record_round(broken, [None, None], hand_written=False)
+        assert not broken.exhausted
+    record_round(broken, [None], hand_written=False)
+    assert broken.exhausted and next_kernel([broken]) is None
+
+
+def test_the_estimate_waits_for_every_kernel():
+    kernels = _kernels((2, 1.0), (3, 1.0))
+    record_round(kernels[0], [1e-3], hand_written=False)
+    assert estimated_latency(kernels) is None
+    record_round(kernels[1], [2e-3], hand_written=False)
+    assert estimated_latency(kernels) == pytest.approx(2 * 1e-3 + 3 * 2e-3)
+
+
+# -- the graph's layout rules ---------------------------------------------------------------
+
+tvm = pytest.importorskip("tvm")
+
+
+def _function(build, *shapes):
+    """A Relax module whose main takes float32 tensors of ``shapes`` and returns ``build(bb, *params)``."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    params = [relax.Var(f"x{i}", relax.TensorType(s, "float32")) for i, s in enumerate(shapes)]
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(build(bb, *params))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _permutes(mod) -> int:
+    from tvm import relax
+
+    count = 0
+
+    def visit(expr):
+        nonlocal count
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", None) == "relax.permute_dims":
+            count += 1
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return count
+
+
+def _run(mod, args):
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in args])
+    return out.numpy() if hasattr(out, "numpy") else [o.numpy() for o in out]
+
+
+def _simplified(mod):
+    from evit_deploy.targets.tvm import graph
+
+    with tvm.target.Target("llvm"):
+        return graph.simplify_layout()(mod)
+
+
+NHWC = [0, 3, 1, 2]      # NHWC -> NCHW
+
+
+def _nchw_view(bb, x):
+    from tvm import relax
+    return bb.emit(relax.op.permute_dims(x, NHWC))
+
+
+def _attention_scores(bb, q, k):
+    """q^T k of two NHWC maps viewed as (B, C, HW), as the attention computes it."""
+    from tvm import relax
+
+    qf = bb.emit(relax.op.reshape(_nchw_view(bb, q), (2, 8, 16)))
+    kf = bb.emit(relax.op.reshape(_nchw_view(bb, k), (2, 8, 16)))
+    return relax.op.matmul(bb.emit(relax.op.permute_dims(qf, [0, 2, 1])), kf)
+
+
+def _elementwise_then_back(bb, x, y):
+    from tvm import relax
+
+    s = bb.emit(relax.op.add(_nchw_view(bb, x), _nchw_view(bb, y)))
+    r = bb.emit(relax.op.nn.relu(s))
+    return relax.op.permute_dims(r, [0, 2, 3, 1])                       # back to NHWC
+
+
+def _concat_of_heads(bb, x, y):
+    from tvm import relax
+
+    c = bb.emit(relax.op.concat([_nchw_view(bb, x), _nchw_view(bb, y)], axis=1))
+    return relax.op.permute_dims(c, [0, 2, 3, 1])
+
+
+def _split_heads(bb, x):
+    from tvm import relax
+
+    parts = bb.emit(relax.op.split(_nchw_view(bb, x), 2, axis=1))
+    first = bb.emit(relax.TupleGetItem(parts, 0))
+    return relax.op.permute_dims(first, [0, 2, 3, 1])
+
+
+@pytest.mark.parametrize("build,shapes,before,after", [
+    (_attention_scores, [(2, 4, 4, 8), (2, 4, 4, 8)], 3, 1),          # one transpose, fused into the matmul later
+    (_elementwise_then_back, [(2, 4, 4, 8), (2, 4, 4, 8)], 3, 0),
+    (_concat_of_heads, [(2, 4, 4, 8), (2, 4, 4, 8)], 3, 0),
+    (_split_heads, [(2, 4, 4, 8)], 2, 0),
+], ids=["reshape-matmul", "elementwise", "concat", "split"])
+def test_layout_rules_remove_transposes_and_keep_the_result(build, shapes, before, after):
+    mod = _function(build, *shapes)
+    simplified = _simplified(mod)
+    assert (_permutes(mod), _permutes(simplified)) == (before, after)
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    np.testing.assert_allclose(_run(simplified, args), _run(mod, args), rtol=1e-6, atol=1e-6)
