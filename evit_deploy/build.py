@@ -440,7 +440,10 @@ def _parity_summary(report) -> dict | None:
         return None
     return {"passed": report.passed, "precision": report.precision, "runtime": report.runtime,
             "tolerance": dataclasses.asdict(report.tolerance),
-            "outputs": [{"name": o.name, "max_abs": o.max_abs, "max_rel": o.max_rel, "min_cosine": o.min_cosine,
+            "exact_answer": report.exact_answer,
+            "outputs": [{"name": o.name, "max_abs": o.max_abs, "max_rel": o.max_rel,
+                         "fp32_noise_rel": o.noise_rel, "ratio": o.ratio, "limit": o.limit,
+                         "worst_input": o.worst_input, "min_cosine": o.min_cosine,
                          "top1": None if o.top1_checked is None else f"{o.top1_agree}/{o.top1_checked}",
                          "top5_overlap": o.top5_overlap} for o in report.outputs],
             "failures": report.failures, "extra": report.extra}

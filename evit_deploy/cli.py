@@ -217,7 +217,8 @@ def _show_report(report, json_out: str | None) -> None:
 def verify(artifact: Path = typer.Argument(..., help="An exported artifact."),
            weights: Optional[str] = typer.Option(None, "--weights", help="The checkpoint it was made from."),
            images: Optional[Path] = typer.Option(None, "--images", help="Add these images to the parity inputs."),
-           max_rel: Optional[float] = typer.Option(None, "--max-rel", help="Override: max error / output scale."),
+           max_rel: Optional[float] = typer.Option(None, "--max-rel", help="Override: a fixed bound on the error "
+                                                   "(relative to the output scale) against the exact answer."),
            min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Override: min cosine similarity."),
            top1: Optional[str] = typer.Option(None, "--top1", help="Override: check top-1 on all|photos|none."),
            json_out: Optional[str] = typer.Option(None, "--json", help="Write the report to FILE ('-': stdout).")):

@@ -54,16 +54,29 @@ class Preprocessing:
 
 
 def load_image(path: str | os.PathLike):
-    """Open an image file as RGB, or raise a one-line :class:`BadInputError`."""
+    """Open an image file as RGB, or raise a one-line :class:`BadInputError`.
+
+    An image larger than Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``)
+    is refused before it is decoded: a small file can claim gigapixels.
+    """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"image not found: {path}")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            # Pillow only warns between the limit and twice the limit: refuse those too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadInputError(f"{path} is larger than Pillow's decompression-bomb limit of "
+                            f"{Image.MAX_IMAGE_PIXELS} pixels (PIL.Image.MAX_IMAGE_PIXELS); refusing to decode "
+                            f"it") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise BadInputError(f"{path} is not a readable image ({str(exc).splitlines()[0]})") from None
 

@@ -200,9 +200,15 @@ def trace(model: str = "m0", weights=None, *, batch: int = 1, dynamic_batch: boo
         out_names = list(reference.level_names)
         docs = [f"FPN level {n}: stride {s}, {reference.out_channels} channels"
                 for n, s in zip(out_names, reference.strides)]
+    elif not is_custom(model) and num_classes == 0:
+        # No classifier head (as timm's num_classes=0): the output is the pooled feature
+        # vector, not class scores, and has no labels.
+        out_names = ["features"]
+        docs = [f"pooled image features ({outputs[0].shape[-1]} channels; no classifier head, num_classes=0)"]
     else:
         out_names = ["logits"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
         docs = ["class scores (logits)" if n == "logits" else "" for n in out_names]
+    classifier = len(outputs) == 1 and outputs[0].dim() == 2 and out_names != ["features"]
     description = ModelDescription(
         model=name, display_name=display, task=task if not is_custom(model) else "classification",
         weights=weights_id,
@@ -212,7 +218,7 @@ def trace(model: str = "m0", weights=None, *, batch: int = 1, dynamic_batch: boo
                            f"RGB image, NCHW, {input_format}"),),
         outputs=tuple(TensorSpec(n, (batch_dim, *o.shape[1:]), "float32", doc)
                       for n, o, doc in zip(out_names, outputs, docs)),
-        labels=labels_for(outputs[0].shape[-1]) if len(outputs) == 1 and outputs[0].dim() == 2 else None,
+        labels=labels_for(outputs[0].shape[-1]) if classifier else None,
     )
     return TracedModel(program, description, reference, deploy, tuple(warnings))
 

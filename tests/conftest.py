@@ -17,19 +17,59 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: exports every family member (still part of the suite)")
 
 
+def _python_processes() -> dict[int, list[str]]:
+    """Processes running this interpreter, other than this one and its own children."""
+    import psutil
+
+    me = os.getpid()
+    found = {}
+    for p in psutil.process_iter(["pid", "ppid", "cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if p.info["pid"] != me and p.info["ppid"] != me and cmd and cmd[0] == sys.executable:
+            found[p.info["pid"]] = cmd
+    return found
+
+
+def pytest_sessionstart(session):
+    session.config._python_before = set(_python_processes())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Nothing the tests started may outlive them: a worker of TVM's tuner or RPC server
+    left running is an orphan of this interpreter (checked for the whole suite)."""
+    import time
+
+    before = getattr(session.config, "_python_before", set())
+    for _ in range(20):           # killed processes take a moment to go
+        left = {pid: cmd for pid, cmd in _python_processes().items() if pid not in before}
+        if not left:
+            return
+        time.sleep(0.5)
+    session.config.get_terminal_writer().line(
+        "processes left behind by the tests: " + "; ".join(" ".join(c) for c in left.values()), red=True)
+    session.exitstatus = 1
+
+
 @pytest.fixture(autouse=True)
 def _offline_torch_hub(tmp_path_factory, monkeypatch):
     # An empty hub cache per session: no test may find or download official weights.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch-home"))
 
 
-def save_checkpoint(path: Path, model_name: str, *, seed: int = 1, layout: str = "official", **kwargs) -> Path:
-    """A checkpoint of synthetic weights with non-trivial BN statistics."""
+def save_checkpoint(path: Path, model_name: str, *, seed: int = 1, layout: str = "official",
+                    recipe: str = "calibrated", **kwargs) -> Path:
+    """A checkpoint of synthetic weights with non-trivial BN statistics: the ones commands
+    use without weights (``calibrated``), or drawn with the statistics of trained
+    checkpoints (``realistic``: see models/synthetic.py)."""
     import torch
 
     from evit_deploy.models.factory import create_model
+    from evit_deploy.models.synthetic import realistic_weights
 
-    model = create_model(model_name, "random", seed=seed, **kwargs)
+    if recipe == "realistic":
+        model = realistic_weights(create_model(model_name, **kwargs), seed)
+    else:
+        model = create_model(model_name, "random", seed=seed, **kwargs)
     state = model.state_dict()
     if layout == "official":
         torch.save({"model": state}, path)
@@ -47,7 +87,8 @@ def save_checkpoint(path: Path, model_name: str, *, seed: int = 1, layout: str =
 def checkpoint(tmp_path):
     def make(model_name="m0", **kwargs):
         suffix = ".safetensors" if kwargs.get("layout") == "safetensors" else ".pth"
-        return save_checkpoint(tmp_path / f"{model_name}-{kwargs.get('seed', 1)}{suffix}", model_name, **kwargs)
+        name = f"{model_name}-{kwargs.get('recipe', 'calibrated')}-{kwargs.get('seed', 1)}{suffix}"
+        return save_checkpoint(tmp_path / name, model_name, **kwargs)
     return make
 
 

@@ -50,6 +50,32 @@ def test_not_an_image(m0_onnx, tmp_path, cli):
     assert code == EXIT_BAD_INPUT and "is not a readable image" in err
 
 
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A valid PNG signature and header claiming width x height, with one tiny data chunk:
+    a decompression bomb's shape without its gigabytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)       # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0"))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("side", [30000, 12000])    # beyond twice Pillow's limit (it raises), within (it warns)
+def test_an_image_beyond_the_decompression_bomb_limit_is_bad_input(m0_onnx, tmp_path, cli, side):
+    from PIL import Image
+
+    assert side * side > Image.MAX_IMAGE_PIXELS
+    bomb = _png_header_only(tmp_path / "huge.png", side, side)
+    code, _, err = cli("run", m0_onnx, bomb)
+    assert code == EXIT_BAD_INPUT and _one_line(err)
+    assert "decompression-bomb limit" in err and str(Image.MAX_IMAGE_PIXELS) in err
+
+
 def test_debug_shows_the_traceback(cli):
     code, _, err = cli("--debug", "info", "m7")
     assert code == EXIT_BAD_INPUT and "Traceback" in err

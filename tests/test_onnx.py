@@ -42,14 +42,17 @@ def test_export_writes_a_checked_model_with_metadata(m0_onnx):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
-def test_every_model_matches_unfused_pytorch(name, tmp_path, checkpoint):
-    weights = checkpoint(name, seed=11)
+def test_every_model_with_realistic_weights_passes(name, tmp_path, checkpoint):
+    # Seed 1 of M5 is the checkpoint on which fp32 PyTorch is 2.8e-4 of the output scale
+    # from the exact answer: the fixed 1e-4 rule against PyTorch fp32 rejected this export.
+    weights = checkpoint(name, seed=1, recipe="realistic")
     result = api.export(name, "onnx", out_dir=tmp_path, weights=weights)
     report = result.report
     assert report.passed, report.summary()
     logits = report.outputs[0]
-    assert logits.max_rel <= 1e-4
-    assert logits.top1_agree == logits.top1_checked == len(report.inputs)   # every input, no ties
+    assert report.exact_answer == "float64"
+    assert all(row["artifact"] <= row["limit"] for row in logits.per_input)
+    assert logits.top1_agree + logits.top1_ties == len(report.inputs)
     desc = onnx.load(result.artifact.path).metadata_props
     assert any(p.key == "weights_sha256" and len(p.value) == 64 for p in desc)
 
@@ -159,3 +162,19 @@ def test_verify_rebuilds_the_reference_from_a_checkpoint(tmp_path, checkpoint, c
     other = checkpoint("m0", seed=22)
     code, _, err = cli("verify", artifact, "--weights", other)
     assert code == 2 and "is not the checkpoint this artifact was built from" in err
+
+
+def test_a_model_without_head_outputs_features_not_classes(tmp_path, cli):
+    """num_classes=0 (timm's way to ask for a feature extractor): the artifact's output is
+    the pooled feature vector, named and documented so, with no labels to mistake it for
+    class probabilities."""
+    code, _, err = cli("export", "m0", "-t", "onnx", "--num-classes", 0, "--out", tmp_path)
+    assert code == 0, err
+    path = tmp_path / "efficientvit_m0.onnx"
+    description = api.inspect_artifact(path)[1]
+    assert [o.name for o in description.outputs] == ["features"] and description.labels is None
+    assert description.outputs[0].shape[1:] == (192,) and "no classifier head" in description.outputs[0].doc
+    code, out, _ = cli("run", path, SAMPLE[0], "--json", "-")
+    assert code == 0 and json.loads(out) == []            # no predictions: there are no classes
+    code, out, _ = cli("run", path, SAMPLE[0])
+    assert code == 0 and "features" in out and "class_" not in out and "probability" not in out
