@@ -318,20 +318,49 @@ def profiles(json_out: Optional[str] = typer.Option(None, "--json", help="Write 
                       for p in profs]))
 
 
-def _shortcuts_epilog() -> str:
-    from rich.markup import escape
+def _signature(function, *, drop: set[str] = frozenset(), extra: list | None = None):
+    """``function``'s signature with resolved annotations (Typer reads them), without the
+    parameters in ``drop`` and with ``extra`` ones appended."""
+    import inspect
+    import typing
+
+    signature = inspect.signature(function)
+    hints = typing.get_type_hints(function)
+    params = [p.replace(annotation=hints.get(p.name, p.annotation), kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)
+              for p in signature.parameters.values() if p.name not in drop]
+    return signature.replace(parameters=params + list(extra or []), return_annotation=inspect.Signature.empty)
+
+
+def _with_target_shortcuts(function):
+    """Give a command the short flags targets declare for their options (TVM: ``--db DIR``
+    is ``-O tvm.db=DIR``) as real options; ``function`` receives them as ``shortcuts``,
+    ``{(target, option): value}``."""
+    import functools
+    import inspect
+    import re
 
     from .targets import option_shortcuts
 
-    lines = [escape(f"  {flag} VALUE: same as -O {target}.{name}=VALUE")
-             for flag, (target, name) in sorted(option_shortcuts().items())]
-    return ("Target option shortcuts:\n\n" + "\n\n".join(lines)) if lines else ""
+    names = {}
+    extra = []
+    for flag, (target, option) in sorted(option_shortcuts().items()):
+        name = "shortcut_" + re.sub(r"\W", "_", flag.lstrip("-"))
+        names[name] = (target, option)
+        extra.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[str],
+                                       default=typer.Option(None, flag, help=f"Same as -O {target}.{option}=VALUE.")))
+
+    @functools.wraps(function)
+    def run(**kwargs):
+        values = {names[n]: kwargs.pop(n) for n in names}
+        return function(**kwargs, shortcuts={k: v for k, v in values.items() if v is not None})
+
+    run.__signature__ = _signature(function, drop={"shortcuts"}, extra=extra)
+    return run
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-             epilog=_shortcuts_epilog())
-def bench(ctx: typer.Context,
-          models: list[str] = typer.Argument(..., help="m0 … m5"),
+@app.command()
+@_with_target_shortcuts
+def bench(models: list[str] = typer.Argument(..., help="m0 … m5"),
           backends: str = typer.Option("torch,torch-jit,onnxruntime", "--backends", "-b",
                                        help="Comma-separated, or 'all' (torch, torch-jit, and each target's runtime)."),
           batch: int = typer.Option(16, "--batch", min=1),
@@ -343,14 +372,15 @@ def bench(ctx: typer.Context,
                                                      help="Export option for a target, TARGET.KEY=VALUE (repeatable)."),
           memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak RSS per backend."),
           json_out: Optional[str] = typer.Option(None, "--json", help="Write records to FILE ('-': stdout)."),
-          plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG chart.")):
+          plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG chart."),
+          shortcuts: dict = None):
     """Throughput of each backend side by side (the paper's Table 3 protocol by default)."""
     from .bench import bench as run_bench
     from .bench import parse_backends
     from .bench import plot as write_plot
 
     result = run_bench(models, parse_backends(backends), batch=batch, threads=threads, img_size=img_size,
-                       rounds=rounds, round_seconds=round_seconds, target_options=_target_options(option, ctx.args),
+                       rounds=rounds, round_seconds=round_seconds, target_options=_target_options(option, shortcuts),
                        memory=memory, reporter=_reporter())
     _write_json(json_out, result.to_dict())
     if plot is not None:
@@ -359,12 +389,9 @@ def bench(ctx: typer.Context,
         _print(_bench_table(result))
 
 
-def _target_options(pairs: list[str] | None, extra_args: list[str]) -> dict:
-    """``-O tvm.db=DIR`` pairs and target shortcuts (``--db DIR``) -> ``{"tvm": {"db": "DIR"}}``
-    (validated by the target when the artifact is planned)."""
-    from .errors import unknown_name
-    from .targets import option_shortcuts
-
+def _target_options(pairs: list[str] | None, shortcuts: dict | None) -> dict:
+    """``-O tvm.db=DIR`` pairs and target shortcuts (``{("tvm", "db"): "DIR"}``) ->
+    ``{"tvm": {"db": "DIR"}}`` (validated by the target when the artifact is planned)."""
     options: dict = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -372,17 +399,7 @@ def _target_options(pairs: list[str] | None, extra_args: list[str]) -> dict:
         if not sep or not dot or not target or not name:
             raise BadInputError(f"--option must look like TARGET.KEY=VALUE, got '{pair}'")
         options.setdefault(target, {})[name.replace("-", "_")] = value
-    shortcuts = option_shortcuts()
-    args = list(extra_args)
-    while args:
-        flag, eq, value = args.pop(0).partition("=")
-        if flag not in shortcuts:
-            raise unknown_name("option", flag, sorted(shortcuts) or ["(none: use -O TARGET.KEY=VALUE)"])
-        if not eq:
-            if not args:
-                raise BadInputError(f"option {flag} needs a value")
-            value = args.pop(0)
-        target, name = shortcuts[flag]
+    for (target, name), value in (shortcuts or {}).items():
         options.setdefault(target, {})[name] = value
     return options
 
@@ -417,10 +434,9 @@ def _bench_table(result):
                  justify_right=set(range(1, len(backends) + 2)))
 
 
-@app.command(name="profile", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-             epilog=_shortcuts_epilog())
-def profile_command(ctx: typer.Context,
-                    model: str = typer.Argument(..., help="m0 … m5"),
+@app.command(name="profile")
+@_with_target_shortcuts
+def profile_command(model: str = typer.Argument(..., help="m0 … m5"),
                     backend: Optional[list[str]] = typer.Option(None, "--backend", "-b",
                                                                help="torch, onnxruntime, tvm (repeatable; default torch)."),
                     batch: int = typer.Option(16, "--batch", min=1),
@@ -430,14 +446,15 @@ def profile_command(ctx: typer.Context,
                     option: Optional[list[str]] = typer.Option(None, "--option", "-O",
                                                                help="Export option for a target, TARGET.KEY=VALUE."),
                     json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout)."),
-                    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG chart.")):
+                    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG chart."),
+                    shortcuts: dict = None):
     """Where the time goes: compute- vs memory-bound operators, and time per block."""
     from .console import table
     from .profiler import plot as write_plot
     from .profiler import profile
 
     results = [profile(model, b, batch=batch, threads=threads, iterations=iterations, img_size=img_size,
-                       target_options=_target_options(option, ctx.args), reporter=_reporter())
+                       target_options=_target_options(option, shortcuts), reporter=_reporter())
                for b in (backend or ["torch"])]
     _write_json(json_out, [r.to_dict() for r in results])
     if plot is not None:
@@ -527,15 +544,10 @@ def _target_command(command):
     parameters, plus ``--json``; the reporter is the CLI's, the result rendered as by
     every built-in command."""
     import inspect
-    import typing
 
     function = command.function
-    signature = inspect.signature(function)
-    hints = typing.get_type_hints(function)
-    params = [p.replace(annotation=hints.get(p.name, p.annotation), kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)
-              for p in signature.parameters.values() if p.name != "reporter"]
-    params.append(inspect.Parameter("json_out", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[str],
-                                    default=typer.Option(None, "--json", help="Write the result to FILE ('-': stdout).")))
+    json_option = inspect.Parameter("json_out", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[str],
+                                    default=typer.Option(None, "--json", help="Write the result to FILE ('-': stdout)."))
 
     def run(**kwargs):
         json_out = kwargs.pop("json_out")
@@ -549,7 +561,7 @@ def _target_command(command):
             for warning in result.warnings:
                 err.print(f"[yellow]warning:[/] {warning}")
 
-    run.__signature__ = signature.replace(parameters=params, return_annotation=inspect.Signature.empty)
+    run.__signature__ = _signature(function, drop={"reporter"}, extra=[json_option])
     run.__doc__ = function.__doc__
     run.__name__ = command.name
     return run

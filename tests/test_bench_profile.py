@@ -34,6 +34,21 @@ def test_bench_small_configuration(cli, tmp_path):
     assert (tmp_path / "b.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
+@pytest.mark.parametrize("command", [["bench", "m0", "m1", "--backends", "tvm"], ["profile", "m0", "--backend", "tvm"]])
+def test_target_shortcuts_reach_the_target_wherever_they_stand(cli, tmp_path, command):
+    """`--db DIR` (TVM's shortcut for -O tvm.db=DIR) after the models, between them, or as
+    --db=DIR: it reaches the TVM target, which refuses a database that does not exist
+    before any work (so no model is taken for a '--db' model)."""
+    pytest.importorskip("tvm")
+    missing = tmp_path / "no-such-db"
+    for args in ([*command, "--db", missing], [command[0], "--db", missing, *command[1:]],
+                 [*command, f"--db={missing}"]):
+        code, _, err = cli(*args)
+        assert code == EXIT_BAD_INPUT and f"tuning database {missing} does not exist" in err, (args, err)
+    code, _, err = cli(*command, "--dbb", missing)
+    assert code == EXIT_BAD_INPUT and "No such option: --dbb" in err and "--db" in err
+
+
 def test_bench_rejects_unknown_backends(cli):
     code, _, err = cli("bench", "m0", "--backends", "torch,onnxrt")
     assert code == EXIT_BAD_INPUT and "unknown backend 'onnxrt'" in err

@@ -132,18 +132,18 @@ def test_resumed_tune_continues_from_the_database(tuned_db):
 
 
 def test_hand_written_kernels_are_measured_first_and_once(tuned_db):
-    """handwritten.py candidates go in before MetaSchedule's, and a resumed tune does not
+    """The schedules/ variants go in before MetaSchedule's, and a resumed tune does not
     measure them again."""
     from collections import Counter
 
     import tvm_ffi
 
-    from evit_deploy.targets.tvm import handwritten
+    from evit_deploy.targets.tvm import schedules
 
     db, result, _, _ = tuned_db
     records = tvmdb.TuningDatabase.open(db).ms_database().get_all_tuning_records()
     written = Counter((tvm_ffi.structural_hash(r.workload.mod), str(r.trace))
-                      for r in records if handwritten.is_hand_written(r.trace))
+                      for r in records if schedules.is_hand_written(r.trace))
     assert written, "no hand-written kernel was measured"
     assert max(written.values()) == 1
     # The tune result says which kernels' best schedule is hand-written, as the database does.
@@ -151,7 +151,7 @@ def test_hand_written_kernels_are_measured_first_and_once(tuned_db):
     for r in records:
         key, mean = tvm_ffi.structural_hash(r.workload.mod), sum(map(float, r.run_secs)) / len(r.run_secs)
         if key not in best or mean < best[key][0]:
-            best[key] = (mean, handwritten.is_hand_written(r.trace))
+            best[key] = (mean, schedules.is_hand_written(r.trace))
     assert result.hand_written_kernels == sum(h for _, h in best.values())
 
 
@@ -362,18 +362,29 @@ def test_verify_detects_a_library_that_computes_something_else(tuned_library, tm
     assert code == 4 and not json.loads(out)["passed"]
 
 
-def test_untuned_export_says_so(tmp_path):
+def test_without_a_database_every_kernel_gets_its_default_schedule(tmp_path):
     from evit_deploy.progress import QuietReporter
 
-    reporter = QuietReporter()
+    class Notes(QuietReporter):
+        def info(self, message):
+            self.warnings.append(message)
+
+    reporter = Notes()
     result = api.export("m0", "tvm", out_dir=tmp_path, img_size=IMG, batch=BATCH,
                         options={"tvm_target": TARGET}, reporter=reporter)
     assert result.report.passed
-    assert any("untuned" in w for w in reporter.warnings)        # the target reports through the reporter
+    # The target says what it did through the reporter: defaults, not "untuned and slow".
+    assert any("default schedule" in w for w in reporter.warnings)
+    assert not any("slow" in w for w in reporter.warnings)
     info = json.loads(result.artifact.sidecars[0].read_text())["extra"]["tvm"]
     assert info["tuned_kernels"] == 0 and info["database"] is None
-    health = TvmTarget().health(result.artifact.path, result.artifact.description)
-    assert [f.level for f in health] == ["warning"] and f"{info['kernels']} of {info['kernels']}" in health[0].message
+    assert info["default_kernels"] == info["kernels"] and info["unscheduled_kernels"] == 0
+    assert TvmTarget().health(result.artifact.path, result.artifact.description) == []
+    # A library where some kernel kept TVM's own code would say so.
+    unscheduled = result.artifact.description.with_extra(tvm={**info, "default_kernels": info["kernels"] - 3,
+                                                                "unscheduled_kernels": 3})
+    health = TvmTarget().health(result.artifact.path, unscheduled)
+    assert [f.level for f in health] == ["warning"] and f"3 of {info['kernels']}" in health[0].message
 
 
 def test_a_build_file_takes_the_batch_the_database_was_tuned_at(tmp_path):
@@ -498,3 +509,53 @@ def test_profile_targets_the_papers_xeon():
     target = resolve_target(profile.options["tvm_target"])
     assert target["mcpu"] == "broadwell" and target["num-cores"] == 14 == profile.device["cores"]
     assert set(profile.paper["throughput_tvm_ips"]) == {f"m{i}" for i in range(6)}
+
+
+# -- databases that travel ----------------------------------------------------------------------
+
+def _as_if_measured_on(db_path: Path, cpu: str) -> None:
+    meta = json.loads((db_path / tvmdb.META_FILE).read_text())
+    for entry in meta["models"].values():
+        entry.setdefault("runs", []).append({"stopped": "trials", "cpu": {"model": cpu}})
+    (db_path / tvmdb.META_FILE).write_text(json.dumps(meta))
+
+
+def test_a_database_measured_on_another_cpu_is_checked_here(fixed_db, tmp_path):
+    """Its records are timed against the defaults on this machine and only the faster one
+    of each kernel is built in: the database can only make the library faster."""
+    import shutil
+
+    db = tmp_path / "db"
+    shutil.copytree(fixed_db, db)
+    # A few kernels' records are enough (and each one checked is two builds).
+    lines = (db / tvmdb.RECORD_FILE).read_text().splitlines()
+    (db / tvmdb.RECORD_FILE).write_text("\n".join(lines[:8]) + "\n")
+    _as_if_measured_on(db, "Intel(R) Xeon(R) Somewhere Else")
+    assert tvmdb.TuningDatabase.open(db).measured_on_cpus() == {"Intel(R) Xeon(R) Somewhere Else"}
+    result = api.export("m0", "tvm", out_dir=tmp_path / "out", img_size=IMG,
+                        options={"tvm_target": TARGET, "db": str(db)})
+    assert result.report.passed
+    info = json.loads(result.artifact.sidecars[0].read_text())["extra"]["tvm"]
+    checked = info["database"]["rechecked_here"]
+    assert checked["kernels"] == 8 and checked["records_failed"] == 0
+    assert 0 <= checked["records_kept"] <= 8
+    # The 8 checked kernels come from the checked database, the others are defaults.
+    assert info["tuned_kernels"] == 8 and info["default_kernels"] == info["kernels"] - 8
+
+
+def test_tuning_can_start_from_another_database(fixed_db, tmp_path):
+    """With --from, each kernel's best schedule in the other database is measured beside
+    its default in the first rounds (and stored, with what it measured here)."""
+    from evit_deploy.targets.tvm import schedules
+
+    result = tune("m0", TARGET, img_size=IMG, batch=BATCH, trials=16, db_dir=tmp_path / "db", start_from=fixed_db)
+    assert result.trials == 16 and result.errors == 0
+    records = tvmdb.TuningDatabase.open(tmp_path / "db").ms_database().get_all_tuning_records()
+    assert len(records) == 16
+    # The fixed database's records of non-convolution kernels are searched schedules (not
+    # one of schedules/): those found here came from it.
+    assert any(not schedules.is_hand_written(r.trace) for r in records)
+    assert any(schedules.is_hand_written(r.trace) for r in records)
+    meta = json.loads((tmp_path / "db" / tvmdb.META_FILE).read_text())
+    run = meta["models"][f"efficientvit_m0 {BATCH}x3x{IMG}x{IMG}"]["runs"][-1]
+    assert run["cpu"]["model"] and run["measured_on"] == "this machine"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evit_deploy.targets.tvm.policy import (FAILED_ROUNDS_LIMIT, KernelState, estimated_latency, next_kernel,
-                                            record_round)
+from evit_deploy.targets.tvm.policy import (DEFAULTS, DEFAULTS_PER_ROUND, FAILED_ROUNDS_LIMIT, SEARCH, VARIANTS,
+                                            KernelState, estimated_latency, next_round, record_round)
 
 
 def _kernels(*specs) -> list[KernelState]:
@@ -15,36 +15,51 @@ def _kernels(*specs) -> list[KernelState]:
     return [KernelState(i, f"k{i}", calls, flops) for i, (calls, flops) in enumerate(specs)]
 
 
-def test_hand_written_first_then_every_kernel_once_biggest_first():
-    kernels = _kernels((1, 10.0), (4, 10.0), (1, 1000.0), (2, 1.0))
-    kernels[0].hand_written_pending = kernels[3].hand_written_pending = True
-    order = []
-    for _ in range(4):
-        k = next_kernel(kernels)
-        order.append(k.name)
-        if k.hand_written_pending:
-            k.hand_written_pending = False
-            record_round(k, [1e-3], hand_written=True)
-        else:
-            record_round(k, [1e-3], hand_written=False)
-    # Hand-written rounds by calls x flops (10 > 2), then the unmeasured by calls x flops.
-    assert order == ["k0", "k3", "k2", "k1"]
-    assert kernels[0].best_hand_written and not kernels[2].best_hand_written
+def _play(kernels, plan, seconds=1e-3):
+    """What the tuner does with a plan: measure, and tell the policy."""
+    for k in plan.kernels:
+        if plan.kind == DEFAULTS:
+            k.default_pending = False
+        if plan.kind == VARIANTS:
+            k.variants_pending = False
+        record_round(k, [seconds], hand_written=plan.kind != SEARCH)
+
+
+def test_defaults_first_many_kernels_per_round_biggest_first():
+    kernels = _kernels(*[(1, float(i)) for i in range(DEFAULTS_PER_ROUND + 3)], (4, 10.0))
+    for k in kernels[:-1]:
+        k.default_pending = k.variants_pending = True
+    # The last kernel has no default schedule.
+    plan = next_round(kernels)
+    assert plan.kind == DEFAULTS and len(plan.kernels) == DEFAULTS_PER_ROUND
+    assert [k.flops for k in plan.kernels] == sorted((k.flops for k in plan.kernels), reverse=True)
+    _play(kernels, plan)
+    plan = next_round(kernels)
+    assert plan.kind == DEFAULTS and len(plan.kernels) == 3
+    _play(kernels, plan)
+    # Then the kernel without a default is searched at once, before any variant.
+    plan = next_round(kernels)
+    assert plan.kind == SEARCH and plan.kernels == [kernels[-1]]
 
 
 def test_later_rounds_go_where_the_model_time_is_per_trial_spent():
     kernels = _kernels((1, 1.0), (10, 1.0), (1, 1.0))
     for k, best in zip(kernels, (5e-3, 1e-3, 1e-4)):
-        record_round(k, [best], hand_written=False)
-    # calls x best / (1 + trials): 5e-3/2, 1e-2/2, 1e-4/2
-    assert next_kernel(kernels).name == "k1"
-    record_round(kernels[1], [1e-3] * 16, hand_written=False)        # 10 x 1e-3 / 18 < 5e-3 / 2
-    assert next_kernel(kernels).name == "k0"
+        k.variants_pending = True
+        record_round(k, [best], hand_written=True)
+    # calls x best / (1 + trials): 5e-3/2, 1e-2/2, 1e-4/2 -- first the default's variants...
+    plan = next_round(kernels)
+    assert (plan.kind, plan.kernels) == (VARIANTS, [kernels[1]])
+    _play(kernels, plan)
+    # ... and the search for the same kernel while it still has the largest share.
+    assert next_round(kernels).kernels == [kernels[1]] and next_round(kernels).kind == SEARCH
+    record_round(kernels[1], [1e-3] * 16, hand_written=False)        # 10 x 1e-3 / 19 < 5e-3 / 2
+    assert next_round(kernels).kernels == [kernels[0]]
     # Ties go to the earlier kernel, so the order is reproducible.
     tied = _kernels((1, 1.0), (1, 1.0))
     for k in tied:
         record_round(k, [1e-3], hand_written=False)
-    assert next_kernel(tied).name == "k0"
+    assert next_round(tied).kernels == [tied[0]]
 
 
 def test_a_round_keeps_the_best_and_failures_exhaust_a_kernel():
@@ -60,7 +75,7 @@ def test_a_round_keeps_the_best_and_failures_exhaust_a_kernel():
         record_round(broken, [None, None], hand_written=False)
         assert not broken.exhausted
     record_round(broken, [None], hand_written=False)
-    assert broken.exhausted and next_kernel([broken]) is None
+    assert broken.exhausted and next_round([broken]) is None
 
 
 def test_the_estimate_waits_for_every_kernel():

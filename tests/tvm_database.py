@@ -1,8 +1,10 @@
 """A tuning database made from fixed records, for the tests that only need "a database".
 
-Every kernel of the model gets one record: its first hand-written schedule where one
-applies, else the first design-space sample of MetaSchedule that its post-processors
-accept (sampled with a fixed seed), timed at a made-up latency proportional to its FLOPs.
+Every kernel of the model gets one record: the first design-space sample of MetaSchedule
+that its post-processors accept (sampled with a fixed seed: a searched schedule, so a
+library built from the database is not simply the default one), or for the dense
+convolutions their default schedule (a hand-written one), timed at a made-up latency
+proportional to its FLOPs.
 No candidate is built or measured: the same call gives the same database, in seconds.
 """
 
@@ -16,7 +18,7 @@ def deterministic_database(path: Path, model: str, *, batch: int, img_size: int,
     from tvm.s_tir.meta_schedule import TuneContext
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
-    from evit_deploy.targets.tvm import graph, handwritten, metaschedule
+    from evit_deploy.targets.tvm import graph, metaschedule, schedules
     from evit_deploy.targets.tvm.database import TuningDatabase, model_key
     from evit_deploy.targets.tvm.target_string import resolve_target, to_tvm
     from evit_deploy.trace import trace
@@ -33,7 +35,9 @@ def deterministic_database(path: Path, model: str, *, batch: int, img_size: int,
             ctx = TuneContext(mod=kernel.mod, target=tvm_target, space_generator=metaschedule.space_generator(),
                               task_name=kernel.name, rand_state=seed + i + 1)
         postprocs = ctx.space_generator.postprocs
-        candidate = next(iter(handwritten.candidates(kernel.mod, postprocs)), None)
+        candidate = None
+        if schedules.kernel_class(kernel.mod) is schedules.gemm:
+            candidate = schedules.default_candidate(kernel.mod, schedules.CpuFacts.for_target(tvm_target), postprocs)
         if candidate is None:
             candidate = _first_valid_sample(ctx.generate_design_space(), postprocs, ArgInfo)
         metaschedule.commit(database, kernel.mod, candidate, [max(kernel.flops, 1.0) * 1e-11], tvm_target)

@@ -18,8 +18,8 @@ from ...description import ModelDescription
 from ...errors import ExportError
 from ..base import Artifact, Command, Finding, OpTime, Target, missing_modules, option
 
-UNTUNED_WARNING = ("no tuning database (--db): the library uses TVM's default, untuned kernels and runs "
-                   "far slower than PyTorch or onnxruntime; tune first with `evit-deploy tune`")
+DEFAULTS_NOTE = ("no tuning database (--db): every kernel gets its default schedule (written for its kernel "
+                 "class, chosen by rules for this CPU); `evit-deploy tune` measures alternatives and can make it faster")
 
 
 @dataclass
@@ -123,23 +123,30 @@ class TvmTarget(Target):
                               f"shared with those are tuned")
             database = db.ms_database()
             db_info = {"path": str(db.path), "target_string": db.meta["target_string"],
-                       "records": db.record_count(), "models": sorted(db.models())}
+                       "records": db.record_count(), "models": sorted(db.models()),
+                       "measured_on": sorted(db.measured_on_cpus())}
         else:
-            reporter.warn(UNTUNED_WARNING)
+            reporter.info(DEFAULTS_NOTE)
         try:
             prepared = graph.prepare(graph.import_program(traced.program), tvm_target)
+            if database is not None:
+                database = self._checked_here(db, database, prepared, target, tvm_target, reporter, db_info)
             built = tvm_compile.build(prepared, tvm_target, database)
         except Exception as exc:
             raise ExportError(f"TVM compilation failed: {type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
         if database is not None and built.tuned < built.kernels:
-            reporter.warn(f"{built.kernels - built.tuned} of {built.kernels} kernels have no record in "
-                          f"{options.db} and stay untuned (slow); tune this model and input shape for this target")
+            reporter.info(f"{built.kernels - built.tuned} of {built.kernels} kernels have no record in "
+                          f"{options.db}: they use their default schedules")
+        if built.unscheduled:
+            reporter.warn(f"{built.unscheduled} of {built.kernels} kernels have neither a record nor a default "
+                          f"schedule: TVM's own unscheduled code runs them (slow)")
         import tvm
 
         description = desc.with_extra(tvm={
             "target": target, "target_string": to_classic(target), "threads": target["num-cores"],
             "kernels": built.kernels, "tuned_kernels": built.tuned, "hand_written_kernels": built.hand_written,
+            "default_kernels": built.defaults, "unscheduled_kernels": built.unscheduled,
             "inputs_in_place": built.inputs_in_place, "graph": graph.VERSION,
             "database": db_info, "tvm_version": tvm.__version__})
         try:
@@ -149,6 +156,33 @@ class TvmTarget(Target):
         side = sidecar_path(path)
         write_text_atomic(side, description_json(description))
         return Artifact(path, self.name, description, sidecars=(side,))
+
+    @staticmethod
+    def _checked_here(db, database, prepared, target: dict, tvm_target, reporter, db_info: dict):
+        """``database``, or, when it was measured on another CPU, the faster of each kernel's
+        record and its default as timed on this machine (recheck.py). A library for another
+        CPU than this one cannot be checked here: it gets the records as they are."""
+        from ...hostinfo import cpu_info
+        from .target_string import host_cpu_name
+
+        elsewhere = db.measured_on_cpus()
+        here = cpu_info()["model"]
+        if not elsewhere or here in elsewhere:
+            return database
+        if target.get("mcpu") != host_cpu_name():
+            reporter.warn(f"{db.path} was measured on {', '.join(sorted(elsewhere))}; this library is for "
+                          f"{target.get('mcpu')}, which this machine cannot time: its schedules are used unchecked")
+            return database
+        from .recheck import recheck
+
+        reporter.info(f"{db.path} was measured on {', '.join(sorted(elsewhere))}, not on this {here}: each "
+                      f"kernel's schedule is timed here against its default and the faster one is used")
+        checked = recheck(database, prepared, tvm_target, reporter)
+        db_info["rechecked_here"] = {"kernels": checked.kernels, "records_kept": checked.kept,
+                                     "records_failed": checked.failed}
+        reporter.info(f"kept {checked.kept} of {checked.kernels} records; the default was faster here for the "
+                      f"rest" + (f" ({checked.failed} no longer built or ran)" if checked.failed else ""))
+        return checked.database
 
     def diagnose(self) -> list[Finding]:
         findings = super().diagnose()
@@ -188,11 +222,12 @@ class TvmTarget(Target):
         info = description.extra.get("tvm", {})
         findings = []
         kernels, tuned = info.get("kernels"), info.get("tuned_kernels")
-        if kernels is not None and tuned != kernels:
-            # One kernel with TVM's default code is enough to make the whole library slow.
-            findings.append(Finding("warning", f"{kernels - tuned} of {kernels} kernels untuned",
-                                    "tune this model for this target and input shape (evit-deploy tune), "
-                                    "then export with --db"))
+        # Libraries from before default schedules existed had only records or TVM's code.
+        unscheduled = info.get("unscheduled_kernels", None if kernels is None else kernels - (tuned or 0))
+        if unscheduled:
+            # One kernel with TVM's own unscheduled code is enough to make the library slow.
+            findings.append(Finding("warning", f"{unscheduled} of {kernels} kernels unscheduled",
+                                    "export again with this evit-deploy (default schedules), or tune"))
         if info.get("graph") not in (None, VERSION):
             findings.append(Finding("warning", f"compiled by an older graph pipeline ({info.get('graph')})",
                                     "export it again to get this version's kernels"))

@@ -1,4 +1,5 @@
-"""Compile a prepared Relax module into a Relax VM executable, applying tuned kernels."""
+"""Compile a prepared Relax module into a Relax VM executable: tuned kernels from a
+database, every other kernel with the default schedule of :mod:`.schedules`."""
 
 from __future__ import annotations
 
@@ -10,8 +11,14 @@ class CompiledLibrary:
     executable: object
     kernels: int          # fused kernels in the module
     tuned: int            # of which a tuning record was applied
-    hand_written: int     # of which the record is a schedule from handwritten.py
+    hand_written: int     # of which the record is a schedule of schedules/ (not a searched one)
+    defaults: int = 0     # kernels without a record, given their default schedule
     inputs_in_place: bool = False   # the kernels read a caller's array where it is
+
+    @property
+    def unscheduled(self) -> int:
+        """Kernels left with TVM's own code (no record, no default schedule)."""
+        return self.kernels - self.tuned - self.defaults
 
 
 def count_kernels(mod) -> int:
@@ -20,26 +27,52 @@ def count_kernels(mod) -> int:
 
 
 def _scheduled(mod):
-    """The kernels a tuning record was applied to."""
+    """The kernels a record was applied to."""
     from tvm import tirx
     return [f for _, f in mod.functions.items()
             if isinstance(f, tirx.PrimFunc) and f.attrs is not None and f.attrs.get("tirx.is_scheduled", False)]
 
 
-def count_tuned(mod) -> int:
-    return len(_scheduled(mod))
-
-
-def count_hand_written(mod) -> int:
+def count_scheduled(mod) -> tuple[int, int]:
+    """(kernels a record was applied to, of which the schedule is one of schedules/)."""
     from tvm import s_tir
 
-    from .handwritten import MARK
+    from .schedules import MARK
 
-    count = 0
-    for f in _scheduled(mod):
+    scheduled = _scheduled(mod)
+    written = 0
+    for f in scheduled:
         sch = s_tir.Schedule(f)
-        count += any(MARK in sch.get(b).annotations for b in sch.get_child_blocks(sch.get_sblock("root")))
-    return count
+        written += any(MARK in sch.get(b).annotations for b in sch.get_child_blocks(sch.get_sblock("root")))
+    return len(scheduled), written
+
+
+def default_database(prepared, target, database=None):
+    """A MetaSchedule database holding the default schedule (schedules/) of every kernel
+    of ``prepared`` that ``database`` has no record for; with the number of them.
+
+    Defaults go through the same database mechanism as tuned records, so a library built
+    from defaults is what a tuning round measuring them would have stored.
+    """
+    from tvm.s_tir.meta_schedule.database import MemoryDatabase
+
+    from . import metaschedule, schedules
+
+    facts = schedules.CpuFacts.for_target(target)
+    defaults = MemoryDatabase()
+    postprocs = None
+    count = 0
+    for kernel in metaschedule.extract_kernels(prepared, target):
+        if database is not None and metaschedule.measured_records(database, kernel.mod):
+            continue
+        if postprocs is None:
+            postprocs = metaschedule.postprocs(kernel, target)
+        candidate = schedules.default_candidate(kernel.mod, facts, postprocs)
+        if candidate is not None:
+            # No measurement: the latency stands for "a default", never compared.
+            metaschedule.commit(defaults, kernel.mod, candidate, [1.0], target)
+            count += 1
+    return defaults, count
 
 
 def read_inputs_in_place(mod):
@@ -100,11 +133,11 @@ def read_inputs_in_place(mod):
     return mod, bool(readers)
 
 
-def build(prepared, target, database=None) -> CompiledLibrary:
+def build(prepared, target, database=None, *, defaults: bool = True) -> CompiledLibrary:
     """``prepared`` (from :func:`graph.prepare`) -> executable.
 
-    With a database, kernels that have a record get the tuned schedule and the rest keep
-    TVM's default (unscheduled, single-threaded) code.
+    Kernels with a record in ``database`` get the tuned schedule; with ``defaults`` every
+    other kernel gets its default schedule (schedules/), else TVM's own unscheduled code.
     """
     import tvm
     from tvm import relax
@@ -116,7 +149,15 @@ def build(prepared, target, database=None) -> CompiledLibrary:
         if database is not None:
             with database:
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
-        tuned, hand_written = count_tuned(mod), count_hand_written(mod)
+        tuned, hand_written = count_scheduled(mod)
+        applied_defaults = 0
+        if defaults:
+            # Scheduled kernels no longer match an unscheduled workload: only the others
+            # pick up their default.
+            fallback, _ = default_database(prepared, target, database)
+            with fallback:
+                mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+            applied_defaults = count_scheduled(mod)[0] - tuned
         # Tuned kernels may read their weights in a blocked layout: split that rewrite
         # out of the kernel and fold it into the constants at build time.
         mod = tvm.transform.Sequential([
@@ -133,4 +174,4 @@ def build(prepared, target, database=None) -> CompiledLibrary:
             *rp.finalize_passes(target),
         ])
         executable = tvm.compile(mod, target=target, relax_pipeline=lower)
-    return CompiledLibrary(executable, kernels, tuned, hand_written, inputs_in_place)
+    return CompiledLibrary(executable, kernels, tuned, hand_written, applied_defaults, inputs_in_place)

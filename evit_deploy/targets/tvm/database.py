@@ -178,6 +178,12 @@ class TuningDatabase:
         entry.update(fields)
         return entry
 
+    def measured_on_cpus(self) -> set[str]:
+        """The CPUs (model names) this database's schedules were measured on; empty when
+        it does not know (runs measured over RPC, or made before this was recorded)."""
+        return {run["cpu"]["model"] for entry in self.models().values() for run in entry.get("runs", [])
+                if isinstance(run.get("cpu"), dict) and run["cpu"].get("model")}
+
     def add_run(self, key: str, run: dict) -> None:
         entry = self.update_model(key)
         entry.setdefault("runs", []).append(run)

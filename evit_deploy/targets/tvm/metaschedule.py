@@ -134,6 +134,16 @@ def tune_context(kernel: Kernel, target, *, seed: int, threads: int, population:
     return ctx
 
 
+def postprocs(kernel: Kernel, target) -> list:
+    """MetaSchedule's post-processors for ``target`` (weight packing, reduction init, ...),
+    initialised: what every candidate goes through before it is built or stored."""
+    from tvm.s_tir.meta_schedule import TuneContext
+
+    with without_tensor_intrinsics():
+        ctx = TuneContext(mod=kernel.mod, target=target, space_generator=space_generator(), task_name=kernel.name)
+    return list(ctx.space_generator.postprocs)
+
+
 def close_context(ctx) -> None:
     try:
         ctx.post_tuning()
@@ -146,6 +156,24 @@ def measured_records(database, mod) -> list:
     if not database.has_workload(mod):
         return []
     return list(database.get_top_k(database.commit_workload(mod), 1_000_000))
+
+
+def best_candidate(database, mod):
+    """A measure candidate of the best schedule ``database`` holds for this kernel (its
+    trace replayed on the kernel), or None."""
+    from tvm import s_tir
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.search_strategy import MeasureCandidate
+
+    records = measured_records(database, mod)
+    if not records:
+        return None
+    sch = s_tir.Schedule(mod)
+    try:
+        records[0].trace.apply_to_schedule(sch, remove_postproc=False)
+    except Exception:   # a schedule that does not apply to this kernel any more
+        return None
+    return MeasureCandidate(sch, ArgInfo.from_entry_func(sch.mod, remove_preproc=True))
 
 
 def commit(database, mod, candidate, seconds: list[float], target) -> None:

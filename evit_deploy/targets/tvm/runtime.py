@@ -187,9 +187,10 @@ def describe_runtime(description: ModelDescription) -> str:
     import tvm
 
     info = description.extra.get("tvm", {})
-    tuned = info.get("tuned_kernels")
-    state = "untuned" if not tuned else f"{tuned}/{info.get('kernels')} kernels tuned"
-    return f"TVM {tvm.__version__} Relax VM, {info.get('target_string', '?')}, {state}"
+    tuned, defaults = info.get("tuned_kernels") or 0, info.get("default_kernels") or 0
+    parts = [f"{tuned} tuned" if tuned else "", f"{defaults} default" if defaults else ""]
+    state = " + ".join(p for p in parts if p) or "unscheduled"
+    return f"TVM {tvm.__version__} Relax VM, {info.get('target_string', '?')}, {state} of {info.get('kernels')} kernels"
 
 
 def description_json(description: ModelDescription) -> str:

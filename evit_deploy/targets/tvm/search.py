@@ -1,11 +1,12 @@
-"""The tuning loop: round after round, one kernel at a time, until the budget is spent.
+"""The tuning loop: round after round, until the budget is spent.
 
-A round takes the kernel :mod:`.policy` names, gets its candidates (the hand-written
-schedules of :mod:`.handwritten` the first time, else MetaSchedule's evolutionary
-search, through :mod:`.metaschedule`), builds and measures them (:mod:`.measure`),
-stores every measurement in the database and tells the policy what it learnt. The loop
-checks the trial budget, the deadline and a stop request between rounds, never inside
-one.
+A round does what :mod:`.policy` plans: measure the default schedules (:mod:`.schedules`)
+of many kernels at once, the other variants of one kernel's default, or a round of
+MetaSchedule's evolutionary search for one kernel (through :mod:`.metaschedule`; the
+search starts from the best schedules measured so far). It builds and measures the
+candidates (:mod:`.measure`), stores every measurement in the database and tells the
+policy what it learnt. The loop checks the trial budget, the deadline and a stop request
+between rounds, never inside one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from . import handwritten, metaschedule, policy
+from . import metaschedule, policy, schedules
 from .policy import KernelState
 
 
@@ -33,21 +34,22 @@ class Progress:
 
 
 @dataclass
-class Round:
-    """One round's candidates, where they came from, and what measuring them gave."""
+class Candidate:
+    """One candidate of a round: its kernel, the MetaSchedule candidate, what measuring it gave."""
 
     kernel: KernelState
-    candidates: list
-    hand_written: bool
-    latencies: list = None              # seconds per candidate; None where it failed
-    errors: list = None                 # error text per candidate; None where it ran
+    candidate: object
+    hand_written: bool | None = None     # None: as the round's kind says
+    seconds: float | None = None
+    error: str | None = None
 
 
 class Search:
     """Tune ``kernels`` (:class:`.metaschedule.Kernel`) for ``target`` into ``database``."""
 
     def __init__(self, kernels: list, target, database, builder, runner, *, logger: logging.Logger,
-                 trials_per_round: int = 16, search_threads: int = 1, seed: int = 0, population: int = 256):
+                 trials_per_round: int = 16, search_threads: int = 1, seed: int = 0, population: int = 256,
+                 start_from=None):
         self.kernels = kernels
         self.target = target
         self.database = database
@@ -59,8 +61,13 @@ class Search:
         self.seed = seed
         self.population = population
         self.cost_model = metaschedule.cost_model(self.search_threads)
+        self.facts = schedules.CpuFacts.for_target(target)
         self.states = [self._state(i, k) for i, k in enumerate(kernels)]
         self._contexts: dict[int, object] = {}
+        self._postprocs = None
+        # Another database (made for or on another CPU) whose best schedules are measured
+        # here beside the defaults: a head start, never trusted unmeasured.
+        self.start_from = start_from
         self.trials_done = 0
         self.rounds = 0
         self.errors = 0
@@ -72,9 +79,12 @@ class Search:
         state = KernelState(index, kernel.name, kernel.calls, kernel.flops, previous_trials=len(records))
         if records:
             state.best_s = min(float(s) for s in records[0].run_secs)
-            state.best_hand_written = handwritten.is_hand_written(records[0].trace)
-        state.hand_written_pending = (handwritten.applies(kernel.mod)
-                                      and not any(handwritten.is_hand_written(r.trace) for r in records))
+            state.best_hand_written = schedules.is_hand_written(records[0].trace)
+        # A resumed tune measures nothing twice: the default is the first written schedule
+        # measured, the other variants come after it.
+        written = sum(schedules.is_hand_written(r.trace) for r in records)
+        state.default_pending = written == 0 and schedules.kernel_class(kernel.mod) is not None
+        state.variants_pending = written < schedules.variant_count(kernel.mod, self.facts)
         return state
 
     def estimated_latency(self) -> float | None:
@@ -82,28 +92,40 @@ class Search:
 
     # -- one round ------------------------------------------------------------------------
     def step(self, limit: int | None = None) -> Progress | None:
-        """Tune the next kernel for one round of at most ``limit`` candidates; None when
-        every kernel is exhausted."""
-        state = policy.next_kernel(self.states)
-        if state is None:
+        """One round (at most ``limit`` candidates); None when every kernel is exhausted."""
+        plan = policy.next_round(self.states)
+        if plan is None:
             return None
         t0 = time.monotonic()
-        round_ = self._candidates(state, limit)
-        if not round_.candidates:
-            state.exhausted = True
-            return self._progress(state)
+        round_ = self._candidates(plan, limit)
+        if not round_:
+            for state in plan.kernels:
+                if plan.kind == policy.DEFAULTS:
+                    state.default_pending = False      # a search round comes next
+                elif plan.kind == policy.VARIANTS:
+                    state.variants_pending = False
+                else:
+                    state.exhausted = True
+            return self._progress(plan.kernels[0])
         t1 = time.monotonic()
         self._measure(round_)
         t2 = time.monotonic()
-        self._learn(round_)
+        if plan.kind != policy.DEFAULTS:
+            self._learn(plan, round_)
         self._store(round_)
-        policy.record_round(state, round_.latencies, hand_written=round_.hand_written)
-        self.trials_done += len(round_.candidates)
+        written = plan.kind != policy.SEARCH
+        for state in plan.kernels:
+            for hand_written in (True, False):
+                mine = [c.seconds for c in round_ if c.kernel is state
+                        and (written if c.hand_written is None else c.hand_written) == hand_written]
+                if mine:
+                    policy.record_round(state, mine, hand_written=hand_written)
+        self.trials_done += len(round_)
         self.rounds += 1
-        self.log.info("%s: %d %s candidates: search %.1f s, build and measure %.1f s, learn and record %.1f s",
-                      state.name, len(round_.candidates), "hand-written" if round_.hand_written else "searched",
-                      t1 - t0, t2 - t1, time.monotonic() - t2)
-        return self._progress(state)
+        self.log.info("%s round, %s: %d candidates: search %.1f s, build and measure %.1f s, learn and record %.1f s",
+                      plan.kind, ", ".join(s.name for s in plan.kernels)[:200], len(round_), t1 - t0, t2 - t1,
+                      time.monotonic() - t2)
+        return self._progress(max(plan.kernels, key=lambda s: s.calls * (s.best_s or 0)))
 
     def _context(self, state: KernelState):
         if state.index not in self._contexts:
@@ -113,48 +135,65 @@ class Search:
                 database=self.database, cost_model=self.cost_model, logger=self.log)
         return self._contexts[state.index]
 
-    def _candidates(self, state: KernelState, limit: int | None) -> Round:
-        ctx = self._context(state)
-        candidates, hand_written = [], False
-        if state.hand_written_pending:
-            state.hand_written_pending = False
-            candidates = handwritten.candidates(self.kernels[state.index].mod, ctx.space_generator.postprocs)
-            hand_written = bool(candidates)
-        if not hand_written:
-            candidates = list(ctx.generate_measure_candidates() or [])
+    def _candidates(self, plan: policy.RoundPlan, limit: int | None) -> list[Candidate]:
+        out: list[Candidate] = []
+        if plan.kind == policy.DEFAULTS:
+            if self._postprocs is None:
+                self._postprocs = metaschedule.postprocs(self.kernels[plan.kernels[0].index], self.target)
+            for state in plan.kernels[:limit]:
+                state.default_pending = False
+                mod = self.kernels[state.index].mod
+                found = schedules.default_candidate(mod, self.facts, self._postprocs)
+                if found is not None:
+                    out.append(Candidate(state, found))
+                if self.start_from is not None:
+                    imported = metaschedule.best_candidate(self.start_from, mod)
+                    if imported is not None:
+                        out.append(Candidate(state, imported, hand_written=schedules.is_hand_written(
+                            imported.sch.trace)))
+        elif plan.kind == policy.VARIANTS:
+            (state,) = plan.kernels
+            state.variants_pending = False
+            ctx = self._context(state)
+            # The default (first) was measured in a defaults round.
+            others = schedules.candidates(self.kernels[state.index].mod, self.facts, ctx.space_generator.postprocs)[1:]
+            out = [Candidate(state, c) for c in others]
+        else:
+            (state,) = plan.kernels
+            out = [Candidate(state, c) for c in (self._context(state).generate_measure_candidates() or [])]
         if limit is not None:
-            candidates = candidates[:limit]     # a trial budget is a promise, not a hint
-        return Round(state, candidates, hand_written)
+            out = out[:limit]     # a trial budget is a promise, not a hint
+        return out
 
-    def _measure(self, round_: Round) -> None:
+    def _measure(self, round_: list[Candidate]) -> None:
         from .measure import remove_artifact
 
-        built = self.builder.build(round_.candidates, self.target)
-        ok = [(c, path) for c, (path, _) in zip(round_.candidates, built) if path]
+        built = self.builder.build([c.candidate for c in round_], self.target)
+        ok = [(c.candidate, path) for c, (path, _) in zip(round_, built) if path]
         measured = iter(self.runner.run(ok)) if ok else iter(())
-        round_.latencies, round_.errors = [], []
-        for path, build_error in built:
-            seconds, error = (next(measured) if path else (None, build_error))
-            round_.latencies.append(seconds)
-            round_.errors.append(error)
+        for entry, (path, build_error) in zip(round_, built):
+            entry.seconds, entry.error = next(measured) if path else (None, build_error)
             remove_artifact(path)
 
-    def _learn(self, round_: Round) -> None:
-        ctx = self._context(round_.kernel)
-        results = [metaschedule.runner_result(s, e) for s, e in zip(round_.latencies, round_.errors)]
-        if not round_.hand_written:        # the evolutionary search counts only its own candidates
-            ctx.notify_runner_results(round_.candidates, results)
-        self.cost_model.update(ctx, round_.candidates, results)
+    def _learn(self, plan: policy.RoundPlan, round_: list[Candidate]) -> None:
+        (state,) = plan.kernels
+        ctx = self._context(state)
+        candidates = [c.candidate for c in round_]
+        results = [metaschedule.runner_result(c.seconds, c.error) for c in round_]
+        if plan.kind == policy.SEARCH:      # the evolutionary search counts only its own candidates
+            ctx.notify_runner_results(candidates, results)
+        self.cost_model.update(ctx, candidates, results)
 
-    def _store(self, round_: Round) -> None:
-        mod = self.kernels[round_.kernel.index].mod
-        for candidate, seconds, error in zip(round_.candidates, round_.latencies, round_.errors):
-            if seconds is None:
+    def _store(self, round_: list[Candidate]) -> None:
+        for entry in round_:
+            if entry.seconds is None:
                 self.errors += 1
-                self.log.warning("%s: candidate failed: %s", round_.kernel.name,
-                                 str(error).strip().splitlines()[-1] if str(error).strip() else "no result")
+                error = str(entry.error or "").strip()
+                self.log.warning("%s: candidate failed: %s", entry.kernel.name,
+                                 error.splitlines()[-1] if error else "no result")
                 continue
-            metaschedule.commit(self.database, mod, candidate, [seconds], self.target)
+            metaschedule.commit(self.database, self.kernels[entry.kernel.index].mod, entry.candidate,
+                                [entry.seconds], self.target)
 
     def _progress(self, state: KernelState) -> Progress:
         return Progress(state, self.trials_done, self.rounds, sum(s.best_s is not None for s in self.states),

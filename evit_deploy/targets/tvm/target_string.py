@@ -150,6 +150,14 @@ def _convert(key: str, kind_of: str, value: str, text: str):
     return value
 
 
+def host_cpu_name() -> str:
+    """The LLVM name of this machine's CPU (``native`` resolves to it)."""
+    import tvm  # noqa: F401  (registers the LLVM helper functions)
+    import tvm_ffi
+
+    return str(tvm_ffi.get_global_func("target.llvm_get_system_cpu")())
+
+
 def host_cpu_count() -> int:
     """Physical cores this process may use (TVM's CPU tuner plans one thread per core)."""
     from ...hostinfo import cpu_info, usable_cpus
@@ -171,7 +179,7 @@ def resolve_target(text_or_dict, *, threads: int | None = None) -> dict:
     target = dict(text_or_dict) if isinstance(text_or_dict, dict) else parse_target(text_or_dict)
     original = text_or_dict if isinstance(text_or_dict, str) else json.dumps(text_or_dict)
     if target.get("mcpu") == "native":
-        target["mcpu"] = str(tvm_ffi.get_global_func("target.llvm_get_system_cpu")())
+        target["mcpu"] = host_cpu_name()
     if "mcpu" in target:
         triple = target.get("mtriple") or str(tvm_ffi.get_global_func("target.llvm_get_system_triple")())
         if not bool(tvm_ffi.get_global_func("target.llvm_is_valid_cpu")(target["mcpu"], triple)):

@@ -82,6 +82,7 @@ class TuneRequest:
     rpc: object | None                   # measure.RpcSpec
     seed: int
     trials_per_round: int
+    start_from: object | None = None     # database.TuningDatabase to take a head start from
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|min|s|sec)?", re.IGNORECASE)
@@ -114,7 +115,7 @@ def parse_duration(value) -> float:
 def tune(model: str = "m0", target: str | dict = "native", *, trials: int | None = None,
          time_budget=None, db_dir: str | Path | None = None, batch: int = 16, threads: int | None = None,
          img_size: int = 224, rpc_tracker: str | None = None, rpc_key: str | None = None,
-         seed: int = 0, trials_per_round: int = TRIALS_PER_ROUND,
+         seed: int = 0, trials_per_round: int = TRIALS_PER_ROUND, start_from: str | Path | None = None,
          reporter: Reporter | None = None) -> TuneResult:
     """Tune ``model``'s kernels at ``batch`` x 3 x ``img_size``² for ``target``.
 
@@ -123,11 +124,13 @@ def tune(model: str = "m0", target: str | dict = "native", *, trials: int | None
     ``threads`` sets the target's ``num-cores``: kernels are tuned and measured for that
     many threads. With ``rpc_tracker`` (``HOST:PORT``) and ``rpc_key``, candidates are built
     here and timed on every device registered with the tracker under that key.
+    ``start_from`` is another tuning database (made for another CPU, say): its best
+    schedule for each kernel is measured here beside the default, a head start.
     """
     reporter = reporter or Reporter()
     request = tuning_request(model, target, trials=trials, time_budget=time_budget, db_dir=db_dir, batch=batch,
                              threads=threads, img_size=img_size, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
-                             seed=seed, trials_per_round=trials_per_round)
+                             seed=seed, trials_per_round=trials_per_round, start_from=start_from)
     devices, measured_on = _measurement_devices(request)
     db = _open_database(request, reporter)
     model_name, shape, kernels = _model_kernels(request, reporter)
@@ -153,7 +156,8 @@ def tune(model: str = "m0", target: str | dict = "native", *, trials: int | None
 
 
 def tuning_request(model: str, target: str | dict, *, trials, time_budget, db_dir, batch: int, threads,
-                   img_size: int, rpc_tracker, rpc_key, seed: int, trials_per_round: int) -> TuneRequest:
+                   img_size: int, rpc_tracker, rpc_key, seed: int, trials_per_round: int,
+                   start_from=None) -> TuneRequest:
     """Check every argument of :func:`tune` (one-line errors) before any work."""
     from .. import get_target
     from .measure import parse_tracker
@@ -173,8 +177,23 @@ def tuning_request(model: str, target: str | dict, *, trials, time_budget, db_di
         if rpc_tracker is None:
             raise BadInputError("--rpc-key needs --rpc-tracker HOST:PORT")
         rpc = parse_tracker(rpc_tracker, rpc_key)
+    other = None
+    if start_from is not None:
+        from .database import TuningDatabase
+        other = TuningDatabase.open(start_from)
     return TuneRequest(model, resolve_target(target, threads=threads), batch, img_size, trials, budget_s,
-                       Path(db_dir) if db_dir is not None else None, rpc, seed, trials_per_round)
+                       Path(db_dir) if db_dir is not None else None, rpc, seed, trials_per_round, other)
+
+
+LOCAL = "this machine"
+
+
+def measuring_cpu() -> dict:
+    """The CPU candidates are timed on here, as a database records it."""
+    from ...hostinfo import cpu_info
+
+    info = cpu_info()
+    return {"model": info["model"], "vector_extensions": info["vector_extensions"]}
 
 
 def _measurement_devices(request: TuneRequest) -> tuple[int, str]:
@@ -183,7 +202,7 @@ def _measurement_devices(request: TuneRequest) -> tuple[int, str]:
 
     rpc = request.rpc
     if rpc is None:
-        return 1, "this machine"
+        return 1, LOCAL
     devices = free_devices(rpc)
     if devices == 0:
         raise BadInputError(f"no device is registered with the tracker {rpc.host}:{rpc.port} under key "
@@ -230,6 +249,7 @@ class _TuningRun:
         self.db, self.model, self.shape, self.kernels = db, model, shape, kernels
         self.key = model_key(model, shape)
         self.measured_on, self.log, self.log_path = measured_on, log, log_path
+        self.cpu = measuring_cpu() if measured_on == LOCAL else None
         self.started_at, self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.monotonic()
         self.search = None
         self.settings = None
@@ -251,7 +271,7 @@ class _TuningRun:
             estimated_latency_ms=round(self.estimate * 1e3, 4) if self.estimate else None)
         db.add_run(self.key, {"started": self.started_at, "seconds": round(self.seconds, 1),
                               "trials": search.trials_done, "stopped": self.stopped, "errors": search.errors,
-                              "measured_on": self.measured_on, "settings": asdict(self.settings),
+                              "measured_on": self.measured_on, "cpu": self.cpu, "settings": asdict(self.settings),
                               "versions": versions(), "log": str(self.log_path.relative_to(db.path))})
         db.save_meta()
         self.log.info("stopped (%s) after %.0f s: %d trials, %d errors; estimated latency %s",
@@ -276,9 +296,17 @@ def _search(request: TuneRequest, kernels, db, devices: int, trials, reporter: R
     try:
         builder = Builder(settings)
         runner = Runner(settings, rpc=request.rpc, devices=devices)
+        start_from = None
+        if request.start_from is not None:
+            other = request.start_from
+            start_from = other.ms_database()
+            reporter.info(f"starting from {other.path} (made for '{other.meta['target_string']}'"
+                          + (f", measured on {', '.join(sorted(other.measured_on_cpus()))}"
+                             if other.measured_on_cpus() else "") + "): its best schedules are measured here first")
         search = run.search = Search(kernels, to_tvm(target), db.ms_database(), builder, runner, logger=log,
                                      trials_per_round=request.trials_per_round,
-                                     search_threads=settings.build_workers, seed=request.seed)
+                                     search_threads=settings.build_workers, seed=request.seed,
+                                     start_from=start_from)
         resumed = sum(s.previous_trials for s in search.states)
         if resumed:
             reporter.info(f"resuming: {resumed} measured schedules of these kernels are already in {db.path}")

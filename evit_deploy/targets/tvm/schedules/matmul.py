@@ -1,0 +1,75 @@
+"""Matrix products: the attention's batched ones (``q^T k`` with the scale and the position
+bias fused after it, ``attention x v``: one small product per window and head) and the
+classifier head's (pooled features x weights + bias).
+
+A block of output rows x columns is accumulated in registers across the whole
+reduction, the output's last axis in vectors: whole registers where it is a multiple
+of their width, else its largest divisor that fits (7 for the 49 positions of a window:
+LLVM masks the rest of the register). The attention's products are small (49 x 16 by
+16 x 49 for a 7x7 window), so a block spans all their columns; the head's 1000 columns
+are cut into blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .common import divisors, extents, find_block, finish_register_block, inline_around
+from .facts import CpuFacts
+
+KIND = "matmul"
+NAMES = ("matmul", "NT_matmul")
+MAX_VARIANTS = 3
+
+
+@dataclass(frozen=True)
+class Matmul:
+    b: int | None        # None: one product (the head's)
+    m: int
+    n: int
+    k: int
+
+
+def match(sch) -> Matmul | None:
+    block = find_block(sch, NAMES)
+    if block is None:
+        return None
+    ext = extents(sch, block)
+    if ext is None or len(ext) not in (3, 4):      # ([batch,] rows, columns, reduction)
+        return None
+    return Matmul(*ext) if len(ext) == 4 else Matmul(None, *ext)
+
+
+def vector_width(n: int, lanes: int) -> int:
+    return max(d for d in divisors(n) if d <= lanes)
+
+
+def variants(sch, facts: CpuFacts) -> list[tuple[int, int]]:
+    """(rows, columns) blocks, best guess first: about half the registers accumulate,
+    columns as many vectors as the output has up to four."""
+    mm = match(sch)
+    if mm is None:
+        return []
+    width = vector_width(mm.n, facts.lanes)
+    budget = facts.vector_registers // 2
+    shapes = []
+    for vectors in (v for v in (4, 2, 1, mm.n // width) if v <= mm.n // width and (mm.n // width) % v == 0):
+        rows = [d for d in sorted(divisors(mm.m), reverse=True) if d * vectors <= budget] or [1]
+        shapes.append((rows[0], vectors * width))
+    shapes = sorted(set(shapes), key=lambda s: -(s[0] * s[1]))
+    return shapes[:MAX_VARIANTS]
+
+
+def apply(sch, shape: tuple[int, int], facts: CpuFacts):
+    rows, cols = shape
+    width = vector_width(cols, facts.lanes)
+    block = find_block(sch, NAMES)
+    epilogue = inline_around(sch, block)
+    loops = sch.get_loops(block)
+    batch, (i, j, k) = loops[:-3], loops[-3:]
+    io, ii = sch.split(i, [None, rows])
+    jo, jm, ji = sch.split(j, [None, cols // width, width])
+    sch.reorder(*batch, io, jo, k, ii, jm, ji)
+    outer = sch.fuse(*batch, io, jo)
+    sch.parallel(outer)
+    return finish_register_block(sch, block, epilogue, at=outer, lanes=width, unrolled=(ii, jm), vector=ji, kind=KIND)

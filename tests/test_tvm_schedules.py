@@ -1,0 +1,143 @@
+"""The schedules written for every kernel class (targets/tvm/schedules/): each applies to
+the kernels it is for, chooses its blocks from the target's registers, and every variant
+of every kernel of M0 computes what the unscheduled kernel computes, for an AVX-512 and
+an AVX2 target."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+from evit_deploy.targets.tvm import schedules  # noqa: E402
+from evit_deploy.targets.tvm.schedules import gemm  # noqa: E402
+from evit_deploy.targets.tvm.schedules.facts import CpuFacts  # noqa: E402
+
+AVX512 = CpuFacts(vector_bits=512, vector_registers=32, cores=1)
+AVX2 = CpuFacts(vector_bits=256, vector_registers=16, cores=1)
+
+
+@pytest.mark.parametrize("facts", [AVX512, AVX2], ids=["avx512", "avx2"])
+@pytest.mark.parametrize("shape", [(16, 7, 7, 128, 1), (16, 4, 4, 192, 1), (1, 14, 14, 256, 1), (2, 1, 1, 48, 1),
+                                   (1, 1, 1, 64, 1), (64, 7, 7, 48, 1), (1, 1, 1, 1000, 1), (16, 56, 56, 32, 3),
+                                   (16, 112, 112, 8, 3), (16, 112, 112, 24, 3)])
+def test_gemm_blocks_tile_the_output_and_fit_the_targets_registers(shape, facts):
+    n, h, w, f, k = shape
+    conv = gemm.Conv(n, h, w, f, k, k, 16)
+    shapes = gemm.block_shapes(conv, facts)
+    assert len(shapes) <= gemm.MAX_VARIANTS
+    lanes = facts.lanes
+    if conv.window:                             # a 3x3 convolution: one position of several images
+        assert all(rows == cols == 1 for _, rows, cols, _ in shapes)
+    if f % lanes:
+        # Not a whole number of vectors: the stem's first convolutions (8 channels in M0,
+        # 24 in M5) take all their channels in half-width vectors; nothing else fits.
+        if f % (lanes // 2) == 0 and f <= 2 * lanes:
+            assert all(nr == f and gemm.lanes_for(nr, facts) == lanes // 2 for *_, nr in shapes)
+        else:
+            assert not shapes
+    accumulators = [images * rows * cols * nr // gemm.lanes_for(nr, facts) for images, rows, cols, nr in shapes]
+    for (images, rows, cols, nr), acc in zip(shapes, accumulators):
+        assert n % images == 0 and h % rows == 0 and w % cols == 0 and f % nr == 0
+        assert rows == 1 or cols == w           # whole rows: the output block is a rectangle
+        assert acc <= facts.vector_registers - gemm.SPARE_REGISTERS
+    # Blocks too small to keep the FMA units busy come after every one that is not.
+    small = [acc < gemm.MIN_ACCUMULATORS for acc in accumulators]
+    assert small == sorted(small)
+    for cols, nr in gemm.row_tiles(conv, facts):
+        assert conv.window and w % cols == 0 and f % nr == 0
+        assert cols * nr // gemm.lanes_for(nr, facts) <= facts.vector_registers - gemm.SPARE_REGISTERS
+
+
+def test_the_targets_vector_width_comes_from_its_cpu():
+    from evit_deploy.targets.tvm.target_string import resolve_target, to_tvm
+
+    broadwell = CpuFacts.for_target(to_tvm(resolve_target("llvm -mcpu=broadwell -num-cores=14")))
+    skylake = CpuFacts.for_target(to_tvm(resolve_target("llvm -mcpu=skylake-avx512 -num-cores=1")))
+    sapphire = CpuFacts.for_target(to_tvm(resolve_target("llvm -mcpu=sapphirerapids -num-cores=1")))
+    assert (broadwell.lanes, broadwell.vector_registers, broadwell.cores, broadwell.bf16_dot) == (8, 16, 14, False)
+    assert (skylake.lanes, skylake.vector_registers, skylake.bf16_dot) == (16, 32, False)
+    assert sapphire.bf16_dot and sapphire.int8_dot
+
+
+@pytest.fixture(scope="module")
+def m0_kernels():
+    from evit_deploy.targets.tvm import graph
+    from evit_deploy.targets.tvm.metaschedule import extract_kernels
+    from evit_deploy.targets.tvm.target_string import resolve_target, to_tvm
+    from evit_deploy.trace import trace
+
+    target = to_tvm(resolve_target("native -num-cores=1"))
+    mod = graph.prepare(graph.import_program(trace("m0", batch=8, img_size=64).program), target)
+    return target, extract_kernels(mod, target)
+
+
+def test_every_kernel_of_the_model_has_a_class(m0_kernels):
+    _, kernels = m0_kernels
+    classes = {k.name: schedules.kernel_class(k.mod) for k in kernels}
+    assert all(classes.values()), [name for name, cls in classes.items() if cls is None]
+    kinds = {cls.KIND for cls in classes.values()}
+    assert kinds == {"gemm", "depthwise", "matmul", "rows", "reduction", "injective"}
+    # The stem's first convolution (3 input channels, fewer than a vector) starts from a row tile.
+    first = next(k for k in kernels if "nchw_input" in k.name)
+    from tvm import s_tir
+    assert gemm.variants(s_tir.Schedule(first.mod), AVX512)[0][0] == "rows"
+
+
+def _run(mod, target, args):
+    import tvm
+
+    lib = tvm.tirx.build(mod, target=target)
+    out = [tvm.runtime.tensor(a) for a in args]
+    lib["main"](*out)
+    return out[-1].numpy()
+
+
+def _args(kernel, rng):
+    func = kernel.mod["main"]
+    args = [rng.standard_normal([int(s) for s in p.ty.shape]).astype(str(p.ty.dtype)) for p in func.params]
+    args[-1][:] = 0
+    return args
+
+
+def test_every_kernels_default_schedule_computes_the_kernel(m0_kernels):
+    """The schedule export gives each kernel of M0 (batch 8, 64x64), against the same
+    kernel unscheduled."""
+    from tvm import s_tir
+
+    target, kernels = m0_kernels
+    rng = np.random.default_rng(0)
+    for kernel in kernels:
+        cls = schedules.kernel_class(kernel.mod)
+        args = _args(kernel, rng)
+        default = cls.variants(s_tir.Schedule(kernel.mod), AVX512)[0]
+        sch = cls.apply(s_tir.Schedule(kernel.mod), default, AVX512)
+        assert schedules.is_hand_written(sch.trace)
+        np.testing.assert_allclose(_run(sch.mod, target, args), _run(kernel.mod, target, args), rtol=1e-4,
+                                   atol=1e-4, err_msg=f"{kernel.name} {default}")
+
+
+@pytest.mark.parametrize("facts", [AVX512, AVX2], ids=["avx512", "avx2"])
+def test_every_variant_of_every_class_computes_the_kernel(m0_kernels, facts):
+    """All the variants the tuner measures, on the kernel of each class that does the
+    most work (for convolutions: with and without a window, whose variants differ), for
+    registers of both widths (AVX2 code runs on this CPU too)."""
+    from tvm import s_tir
+
+    target, kernels = m0_kernels
+    rng = np.random.default_rng(1)
+    biggest = {}
+    for kernel in kernels:
+        cls = schedules.kernel_class(kernel.mod)
+        key = (cls, getattr(cls.match(s_tir.Schedule(kernel.mod)), "window", False))
+        if key not in biggest or kernel.flops > biggest[key].flops:
+            biggest[key] = kernel
+    assert len(biggest) == len(schedules.CLASSES) + 1
+    for (cls, _), kernel in biggest.items():
+        args = _args(kernel, rng)
+        expected = _run(kernel.mod, target, args)
+        for variant in cls.variants(s_tir.Schedule(kernel.mod), facts):
+            sch = cls.apply(s_tir.Schedule(kernel.mod), variant, facts)
+            np.testing.assert_allclose(_run(sch.mod, target, args), expected, rtol=1e-4, atol=1e-4,
+                                       err_msg=f"{kernel.name} {variant}")
