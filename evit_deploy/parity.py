@@ -93,6 +93,8 @@ TOLERANCES: dict[str, Tolerance] = {
     # fp16 arithmetic keeps ~3 significant digits; through ~40 layers errors of a few
     # percent of the logit range are normal, but predictions on real photos must hold.
     "fp16": Tolerance(min_cosine=0.999, top1="photos", max_rel=5e-2),
+    # bf16 products (8 bits of mantissa) with fp32 accumulation.
+    "bf16": Tolerance(min_cosine=0.97, top1="photos", max_rel=0.3),
     # Palettised / int8 weights: a lossy compression whose quality is what is measured.
     "compressed": Tolerance(min_cosine=0.98, top1="none", max_rel=0.25),
 }

@@ -559,3 +559,19 @@ def test_tuning_can_start_from_another_database(fixed_db, tmp_path):
     meta = json.loads((tmp_path / "db" / tvmdb.META_FILE).read_text())
     run = meta["models"][f"efficientvit_m0 {BATCH}x3x{IMG}x{IMG}"]["runs"][-1]
     assert run["cpu"]["model"] and run["measured_on"] == "this machine"
+
+
+def test_a_bf16_library_passes_its_parity_class(tmp_path):
+    from evit_deploy.targets.tvm.schedules import gemm_bf16
+    from evit_deploy.targets.tvm.target_string import to_tvm
+
+    if not gemm_bf16.supported(to_tvm(resolve_target(TARGET))):
+        pytest.skip("this CPU has no AVX512_BF16")
+    result = api.export("m0", "tvm", out_dir=tmp_path, img_size=IMG, batch=BATCH,
+                        options={"tvm_target": TARGET, "precision": "bf16"})
+    report = result.report
+    assert result.artifact.path.name == "efficientvit_m0_bf16.so"
+    assert report.passed and report.precision == "bf16", report.summary()
+    assert 1e-4 < report.outputs[0].max_rel < 0.05          # really rounded, and only that much
+    info = json.loads(result.artifact.sidecars[0].read_text())["extra"]["tvm"]
+    assert info["schedule_classes"]["gemm_bf16"] > 0 and info["unscheduled_kernels"] == 0

@@ -133,7 +133,7 @@ def test_every_variant_of_every_class_computes_the_kernel(m0_kernels, facts):
         key = (cls, getattr(cls.match(s_tir.Schedule(kernel.mod)), "window", False))
         if key not in biggest or kernel.flops > biggest[key].flops:
             biggest[key] = kernel
-    assert len(biggest) == len(schedules.CLASSES) + 1
+    assert len(biggest) == len(schedules.CLASSES)      # all but gemm_bf16 (an fp32 graph), windowed gemm twice
     for (cls, _), kernel in biggest.items():
         args = _args(kernel, rng)
         expected = _run(kernel.mod, target, args)
@@ -141,3 +141,84 @@ def test_every_variant_of_every_class_computes_the_kernel(m0_kernels, facts):
             sch = cls.apply(s_tir.Schedule(kernel.mod), variant, facts)
             np.testing.assert_allclose(_run(sch.mod, target, args), expected, rtol=1e-4, atol=1e-4,
                                        err_msg=f"{kernel.name} {variant}")
+
+
+# -- bf16 ---------------------------------------------------------------------------------
+
+def _bf16_host_target():
+    from evit_deploy.targets.tvm.schedules import gemm_bf16
+    from evit_deploy.targets.tvm.target_string import resolve_target, to_tvm
+
+    target = to_tvm(resolve_target("native -num-cores=1"))
+    if not gemm_bf16.supported(target):
+        pytest.skip("this CPU has no AVX512_BF16: bf16 kernels cannot run here")
+    return target
+
+
+def _run_packed(func, target, args):
+    """Run a scheduled kernel as a build runs it: its weight packing split out (Relax's
+    SplitLayoutRewritePreproc, as compile.build does), run on the weights first. (A bf16
+    kernel cannot be built whole: its packed weights must be a parameter.)"""
+    import tvm
+    from tvm import relax
+
+    shape = lambda p: [int(s) for s in p.ty.shape]        # noqa: E731
+    bb = relax.BlockBuilder()
+    params = [relax.Var(p.name, relax.TensorType(shape(p), str(p.ty.dtype))) for p in func.params[:-1]]
+    out = func.params[-1]
+    with bb.function("main", params):
+        with bb.dataflow():
+            gv = bb.add_func(func, "kernel")
+            y = bb.emit_output(relax.call_tir(gv, params, relax.TensorType(shape(out), str(out.ty.dtype))))
+        bb.emit_func_output(y)
+    mod = relax.transform.SplitLayoutRewritePreproc()(bb.get())
+    names = [p.name for p in func.params]
+    tensors = [tvm.runtime.tensor(a.astype(str(p.ty.dtype))) for a, p in zip(args, func.params)]
+    if "kernel_weight_prepack" in [gv.name_hint for gv in mod.functions]:
+        pack = mod["kernel_weight_prepack"]
+        k = len(pack.params) // 2
+        packed = [tvm.runtime.tensor(np.zeros(shape(p), dtype=str(p.ty.dtype))) for p in pack.params[k:]]
+        tvm.tirx.build(pack, target=target)(*[tensors[names.index(p.name)] for p in pack.params[:k]], *packed)
+        for p, t in zip(pack.params[:k], packed):
+            tensors[names.index(p.name)] = t
+        func = mod["kernel_prepacked"]
+    tvm.tirx.build(func, target=target)(*tensors)
+    return tensors[-1].numpy()
+
+
+def test_every_bf16_variant_computes_bf16_products_with_fp32_sums():
+    """Every variant of the bf16 1x1 convolution (M0's largest, bf16 weights from the
+    graph) against the same kernel unscheduled on the activations rounded to bf16: the
+    products are then the same, only the order of the fp32 sums differs."""
+    import ml_dtypes
+    from tvm import s_tir
+
+    from evit_deploy.targets.tvm import graph, metaschedule
+    from evit_deploy.targets.tvm.schedules import gemm_bf16
+    from evit_deploy.trace import trace
+
+    target = _bf16_host_target()
+    facts = CpuFacts.for_target(target)
+    mod = graph.prepare(graph.import_program(trace("m0", batch=4, img_size=64).program), target, precision="bf16")
+    kernels = [k for k in metaschedule.extract_kernels(mod, target) if schedules.kernel_class(k.mod, facts) is gemm_bf16]
+    assert len(kernels) >= 10                   # the FFNs and projections
+    kernel = max(kernels, key=lambda k: k.flops)
+    args = _args(kernel, np.random.default_rng(0))
+    args[0] = args[0].astype(ml_dtypes.bfloat16).astype(np.float32)       # bf16-exact activations
+    expected = _run(kernel.mod, target, args)
+    scale = np.abs(expected).max()
+    postprocs = metaschedule.postprocs(kernel, target)
+    variants = gemm_bf16.variants(s_tir.Schedule(kernel.mod), facts)
+    assert len(variants) > 1
+    for variant in variants:
+        sch = gemm_bf16.apply(s_tir.Schedule(kernel.mod), variant, facts)
+        sch.enter_postproc()
+        assert all(p.apply(sch) for p in postprocs)
+        np.testing.assert_allclose(_run_packed(sch.mod["main"], target, args), expected, rtol=0, atol=1e-5 * scale,
+                                   err_msg=str(variant))
+
+
+def test_bf16_is_refused_for_a_cpu_without_it(cli, tmp_path):
+    code, _, err = cli("export", "m0", "-t", "tvm", "--precision", "bf16", "--tvm-target", "llvm -mcpu=broadwell",
+                       "--out", tmp_path)
+    assert code == 2 and "AVX512_BF16" in err and "broadwell" in err and "Traceback" not in err

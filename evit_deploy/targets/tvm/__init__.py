@@ -30,6 +30,8 @@ class TvmOptions:
     db: str | None = option(None, "tuning database directory made by `evit-deploy tune`", flag="--db")
     db_any_target: bool = option(False, "apply a database tuned for a different TVM target anyway",
                                  flag="--db-any-target")
+    precision: str = option("fp32", "bf16: the 1x1 convolutions from bf16 weights and activations with fp32 "
+                            "accumulation (needs AVX512_BF16 on the target CPU)", choices=("fp32", "bf16"))
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -66,6 +68,16 @@ class TvmTarget(Target):
         target = self.resolved_target(options)
         if options.db:
             self.database(options).check_target(target, allow_mismatch=options.db_any_target)
+        if options.precision == "bf16":
+            from .schedules.gemm_bf16 import require
+            require(target)
+
+    def precision(self, options: TvmOptions) -> str:
+        return options.precision
+
+    def artifact_name(self, description: ModelDescription, options: TvmOptions) -> str:
+        suffix = "" if options.precision == "fp32" else f"_{options.precision}"
+        return f"{description.stem}{suffix}{self.suffixes[0]}"
 
     @staticmethod
     def database(options: TvmOptions):
@@ -116,7 +128,7 @@ class TvmTarget(Target):
             for stale in (db.version_mismatch(), db.graph_mismatch(graph.VERSION)):
                 if stale:
                     reporter.warn(stale)
-            key = model_key(desc.model, desc.input.shape)
+            key = model_key(desc.model, desc.input.shape, options.precision)
             if key not in db.models():
                 tuned_for = ", ".join(db.models()) or "nothing yet"
                 reporter.warn(f"{db.path} has no tuning run for {key} (it has: {tuned_for}); only kernels "
@@ -128,7 +140,7 @@ class TvmTarget(Target):
         else:
             reporter.info(DEFAULTS_NOTE)
         try:
-            prepared = graph.prepare(graph.import_program(traced.program), tvm_target)
+            prepared = graph.prepare(graph.import_program(traced.program), tvm_target, precision=options.precision)
             if database is not None:
                 database = self._checked_here(db, database, prepared, target, tvm_target, reporter, db_info)
             built = tvm_compile.build(prepared, tvm_target, database)
@@ -147,6 +159,7 @@ class TvmTarget(Target):
             "target": target, "target_string": to_classic(target), "threads": target["num-cores"],
             "kernels": built.kernels, "tuned_kernels": built.tuned, "hand_written_kernels": built.hand_written,
             "default_kernels": built.defaults, "unscheduled_kernels": built.unscheduled,
+            "schedule_classes": built.kinds,
             "inputs_in_place": built.inputs_in_place, "graph": graph.VERSION,
             "database": db_info, "tvm_version": tvm.__version__})
         try:

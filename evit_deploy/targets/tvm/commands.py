@@ -28,6 +28,8 @@ def tune_command(model: str = typer.Argument("m0", help="m0 … m5"),
                  start_from: Optional[Path] = typer.Option(None, "--from", help="Another tuning database (made for "
                                                            "another CPU, say): its best schedules are measured here "
                                                            "first, a head start."),
+                 precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16: the kernels of a "
+                                               "bf16 library (export --precision bf16)."),
                  *, reporter) -> CommandResult:
     """Tune a model's kernels for a TVM target (MetaSchedule) into a tuning database."""
     from ...console import table
@@ -35,7 +37,7 @@ def tune_command(model: str = typer.Argument("m0", help="m0 … m5"),
 
     result = tune(model, target, trials=trials, time_budget=time_budget, db_dir=db, batch=batch, threads=threads,
                   img_size=img_size, rpc_tracker=rpc_tracker, rpc_key=rpc_key, start_from=start_from,
-                  reporter=reporter)
+                  precision=precision, reporter=reporter)
     est = (f"{result.estimated_latency_ms:.2f} ms per batch of {result.input_shape[0]} "
            f"(≈ {result.estimated_images_per_s:.0f} images/s, kernels only)" if result.estimated_latency_ms
            else "not yet: some kernels have no measurement")

@@ -14,6 +14,7 @@ class CompiledLibrary:
     hand_written: int     # of which the record is a schedule of schedules/ (not a searched one)
     defaults: int = 0     # kernels without a record, given their default schedule
     inputs_in_place: bool = False   # the kernels read a caller's array where it is
+    kinds: dict = None    # kernels per class of schedules/ (records and defaults)
 
     @property
     def unscheduled(self) -> int:
@@ -33,18 +34,36 @@ def _scheduled(mod):
             if isinstance(f, tirx.PrimFunc) and f.attrs is not None and f.attrs.get("tirx.is_scheduled", False)]
 
 
-def count_scheduled(mod) -> tuple[int, int]:
-    """(kernels a record was applied to, of which the schedule is one of schedules/)."""
+def schedule_kinds(mod) -> dict[str, int]:
+    """How many scheduled kernels each class of schedules/ wrote (``{"gemm": 24, ...}``)."""
+    from collections import Counter
+
     from tvm import s_tir
 
     from .schedules import MARK
 
-    scheduled = _scheduled(mod)
-    written = 0
-    for f in scheduled:
+    def kind_in(sch, scope):
+        # The marked block may sit inside another (a tensorized block's outer one).
+        for block in sch.get_child_blocks(scope):
+            kind = sch.get(block).annotations.get(MARK)
+            if kind is None:
+                kind = kind_in(sch, block)
+            if kind is not None:
+                return str(kind)
+        return None
+
+    kinds: Counter = Counter()
+    for f in _scheduled(mod):
         sch = s_tir.Schedule(f)
-        written += any(MARK in sch.get(b).annotations for b in sch.get_child_blocks(sch.get_sblock("root")))
-    return len(scheduled), written
+        kind = kind_in(sch, sch.get_sblock("root"))
+        if kind is not None:
+            kinds[kind] += 1
+    return dict(sorted(kinds.items()))
+
+
+def count_scheduled(mod) -> tuple[int, int]:
+    """(kernels a record was applied to, of which the schedule is one of schedules/)."""
+    return len(_scheduled(mod)), sum(schedule_kinds(mod).values())
 
 
 def default_database(prepared, target, database=None):
@@ -158,6 +177,7 @@ def build(prepared, target, database=None, *, defaults: bool = True) -> Compiled
             with fallback:
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
             applied_defaults = count_scheduled(mod)[0] - tuned
+        kinds = schedule_kinds(mod)
         # Tuned kernels may read their weights in a blocked layout: split that rewrite
         # out of the kernel and fold it into the constants at build time.
         mod = tvm.transform.Sequential([
@@ -174,4 +194,4 @@ def build(prepared, target, database=None, *, defaults: bool = True) -> Compiled
             *rp.finalize_passes(target),
         ])
         executable = tvm.compile(mod, target=target, relax_pipeline=lower)
-    return CompiledLibrary(executable, kernels, tuned, hand_written, applied_defaults, inputs_in_place)
+    return CompiledLibrary(executable, kernels, tuned, hand_written, applied_defaults, inputs_in_place, kinds)

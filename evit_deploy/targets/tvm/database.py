@@ -39,8 +39,11 @@ def versions() -> dict:
     return {"tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__, "evit_deploy": __version__}
 
 
-def model_key(model: str, input_shape) -> str:
-    return f"{model} {'x'.join(str(d) for d in input_shape)}"
+def model_key(model: str, input_shape, precision: str = "fp32") -> str:
+    """How a database names a model's tuning runs: ``efficientvit_m4 16x3x224x224`` (and
+    `` bf16`` after it for the bf16 kernels, which are others)."""
+    key = f"{model} {'x'.join(str(d) for d in input_shape)}"
+    return key if precision == "fp32" else f"{key} {precision}"
 
 
 @dataclass

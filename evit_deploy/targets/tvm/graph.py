@@ -25,20 +25,27 @@ def import_program(program):
     return from_exported_program(program, run_ep_decomposition=False)
 
 
-def prepare(mod, target, *, layout: str = DEFAULT_LAYOUT):
+PRECISIONS = ("fp32", "bf16")
+
+
+def prepare(mod, target, *, layout: str = DEFAULT_LAYOUT, precision: str = "fp32"):
     """Optimise, legalise and fuse ``mod`` for ``target`` (a ``tvm.target.Target``).
 
     ``layout`` is the convolution data layout. PyTorch's NCHW makes a convolution's
     innermost loop run along the image width (14, 7 or 4 pixels in EfficientViT's
     stages), too short for 8- or 16-lane vectors; NHWC puts the channels (64 to 384)
-    innermost.
+    innermost. ``precision="bf16"`` computes the 1x1 convolutions from bf16 weights and
+    activations (:func:`convolutions_in_bf16`).
     """
     import tvm
     from tvm import relax
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    passes = [
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    passes = [convolutions_in_bf16()] if precision == "bf16" else []
+    passes += [
         # Softmax with TVM's polynomial exp: vectorisable, 2.4x faster on the attention maps
         # here, and its error (~2e-6 of the logit scale end to end) is far inside parity.
         relax.transform.FastMathTransform(),
@@ -94,6 +101,17 @@ def op_name(expr) -> str | None:
     return getattr(getattr(expr, "op", None), "name", None) if isinstance(expr, relax.Call) else None
 
 
+def rewrite_functions(mutator) -> object:
+    """Run a Relax mutator (an instance, made for the module) over every Relax function of
+    its module and return the rewritten module."""
+    from tvm import relax
+
+    for gv, func in mutator.builder_.get().functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
 def fold_constant_layout_ops():
     """Evaluate ``take``, ``permute_dims`` and ``reshape`` of constants with numpy.
 
@@ -145,11 +163,7 @@ def fold_constant_layout_ops():
 
     @tvm.transform.module_pass(opt_level=0, name="FoldConstantLayoutOps")
     def fold(mod, _ctx):
-        folder = Folder(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                folder.builder_.update_func(gv, folder.visit_expr(func))
-        return folder.builder_.get()
+        return rewrite_functions(Folder(mod))
 
     return fold
 
@@ -308,12 +322,10 @@ def simplify_layout():
                                             relax.transform.DeadCodeElimination()])
         for _ in range(12):
             simplifier = Simplifier(mod)
-            for gv, func in mod.functions_items():
-                if isinstance(func, relax.Function):
-                    simplifier.builder_.update_func(gv, simplifier.visit_expr(func))
+            rewritten = rewrite_functions(simplifier)
             if not simplifier.changed:
                 break
-            mod = cleanup(simplifier.builder_.get())
+            mod = cleanup(rewritten)
         return mod
 
     return simplify
@@ -360,11 +372,57 @@ def read_image_in_first_convolution():
 
     @tvm.transform.module_pass(opt_level=0, name="ReadImageInFirstConvolution")
     def fold(mod, _ctx):
-        folder = Folder(mod, list(mod["main"].params))
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                folder.builder_.update_func(gv, folder.visit_expr(func))
         # The transpose stays only if something else reads it.
-        return relax.transform.DeadCodeElimination()(folder.builder_.get())
+        return relax.transform.DeadCodeElimination()(rewrite_functions(Folder(mod, list(mod["main"].params))))
 
     return fold
+
+
+def convolutions_in_bf16():
+    """Give every dense, unpadded 1x1 convolution with a constant fp32 weight (the FFNs and
+    projections: most of the model's multiply-adds) bf16 weights and an fp32 result::
+
+        conv2d(x, W)  ->  conv2d(x, bf16(W), out_dtype="float32")
+
+    The weights are rounded once, here, by numpy (to nearest even); the kernel rounds its
+    fp32 activations to bf16 itself, block by block, and accumulates in fp32
+    (schedules/gemm_bf16.py: the AVX512_BF16 dot product). Everything else (the stem,
+    depthwise convolutions, the attention) stays fp32. Channel counts the instruction
+    cannot take (output not a multiple of 16, input odd) stay fp32 too.
+    """
+    import ml_dtypes
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from .schedules.gemm_bf16 import LANES, PAIR
+
+    constant = tvm.ir.expr.GenericConst
+
+    @relax.expr_functor.mutator
+    class Caster(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if op_name(call) != "relax.nn.conv2d":
+                return call
+            x, w = call.args[:2]
+            a = call.attrs
+            wc = bound_value(self, w)
+            if not (isinstance(wc, constant) and hasattr(wc.value, "numpy")):
+                return call
+            weights = wc.value.numpy()
+            dims = dict(zip(str(a.kernel_layout), weights.shape))
+            if (str(x.ty.dtype) != "float32" or weights.dtype != np.float32 or int(a.groups) != 1
+                    or (dims["H"], dims["W"]) != (1, 1) or any(int(p) for p in a.padding)
+                    or dims["O"] % LANES or dims["I"] % PAIR or str(a.out_dtype) not in ("", "float32")):
+                return call
+            return relax.op.nn.conv2d(
+                x, relax.const(weights.astype(ml_dtypes.bfloat16)), strides=a.strides, padding=a.padding,
+                dilation=a.dilation, groups=a.groups, data_layout=a.data_layout, kernel_layout=a.kernel_layout,
+                out_layout=a.out_layout, out_dtype="float32")
+
+    @tvm.transform.module_pass(opt_level=0, name="ConvolutionsInBf16")
+    def cast(mod, _ctx):
+        return rewrite_functions(Caster(mod))
+
+    return cast

@@ -83,6 +83,7 @@ class TuneRequest:
     seed: int
     trials_per_round: int
     start_from: object | None = None     # database.TuningDatabase to take a head start from
+    precision: str = "fp32"
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|min|s|sec)?", re.IGNORECASE)
@@ -116,7 +117,7 @@ def tune(model: str = "m0", target: str | dict = "native", *, trials: int | None
          time_budget=None, db_dir: str | Path | None = None, batch: int = 16, threads: int | None = None,
          img_size: int = 224, rpc_tracker: str | None = None, rpc_key: str | None = None,
          seed: int = 0, trials_per_round: int = TRIALS_PER_ROUND, start_from: str | Path | None = None,
-         reporter: Reporter | None = None) -> TuneResult:
+         precision: str = "fp32", reporter: Reporter | None = None) -> TuneResult:
     """Tune ``model``'s kernels at ``batch`` x 3 x ``img_size``² for ``target``.
 
     The budget is ``trials`` (measured candidates in this run) and/or ``time_budget``
@@ -126,19 +127,22 @@ def tune(model: str = "m0", target: str | dict = "native", *, trials: int | None
     here and timed on every device registered with the tracker under that key.
     ``start_from`` is another tuning database (made for another CPU, say): its best
     schedule for each kernel is measured here beside the default, a head start.
+    ``precision="bf16"`` tunes the kernels of a bf16 library (export ``--precision bf16``).
     """
     reporter = reporter or Reporter()
     request = tuning_request(model, target, trials=trials, time_budget=time_budget, db_dir=db_dir, batch=batch,
                              threads=threads, img_size=img_size, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
-                             seed=seed, trials_per_round=trials_per_round, start_from=start_from)
+                             seed=seed, trials_per_round=trials_per_round, start_from=start_from,
+                             precision=precision)
     devices, measured_on = _measurement_devices(request)
     db = _open_database(request, reporter)
     model_name, shape, kernels = _model_kernels(request, reporter)
+    key = model_key(model_name, shape, request.precision)
     trials = request.trials
     if trials is None and request.budget_s is None:
         trials = DEFAULT_TRIALS_PER_KERNEL * len(kernels)
     with tuning_log(db.path, model_name) as (log, log_path):
-        run = _TuningRun(db, model_name, shape, len(kernels), measured_on, log, log_path)
+        run = _TuningRun(db, key, model_name, shape, len(kernels), measured_on, log, log_path)
         try:
             search = _search(request, kernels, db, devices, trials, reporter, run)
         except KeyboardInterrupt:
@@ -157,7 +161,7 @@ def tune(model: str = "m0", target: str | dict = "native", *, trials: int | None
 
 def tuning_request(model: str, target: str | dict, *, trials, time_budget, db_dir, batch: int, threads,
                    img_size: int, rpc_tracker, rpc_key, seed: int, trials_per_round: int,
-                   start_from=None) -> TuneRequest:
+                   start_from=None, precision: str = "fp32") -> TuneRequest:
     """Check every argument of :func:`tune` (one-line errors) before any work."""
     from .. import get_target
     from .measure import parse_tracker
@@ -177,12 +181,19 @@ def tuning_request(model: str, target: str | dict, *, trials, time_budget, db_di
         if rpc_tracker is None:
             raise BadInputError("--rpc-key needs --rpc-tracker HOST:PORT")
         rpc = parse_tracker(rpc_tracker, rpc_key)
+    if precision not in ("fp32", "bf16"):
+        from ...errors import unknown_name
+        raise unknown_name("precision", precision, ["fp32", "bf16"])
+    canonical = resolve_target(target, threads=threads)
+    if precision == "bf16":
+        from .schedules.gemm_bf16 import require
+        require(canonical)
     other = None
     if start_from is not None:
         from .database import TuningDatabase
         other = TuningDatabase.open(start_from)
-    return TuneRequest(model, resolve_target(target, threads=threads), batch, img_size, trials, budget_s,
-                       Path(db_dir) if db_dir is not None else None, rpc, seed, trials_per_round, other)
+    return TuneRequest(model, canonical, batch, img_size, trials, budget_s,
+                       Path(db_dir) if db_dir is not None else None, rpc, seed, trials_per_round, other, precision)
 
 
 LOCAL = "this machine"
@@ -235,7 +246,8 @@ def _model_kernels(request: TuneRequest, reporter: Reporter):
     desc = traced.description
     tvm_target = to_tvm(request.target)
     with reporter.stage("import", f"Relax, {graph.DEFAULT_LAYOUT}"):
-        kernels = extract_kernels(graph.prepare(graph.import_program(traced.program), tvm_target), tvm_target)
+        kernels = extract_kernels(graph.prepare(graph.import_program(traced.program), tvm_target,
+                                                precision=request.precision), tvm_target)
     if not kernels:
         raise BadInputError(f"{desc.model} has no kernels to tune")
     return desc.model, tuple(desc.input.shape), kernels
@@ -244,10 +256,9 @@ def _model_kernels(request: TuneRequest, reporter: Reporter):
 class _TuningRun:
     """What one run did, recorded into the database when it ends, however it ends."""
 
-    def __init__(self, db, model: str, shape: tuple, kernels: int, measured_on: str, log: logging.Logger,
-                 log_path: Path):
-        self.db, self.model, self.shape, self.kernels = db, model, shape, kernels
-        self.key = model_key(model, shape)
+    def __init__(self, db, key: str, model: str, shape: tuple, kernels: int, measured_on: str,
+                 log: logging.Logger, log_path: Path):
+        self.db, self.key, self.model, self.shape, self.kernels = db, key, model, shape, kernels
         self.measured_on, self.log, self.log_path = measured_on, log, log_path
         self.cpu = measuring_cpu() if measured_on == LOCAL else None
         self.started_at, self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.monotonic()

@@ -5,6 +5,7 @@ One module per kernel class, each with ``match(sch)`` (whether and how the kerne
 its class), ``variants(sch, facts)`` (the parameters it offers, the rule's best guess
 first) and ``apply(sch, variant, facts)`` (the schedule):
 
+* :mod:`.gemm_bf16`: the 1x1 convolutions a bf16 library computes in bf16 (AVX512_BF16);
 * :mod:`.gemm`: dense convolutions (1x1, the stem's 3x3) as register-blocked products;
 * :mod:`.depthwise`: depthwise convolutions;
 * :mod:`.matmul`: the attention's batched products and the classifier head;
@@ -18,7 +19,7 @@ database); ``tune`` measures every variant first and starts its search from the 
 
 from __future__ import annotations
 
-from . import depthwise, gemm, injective, matmul, reduction, rows
+from . import depthwise, gemm, gemm_bf16, injective, matmul, reduction, rows
 from .common import MARK, is_hand_written
 from .facts import CpuFacts
 
@@ -26,16 +27,17 @@ __all__ = ["CLASSES", "CpuFacts", "MARK", "is_hand_written", "kernel_class", "va
            "default_candidate"]
 
 #: In the order they are tried: the first class that matches a kernel schedules it.
-CLASSES = (gemm, depthwise, matmul, rows, reduction, injective)
+CLASSES = (gemm_bf16, gemm, depthwise, matmul, rows, reduction, injective)
 
 
-def kernel_class(mod):
+def kernel_class(mod, facts: CpuFacts | None = None):
     """The module of the class that schedules this kernel (an IRModule with ``main``), or
-    None."""
+    None: the first that matches it (and, given the target's ``facts``, offers variants
+    for it)."""
     from tvm import s_tir
 
     for cls in CLASSES:
-        if cls.match(s_tir.Schedule(mod)):
+        if cls.match(s_tir.Schedule(mod)) and (facts is None or cls.variants(s_tir.Schedule(mod), facts)):
             return cls
     return None
 
@@ -44,7 +46,7 @@ def variant_count(mod, facts: CpuFacts) -> int:
     """How many variants this kernel's class offers (0: no class)."""
     from tvm import s_tir
 
-    cls = kernel_class(mod)
+    cls = kernel_class(mod, facts)
     return len(cls.variants(s_tir.Schedule(mod), facts)) if cls is not None else 0
 
 
@@ -57,7 +59,7 @@ def candidates(mod, facts: CpuFacts, postprocs, *, limit: int | None = None) -> 
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
     from tvm.s_tir.meta_schedule.search_strategy import MeasureCandidate
 
-    cls = kernel_class(mod)
+    cls = kernel_class(mod, facts)
     if cls is None:
         return []
     out = []

@@ -18,6 +18,12 @@ from dataclasses import dataclass
 MARK = "evit_deploy.template"
 
 
+#: Multiply-adds (or elements) per thread below which a kernel runs on the calling thread:
+#: waking TVM's thread pool costs about 5 us even for one thread, more than a small
+#: kernel takes (measured on M0 at batch 1: 70 kernels, most of them a few us).
+MIN_PARALLEL_WORK = 200_000
+
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -38,12 +44,15 @@ def find_block(sch, names: tuple[str, ...]):
     return None
 
 
-def inline_around(sch, main):
-    """Inline every block but ``main`` and the kernel's output block into its consumers;
-    returns the output block (None when ``main`` writes the output itself)."""
+def inline_around(sch, main, keep=()):
+    """Inline every block but ``main``, those in ``keep`` and the kernel's output block
+    into its consumers; returns the output block (None when ``main`` writes the output
+    itself)."""
+    kept = [b for b in (main, *keep) if b is not None]
     epilogue = None
     for block in sch.get_child_blocks(sch.get_sblock("root")):
-        if sch.get(block).same_as(sch.get(main)):
+        # (Looked up each time: inlining a producer gives its consumer a new node.)
+        if any(sch.get(block).same_as(sch.get(k)) for k in kept):
             continue
         if sch.get_consumers(block):
             sch.compute_inline(block)
@@ -116,6 +125,21 @@ def finish_register_block(sch, block, epilogue, *, at, lanes: int, unrolled, vec
     sch.vectorize(vector)
     mark(sch, block, kind)
     return sch
+
+
+def parallel_if_worth_it(sch, loop, work: int, facts) -> None:
+    """Share ``loop`` among the target's cores when the kernel has ``work`` (multiply-adds or
+    elements) enough for each of them; on one core, never (it only adds the launch)."""
+    if facts.cores > 1 and work >= MIN_PARALLEL_WORK * facts.cores:
+        sch.parallel(loop)
+
+
+def work_of(sch, block) -> int:
+    """The iterations of ``block``'s loop nest (its multiply-adds, for a reduction)."""
+    total = 1
+    for extent in extents(sch, block) or []:
+        total *= extent
+    return total
 
 
 def mark(sch, block, kind: str) -> None:

@@ -11,7 +11,8 @@ applied to them before they are stored.
 
 from __future__ import annotations
 
-from .common import ConvShape, conv_shape, divisors, find_block, finish_register_block, inline_around
+from .common import (ConvShape, conv_shape, divisors, find_block, finish_register_block, inline_around,
+                     parallel_if_worth_it, work_of)
 from .facts import CpuFacts
 
 KIND = "depthwise"
@@ -53,7 +54,8 @@ def apply(sch, shape: tuple[int, int], facts: CpuFacts):
     fo, fi = sch.split(ff, [None, nr])
     fio, fii = sch.split(fi, [None, lanes])
     sch.reorder(nn, yy, fo, xo, ry, rx, rc, xi, fio, fii)
+    work = work_of(sch, conv)
     outer = sch.fuse(nn, yy, fo, xo)
-    sch.parallel(outer)
+    parallel_if_worth_it(sch, outer, work, facts)
     return finish_register_block(sch, conv, epilogue, at=outer, lanes=lanes, unrolled=(rx, xi, fio), vector=fii,
                                  kind=KIND)

@@ -23,7 +23,8 @@ ran 7x faster that way than as image blocks (M0, AMD EPYC).
 
 from __future__ import annotations
 
-from .common import ConvShape, conv_shape, divisors, find_block, finish_register_block, inline_around
+from .common import (ConvShape, conv_shape, divisors, find_block, finish_register_block, inline_around,
+                     parallel_if_worth_it, work_of)
 from .facts import CpuFacts
 
 KIND = "gemm"
@@ -101,6 +102,18 @@ def row_tiles(conv: Conv, facts: CpuFacts) -> list[tuple[int, int]]:
     return tiles[:MAX_VARIANTS // 2]
 
 
+def split_block(sch, conv, block: tuple[int, int, int, int], lanes: int):
+    """Split a convolution's output loops into a register block of (images, rows,
+    columns, channels), the channels into vectors of ``lanes``: returns the (outer, inner)
+    loop pairs of the images, rows and columns, (outer, vector index, lane) of the
+    channels, and the reduction loops (window rows, columns, input channels)."""
+    images, rows, cols, nr = block
+    nn, yy, xx, ff, ry, rx, rc = sch.get_loops(conv)
+    fo, fi = sch.split(ff, [None, nr])
+    return (sch.split(nn, [None, images]), sch.split(yy, [None, rows]), sch.split(xx, [None, cols]),
+            (fo, *sch.split(fi, [None, lanes])), (ry, rx, rc))
+
+
 def variants(sch, facts: CpuFacts) -> list:
     """Register blocks and, for windowed convolutions, row tiles (:func:`row_tiles`). Row
     tiles come first when the input has fewer channels than a vector holds (the stem's
@@ -124,15 +137,11 @@ def apply(sch, variant: tuple, facts: CpuFacts):
     lanes = lanes_for(nr, facts)
     conv = find_block(sch, ("conv2d_nhwc",))
     epilogue = inline_around(sch, conv)      # padding, bias, intermediate element-wise ops
-    nn, yy, xx, ff, ry, rx, rc = sch.get_loops(conv)
-    no, ni = sch.split(nn, [None, images])
-    yo, yi = sch.split(yy, [None, rows])
-    xo, xi = sch.split(xx, [None, cols])
-    fo, fi = sch.split(ff, [None, nr])
-    fio, fii = sch.split(fi, [None, lanes])
+    (no, ni), (yo, yi), (xo, xi), (fo, fio, fii), (ry, rx, rc) = split_block(sch, conv, (images, rows, cols, nr), lanes)
     sch.reorder(fo, no, yo, xo, ry, rx, rc, ni, yi, xi, fio, fii)
+    work = work_of(sch, conv)
     outer = sch.fuse(fo, no, yo, xo)
-    sch.parallel(outer)
+    parallel_if_worth_it(sch, outer, work, facts)
     # The accumulators live in a local block (registers once unrolled); the epilogue
     # reads them straight back, so the conv result never goes to memory.
     return finish_register_block(sch, conv, epilogue, at=outer, lanes=lanes, unrolled=(ni, yi, xi, fio),
@@ -143,21 +152,15 @@ def _apply_row_tile(sch, cols: int, nr: int, facts: CpuFacts):
     lanes = lanes_for(nr, facts)
     conv = find_block(sch, ("conv2d_nhwc",))
     pad = find_block(sch, ("pad_temp",))
-    epilogue = None
-    for block in sch.get_child_blocks(sch.get_sblock("root")):
-        if sch.get(block).same_as(sch.get(conv)) or (pad is not None and sch.get(block).same_as(sch.get(pad))):
-            continue
-        if sch.get_consumers(block):
-            sch.compute_inline(block)        # the image's transpose (into the padding), bias
-        else:
-            epilogue = block
+    epilogue = inline_around(sch, conv, keep=(pad,))     # the image's transpose (into the padding), bias
     nn, yy, xx, ff, ry, rx, rc = sch.get_loops(conv)
     xo, xi = sch.split(xx, [None, cols])
     fo, fi = sch.split(ff, [None, nr])
     fio, fii = sch.split(fi, [None, lanes])
     sch.reorder(nn, yy, fo, xo, ry, rx, rc, xi, fio, fii)
+    work = work_of(sch, conv)
     row = sch.fuse(nn, yy)
-    sch.parallel(row)
+    parallel_if_worth_it(sch, row, work, facts)
     if pad is not None:
         # The rows of padded input this output row reads, computed once per row (and kept
         # small: the buffer shrinks to that region when the kernel is lowered).

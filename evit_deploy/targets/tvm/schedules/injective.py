@@ -8,13 +8,10 @@ among the threads.
 
 from __future__ import annotations
 
-from .common import mark
+from .common import mark, parallel_if_worth_it
 from .facts import CpuFacts
 
 KIND = "injective"
-#: Iterations per thread below which a kernel runs on one thread (waking the pool
-#: costs more than it saves).
-MIN_PARALLEL_WORK = 4096
 
 
 def match(sch) -> bool | None:
@@ -55,7 +52,6 @@ def apply(sch, _variant, facts: CpuFacts):
         if width > 1:
             outer, vector = sch.split(fused, [None, width])
             sch.vectorize(vector)
-        if facts.cores > 1 and total >= MIN_PARALLEL_WORK * facts.cores:
-            sch.parallel(outer)
+        parallel_if_worth_it(sch, outer, total, facts)
     mark(sch, outputs[-1], KIND)
     return sch

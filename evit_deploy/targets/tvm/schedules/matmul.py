@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .common import divisors, extents, find_block, finish_register_block, inline_around
+from .common import divisors, extents, find_block, finish_register_block, inline_around, parallel_if_worth_it, work_of
 from .facts import CpuFacts
 
 KIND = "matmul"
@@ -70,6 +70,7 @@ def apply(sch, shape: tuple[int, int], facts: CpuFacts):
     io, ii = sch.split(i, [None, rows])
     jo, jm, ji = sch.split(j, [None, cols // width, width])
     sch.reorder(*batch, io, jo, k, ii, jm, ji)
+    work = work_of(sch, block)
     outer = sch.fuse(*batch, io, jo)
-    sch.parallel(outer)
+    parallel_if_worth_it(sch, outer, work, facts)
     return finish_register_block(sch, block, epilogue, at=outer, lanes=width, unrolled=(ii, jm), vector=ji, kind=KIND)

@@ -8,7 +8,7 @@ the division that makes it a mean is applied on the way out.
 
 from __future__ import annotations
 
-from .common import accumulate_locally, finish_epilogue, inline_around, mark
+from .common import accumulate_locally, finish_epilogue, inline_around, mark, parallel_if_worth_it, work_of
 from .facts import CpuFacts
 
 KIND = "reduction"
@@ -58,8 +58,9 @@ def apply(sch, _variant, facts: CpuFacts):
     width = facts.lanes if extent % facts.lanes == 0 else 1
     io, ii = sch.split(inner, [None, width])
     sch.reorder(*outer_spatial, io, *reduce, ii)
+    work = work_of(sch, block)
     outer = sch.fuse(*outer_spatial, io) if outer_spatial else io
-    sch.parallel(outer)
+    parallel_if_worth_it(sch, outer, work, facts)
     epilogue = accumulate_locally(sch, block, epilogue)
     finish_epilogue(sch, epilogue, outer, width)
     if width > 1:
