@@ -104,9 +104,18 @@ TOLERANCES: dict[str, Tolerance] = {
     "fp16": Tolerance(min_cosine=0.999, top1="photos", max_rel=5e-2),
     # Palettised / int8 weights: a lossy compression whose quality is what is measured.
     "compressed": Tolerance(min_cosine=0.98, top1="none", max_rel=0.25),
-    # PROVISIONAL
-    "int8": Tolerance(min_cosine=0.95, top1="none", max_rel=0.4, judged="images"),
-    "bf16": Tolerance(min_cosine=0.999, top1="photos", max_rel=5e-2),
+    # int8 (calibrated activations and weights), judged on the photos and the user's images:
+    # benchmarks/precision_error.py measured correct int8 exports (ONNX static int8 and
+    # Core ML W8A8 of M0, M2, M4; realistic weights and the default synthetic ones; default
+    # calibration) at most 0.086 of the output scale away from the exact answer, cosine
+    # >= 0.964, and one or two photos of the default synthetic weights changed class: the
+    # bounds allow about twice that. A wrong scale, zero point or weight goes far beyond;
+    # what int8 costs in predictions is for `evit-deploy eval` and its build gates to judge.
+    "int8": Tolerance(min_cosine=0.9, top1="none", max_rel=0.2, judged="images"),
+    # bf16 (8 bits of mantissa): the folded model entirely in bfloat16 in PyTorch, the most
+    # a bf16 backend rounds, was 0.007-0.010 of the output scale away on M0-M4 and 0.137
+    # (cosine 0.988) on the ill-conditioned realistic M5; one photo of M3 changed class.
+    "bf16": Tolerance(min_cosine=0.97, top1="none", max_rel=0.3),
 }
 
 
