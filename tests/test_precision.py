@@ -71,6 +71,7 @@ def test_each_target_declares_its_precisions_and_refuses_others():
       "--compress", "palettize8"], "--precision int8 already stores int8 weights"),
     (["export", "m0", "-t", "onnx", "--fp16", "--precision", "int8"], "--fp16 and --precision int8 contradict"),
     (["export", "m0", "-t", "onnx", "--calibration", "."], "--calibration is for --precision int8"),
+    (["export", "m0", "-t", "onnx", "--quantization", "dynamic"], "--quantization dynamic is for --precision int8"),
     (["export", "m0", "-t", "onnx", "--precision", "int8", "--calibration", "no-such-dir"],
      "image directory not found: no-such-dir"),
     (["bench", "m0", "--backends", "onnxruntime:bf16"], "does not support precision 'bf16'"),

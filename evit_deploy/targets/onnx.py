@@ -63,6 +63,8 @@ class OnnxTarget(Target):
         return "normalized" if options.bake_preprocessing == "none" else options.bake_preprocessing
 
     def validate(self, options: OnnxOptions) -> None:
+        if options.quantization == "dynamic" and options.precision != "int8":
+            raise BadInputError(f"--quantization dynamic is for --precision int8, not {options.precision}")
         if options.calibration is not None and options.quantization == "dynamic":
             raise BadInputError("--calibration is for static int8 quantization; dynamic quantization measures "
                                 "activation ranges at run time")

@@ -4,7 +4,8 @@ Static quantization (the default) writes a QDQ model: int8 weights per output ch
 activations quantized with ranges calibrated on images (:mod:`evit_deploy.calibration`).
 onnxruntime's CPU provider fuses each QuantizeLinear/DequantizeLinear pair around a
 convolution into one integer kernel. Dynamic quantization stores int8 weights and measures
-activation ranges on every batch at run time: no calibration, but slower.
+activation ranges on every batch at run time: no calibration (its speed is not measured
+here; onnxruntime runs its convolutions as ConvInteger).
 
 The recipe was chosen by measuring on onnxruntime's CPU provider (README, "Reduced
 precision"; ``benchmarks/onnx_int8_recipe.py`` repeats the measurement):
