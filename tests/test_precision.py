@@ -153,13 +153,17 @@ def test_onnx_int8_verifies_in_its_class_and_records_its_calibration(onnx_int8):
     assert sum(numpy_helper.to_array(i).size for i in weights) > 100_000     # the weights are int8
 
 
-def test_calibration_images_set_the_activation_scales(onnx_int8):
-    _, exports = onnx_int8
+def test_calibration_images_set_the_activation_scales(onnx_int8, tmp_path):
+    weights, exports = onnx_int8
     a = _quantize_scales(exports["cat-coffee"].artifact.path)
     b = _quantize_scales(exports["rocket-astronaut"].artifact.path)
     assert a.keys() == b.keys() and len(a) > 50
     differ = [name for name in a if not np.array_equal(a[name], b[name])]
     assert len(differ) > len(a) // 2
+    # The same calibration gives the same bytes (the ONNX target promises reproducible files).
+    again = api.export("m0", "onnx", out_dir=tmp_path, weights=weights, img_size=SIZE, verify=False,
+                       options=exports["cat-coffee"].artifact.description.extra["options"])
+    assert again.artifact.path.read_bytes() == exports["cat-coffee"].artifact.path.read_bytes()
 
 
 def test_a_broken_int8_artifact_fails_verify(onnx_int8, tmp_path, cli):

@@ -3,8 +3,7 @@
 coremltools' ``linear_quantize_activations`` measures activation ranges by running the
 model with ``MLModel.predict``, which exists only on macOS. The ranges here are measured
 by the reference executor instead, on the very program that is being quantized (saved
-once without quantization), so an export behaves and gives the same bytes on Linux and
-macOS. Everything else is coremltools' own: the graph passes that
+once without quantization), so an export works the same way on Linux and macOS. Everything else is coremltools' own: the graph passes that
 ``linear_quantize_activations`` runs (``insert_prefix_quantize_dequantize_pair`` before
 convolutions, linear layers, pooling and additions; ``insert_suffix_quantize_dequantize_pair``
 after them; duplicate pairs removed), fed with those ranges, then
