@@ -5,13 +5,14 @@ The build file (TOML) lists models and the artifacts to make of them::
     [build]
     out = "dist"                 # optional; --out overrides
     images = "photos/"           # optional extra parity inputs
+    eval_images = "val/"         # optional: images the eval gates run on (default: the
+                                 # bundled photos); DIR/<synset>/*.JPEG gives labels
+    eval_labels = "val.txt"      # optional labels file (see evaluate.read_labels_file)
 
     [models.m2]
     weights = "weights/efficientvit_m2.pth"   # a file (relative to this file), "official",
                                               # or absent for seeded synthetic weights
-    eval_images = "val/"         # optional: images the eval gates run on (default: the
-                                 # bundled photos); DIR/<synset>/*.JPEG gives labels
-    eval_labels = "val.txt"      # optional labels file (see evaluate.read_labels_file)
+
     [[artifact]]
     name = "ios"                 # output subdirectory (default: the profile or target)
     profile = "iphone11-a13"     # or: target = "coreml"
