@@ -218,9 +218,8 @@ def evaluate(artifacts: list[Evaluated], images: EvalImages, *, reporter: Report
 
     reporter = reporter or Reporter()
     labels = np.asarray(images.labels) if images.labels is not None else None
-    references: dict[int, tuple] = {}          # id(reference module) -> (module, Tally)
-    for a in artifacts:
-        references.setdefault(id(a.reference), (a.reference, Tally()))
+    # The references' own accuracy, once per reference module (artifacts may share one).
+    references: dict[int, Tally] = {id(a.reference): Tally() for a in artifacts}
     with reporter.task("eval", total=len(images.paths)) as task:
         for start in range(0, len(images.paths), CHUNK):
             paths = images.paths[start:start + CHUNK]
@@ -236,14 +235,14 @@ def evaluate(artifacts: list[Evaluated], images: EvalImages, *, reporter: Report
                     with torch.no_grad():
                         x = torch.from_numpy(to_input(decoded[spec], spec, "normalized"))
                         reference_logits[key] = a.reference(x).float().numpy()
-                    references[id(a.reference)][1].add(reference_logits[key], reference_logits[key], chunk_labels)
+                    references[id(a.reference)].add(reference_logits[key], reference_logits[key], chunk_labels)
                 x = to_input(decoded[spec], spec, a.description.input_format)
                 out = a.target.run_batched(a.path, x, a.description)[a.description.outputs[0].name]
                 a.tally.add(np.asarray(out, np.float32), reference_logits[key], chunk_labels)
             task.update(advance=len(paths))
     records = []
     for a in artifacts:
-        t, (_, ref) = a.tally, references[id(a.reference)]
+        t, ref = a.tally, references[id(a.reference)]
         record = EvalRecord(
             artifact=str(a.path), target=a.target.name, runtime=a.target.runtime_name(a.path),
             model=a.description.model, precision=a.description.extra.get("precision", "fp32"), images=t.images,
