@@ -161,13 +161,17 @@ def test_build_gates_on_eval(tmp_path, checkpoint, cli):
     rejected = tmp_path / "dist" / "int8-strict" / "efficientvit_m0_int8.onnx.rejected"
     assert json.loads((rejected / "eval-report.json").read_text())["failures"]
 
-    # Loosening the strict gate passes; the other artifacts are up to date.
-    (tmp_path / "evit-deploy.toml").write_text(GATED_BUILD.replace("0.99", "0.0"))
-    code, _, err = cli("-q", "build", tmp_path / "evit-deploy.toml")
-    assert code == 0, err
-    status = {r["artifact"]: r["status"] for r in json.loads((tmp_path / "dist" / "manifest.json").read_text())
-              ["artifacts"]}
-    assert status == {"int8-lenient": "up to date", "int8-strict": "built"}
+    # Gates and the eval set count among an artifact's inputs: changing either rebuilds it.
+    from dataclasses import replace
+
+    from evit_deploy.build import _inputs_key, load_build_file
+
+    spec = load_build_file(tmp_path / "evit-deploy.toml")
+    model, entry = spec.models["m0"], spec.artifacts[1]                    # int8-strict
+    key = _inputs_key(model, entry, spec, "weights", {})
+    assert _inputs_key(model, replace(entry, gates={"min_top1_agreement": 0.5}), spec, "weights", {}) != key
+    (tmp_path / "noise-labels.txt").write_text("0.png 5\n" + "\n".join(f"{i}.png {i}" for i in range(1, 12)))
+    assert _inputs_key(model, entry, spec, "weights", {}) != key
 
 
 @pytest.mark.parametrize("extra,message", [
