@@ -142,6 +142,38 @@ def verify(artifact: str | Path, *, weights=None, images=None, tolerance: Tolera
     return report
 
 
+def evaluate(artifacts, *, images=None, labels=None, weights=None, reporter: Reporter | None = None):
+    """Run artifacts and the fp32 PyTorch reference over an image folder (default: the
+    bundled photos) and measure what each artifact keeps: top-1 agreement, top-5 overlap,
+    logit error, and with labels (synset folders or a labels file) top-1/top-5 accuracy.
+
+    ``weights`` is the checkpoint the artifacts were made from (they must share it, or be
+    made from synthetic weights). Returns an :class:`~evit_deploy.evaluate.EvalResult`.
+    """
+    from .evaluate import Evaluated, check_classifier, eval_images
+    from .evaluate import evaluate as run_evaluation
+    from .trace import build_reference
+
+    reporter = reporter or Reporter()
+    paths = [Path(a) for a in artifacts]
+    if not paths:
+        raise BadInputError("no artifacts given")
+    chosen = eval_images(images, labels)
+    references: dict[tuple, object] = {}
+    entries = []
+    for path in paths:
+        tgt, description = inspect_artifact(path)
+        check_classifier(path, description)
+        if chosen.labels is not None and len(description.labels) != 1000:
+            raise BadInputError(f"the labels are ImageNet classes; {path} has {len(description.labels)} classes")
+        key = (description.model, description.weights, description.seed, repr(sorted(description.model_options.items())))
+        if key not in references:
+            with reporter.stage("reference", description.model):
+                references[key] = build_reference(description, weights)
+        entries.append(Evaluated(path, tgt, description, references[key]))
+    return run_evaluation(entries, chosen, reporter=reporter)
+
+
 @dataclass
 class Prediction:
     source: str

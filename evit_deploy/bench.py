@@ -7,7 +7,9 @@ alike; results are medians with their spread, and each backend's ratio to PyTorc
 
 Backends: ``torch`` (eager) and ``torch-jit`` (traced and frozen) are PyTorch itself;
 every export target that declares a ``benchmark_backend`` (``onnxruntime`` for ONNX,
-``tvm`` for TVM) is benchmarked on an artifact exported and verified for the purpose.
+``tvm`` for TVM) is benchmarked on an artifact exported and verified for the purpose, in
+fp32 or, written ``RUNTIME:PRECISION`` (``onnxruntime:int8``), in any precision the target
+exports, so that the precisions of one runtime are compared in one run.
 """
 
 from __future__ import annotations
@@ -45,13 +47,28 @@ def all_backends() -> list[str]:
     return [*TORCH_BACKENDS, *target_backends()]
 
 
+def split_backend(name: str) -> tuple[str, str | None]:
+    """``onnxruntime:int8`` -> (``onnxruntime``, ``int8``); a bare name has no precision."""
+    runtime, _, precision = name.partition(":")
+    return runtime, precision or None
+
+
 def parse_backends(text: str) -> list[str]:
+    from .errors import unknown_name
+
     valid = all_backends()
     names = valid if text.strip() == "all" else [b.strip() for b in text.split(",") if b.strip()]
     for name in names:
-        if name not in valid:
-            from .errors import unknown_name
-            raise unknown_name("backend", name, valid)
+        runtime, precision = split_backend(name)
+        if runtime not in valid:
+            raise unknown_name("backend", runtime, valid)
+        if precision is not None:
+            if runtime in TORCH_BACKENDS:
+                raise BadInputError(f"backend '{name}': PyTorch backends run fp32 only")
+            supported = backend_target(runtime).precisions()
+            if precision not in supported:
+                raise BadInputError(f"backend '{name}': target '{target_backends()[runtime]}' does not support "
+                                    f"precision '{precision}' (it supports {', '.join(supported)})")
     return list(dict.fromkeys(names))
 
 
@@ -127,7 +144,8 @@ def prepare(model_name: str, backend: str, *, batch: int, threads: int, img_size
     if backend in TORCH_BACKENDS:
         return Prepared(_torch_runner(model_name, backend, batch, img_size, weights, threads))
     result = export_backend(model_name, backend, batch=batch, img_size=img_size, weights=weights,
-                            out_dir=workdir / backend, target_options=target_options, reporter=reporter)
+                            out_dir=workdir / backend.replace(":", "-"), target_options=target_options,
+                            reporter=reporter)
     artifact = result.artifact
     tgt = backend_target(backend)
     session = tgt.open_session(artifact.path, threads=threads)
@@ -137,9 +155,10 @@ def prepare(model_name: str, backend: str, *, batch: int, threads: int, img_size
 
 
 def backend_target(backend: str):
-    """The export target whose runtime ``backend`` is."""
+    """The export target whose runtime ``backend`` (``onnxruntime``, ``onnxruntime:int8``) is."""
     from .targets import get_target
 
+    backend = split_backend(backend)[0]
     targets = target_backends()
     if backend not in targets:
         from .errors import unknown_name
@@ -149,13 +168,20 @@ def backend_target(backend: str):
 
 def export_backend(model_name: str, backend: str, *, batch: int, img_size: int, weights, out_dir: Path,
                    target_options: dict | None, reporter: Reporter | None):
-    """An artifact made and verified for timing ``backend`` (bench and profile share it)."""
+    """An artifact made and verified for timing ``backend`` (bench and profile share it);
+    a precision in the backend's name overrides the target options'."""
     from .api import export_plan
     from .plan import plan_export
 
     target = backend_target(backend).name
-    plan = plan_export(model_name, target, options=(target_options or {}).get(target, {}), batch=batch,
-                       weights=weights, img_size=img_size)
+    options = dict((target_options or {}).get(target, {}))
+    precision = split_backend(backend)[1]
+    if precision is not None:
+        options["precision"] = precision
+    if options.get("precision", "fp32") != "int8":
+        # -O TARGET.calibration=DIR is given once per target, for its int8 backend.
+        options.pop("calibration", None)
+    plan = plan_export(model_name, target, options=options, batch=batch, weights=weights, img_size=img_size)
     return export_plan(plan, out_dir, reporter=reporter)
 
 
@@ -245,7 +271,8 @@ def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 
             r.ratio_to_baseline = r.images_per_s / group[baseline].images_per_s
     settings = {"batch": batch, "threads": threads, "img_size": img_size, "rounds": rounds,
                 "round_seconds": round_seconds, "warmup_seconds": warmup_seconds, "backends": backends,
-                "baseline": baseline, "precision": "fp32", "bn_folded": True,
+                "baseline": baseline, "bn_folded": True,
+                "precisions": {b: split_backend(b)[1] or "fp32" for b in backends},
                 "env_threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                                                "TVM_NUM_THREADS") if os.environ.get(k)}}
     return BenchResult(records, settings)
@@ -261,7 +288,7 @@ def peak_rss_mb(model: str, backend: str, prepared: Prepared, *, batch: int, thr
     """
     spec = {"model": model, "backend": backend, "artifact": prepared.artifact, "batch": batch,
             "threads": threads, "img_size": img_size,
-            "target": target_backends().get(backend)}
+            "target": target_backends().get(split_backend(backend)[0])}
     proc = subprocess.run([sys.executable, "-m", "evit_deploy.bench", json.dumps(spec)], capture_output=True,
                           text=True, timeout=600)
     if proc.returncode != 0:
@@ -316,7 +343,7 @@ def plot(result: BenchResult, path: str | os.PathLike) -> Path:
     ax.set_xticklabels([resolve_name(m).display_name for m in models])
     ax.set_ylabel("images / s")
     s = result.settings
-    ax.set_title(f"Throughput, batch {s['batch']}, {s['threads']} thread(s), fp32 — {result.host['model']}", fontsize=9)
+    ax.set_title(f"Throughput, batch {s['batch']}, {s['threads']} thread(s) — {result.host['model']}", fontsize=9)
     ax.legend(fontsize=8)
     return save_png(fig, path)
 

@@ -5,20 +5,27 @@ The build file (TOML) lists models and the artifacts to make of them::
     [build]
     out = "dist"                 # optional; --out overrides
     images = "photos/"           # optional extra parity inputs
+    eval_images = "val/"         # optional: images the eval gates run on (default: the
+                                 # bundled photos); DIR/<synset>/*.JPEG gives labels
+    eval_labels = "val.txt"      # optional labels file (see evaluate.read_labels_file)
 
     [models.m2]
     weights = "weights/efficientvit_m2.pth"   # a file (relative to this file), "official",
                                               # or absent for seeded synthetic weights
+
     [[artifact]]
     name = "ios"                 # output subdirectory (default: the profile or target)
     profile = "iphone11-a13"     # or: target = "coreml"
     models = ["m2"]              # default: every model
+    min_top1_agreement = 0.99    # optional eval gates: top-1 agreement with fp32 PyTorch,
+    max_top1_drop = 0.005        # and (labelled images) the top-1 accuracy it may lose
     [artifact.options]           # overrides the profile's options
     compress = "palettize8"
 
 The whole file is validated before any work. Every artifact is verified by the parity
-engine; ``dist/manifest.json`` records what was built from what, and a re-run skips
-artifacts whose inputs and files are unchanged.
+engine, then judged by its eval gates (:mod:`evit_deploy.evaluate`); an artifact that
+fails either is moved to ``<name>.rejected/``. ``dist/manifest.json`` records what was
+built from what, and a re-run skips artifacts whose inputs and files are unchanged.
 """
 
 from __future__ import annotations
@@ -35,19 +42,22 @@ from pathlib import Path
 
 from . import __version__
 from .errors import BadInputError, EvitError, ExportError, ParityError
-from .fsutil import deterministic_zip, ensure_output_dir, write_json_atomic
+from .fsutil import deterministic_zip, ensure_output_dir, publish, remove, write_json_atomic
 from .hostinfo import cpu_info, package_versions
 from .models.registry import resolve_name
 from .plan import merge_options, plan_export, trace_plan
 from .progress import Reporter
+from .targets import get_target
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 
-BUILD_KEYS = {"out": str, "images": str, "seed": int}
+BUILD_KEYS = {"out": str, "images": str, "seed": int, "eval_images": str, "eval_labels": str}
 MODEL_KEYS = {"weights": str, "img_size": int, "num_classes": int, "distillation": bool}
+#: Eval gates an artifact entry may set: fractions in [0, 1].
+GATES = ("min_top1_agreement", "max_top1_drop")
 ARTIFACT_KEYS = {"name": str, "target": str, "profile": str, "models": list, "options": dict,
-                 "batch": int, "dynamic_batch": bool}
+                 "batch": int, "dynamic_batch": bool, **{gate: float for gate in GATES}}
 
 
 @dataclass
@@ -67,6 +77,7 @@ class ArtifactEntry:
     options: dict                 # the entry's own (the profile's come first, see plan.merge_options)
     batch: int | None = None      # None: the target's choice (plan.plan_export)
     dynamic_batch: bool = False
+    gates: dict = field(default_factory=dict)     # GATES the entry sets
 
 
 @dataclass
@@ -77,6 +88,8 @@ class BuildFile:
     seed: int
     models: dict[str, ModelEntry]
     artifacts: list[ArtifactEntry]
+    eval_images: Path | None = None
+    eval_labels: Path | None = None
 
 
 class _Problems:
@@ -127,6 +140,8 @@ def _check_keys(problems: _Problems, data: dict, schema: dict, where: str, table
             close = difflib.get_close_matches(key, schema, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             problems.add(f"unknown key '{key}' in {where}{hint}", key, table, occurrence)
+        elif schema[key] is float and isinstance(value, int) and not isinstance(value, bool):
+            continue                                   # TOML writes 1.0 as 1 as readily
         elif not isinstance(value, schema[key]) or (schema[key] is int and isinstance(value, bool)):
             problems.add(f"'{key}' in {where} must be a {schema[key].__name__}, got {value!r}", key, table, occurrence)
 
@@ -134,7 +149,6 @@ def _check_keys(problems: _Problems, data: dict, schema: dict, where: str, table
 def load_build_file(path: str | os.PathLike) -> BuildFile:
     """Parse and validate a build file; every problem is reported at once."""
     from .device_profiles import load_device_profile
-    from .targets import get_target
 
     path = Path(path)
     if not path.is_file():
@@ -152,6 +166,12 @@ def load_build_file(path: str | os.PathLike) -> BuildFile:
     images = Path(base, build["images"]) if isinstance(build.get("images"), str) else None
     if images is not None and not images.is_dir():
         problems.add(f"images directory not found: {images}", "images", "build")
+    eval_images = Path(base, build["eval_images"]) if isinstance(build.get("eval_images"), str) else None
+    eval_labels = Path(base, build["eval_labels"]) if isinstance(build.get("eval_labels"), str) else None
+    for key, found in (("eval_images", eval_images and eval_images.is_dir()),
+                       ("eval_labels", eval_labels and eval_labels.is_file())):
+        if build.get(key) is not None and not found:
+            problems.add(f"{key} not found: {Path(base, build[key])}", key, "build")
 
     models: dict[str, ModelEntry] = {}
     raw_models = data.get("models", {}) if isinstance(data.get("models"), dict) else {}
@@ -219,9 +239,13 @@ def load_build_file(path: str | os.PathLike) -> BuildFile:
         for m in names if isinstance(names, list) else []:
             if m not in models:
                 problems.add(f"{where}: model '{m}' is not defined in a [models.{m}] table", "models", "artifact", i)
+        gates = {g: float(entry[g]) for g in GATES if isinstance(entry.get(g), (int, float))}
+        for gate, value in gates.items():
+            if not 0.0 <= value <= 1.0:
+                problems.add(f"{where}: {gate} is a fraction between 0 and 1, got {value}", gate, "artifact", i)
         artifacts.append(ArtifactEntry(entry.get("name") or profile or tgt.name, tgt.name, profile,
                                        [m for m in names if m in models] if isinstance(names, list) else [],
-                                       options, entry.get("batch"), entry.get("dynamic_batch", False)))
+                                       options, entry.get("batch"), entry.get("dynamic_batch", False), gates))
     seen: dict[tuple, str] = {}
     for a in artifacts:
         for m in a.models:
@@ -229,9 +253,17 @@ def load_build_file(path: str | os.PathLike) -> BuildFile:
             if key in seen:
                 problems.add(f"two [[artifact]] entries named '{a.name}' build model '{m}': give them distinct names")
             seen[key] = a.name
+    if not problems.items and any("max_top1_drop" in a.gates for a in artifacts):
+        from .evaluate import eval_images as find_eval_images
+        try:
+            if find_eval_images(eval_images, eval_labels).labels is None:
+                problems.add("max_top1_drop needs labelled eval images: set [build] eval_images to a "
+                             "DIR/<synset>/ folder, or eval_labels to a labels file", "max_top1_drop", "artifact")
+        except BadInputError as exc:
+            problems.add(str(exc), "eval_labels" if eval_labels else "eval_images", "build")
     problems.raise_if_any()
     out = Path(base, build["out"]) if isinstance(build.get("out"), str) else base / "dist"
-    return BuildFile(path, out, images, build.get("seed", 0), models, artifacts)
+    return BuildFile(path, out, images, build.get("seed", 0), models, artifacts, eval_images, eval_labels)
 
 
 # -- hashing -------------------------------------------------------------------------------
@@ -262,6 +294,9 @@ def _inputs_key(model: ModelEntry, art: ArtifactEntry, build: BuildFile, weights
               "target": art.target, "profile": art.profile, "options": art.options, "files": files,
               "batch": art.batch, "dynamic_batch": art.dynamic_batch, "seed": build.seed,
               "images": tree_sha256(build.images) if build.images else None, "versions": versions}
+    if art.gates:
+        record["gates"] = art.gates
+        record["eval"] = [tree_sha256(p) if p else None for p in (build.eval_images, build.eval_labels)]
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -336,7 +371,7 @@ def build(path: str | os.PathLike, *, out: str | os.PathLike | None = None, jobs
     save()
     result = BuildResult(list(records.values()), manifest_path)
     result.counts = {s: sum(r["status"] == s for r in result.records)
-                     for s in ("built", "up to date", "failed parity", "failed export")}
+                     for s in ("built", "up to date", "failed parity", "failed gate", "failed export")}
     return result
 
 
@@ -404,8 +439,15 @@ def _build_one(spec: BuildFile, model: ModelEntry, art: ArtifactEntry, weights_i
                 reporter.warn(f"{model.key}: {warning}")
         target_dir = ensure_output_dir(out_dir / art.name)
         result = export_traced(traces[plan.trace_key], plan, target_dir, images=spec.images, reporter=reporter)
-        record.update(status="built", **_artifact_facts(result.artifact, out_dir))
         record["parity"] = _parity_summary(result.report)
+        if art.gates:
+            record["eval"] = _judge_gates(spec, art, result.artifact, traces[plan.trace_key].reference, reporter)
+            if record["eval"]["failures"]:
+                rejected = _reject(result.artifact, record["eval"])
+                record.update(status="failed gate", error=f"{'; '.join(record['eval']['failures'])} (the artifact "
+                                                          f"was moved to {rejected.relative_to(out_dir).as_posix()})")
+                return _finish(record, start)
+        record.update(status="built", **_artifact_facts(result.artifact, out_dir))
     except ParityError as exc:
         record.update(status="failed parity", error=str(exc), parity=_parity_summary(exc.report))
     except EvitError as exc:
@@ -414,8 +456,47 @@ def _build_one(spec: BuildFile, model: ModelEntry, art: ArtifactEntry, weights_i
         raise
     except Exception as exc:  # a converter crash fails this artifact, not the build
         record.update(status="failed export", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    return _finish(record, start)
+
+
+def _finish(record: dict, start: float) -> dict:
     record["seconds"] = round(time.perf_counter() - start, 1)
     return record
+
+
+def _judge_gates(spec: BuildFile, art: ArtifactEntry, artifact, reference, reporter: Reporter) -> dict:
+    """Evaluate a verified artifact over the build's eval images and check its gates."""
+    from .evaluate import Evaluated, eval_images, evaluate
+
+    images = eval_images(spec.eval_images, spec.eval_labels)
+    target = get_target(artifact.target)
+    result = evaluate([Evaluated(artifact.path, target, artifact.description, reference)], images, reporter=reporter)
+    found = dataclasses.asdict(result.records[0])
+    failures = []
+    if "min_top1_agreement" in art.gates and found["top1_agreement"] < art.gates["min_top1_agreement"]:
+        failures.append(f"top-1 agreement {found['top1_agreement']:.4f} < min_top1_agreement "
+                        f"{art.gates['min_top1_agreement']:g} on {found['images']} images")
+    if "max_top1_drop" in art.gates and found["top1_drop"] > art.gates["max_top1_drop"]:
+        failures.append(f"top-1 accuracy drop {found['top1_drop']:.4f} > max_top1_drop "
+                        f"{art.gates['max_top1_drop']:g} on {found['images']} images")
+    found.pop("artifact")
+    return {**found, **result.images.to_dict(), "gates": art.gates, "failures": failures,
+            "passed": not failures}
+
+
+def _reject(artifact, report: dict) -> Path:
+    """Move a published artifact that failed its gates to ``<name>.rejected/``, with the
+    eval report: nothing that failed stays under a final name."""
+    rejected = artifact.path.with_name(f"{artifact.path.name}.rejected")
+    remove(rejected)
+    staging = rejected.with_name(f".{rejected.name}.tmp")
+    remove(staging)
+    staging.mkdir()
+    for f in artifact.files:
+        os.replace(f, staging / f.name)
+    write_json_atomic(staging / "eval-report.json", report)
+    publish(staging, rejected)
+    return rejected
 
 
 def _artifact_facts(artifact, out_dir: Path) -> dict:
@@ -480,7 +561,7 @@ def _manifest(spec: BuildFile, records: list[dict], versions: dict) -> dict:
 
 def exit_status(result: BuildResult) -> EvitError | None:
     """The error a failed build exits with: parity failures take precedence."""
-    if any(r["status"] == "failed parity" for r in result.records):
+    if any(r["status"] in ("failed parity", "failed gate") for r in result.records):
         return ParityError(f"{len(result.failed)} artifact(s) failed; see {result.manifest}")
     if result.failed:
         return ExportError(f"{len(result.failed)} artifact(s) failed to export; see {result.manifest}")

@@ -283,6 +283,29 @@ def _save_outputs(path: Path, outputs: dict) -> None:
         tmp.write_bytes(buf.getvalue())
 
 
+@app.command(name="eval")
+def eval_command(artifacts: list[Path] = typer.Argument(..., help="Exported classifier artifacts."),
+                 images: Optional[Path] = typer.Option(None, "--images", help="Image folder, searched recursively "
+                                                       "(ImageNet validation layout DIR/<synset>/*.JPEG gives labels); "
+                                                       "default: the bundled photos."),
+                 labels: Optional[Path] = typer.Option(None, "--labels", help="Labels file: one 'IMAGE LABEL' per "
+                                                       "line (class index, WordNet id or class name)."),
+                 weights: Optional[str] = typer.Option(None, "--weights", help="The checkpoint the artifacts were made from."),
+                 json_out: Optional[str] = typer.Option(None, "--json", help="Write the results to FILE ('-': stdout).")):
+    """What each artifact keeps of the fp32 PyTorch model over an image folder: top-1
+    agreement, top-5 overlap, logit error; top-1/top-5 accuracy when labelled."""
+    from . import api
+    from .console import err, eval_table
+
+    result = api.evaluate(artifacts, images=images, labels=labels, weights=weights, reporter=_reporter())
+    _write_json(json_out, result.to_dict())
+    if json_out != "-":
+        _print(eval_table(result))
+    if not _state["quiet"]:
+        for warning in result.warnings:
+            err.print(f"[yellow]warning:[/] {warning}")
+
+
 @app.command()
 def targets(json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout).")):
     """List export targets (built-in and plug-ins) and whether they are usable here."""
@@ -292,15 +315,15 @@ def targets(json_out: Optional[str] = typer.Option(None, "--json", help="Write J
     infos = list_targets()
     _write_json(json_out, [{"name": i.name, "produces": i.produces, "requires": list(i.requires),
                             "missing": list(i.missing), "usable": i.usable, "source": i.source,
-                            "error": i.error} for i in infos])
+                            "error": i.error, "precisions": list(i.precisions)} for i in infos])
     if json_out == "-":
         return
     rows = []
     for i in infos:
         status = "[green]ready[/]" if i.usable else (
             f"[red]broken: {i.error}[/]" if i.error else f"[yellow]pip install {' '.join(i.missing)}[/]")
-        rows.append([i.name, i.produces, ", ".join(i.requires), status, i.source])
-    _print(table("Export targets", ["target", "produces", "needs", "status", "entry point"], rows))
+        rows.append([i.name, i.produces, " ".join(i.precisions), ", ".join(i.requires), status, i.source])
+    _print(table("Export targets", ["target", "produces", "--precision", "needs", "status", "entry point"], rows))
 
 
 @app.command()
@@ -362,7 +385,8 @@ def _with_target_shortcuts(function):
 @_with_target_shortcuts
 def bench(models: list[str] = typer.Argument(..., help="m0 … m5"),
           backends: str = typer.Option("torch,torch-jit,onnxruntime", "--backends", "-b",
-                                       help="Comma-separated, or 'all' (torch, torch-jit, and each target's runtime)."),
+                                       help="Comma-separated, or 'all' (torch, torch-jit, and each target's runtime); "
+                                            "RUNTIME:PRECISION (onnxruntime:int8) times that precision."),
           batch: int = typer.Option(16, "--batch", min=1),
           threads: int = typer.Option(1, "--threads", min=1),
           rounds: int = typer.Option(5, "--rounds", min=1, help="Interleaved timing rounds."),
@@ -428,8 +452,8 @@ def _bench_table(result):
         mem = [f"{recs[b].peak_rss_mb:.0f} MB" if recs[b].peak_rss_mb else "" for b in backends]
         if any(mem):
             rows.append(["  peak RSS", "", *mem, ""])
-    title = (f"Throughput (images/s), batch {s['batch']}, {s['threads']} thread(s), fp32, BN folded; "
-             f"ratios vs {s['baseline']} — {result.host['model']}")
+    title = (f"Throughput (images/s), batch {s['batch']}, {s['threads']} thread(s), BN folded, fp32 unless the "
+             f"backend names a precision; ratios vs {s['baseline']} — {result.host['model']}")
     return table(title, ["model", "paper top-1", *backends, "paper Xeon E5-2690 v4: torch → TVM"], rows,
                  justify_right=set(range(1, len(backends) + 2)))
 

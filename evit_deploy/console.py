@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -134,3 +135,35 @@ def predictions_table(predictions, title: str | None = None) -> Table:
         for rank, (idx, label, prob) in enumerate(pred.top, 1):
             rows.append([pred.source if rank == 1 else "", rank, label, idx, f"{prob * 100:.2f}%"])
     return table(title, ["input", "#", "class", "index", "probability"], rows, justify_right={1, 3, 4})
+
+
+def eval_table(result) -> Table:
+    """One row per artifact (and the reference's accuracy when the images are labelled)."""
+    labelled = result.images.labels is not None
+
+    def pct(v):
+        return "" if v is None else f"{v * 100:.1f}%"
+
+    # Narrow enough for a CI log: the runtimes, paths and absolute errors are in the JSON.
+    columns = ["artifact", "precision", "top-1 agree", "top-5 overlap", "max logit error"]
+    if labelled:
+        columns += ["top-1", "top-5", "top-1 drop"]
+    rows = []
+    for r in result.records:
+        row = [Path(r.artifact).name, r.precision, pct(r.top1_agreement), pct(r.top5_overlap),
+               f"{r.max_rel_error:.2e}"]
+        if labelled:
+            row += [pct(r.top1_accuracy), pct(r.top5_accuracy),
+                    "" if r.top1_drop is None else f"{r.top1_drop * 100:+.1f} pts"]
+        rows.append(row)
+    if labelled:
+        seen = set()
+        for r in result.records:
+            if r.model not in seen:
+                seen.add(r.model)
+                rows.append([f"PyTorch {r.model}", "fp32", "", "", "",
+                             pct(r.reference_top1_accuracy), pct(r.reference_top5_accuracy), ""])
+    images = result.images
+    title = (f"{len(images.paths)} images from {images.source}; labels: {images.labels_source or 'none'}. "
+             f"Against the fp32 PyTorch model; max logit error relative to its largest logit.")
+    return table(title, columns, rows, justify_right=set(range(2, len(columns))))

@@ -46,6 +46,10 @@ class Tolerance:
     ``top1`` says on which inputs the arg-max must agree with the exact answer's ("all",
     "photos" or "none"); inputs whose exact top-1 and top-2 are closer than twice the
     artifact's error on that input are near-ties, whose order is not checked.
+    ``judged`` says which inputs the error and cosine bounds apply to: "all", or "images"
+    (the photos and the user's images, not the seeded noise). int8 artifacts are judged
+    on images: their activation ranges are calibrated on natural images, and white noise
+    lies outside them by construction (every figure is still reported).
     """
 
     min_cosine: float
@@ -53,6 +57,10 @@ class Tolerance:
     max_rel: float | None = None
     noise_factor: float | None = None
     noise_floor: float = 0.0
+    judged: str = "all"
+
+    def judges(self, kind: str) -> bool:
+        return self.judged == "all" or kind in ("photo", "user")
 
     def limits(self, noise: np.ndarray) -> np.ndarray:
         """The bound on the artifact's relative error for each input, given the fp32 noise
@@ -64,7 +72,8 @@ class Tolerance:
     def describe(self) -> str:
         bound = (f"max rel {self.max_rel:g}" if self.max_rel is not None else
                  f"error <= {self.noise_factor:g} x fp32 noise + {self.noise_floor:g}")
-        return f"{bound}, cosine >= {self.min_cosine}, top-1 on {self.top1}"
+        on = "" if self.judged == "all" else f" on {self.judged}"
+        return f"{bound}, cosine >= {self.min_cosine}{on}, top-1 on {self.top1}"
 
     def override(self, **changes) -> "Tolerance":
         changes = {k: v for k, v in changes.items() if v is not None}
@@ -93,10 +102,20 @@ TOLERANCES: dict[str, Tolerance] = {
     # fp16 arithmetic keeps ~3 significant digits; through ~40 layers errors of a few
     # percent of the logit range are normal, but predictions on real photos must hold.
     "fp16": Tolerance(min_cosine=0.999, top1="photos", max_rel=5e-2),
-    # bf16 products (8 bits of mantissa) with fp32 accumulation.
-    "bf16": Tolerance(min_cosine=0.97, top1="photos", max_rel=0.3),
     # Palettised / int8 weights: a lossy compression whose quality is what is measured.
     "compressed": Tolerance(min_cosine=0.98, top1="none", max_rel=0.25),
+    # int8 (calibrated activations and weights), judged on the photos and the user's images:
+    # benchmarks/precision_error.py measured correct int8 exports (ONNX static int8 and
+    # Core ML W8A8 of M0, M2, M4; realistic weights and the default synthetic ones; default
+    # calibration) at most 0.086 of the output scale away from the exact answer, cosine
+    # >= 0.964, and one or two photos of the default synthetic weights changed class: the
+    # bounds allow about twice that. A wrong scale, zero point or weight goes far beyond;
+    # what int8 costs in predictions is for `evit-deploy eval` and its build gates to judge.
+    "int8": Tolerance(min_cosine=0.9, top1="none", max_rel=0.2, judged="images"),
+    # bf16 (8 bits of mantissa): the folded model entirely in bfloat16 in PyTorch, the most
+    # a bf16 backend rounds, was 0.007-0.010 of the output scale away on M0-M4 and 0.137
+    # (cosine 0.988) on the ill-conditioned realistic M5; one photo of M3 changed class.
+    "bf16": Tolerance(min_cosine=0.97, top1="none", max_rel=0.3),
 }
 
 
@@ -106,9 +125,9 @@ class OutputMetrics:
 
     name: str
     scale: float                      # the exact answer's largest magnitude
-    max_abs: float                    # the artifact's largest absolute error
+    max_abs: float                    # the artifact's largest absolute error (on judged inputs)
     max_rel: float                    # ... relative to the scale (the worst input's)
-    min_cosine: float
+    min_cosine: float                 # on judged inputs (Tolerance.judged)
     noise_rel: float | None = None        # the fp32 noise (relative error) of the worst input
     ratio: float | None = None            # the artifact's error / noise_rel on the worst input
     limit: float | None = None            # the bound on the worst input
@@ -263,17 +282,21 @@ def compare_output(name: str, exact: np.ndarray, fp32: list[np.ndarray], out: np
     artifact_rel = _per_input_max(err) / scale if finite else np.full(len(out), np.inf)
     noise_rel = np.max([_per_input_max(np.abs(f.astype(np.float64) - exact)) for f in fp32], axis=0) / scale
     limits = tolerance.limits(noise_rel)
-    worst = int(np.argmax(artifact_rel / limits))
+    judged = np.array([tolerance.judges(p.kind) for p in inputs])
+    if not judged.any():
+        raise BadInputError(f"the tolerance judges {tolerance.judged} only, and there are none among the inputs")
+    worst = int(np.argmax(np.where(judged, artifact_rel / limits, -np.inf)))
     flat_r, flat_o = exact.reshape(len(exact), -1), out.reshape(len(out), -1)
     denom = np.linalg.norm(flat_r, axis=1) * np.linalg.norm(flat_o, axis=1)
-    cos = np.where(denom > 0, (flat_r * flat_o).sum(1) / np.maximum(denom, 1e-300), 1.0)
+    cos = np.nan_to_num(np.where(denom > 0, (flat_r * flat_o).sum(1) / np.maximum(denom, 1e-300), 1.0), nan=-1)
     metrics = OutputMetrics(
-        name, scale, float(err.max()) if finite else float("inf"), float(artifact_rel.max()),
-        float(np.nan_to_num(cos, nan=-1).min()), noise_rel=float(noise_rel[worst]),
+        name, scale, float(err[judged].max()) if finite else float("inf"), float(artifact_rel[judged].max()),
+        float(cos[judged].min()), noise_rel=float(noise_rel[worst]),
         ratio=float(artifact_rel[worst] / noise_rel[worst]) if noise_rel[worst] > 0 else None,
         limit=float(limits[worst]), worst_input=inputs[worst].name,
-        per_input=[{"input": p.name, "artifact": float(a), "fp32_noise": float(r), "limit": float(lim)}
-                   for p, a, r, lim in zip(inputs, artifact_rel, noise_rel, limits)])
+        per_input=[{"input": p.name, "artifact": float(a), "fp32_noise": float(r), "limit": float(lim),
+                    "cosine": float(c), "judged": bool(j)}
+                   for p, a, r, lim, c, j in zip(inputs, artifact_rel, noise_rel, limits, cos, judged)])
     if not artifact_rel[worst] <= limits[worst]:
         against = (f" ({metrics.ratio:.3g} x its fp32 noise {metrics.noise_rel:.2g})"
                    if tolerance.max_rel is None and metrics.ratio is not None else "")

@@ -129,6 +129,21 @@ def list_images(directory: str | os.PathLike) -> list[Path]:
     return files
 
 
+def find_images(directory: str | os.PathLike) -> list[Path]:
+    """Every image below ``directory``, subdirectories included (the ImageNet validation
+    layout ``DIR/<synset>/*.JPEG``), sorted by relative path; hidden files and folders are
+    skipped. A missing or image-less directory is a :class:`BadInputError`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BadInputError(f"image directory not found: {directory}")
+    files = sorted((p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(directory).parts)),
+                   key=lambda p: p.relative_to(directory).as_posix())
+    if not files:
+        raise BadInputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {directory} or its subdirectories")
+    return files
+
+
 def sample_images() -> list[Path]:
     """The photos shipped with the package (cat, coffee, rocket, astronaut)."""
     from importlib import resources

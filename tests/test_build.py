@@ -172,7 +172,7 @@ def test_a_failing_artifact_fails_the_build_but_not_the_others(project, cli, mon
     status = {(r["artifact"], r["model"]): r["status"] for r in manifest["artifacts"]}
     assert status[("onnx-fp16", "efficientvit_m0")] == "failed parity"
     assert status[("onnx-cpu", "efficientvit_m0")] == status[("onnx-cpu", "efficientvit_m1")] == "built"
-    assert not (project / "dist" / "onnx-fp16" / "efficientvit_m0.onnx").exists()
+    assert not (project / "dist" / "onnx-fp16" / "efficientvit_m0_fp16.onnx").exists()
 
 
 def test_ctrl_c_mid_build_keeps_what_was_built(project, cli, monkeypatch):

@@ -319,6 +319,38 @@ def test_constexpr_affine_dequantize_matches_torch_dequantize(tmp_path):
     close(run(program, x), T(x) + quantized.dequantize())
 
 
+@pytest.mark.parametrize("dtype,per_channel", [("int8", False), ("uint8", True)])
+def test_quantize_dequantize_match_torch(tmp_path, dtype, per_channel):
+    """W8A8 programs' activation ops: clip(round-half-even(x / scale) + zero point), and back."""
+    x = randn(2, 3, 4, 5, scale=3.0)
+    # Exact halves at scale 0.5 round to even. (MIL rounds before adding the zero point,
+    # torch after: the zero points are even, so both give the same integers.)
+    x[0, 0, 0, :3] = [0.25, 0.75, -0.25]
+    x[1, 2, 3, 4] = 1e3                                        # saturates
+    if per_channel:
+        scale = np.array([0.5, 0.03, 0.1], np.float32)
+        zero = np.array([128, 100, 0], np.uint8)
+        expected = torch.quantize_per_channel(T(x), T(scale).double(), T(zero.astype(np.int64)), 1, torch.quint8)
+        params = {"scale": scale, "zero_point": zero, "axis": 1}
+    else:
+        scale, zero = np.float32(0.5), np.int8(-4)
+        expected = torch.quantize_per_tensor(T(x), 0.5, -4, torch.qint8)
+        params = {"scale": scale, "zero_point": zero}
+
+    def build(a):
+        q = mb.quantize(input=a, output_dtype=dtype, **params)
+        return q, mb.dequantize(input=q, **params)
+
+    program = save(tmp_path, build, [x.shape], target=ct.target.iOS17)
+    q, back = run(program, x)
+    (quantize,) = [op for op in program.steps if op.type == "quantize"]
+    assert quantize.outputs[0][1].dtype == dtype               # (the program hands it out as int32)
+    if not per_channel:
+        np.testing.assert_array_equal(q[0, 0, 0, :3], np.array([0, 2, 0]) - 4)
+    np.testing.assert_array_equal(q, expected.int_repr().numpy())
+    close(back, expected.dequantize())
+
+
 def _compressed_linear(tmp_path, mode: str, target):
     """A linear layer big enough to be compressed by the export's own pipeline."""
     from evit_deploy.targets.coreml.compress import compression_pipeline
@@ -478,5 +510,5 @@ def test_every_registered_op_has_a_test():
     tested = {"add", "sub", "mul", "real_div", "relu", "clip", "sigmoid", "softmax", "cast", "linear", "matmul",
               "conv", "conv_transpose", "upsample_nearest_neighbor", "batch_norm", "reduce_mean", "reshape", "transpose", "split", "concat",
               "slice_by_index", "pad", "classify", "constexpr_lut_to_dense", "constexpr_affine_dequantize",
-              "constexpr_blockwise_shift_scale"}
+              "constexpr_blockwise_shift_scale", "quantize", "dequantize"}
     assert set(OPS) == tested

@@ -28,7 +28,7 @@ def test_export_cli_prints_stages_and_the_artifact(tmp_path, cli):
 def test_target_options_from_the_command_line_and_profiles(tmp_path, cli):
     code, _, _ = cli("-q", "export", "m0", "-t", "onnx", "--out", tmp_path, "--opset", "20", "--fp16")
     assert code == 0
-    model = onnx.load(tmp_path / "efficientvit_m0.onnx")
+    model = onnx.load(tmp_path / "efficientvit_m0_fp16.onnx")        # precisions of a model sit side by side
     assert model.opset_import[0].version == 20
     desc = json.loads({p.key: p.value for p in model.metadata_props}["evit_deploy.description"])
     assert desc["extra"]["precision"] == "fp16" and desc["extra"]["options"]["opset"] == 20

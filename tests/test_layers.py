@@ -2,7 +2,7 @@
 
 * no import cycle anywhere in ``evit_deploy``;
 * a target module never imports the command layer (``api``, ``cli``, ``bench``,
-  ``profiler``, ``build``): what a target needs from the core lives below it;
+  ``profiler``, ``build``, ``evaluate``): what a target needs from the core lives below it;
 * the core names no target module: it reaches targets through the registry
   (``evit_deploy.targets``) and their contract (``evit_deploy.targets.base``) only.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import evit_deploy
 
 PACKAGE_DIR = Path(evit_deploy.__file__).parent
-COMMAND_LAYER = {f"evit_deploy.{m}" for m in ("api", "cli", "bench", "profiler", "build")}
+COMMAND_LAYER = {f"evit_deploy.{m}" for m in ("api", "cli", "bench", "profiler", "build", "evaluate")}
 TARGET_CONTRACT = {"evit_deploy.targets", "evit_deploy.targets.base"}
 
 

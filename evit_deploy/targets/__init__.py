@@ -14,9 +14,10 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..errors import BadInputError, unknown_name
-from .base import Artifact, Command, CommandResult, Finding, OpTime, Target, option
+from .base import PRECISIONS, Artifact, Command, CommandResult, Finding, OpTime, Target, option, precision_option
 
-__all__ = ["Artifact", "Command", "CommandResult", "Finding", "OpTime", "Target", "option", "ENTRY_POINT_GROUP",
+__all__ = ["Artifact", "Command", "CommandResult", "Finding", "OpTime", "Target", "option", "precision_option",
+           "PRECISIONS", "ENTRY_POINT_GROUP",
            "available_targets", "get_target", "target_for_artifact", "list_targets", "TargetInfo",
            "option_shortcuts"]
 
@@ -31,6 +32,7 @@ class TargetInfo:
     missing: tuple[str, ...]         # pip packages not importable here
     source: str                      # the entry point's value
     error: str | None = None         # why the plug-in itself failed to load
+    precisions: tuple[str, ...] = ()  # what --precision accepts (Target.precisions)
 
     @property
     def usable(self) -> bool:
@@ -96,7 +98,8 @@ def list_targets() -> list[TargetInfo]:
     for name, cls in sorted(loaded.items()):
         requires = {**cls.requires, **cls.run_requires}
         infos.append(TargetInfo(name, cls.produces, tuple(sorted(set(requires.values()))),
-                                tuple(sorted(set(cls.missing_packages().values()))), eps.get(name, "")))
+                                tuple(sorted(set(cls.missing_packages().values()))), eps.get(name, ""),
+                                precisions=cls.precisions()))
     for name, (value, error) in sorted(broken.items()):
         infos.append(TargetInfo(name, "?", (), (), value, error))
     return infos

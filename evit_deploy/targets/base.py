@@ -32,9 +32,26 @@ from ..description import ModelDescription
 from ..errors import BadInputError, MissingDependencyError, unknown_name
 
 
+#: The numeric precisions an artifact can compute in. Every target has one ``precision``
+#: option; it declares which of these it exports with :func:`precision_option` (a target
+#: without one exports fp32 only, see :func:`parse_options`).
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+
 def option(default, help: str, *, choices: tuple | None = None, flag: str | None = None):
     """Declare one export option: its default, help text and allowed values."""
     return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+def precision_option(default: str, supported: tuple[str, ...], help: str = "numeric precision of the artifact"):
+    """The ``precision`` option of a target that exports the ``supported`` precisions (a
+    subset of :data:`PRECISIONS`). Asking for another one of :data:`PRECISIONS` is the
+    one-line error "target 'x' does not support precision 'bf16'", not "unknown value"."""
+    unknown = sorted(set(supported) - set(PRECISIONS))
+    if unknown or default not in supported:
+        raise ValueError(f"precision_option: {unknown or default!r} is not one of {PRECISIONS}")
+    return field(default=default, metadata={"help": help, "choices": tuple(supported), "flag": None,
+                                            "vocabulary": PRECISIONS})
 
 
 @dataclass(frozen=True)
@@ -131,8 +148,17 @@ class Target:
         return "normalized"
 
     def precision(self, options) -> str:
-        """The parity tolerance class of an export with these options (fp32, fp16, ...)."""
-        return "fp32"
+        """The parity tolerance class of an export with these options: its ``precision``
+        option (fp32, fp16, bf16, int8), unless the target knows better (Core ML's
+        weight-only compression is "compressed")."""
+        return getattr(options, "precision", None) or "fp32"
+
+    @classmethod
+    def precisions(cls) -> tuple[str, ...]:
+        """The precisions this target exports: its ``precision`` option's choices (fp32
+        alone for a target without one)."""
+        found = next((f for f in option_fields(cls.Options) if f.name == PRECISION), None)
+        return tuple(found.metadata.get("choices") or (found.default,)) if found else ("fp32",)
 
     def default_batch(self, options, model: str) -> tuple[int, str] | None:
         """(batch, why) to export ``model`` (the name the trace gives it: ``efficientvit_m4``
@@ -242,8 +268,31 @@ class Target:
 
 # -- option schema -------------------------------------------------------------------------
 
+PRECISION = "precision"
+
+
 def option_fields(options_cls) -> list[dataclasses.Field]:
     return list(dataclasses.fields(options_cls)) if options_cls else []
+
+
+def _has_precision(options_cls) -> bool:
+    return any(f.name == PRECISION for f in option_fields(options_cls))
+
+
+def _unsupported_precision(value, supported, *, target: str, source: str) -> BadInputError:
+    return BadInputError(f"{source}: target '{target}' does not support precision '{value}' "
+                         f"(it supports {', '.join(supported)})")
+
+
+def _check_implicit_precision(value, *, target: str, source: str) -> None:
+    """A target without a precision option exports fp32: ``precision = "fp32"`` is
+    accepted (so one build file or command line can name the precision of every target),
+    any other is refused."""
+    if value is None or str(value) == "fp32":
+        return
+    if str(value) in PRECISIONS:
+        raise _unsupported_precision(value, ("fp32",), target=target, source=source)
+    raise unknown_name(f"value for {source}: option '{PRECISION}' of target '{target}'", str(value), PRECISIONS)
 
 
 def _field_type(options_cls, f: dataclasses.Field):
@@ -281,11 +330,16 @@ def coerce(options_cls, f: dataclasses.Field, value, *, target: str, source: str
         raise BadInputError(f"{label} must be {getattr(tp, '__name__', tp)}, got {value!r}") from None
     choices = f.metadata.get("choices")
     if choices and out is not None and out not in choices:
+        if out in (f.metadata.get("vocabulary") or ()):
+            raise _unsupported_precision(out, choices, target=target, source=source)
         raise unknown_name(f"value for {label}", str(out), [str(c) for c in choices])
     return out
 
 
 def parse_options(options_cls, values: dict[str, Any], *, target: str, source: str):
+    if not _has_precision(options_cls) and PRECISION in values:
+        values = dict(values)
+        _check_implicit_precision(values.pop(PRECISION), target=target, source=source)
     if options_cls is None:
         if values:
             raise BadInputError(f"{source}: target '{target}' takes no options, got {', '.join(values)}")
@@ -312,6 +366,8 @@ def parse_cli_values(options_cls, args: list[str], *, target: str) -> dict[str, 
         by_flag[flag] = f
         if _field_type(options_cls, f) is bool:
             by_flag["--no-" + flag[2:]] = f
+    if not _has_precision(options_cls):
+        by_flag["--" + PRECISION] = None        # fp32 only: see _check_implicit_precision
     values: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -320,6 +376,12 @@ def parse_cli_values(options_cls, args: list[str], *, target: str) -> dict[str, 
         if flag not in by_flag:
             raise unknown_name(f"option for target '{target}'", arg, sorted(by_flag) or ["(none)"])
         f = by_flag[flag]
+        if f is None:
+            if not inline and i + 1 >= len(args):
+                raise BadInputError(f"option {flag} of target '{target}' needs a value")
+            values[PRECISION] = inline or args[i + 1]
+            i += 1 if inline else 2
+            continue
         if _field_type(options_cls, f) is bool and not inline:
             values[f.name] = not flag.startswith("--no-")
         elif inline:

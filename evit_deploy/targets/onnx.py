@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import calibration as calib
 from ..description import ModelDescription
 from ..errors import BadInputError, ExportError
-from .base import Artifact, OpTime, Target, option
+from .base import Artifact, OpTime, Target, option, precision_option
 
 METADATA_KEY = "evit_deploy.description"
 
@@ -25,10 +26,26 @@ METADATA_KEY = "evit_deploy.description"
 class OnnxOptions:
     # torch.onnx's dynamo exporter emits opset 18 or newer (it cannot convert below).
     opset: int = option(18, "ONNX opset version", choices=tuple(range(18, 24)))
-    fp16: bool = option(False, "fp16 weights and compute, with fp32 inputs and outputs")
+    precision: str = precision_option(
+        "fp32", ("fp32", "fp16", "int8"),
+        "fp32; fp16 (fp16 weights and compute, fp32 inputs and outputs); int8 (onnxruntime quantization: "
+        "int8 weights per channel, uint8 activations)")
+    fp16: bool = option(False, "the same as --precision fp16 (kept for existing scripts and build files)")
+    quantization: str = option("static", "how --precision int8 quantizes activations: static (ranges calibrated "
+                               "on images, QDQ) or dynamic (measured on every batch at run time)",
+                               choices=("static", "dynamic"))
+    calibration: str | None = option(None, "directory of calibration images for --precision int8 (static); "
+                                     "default: the bundled photos and seeded crops of them")
     bake_preprocessing: str = option(
         "none", "bake scaling and ImageNet normalisation into the graph so it takes raw RGB",
         choices=("none", "float01", "uint8"))
+
+    def __post_init__(self):
+        if self.fp16:
+            if self.precision not in ("fp32", "fp16"):
+                raise BadInputError(f"--fp16 and --precision {self.precision} contradict each other: "
+                                    "keep --precision alone")
+            self.precision = "fp16"
 
 
 class OnnxTarget(Target):
@@ -45,8 +62,20 @@ class OnnxTarget(Target):
     def input_format(self, options: OnnxOptions) -> str:
         return "normalized" if options.bake_preprocessing == "none" else options.bake_preprocessing
 
-    def precision(self, options: OnnxOptions) -> str:
-        return "fp16" if options.fp16 else "fp32"
+    def validate(self, options: OnnxOptions) -> None:
+        if options.quantization == "dynamic" and options.precision != "int8":
+            raise BadInputError(f"--quantization dynamic is for --precision int8, not {options.precision}")
+        if options.calibration is not None and options.quantization == "dynamic":
+            raise BadInputError("--calibration is for static int8 quantization; dynamic quantization measures "
+                                "activation ranges at run time")
+        calib.check_request(options.precision, options.calibration, target=self.name)
+
+    def artifact_name(self, description: ModelDescription, options: OnnxOptions) -> str:
+        # Precisions of one model can sit side by side (evit-deploy eval dist/*.onnx).
+        variant = {"fp32": "", "fp16": "_fp16", "int8": "_int8"}[options.precision]
+        if options.precision == "int8" and options.quantization == "dynamic":
+            variant += "_dynamic"
+        return f"{description.stem}{variant}{self.suffixes[0]}"
 
     def export(self, traced, options: OnnxOptions, path: Path, reporter) -> Artifact:
         import onnx
@@ -66,11 +95,13 @@ class OnnxTarget(Target):
         produced = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
         if produced != options.opset:
             raise ExportError(f"torch.onnx produced opset {produced} instead of the requested {options.opset}")
-        if options.fp16:
+        if options.precision == "fp16":
             from onnxruntime.transformers.float16 import convert_float_to_float16
             proto = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True)
             # The converter appends its input casts at the end of the node list.
             topological_sort(proto.graph)
+        elif options.precision == "int8":
+            proto, desc = self._quantize(proto, desc, options, reporter)
         dedupe_initializers(proto.graph)
         strip_machine_specifics(proto.graph)
         _set_metadata(proto, desc)
@@ -82,6 +113,19 @@ class OnnxTarget(Target):
         # same bytes (onnx.save does not promise that).
         path.write_bytes(proto.SerializeToString(deterministic=True))
         return Artifact(path, self.name, desc)
+
+    def _quantize(self, proto, desc: ModelDescription, options: OnnxOptions, reporter):
+        from .onnx_int8 import quantize
+
+        calibration = None
+        if options.quantization == "static":
+            if options.calibration is None:
+                reporter.warn(calib.DEFAULT_WARNING)
+            calibration = calib.calibration_set(desc.preprocessing, options.calibration)
+        proto, facts = quantize(proto, mode=options.quantization, calibration=calibration,
+                                input_name=desc.input.name, input_format=desc.input_format,
+                                preprocessing=desc.preprocessing, batch=desc.batch)
+        return proto, desc.with_extra(int8=facts)
 
     # -- reading and running (torch-free) ----------------------------------------------------
     def read_description(self, path: Path) -> ModelDescription:

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ... import calibration as calib
 from ...description import ModelDescription
 from ...errors import ExportError
-from ..base import Artifact, Finding, Target, option
+from ..base import Artifact, Finding, Target, option, precision_option
 from .compress import MODES as COMPRESS_MODES
 from .convert import DEPLOYMENT_TARGETS
 from .runtime import COMPUTE_UNITS
@@ -30,13 +31,17 @@ from .runtime import COMPUTE_UNITS
 class CoreMLOptions:
     minimum_deployment_target: str = option("iOS16", "oldest OS the ML program must run on",
                                             choices=DEPLOYMENT_TARGETS)
-    precision: str = option("fp16", "compute precision of the ML program", choices=("fp16", "fp32"))
+    precision: str = precision_option("fp16", ("fp16", "fp32", "int8"),
+                                      "compute precision of the ML program; int8: W8A8 (int8 activations and "
+                                      "weights, calibrated on images; iOS 17 or later)")
     compute_units: str = option("all", "compute units Core ML may use when this package is run on macOS",
                                 choices=tuple(COMPUTE_UNITS))
     input_type: str = option("image", "image (RGB pixels, what Vision and CVPixelBuffer callers feed) "
                              "or tensor (float 0..1 NCHW)", choices=("image", "tensor"))
-    compress: str = option("none", "weight compression (palettize: k-means lookup tables of 2^n entries)",
-                           choices=COMPRESS_MODES)
+    compress: str = option("none", "weight-only compression of an fp16/fp32 program (palettize: k-means lookup "
+                           "tables of 2^n entries; int8: int8 weights, fp16 activations)", choices=COMPRESS_MODES)
+    calibration: str | None = option(None, "directory of calibration images for --precision int8; default: the "
+                                     "bundled photos and seeded crops of them")
     zip: bool = option(False, "also write a deterministic .mlpackage.zip for artifact stores")
 
 
@@ -82,10 +87,16 @@ class CoreMLTarget(Target):
     def precision(self, options: CoreMLOptions) -> str:
         return "compressed" if options.compress != "none" else options.precision
 
+    def validate(self, options: CoreMLOptions) -> None:
+        from .convert import check_options
+
+        check_options(options)
+        calib.check_request(options.precision, options.calibration, target=self.name)
+
     def artifact_name(self, description: ModelDescription, options: CoreMLOptions) -> str:
         # Xcode names the generated class after the file: keep it a clean identifier.
         base = re.sub(r"[^A-Za-z0-9]+", "-", description.display_name).strip("-")
-        variant = ("-fp32" if options.precision == "fp32" else "") + \
+        variant = {"fp16": "", "fp32": "-fp32", "int8": "-w8a8"}[options.precision] + \
                   (f"-{options.compress}" if options.compress != "none" else "")
         return f"{base}{variant}{self.suffixes[0]}"
 
@@ -94,7 +105,7 @@ class CoreMLTarget(Target):
         from .executor import UnsupportedOpError, check_supported
         from .package import read_spec, zip_package
 
-        converted = convert(traced, options)
+        converted = convert(traced, options, reporter)
         write(converted, path)
         try:
             check_supported(read_spec(path), path.name)     # not the staging directory

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ... import calibration as calib
 from ...description import ModelDescription
 from ...errors import BadInputError, EvitError, ExportError
-from . import package
+from . import package, quantize
 from .quiet_import import coremltools
 from .compress import compression_pipeline
 from .metadata import LABEL_OUTPUT, PROBABILITIES_OUTPUT, artifact_description, set_metadata
@@ -46,7 +47,7 @@ def is_classifier(description: ModelDescription) -> bool:
             and out[0].shape[1] == len(description.labels) and description.batch == 1)
 
 
-def convert(traced, options) -> Converted:
+def convert(traced, options, reporter) -> Converted:
     """Convert ``traced`` (traced with input format float01) as ``options`` ask."""
     ct = coremltools()
     desc: ModelDescription = traced.description
@@ -54,7 +55,8 @@ def convert(traced, options) -> Converted:
     classifier = is_classifier(desc)
     program = _with_probabilities(traced) if classifier else traced.program
     target = getattr(ct.target, options.minimum_deployment_target)
-    precision = ct.precision.FLOAT16 if options.precision == "fp16" else ct.precision.FLOAT32
+    # W8A8 programs quantize and dequantize fp16 activations around each integer op.
+    precision = ct.precision.FLOAT32 if options.precision == "fp32" else ct.precision.FLOAT16
     n, c, h, w = desc.input.shape
     if options.input_type == "image":
         inputs = [ct.ImageType(name=desc.input.name, shape=(n, c, h, w), scale=1 / 255.0,
@@ -64,20 +66,40 @@ def convert(traced, options) -> Converted:
     outputs = [ct.TensorType(name=o.name, dtype=np.float32) for o in desc.outputs]
     if classifier:
         outputs.append(ct.TensorType(name=_PROBABILITIES_VAR, dtype=np.float32))
+    # What the package will take (pixels 0-255 for an image input): calibration feeds it.
+    packaged = artifact_description(desc, options, classifier=classifier, weights_bytes=0,
+                                    uncompressed_weights_bytes=0)
+    calibration = None
+    if options.precision == "int8":
+        if options.calibration is None:
+            reporter.warn(calib.DEFAULT_WARNING)
+        calibration = calib.calibration_set(desc.preprocessing, options.calibration)
+
+    def to_mil():
+        return ct.convert(program.run_decompositions({}), inputs=inputs, outputs=outputs,
+                          minimum_deployment_target=target, compute_precision=precision,
+                          pass_pipeline=_conversion_pipeline(ct), convert_to="milinternal")
 
     try:
         # coremltools draws a progress bar per pass pipeline on stderr; we report our own.
         with contextlib.redirect_stderr(io.StringIO()):
-            mil = ct.convert(program.run_decompositions({}), inputs=inputs, outputs=outputs,
-                             minimum_deployment_target=target, compute_precision=precision,
-                             pass_pipeline=_conversion_pipeline(ct), convert_to="milinternal")
+            mil = to_mil()
             uncompressed = _const_bytes(mil)
             # The classifier op is added by the backend, which cannot match user output
             # types against the outputs it adds (coremltools 9 indexes past the list).
             mil.functions["main"].set_output_types(None)
+            if calibration is not None:
+                # Ranges are measured on a program of their own: the backend edits the
+                # program it converts (adding the image input's scaling), so ``mil`` can
+                # go through it once only (and MIL programs are too deep to deep-copy).
+                ranges = quantize.measure_ranges(to_mil(), target=target, calibration=calibration,
+                                                 description=packaged)
+                pipeline = quantize.w8a8_pipeline(ranges)
+            else:
+                pipeline = compression_pipeline(options.compress) or ct.PassPipeline.EMPTY
             mlmodel = ct.convert(
                 mil, convert_to="mlprogram", minimum_deployment_target=target, compute_precision=precision,
-                pass_pipeline=compression_pipeline(options.compress) or ct.PassPipeline.EMPTY,
+                pass_pipeline=pipeline,
                 classifier_config=ct.ClassifierConfig(list(desc.labels), predicted_feature_name=LABEL_OUTPUT,
                                                        predicted_probabilities_output=_PROBABILITIES_VAR)
                 if classifier else None,
@@ -95,6 +117,10 @@ def convert(traced, options) -> Converted:
     weights_bytes = weight_file.stat().st_size if weight_file.is_file() else 0
     description = artifact_description(desc, options, classifier=classifier, weights_bytes=weights_bytes,
                                        uncompressed_weights_bytes=uncompressed)
+    if calibration is not None:
+        description = description.with_extra(int8={
+            "activations": "int8, symmetric, per tensor, ranges measured by the reference executor",
+            "weights": "int8, symmetric, per output channel", "calibration": calibration.describe()})
     set_metadata(spec, description, options, classifier=classifier)
     return Converted(spec, weight_file if weight_file.is_file() else None, description, mlmodel)
 
@@ -111,6 +137,21 @@ def _conversion_pipeline(ct):
     return pipeline
 
 
+def check_options(options) -> None:
+    """What the options alone rule out (before any trace)."""
+    order = DEPLOYMENT_TARGETS.index
+    if options.compress != "none" and order(options.minimum_deployment_target) < order(COMPRESSION_NEEDS):
+        raise BadInputError(f"--compress {options.compress} needs --minimum-deployment-target "
+                            f"{COMPRESSION_NEEDS} or later (compressed weights are iOS 16 ops)")
+    if options.precision == "int8":
+        if options.compress != "none":
+            raise BadInputError(f"--precision int8 already stores int8 weights: --compress {options.compress} is for "
+                                "fp16 and fp32 programs")
+        if order(options.minimum_deployment_target) < order(quantize.NEEDS):
+            raise BadInputError(f"--precision int8 needs --minimum-deployment-target {quantize.NEEDS} or later "
+                                "(int8 activations are iOS 17 ops)")
+
+
 def _check_request(desc: ModelDescription, options) -> None:
     if desc.input_format != "float01":
         raise BadInputError(f"the Core ML converter needs a trace with input format float01, got {desc.input_format}")
@@ -125,10 +166,7 @@ def _check_request(desc: ModelDescription, options) -> None:
         if n != 1:
             raise BadInputError("a Core ML image input takes one image at a time; "
                                 f"for a batch of {n} use --input-type tensor")
-    if options.compress != "none" and DEPLOYMENT_TARGETS.index(options.minimum_deployment_target) < \
-            DEPLOYMENT_TARGETS.index(COMPRESSION_NEEDS):
-        raise BadInputError(f"--compress {options.compress} needs --minimum-deployment-target "
-                            f"{COMPRESSION_NEEDS} or later (compressed weights are iOS 16 ops)")
+    check_options(options)
 
 
 def _with_probabilities(traced):

@@ -144,11 +144,16 @@ class Program:
             self.constants[name] = value
 
     # -- running ---------------------------------------------------------------------------
-    def run(self, feeds: dict[str, np.ndarray], *, round_fp16: bool = True) -> dict[str, object]:
-        """Execute ``main`` on ``feeds`` (input name -> array); every block output by name."""
+    def run(self, feeds: dict[str, np.ndarray], *, round_fp16: bool = True, observe=None) -> dict[str, object]:
+        """Execute ``main`` on ``feeds`` (input name -> array); every block output by name.
+
+        ``observe(name, value)`` is called with every value an op produces (activation
+        ranges for int8 calibration are measured that way)."""
         missing = set(self.inputs) - set(feeds)
         if missing:
             raise ValueError(f"missing program inputs: {', '.join(sorted(missing))}")
+        if observe is not None:
+            return self._execute(feeds, round_fp16, observe)
         key = (round_fp16, *(_fingerprint(feeds[name]) for name in sorted(self.inputs)))
         if key in self._recent:
             self._recent.move_to_end(key)
@@ -159,7 +164,7 @@ class Program:
             self._recent.popitem(last=False)
         return dict(outputs)
 
-    def _execute(self, feeds: dict[str, np.ndarray], round_fp16: bool) -> dict[str, object]:
+    def _execute(self, feeds: dict[str, np.ndarray], round_fp16: bool, observe=None) -> dict[str, object]:
         env: dict[str, object] = dict(self.constants)
         for name, info in self.inputs.items():
             value = np.asarray(feeds[name])
@@ -181,6 +186,8 @@ class Program:
                 params[pname] = bound
             for (name, _), value in zip(op.outputs, _call(op, params, round_fp16=round_fp16)):
                 env[name] = value
+                if observe is not None:
+                    observe(name, value)
         missing = [n for n in self.output_names if n not in env]
         if missing:
             raise ProgramError(f"function {FUNCTION} never produces its outputs {missing}")

@@ -438,6 +438,54 @@ def pad(call: OpCall):
     raise ValueError(f"unknown pad mode '{mode}'")
 
 
+# -- activation quantization (iOS 17) --------------------------------------------------------------
+
+_INTEGER_RANGES = {"int8": (-128, 127), "uint8": (0, 255)}
+
+
+def _per_axis(call: OpCall, name: str, rank: int, default=None):
+    """A quantization parameter shaped to broadcast against a rank-``rank`` tensor: a
+    scalar as it is, a vector along ``axis``."""
+    value = call.value(name, default)
+    if value is None:
+        return None
+    value = np.asarray(value, np.float32)
+    if value.ndim == 0:
+        return value
+    if value.ndim != 1:
+        raise ValueError(f"'{name}' must be a scalar or a vector, got shape {value.shape}")
+    axis = call.int("axis", None)
+    if axis is None:
+        raise ValueError(f"a vector '{name}' needs an axis")
+    shape = [1] * rank
+    shape[_axis(axis, rank)] = value.size
+    return value.reshape(shape)
+
+
+@register("quantize")
+def quantize(call: OpCall):
+    """clip(round(x / scale) + zero_point) to the output type's range; round half to even,
+    as coremltools' own evaluation of the op (numpy's around)."""
+    x = call.value("input")
+    dtype = call.str("output_dtype")
+    if dtype not in _INTEGER_RANGES:
+        raise ValueError(f"quantize to unsupported dtype '{dtype}'")
+    scale = _per_axis(call, "scale", x.ndim)
+    if not np.all(scale != 0):
+        raise ValueError("quantize with a zero scale")
+    zero_point = _per_axis(call, "zero_point", x.ndim, np.float32(0))
+    low, high = _INTEGER_RANGES[dtype]
+    return np.clip(np.around(x / scale) + zero_point, low, high)
+
+
+@register("dequantize")
+def dequantize(call: OpCall):
+    """scale * (q - zero_point)."""
+    q = np.asarray(call.value("input")).astype(np.float32)
+    zero_point = _per_axis(call, "zero_point", q.ndim, np.float32(0))
+    return _per_axis(call, "scale", q.ndim) * (q - zero_point)
+
+
 # -- classifier --------------------------------------------------------------------------------
 
 @register("classify")

@@ -16,7 +16,7 @@ import numpy as np
 
 from ...description import ModelDescription
 from ...errors import ExportError
-from ..base import Artifact, Command, Finding, OpTime, Target, missing_modules, option
+from ..base import Artifact, Command, Finding, OpTime, Target, missing_modules, option, precision_option
 
 DEFAULTS_NOTE = ("no tuning database (--db): every kernel gets its default schedule (written for its kernel "
                  "class, chosen by rules for this CPU); `evit-deploy tune` measures alternatives and can make it faster")
@@ -30,8 +30,9 @@ class TvmOptions:
     db: str | None = option(None, "tuning database directory made by `evit-deploy tune`", flag="--db")
     db_any_target: bool = option(False, "apply a database tuned for a different TVM target anyway",
                                  flag="--db-any-target")
-    precision: str = option("fp32", "bf16: the 1x1 convolutions from bf16 weights and activations with fp32 "
-                            "accumulation (needs AVX512_BF16 on the target CPU)", choices=("fp32", "bf16"))
+    precision: str = precision_option("fp32", ("fp32", "bf16"),
+                                      "bf16: the 1x1 convolutions from bf16 weights and activations with fp32 "
+                                      "accumulation (needs AVX512_BF16 on the target CPU)")
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -71,9 +72,6 @@ class TvmTarget(Target):
         if options.precision == "bf16":
             from .schedules.gemm_bf16 import require
             require(target)
-
-    def precision(self, options: TvmOptions) -> str:
-        return options.precision
 
     def artifact_name(self, description: ModelDescription, options: TvmOptions) -> str:
         suffix = "" if options.precision == "fp32" else f"_{options.precision}"

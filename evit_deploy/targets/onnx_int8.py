@@ -1,0 +1,97 @@
+"""int8 ONNX models with onnxruntime's own quantizer (``onnxruntime.quantization``).
+
+Static quantization (the default) writes a QDQ model: int8 weights per output channel,
+activations quantized with ranges calibrated on images (:mod:`evit_deploy.calibration`).
+onnxruntime's CPU provider fuses each QuantizeLinear/DequantizeLinear pair around a
+convolution into one integer kernel. Dynamic quantization stores int8 weights and measures
+activation ranges on every batch at run time: no calibration (its speed is not measured
+here; onnxruntime runs its convolutions as ConvInteger).
+
+The recipe was chosen by measuring on onnxruntime's CPU provider (README, "Reduced
+precision"; ``benchmarks/onnx_int8_recipe.py`` repeats the measurement):
+
+* uint8 activations, asymmetric (zero point from the calibrated range): with signed int8
+  activations the same graph ran at 0.68× (M0) and 1.13× (M4) fp32 speed, symmetric ones
+  at 0.71× and 0.94×, where uint8 ran at 1.64× and 3.2×;
+* every operator type quantized except the attention's score path (MatMul, the scale Mul,
+  Softmax) and the squeeze-excitation gate (Sigmoid, Mul): quantized, their QDQ pairs stay
+  unfused around float kernels and only add work (M4: 2.35× with them, 3.2× without;
+  leaving Add in float as well lost agreement, 0.84 against 0.91, for no speed);
+* MinMax calibration: the ranges are then exactly those seen on the calibration images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from pathlib import Path
+
+from ..calibration import CalibrationSet
+from ..errors import ExportError
+
+#: Operator types kept in float: quantizing them made the model slower (see above).
+KEEP_FLOAT = ("MatMul", "Softmax", "Mul", "Sigmoid")
+
+
+def op_types_to_quantize(proto) -> list[str]:
+    """Every operator type of the graph except :data:`KEEP_FLOAT`."""
+    return sorted({node.op_type for node in proto.graph.node} - set(KEEP_FLOAT))
+
+
+def quantize(proto, *, mode: str, calibration: CalibrationSet | None, input_name: str, input_format: str,
+             preprocessing, batch: int | None):
+    """An int8 copy of the fp32 ``proto`` (``mode`` static or dynamic) and the facts its
+    description records."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
+        quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = calibration.batches(preprocessing, input_format, batch)
+
+        def get_next(self):
+            x = next(self.batches, None)
+            return None if x is None else {input_name: x}
+
+    ops = op_types_to_quantize(proto)
+    with tempfile.TemporaryDirectory(prefix="evit-int8-") as tmp, _quiet_root_logger():
+        fp32, prepared, quantized = (Path(tmp) / n for n in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
+        fp32.write_bytes(proto.SerializeToString())
+        try:
+            # onnxruntime's recommended pre-processing: its graph optimisations (so that
+            # what is quantized is what the CPU provider runs) and shape inference.
+            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+            if mode == "static":
+                quantize_static(str(prepared), str(quantized), Reader(), quant_format=QuantFormat.QDQ,
+                                per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                                op_types_to_quantize=ops, calibrate_method=CalibrationMethod.MinMax)
+            else:
+                quantize_dynamic(str(prepared), str(quantized), per_channel=True, weight_type=QuantType.QInt8,
+                                 op_types_to_quantize=ops)
+        except Exception as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"onnxruntime's {mode} int8 quantization failed: {detail}") from exc
+        result = onnx.load(str(quantized))
+    facts = {"mode": mode, "format": "QDQ" if mode == "static" else "QOperator",
+             "weights": "int8 per channel, symmetric",
+             "activations": "uint8, asymmetric, MinMax-calibrated" if mode == "static" else "uint8, per batch",
+             "float_ops": list(KEEP_FLOAT)}
+    if calibration is not None:
+        facts["calibration"] = calibration.describe()
+    return result, facts
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """The quantizer logs every tensor it leaves alone on the root logger; its failures
+    arrive as exceptions. Quiet for the duration only."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
