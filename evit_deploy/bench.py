@@ -9,7 +9,10 @@ Backends: ``torch`` (eager) and ``torch-jit`` (traced and frozen) are PyTorch it
 every export target that declares a ``benchmark_backend`` (``onnxruntime`` for ONNX,
 ``tvm`` for TVM) is benchmarked on an artifact exported and verified for the purpose, in
 fp32 or, written ``RUNTIME:PRECISION`` (``onnxruntime:int8``), in any precision the target
-exports, so that the precisions of one runtime are compared in one run.
+exports, so that the precisions of one runtime are compared in one run. A label after
+``@`` (``tvm@tuned``) names a variant of a backend with options of its own
+(``-O tvm@tuned.db=DIR``), so that, say, TVM's default schedules and a tuned library are
+timed in the same run.
 """
 
 from __future__ import annotations
@@ -48,9 +51,25 @@ def all_backends() -> list[str]:
 
 
 def split_backend(name: str) -> tuple[str, str | None]:
-    """``onnxruntime:int8`` -> (``onnxruntime``, ``int8``); a bare name has no precision."""
-    runtime, _, precision = name.partition(":")
+    """``onnxruntime:int8`` -> (``onnxruntime``, ``int8``); a bare name has no precision.
+    A variant label (``tvm:bf16@tuned``) is not part of either."""
+    runtime, _, precision = name.partition("@")[0].partition(":")
     return runtime, precision or None
+
+
+def backend_label(name: str) -> str | None:
+    """``tvm@tuned`` -> ``tuned``: the variant whose options are ``-O tvm@tuned.KEY=VALUE``."""
+    return name.partition("@")[2] or None
+
+
+def _check_variant_options(backends: list[str], target_options: dict) -> None:
+    """Options given for a variant (``tvm@tuned``) that no backend asks for are a typo."""
+    wanted = {f"{target_backends()[split_backend(b)[0]]}@{backend_label(b)}" for b in backends
+              if backend_label(b) and split_backend(b)[0] not in TORCH_BACKENDS}
+    for key in target_options:
+        if "@" in key and key not in wanted:
+            raise BadInputError(f"options for '{key}' but no backend is labelled '@{key.partition('@')[2]}' "
+                                f"for target '{key.partition('@')[0]}'")
 
 
 def parse_backends(text: str) -> list[str]:
@@ -62,9 +81,11 @@ def parse_backends(text: str) -> list[str]:
         runtime, precision = split_backend(name)
         if runtime not in valid:
             raise unknown_name("backend", runtime, valid)
+        if "@" in name and not backend_label(name):
+            raise BadInputError(f"backend '{name}': a label follows '@' (tvm@tuned)")
+        if runtime in TORCH_BACKENDS and (precision is not None or backend_label(name)):
+            raise BadInputError(f"backend '{name}': PyTorch backends run fp32 only, with no variants")
         if precision is not None:
-            if runtime in TORCH_BACKENDS:
-                raise BadInputError(f"backend '{name}': PyTorch backends run fp32 only")
             supported = backend_target(runtime).precisions()
             if precision not in supported:
                 raise BadInputError(f"backend '{name}': target '{target_backends()[runtime]}' does not support "
@@ -144,7 +165,7 @@ def prepare(model_name: str, backend: str, *, batch: int, threads: int, img_size
     if backend in TORCH_BACKENDS:
         return Prepared(_torch_runner(model_name, backend, batch, img_size, weights, threads))
     result = export_backend(model_name, backend, batch=batch, img_size=img_size, weights=weights,
-                            out_dir=workdir / backend.replace(":", "-"), target_options=target_options,
+                            out_dir=workdir / backend.replace(":", "-").replace("@", "-"), target_options=target_options,
                             reporter=reporter)
     artifact = result.artifact
     tgt = backend_target(backend)
@@ -166,18 +187,36 @@ def backend_target(backend: str):
     return get_target(targets[backend])
 
 
+def backend_options(backend: str, target_options: dict | None) -> dict:
+    """The export options of an artifact ``backend``: its target's, then its variant's
+    (``tvm@tuned``), then the precision in its name."""
+    target = backend_target(backend).name
+    label = backend_label(backend)
+    options = {**(target_options or {}).get(target, {}),
+               **((target_options or {}).get(f"{target}@{label}", {}) if label else {})}
+    precision = split_backend(backend)[1]
+    if precision is not None:
+        options["precision"] = precision
+    return options
+
+
+def backend_precision(backend: str, target_options: dict | None) -> str:
+    if backend in TORCH_BACKENDS:
+        return "fp32"
+    # An option's default is its dataclass field's class attribute (Core ML: fp16).
+    return backend_options(backend, target_options).get(
+        "precision", getattr(backend_target(backend).Options, "precision", "fp32"))
+
+
 def export_backend(model_name: str, backend: str, *, batch: int, img_size: int, weights, out_dir: Path,
                    target_options: dict | None, reporter: Reporter | None):
-    """An artifact made and verified for timing ``backend`` (bench and profile share it);
-    a precision in the backend's name overrides the target options'."""
+    """An artifact made and verified for timing ``backend`` (bench and profile share it),
+    with :func:`backend_options`."""
     from .api import export_plan
     from .plan import plan_export
 
     target = backend_target(backend).name
-    options = dict((target_options or {}).get(target, {}))
-    precision = split_backend(backend)[1]
-    if precision is not None:
-        options["precision"] = precision
+    options = backend_options(backend, target_options)
     if options.get("precision", "fp32") != "int8":
         # -O TARGET.calibration=DIR is given once per target, for its int8 backend.
         options.pop("calibration", None)
@@ -231,6 +270,7 @@ def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 
     backends = backends or [*TORCH_BACKENDS, "onnxruntime"]
     if batch < 1 or threads < 1 or rounds < 1:
         raise BadInputError("batch, threads and rounds must be at least 1")
+    _check_variant_options(backends, target_options or {})
     names = [resolve_name(m).name for m in models]
     records: list[BenchRecord] = []
     with tempfile.TemporaryDirectory(prefix="evit-bench-") as tmp:
@@ -272,7 +312,8 @@ def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 
     settings = {"batch": batch, "threads": threads, "img_size": img_size, "rounds": rounds,
                 "round_seconds": round_seconds, "warmup_seconds": warmup_seconds, "backends": backends,
                 "baseline": baseline, "bn_folded": True,
-                "precisions": {b: split_backend(b)[1] or "fp32" for b in backends},
+                "precisions": {b: backend_precision(b, target_options) for b in backends},
+                "options": {b: backend_options(b, target_options) for b in backends if b not in TORCH_BACKENDS},
                 "env_threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                                                "TVM_NUM_THREADS") if os.environ.get(k)}}
     return BenchResult(records, settings)

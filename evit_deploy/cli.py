@@ -386,14 +386,16 @@ def _with_target_shortcuts(function):
 def bench(models: list[str] = typer.Argument(..., help="m0 … m5"),
           backends: str = typer.Option("torch,torch-jit,onnxruntime", "--backends", "-b",
                                        help="Comma-separated, or 'all' (torch, torch-jit, and each target's runtime); "
-                                            "RUNTIME:PRECISION (onnxruntime:int8) times that precision."),
+                                            "RUNTIME:PRECISION (onnxruntime:int8) times that precision; "
+                                            "RUNTIME@LABEL (tvm@tuned) a variant with options -O TARGET@LABEL.KEY=VALUE."),
           batch: int = typer.Option(16, "--batch", min=1),
           threads: int = typer.Option(1, "--threads", min=1),
           rounds: int = typer.Option(5, "--rounds", min=1, help="Interleaved timing rounds."),
           round_seconds: float = typer.Option(1.0, "--round-seconds", min=0.0, help="Time per backend per round."),
           img_size: int = typer.Option(224, "--img-size"),
           option: Optional[list[str]] = typer.Option(None, "--option", "-O",
-                                                     help="Export option for a target, TARGET.KEY=VALUE (repeatable)."),
+                                                     help="Export option for a target, TARGET.KEY=VALUE, or for one "
+                                                          "variant, TARGET@LABEL.KEY=VALUE (repeatable)."),
           memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak RSS per backend."),
           json_out: Optional[str] = typer.Option(None, "--json", help="Write records to FILE ('-': stdout)."),
           plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG chart."),

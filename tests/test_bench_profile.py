@@ -71,3 +71,19 @@ def test_profile_splits_compute_and_memory_bound_time(cli, tmp_path, backend):
     # Attention contains memory-bound work (softmax, reshapes) and it is attributed there.
     assert 0 < blocks["attention"]["memory_bound_share"] <= 1
     assert (tmp_path / "p.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_bench_variants_carry_their_own_options(cli, tmp_path):
+    """`onnxruntime@half` is a second ONNX artifact with the variant's options, timed in the
+    same run as the plain one; options for a variant nobody asked for are a typo."""
+    code, _, err = cli("bench", "m0", "--backends", "onnxruntime,onnxruntime@half", "--batch", "2", "--img-size", "64",
+                       "--rounds", "1", "--round-seconds", "0.02", "--no-memory", "-O", "onnx@half.precision=fp16",
+                       "--json", tmp_path / "b.json")
+    assert code == 0, err
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["settings"]["precisions"] == {"onnxruntime": "fp32", "onnxruntime@half": "fp16"}
+    assert {r["backend"] for r in data["records"]} == {"onnxruntime", "onnxruntime@half"}
+    code, _, err = cli("bench", "m0", "--backends", "onnxruntime", "-O", "onnx@half.precision=fp16")
+    assert code == EXIT_BAD_INPUT and "no backend is labelled '@half'" in err
+    code, _, err = cli("bench", "m0", "--backends", "torch@x")
+    assert code == EXIT_BAD_INPUT and "no variants" in err

@@ -127,6 +127,19 @@ def finish_register_block(sch, block, epilogue, *, at, lanes: int, unrolled, vec
     return sch
 
 
+def block_row_by_channels(sch, conv, cols: int, nr: int, lanes: int):
+    """Split an NHWC convolution's loops into a block of ``cols`` pixels of a row by ``nr``
+    channels (vectors of ``lanes``), the reduction between the block's outer loops and its
+    register block: (n, y, channel blocks, pixel blocks, pixels, vectors, lanes) with the
+    reduction loops (ry, rx, rc) in the middle."""
+    nn, yy, xx, ff, ry, rx, rc = sch.get_loops(conv)
+    xo, xi = sch.split(xx, [None, cols])
+    fo, fi = sch.split(ff, [None, nr])
+    fio, fii = sch.split(fi, [None, lanes])
+    sch.reorder(nn, yy, fo, xo, ry, rx, rc, xi, fio, fii)
+    return nn, yy, fo, xo, (ry, rx, rc), xi, fio, fii
+
+
 def parallel_if_worth_it(sch, loop, work: int, facts) -> None:
     """Share ``loop`` among the target's cores when the kernel has ``work`` (multiply-adds or
     elements) enough for each of them; on one core, never (it only adds the launch)."""

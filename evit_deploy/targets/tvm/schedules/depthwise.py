@@ -11,8 +11,8 @@ applied to them before they are stored.
 
 from __future__ import annotations
 
-from .common import (ConvShape, conv_shape, divisors, find_block, finish_register_block, inline_around,
-                     parallel_if_worth_it, work_of)
+from .common import (ConvShape, block_row_by_channels, conv_shape, divisors, find_block, finish_register_block,
+                     inline_around, parallel_if_worth_it, work_of)
 from .facts import CpuFacts
 
 KIND = "depthwise"
@@ -49,11 +49,7 @@ def apply(sch, shape: tuple[int, int], facts: CpuFacts):
     lanes = min(facts.lanes, nr)
     conv = find_block(sch, NAMES)
     epilogue = inline_around(sch, conv)
-    nn, yy, xx, ff, ry, rx, rc = sch.get_loops(conv)
-    xo, xi = sch.split(xx, [None, cols])
-    fo, fi = sch.split(ff, [None, nr])
-    fio, fii = sch.split(fi, [None, lanes])
-    sch.reorder(nn, yy, fo, xo, ry, rx, rc, xi, fio, fii)
+    nn, yy, fo, xo, (_, rx, _), xi, fio, fii = block_row_by_channels(sch, conv, cols, nr, lanes)
     work = work_of(sch, conv)
     outer = sch.fuse(nn, yy, fo, xo)
     parallel_if_worth_it(sch, outer, work, facts)

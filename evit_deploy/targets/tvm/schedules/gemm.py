@@ -23,8 +23,8 @@ ran 7x faster that way than as image blocks (M0, AMD EPYC).
 
 from __future__ import annotations
 
-from .common import (ConvShape, conv_shape, divisors, find_block, finish_register_block, inline_around,
-                     parallel_if_worth_it, work_of)
+from .common import (ConvShape, block_row_by_channels, conv_shape, divisors, find_block, finish_register_block,
+                     inline_around, parallel_if_worth_it, work_of)
 from .facts import CpuFacts
 
 KIND = "gemm"
@@ -153,11 +153,7 @@ def _apply_row_tile(sch, cols: int, nr: int, facts: CpuFacts):
     conv = find_block(sch, ("conv2d_nhwc",))
     pad = find_block(sch, ("pad_temp",))
     epilogue = inline_around(sch, conv, keep=(pad,))     # the image's transpose (into the padding), bias
-    nn, yy, xx, ff, ry, rx, rc = sch.get_loops(conv)
-    xo, xi = sch.split(xx, [None, cols])
-    fo, fi = sch.split(ff, [None, nr])
-    fio, fii = sch.split(fi, [None, lanes])
-    sch.reorder(nn, yy, fo, xo, ry, rx, rc, xi, fio, fii)
+    nn, yy, fo, xo, _, xi, fio, fii = block_row_by_channels(sch, conv, cols, nr, lanes)
     work = work_of(sch, conv)
     row = sch.fuse(nn, yy)
     parallel_if_worth_it(sch, row, work, facts)
