@@ -132,11 +132,24 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     rows = verdicts(result.records, paper_ratios(), batch=args.batch, threads=args.threads)
-    _print_tables(result, rows, tuning=options)
+    budgets = {label: tuning_budget(Path(opts["db"])) for label, opts in options.items() if opts.get("db")}
+    _print_tables(result, rows, tvm_target=tvm_target, budgets=budgets)
     if args.json:
-        args.json.write_text(json.dumps({**result.to_dict(), "tvm_target": tvm_target, "verdicts": rows},
-                                        indent=2) + "\n")
+        args.json.write_text(json.dumps({**result.to_dict(), "tvm_target": tvm_target, "tuning": budgets,
+                                         "verdicts": rows}, indent=2) + "\n")
     return 0 if all(r["goal_met"] is not False for r in rows) else 1
+
+
+def tuning_budget(db: Path) -> dict:
+    """What a database's tuned libraries cost: its target, and per model and input shape
+    the tuning time and trials summed over its runs."""
+    from evit_deploy.targets.tvm.database import TuningDatabase
+    from evit_deploy.targets.tvm.target_string import to_classic
+
+    database = TuningDatabase.open(db)
+    return {"database": str(db), "target": to_classic(database.target),
+            "models": {key: {"seconds": m.get("seconds"), "trials": m.get("trials"), "runs": len(m.get("runs", []))}
+                       for key, m in database.models().items()}}
 
 
 def _has_bf16(tvm_target: str) -> bool:
@@ -146,7 +159,7 @@ def _has_bf16(tvm_target: str) -> bool:
     return supported(to_tvm(resolve_target(tvm_target)))
 
 
-def _print_tables(result, rows: list[dict], tuning: dict) -> None:
+def _print_tables(result, rows: list[dict], *, tvm_target: str, budgets: dict) -> None:
     from evit_deploy.console import out, table
     from evit_deploy.models.registry import resolve_name
 
@@ -165,8 +178,11 @@ def _print_tables(result, rows: list[dict], tuning: dict) -> None:
                       f"{r['vs_torch_jit']:.2f}", _goal_text(r),
                       {None: "", True: "yes", False: "NO"}[r["goal_met"]] + (" (noisy)" if r["noisy"] else "")]
                      for r in rows], justify_right={2, 3}))
-    for label, opts in tuning.items():
-        out.print(f"{label}: {opts}")
+    out.print(f"tvm (default schedules): {tvm_target}")
+    for label, budget in budgets.items():
+        for key, m in budget["models"].items():
+            out.print(f"tvm{label.removeprefix('tvm')}: {budget['database']} ({budget['target']}), {key}: "
+                      f"tuned {m['seconds']:.0f} s, {m['trials']} trials in {m['runs']} run(s)")
 
 
 def _goal_text(row: dict) -> str:

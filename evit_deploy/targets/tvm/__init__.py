@@ -35,6 +35,14 @@ class TvmOptions:
                                       "accumulation (needs AVX512_BF16 on the target CPU)")
 
 
+def schedule_summary(info: dict) -> str:
+    """``70: 12 tuned, 58 default schedules`` from a library's description."""
+    parts = [f"{info.get('tuned_kernels') or 0} tuned", f"{info.get('default_kernels') or 0} default schedules"]
+    if info.get("unscheduled_kernels"):
+        parts.append(f"{info['unscheduled_kernels']} unscheduled")
+    return f"{info.get('kernels')}: {', '.join(parts)}"
+
+
 def _version_tuple(version: str) -> tuple[int, ...]:
     """``0.1.15.post2`` -> (0, 1, 15): enough to compare releases."""
     return tuple(int(n) for n in re.findall(r"\d+", version.split("+")[0])[:3])
@@ -145,7 +153,10 @@ class TvmTarget(Target):
         except Exception as exc:
             raise ExportError(f"TVM compilation failed: {type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
-        if database is not None and built.tuned < built.kernels:
+        if database is None:
+            reporter.info(f"no tuning database: the {built.kernels} kernels use their default schedules "
+                          f"(`evit-deploy tune` measures alternatives)")
+        elif built.tuned < built.kernels:
             reporter.info(f"{built.kernels - built.tuned} of {built.kernels} kernels have no record in "
                           f"{options.db}: they use their default schedules")
         if built.unscheduled:
@@ -276,5 +287,4 @@ class TvmTarget(Target):
     def parity_extras(self, path: Path, report) -> dict:
         from .runtime import read_description
         info = read_description(path).extra.get("tvm", {})
-        return {"tvm_target": info.get("target_string"),
-                "tuned_kernels": f"{info.get('tuned_kernels')}/{info.get('kernels')}"}
+        return {"tvm_target": info.get("target_string"), "kernels": schedule_summary(info)}
