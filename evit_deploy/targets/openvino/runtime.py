@@ -166,7 +166,10 @@ def cached_model(xml: Path) -> LoadedModel:
         raise BadInputError(f"artifact not found: {xml}")
     weights = bin_path(xml)
     stamp = weights.stat().st_mtime_ns if weights.is_file() else None
-    return _cached(str(xml.resolve()), xml.stat().st_mtime_ns, stamp)
+    model = _cached(str(xml.resolve()), xml.stat().st_mtime_ns, stamp)
+    # Asked on every use, not only when first compiled: the answer is the host's.
+    require_precision(model.inference_precision, what=f"{xml.name} (exported for bf16 inference)")
+    return model
 
 
 @lru_cache(maxsize=2)
