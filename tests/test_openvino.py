@@ -13,8 +13,6 @@ import pytest
 
 pytest.importorskip("openvino")
 
-import openvino as ov  # noqa: E402
-
 from conftest import cli_without_torch, save_checkpoint  # noqa: E402
 from evit_deploy import api  # noqa: E402
 from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_PARITY_FAILED  # noqa: E402
@@ -22,17 +20,38 @@ from evit_deploy.preprocess import sample_images  # noqa: E402
 from evit_deploy.targets import get_target  # noqa: E402
 from evit_deploy.targets.openvino import runtime  # noqa: E402
 
+ov = runtime.openvino()       # imported as the target imports it: without usage telemetry
+
 SIZE = 64           # small inputs: the IR's behaviour does not depend on the resolution
 SAMPLE = sample_images()
 WITHOUT_BF16 = ("WINOGRAD", "FP32", "INT8", "BIN", "EXPORT_IMPORT")
 
 
 @pytest.fixture(scope="module")
-def m0_ir(tmp_path_factory):
-    """An fp32 IR of one realistic M0 (its checkpoint, its export result)."""
-    root = tmp_path_factory.mktemp("openvino")
-    weights = save_checkpoint(root / "m0.pth", "m0", seed=1, recipe="realistic", img_size=SIZE)
-    return weights, api.export("m0", "openvino", out_dir=root / "out", weights=weights, img_size=SIZE)
+def m0_trace(tmp_path_factory):
+    """One realistic M0 checkpoint and its trace, shared by the exports of every precision
+    (as a build shares it)."""
+    from evit_deploy.plan import plan_export, trace_plan
+
+    weights = save_checkpoint(tmp_path_factory.mktemp("weights") / "m0.pth", "m0", seed=1, recipe="realistic",
+                              img_size=SIZE)
+    return weights, trace_plan(plan_export("m0", "openvino", weights=weights, img_size=SIZE))
+
+
+def export(m0_trace, out_dir, **options):
+    from evit_deploy.api import export_traced
+    from evit_deploy.plan import plan_export
+
+    weights, traced = m0_trace
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return export_traced(traced, plan_export("m0", "openvino", weights=weights, img_size=SIZE, options=options),
+                         out_dir)
+
+
+@pytest.fixture(scope="module")
+def m0_ir(m0_trace, tmp_path_factory):
+    """The fp32 IR of that M0 (its checkpoint, its export result)."""
+    return m0_trace[0], export(m0_trace, tmp_path_factory.mktemp("openvino"))
 
 
 def _copy_ir(xml, directory):
@@ -98,23 +117,23 @@ def test_verify_fails_on_a_corrupted_ir(m0_ir, tmp_path, cli):
         assert not json.loads(out)["passed"] and "Traceback" not in err
 
 
-def test_run_needs_no_torch(m0_ir, tmp_path):
+def test_run_needs_no_torch_and_sends_no_telemetry(m0_ir, tmp_path):
     weights, result = m0_ir
-    proc = cli_without_torch(["run", result.artifact.path, *SAMPLE, "--json", "-"])
+    # openvino_telemetry keeps its client id under ~/intel, and `import openvino` sends an event.
+    proc = cli_without_torch(["run", result.artifact.path, *SAMPLE, "--json", "-"], env_extra={"HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "intel").exists()
     preds = json.loads(proc.stdout)
     expected = api.predict("m0", SAMPLE, weights=weights, img_size=SIZE)
     assert [p["top"][0]["index"] for p in preds] == [p.top[0][0] for p in expected]
 
 
-def test_int8_through_nncf_verifies_in_the_int8_class(m0_ir, tmp_path):
-    weights, _ = m0_ir
+def test_int8_through_nncf_verifies_in_the_int8_class(m0_trace, tmp_path):
     calib = tmp_path / "calib"
     calib.mkdir()
     for photo in SAMPLE:
         shutil.copy(photo, calib / photo.name)
-    result = api.export("m0", "openvino", out_dir=tmp_path, weights=weights, img_size=SIZE,
-                        options={"precision": "int8", "calibration": str(calib)})
+    result = export(m0_trace, tmp_path / "out", precision="int8", calibration=str(calib))
     assert result.artifact.path.name == "efficientvit_m0_int8.xml"
     report = result.report
     assert report.passed and report.precision == "int8", report.summary()
@@ -125,10 +144,9 @@ def test_int8_through_nncf_verifies_in_the_int8_class(m0_ir, tmp_path):
     assert ops.count("FakeQuantize") == int8["fake_quantize_ops"] > 50
 
 
-def test_fp16_stores_half_the_weights_and_computes_in_f32(m0_ir, tmp_path):
-    weights, fp32 = m0_ir
-    result = api.export("m0", "openvino", out_dir=tmp_path, weights=weights, img_size=SIZE,
-                        options={"precision": "fp16"})
+def test_fp16_stores_half_the_weights_and_computes_in_f32(m0_trace, m0_ir, tmp_path):
+    _, fp32 = m0_ir
+    result = export(m0_trace, tmp_path, precision="fp16")
     report = result.report
     assert result.artifact.path.name == "efficientvit_m0_fp16.xml"
     assert report.passed and report.precision == "fp16" and report.extra["inference_precision"] == "f32"
@@ -151,10 +169,8 @@ def test_bf16_is_refused_on_a_cpu_without_it(m0_ir, tmp_path, cli, monkeypatch):
 
 
 @pytest.mark.skipif("BF16" not in runtime.cpu_capabilities(), reason="this CPU has no BF16")
-def test_bf16_export_verifies_in_the_bf16_class(m0_ir, tmp_path):
-    weights, _ = m0_ir
-    result = api.export("m0", "openvino", out_dir=tmp_path, weights=weights, img_size=SIZE,
-                        options={"precision": "bf16"})
+def test_bf16_export_verifies_in_the_bf16_class(m0_trace, tmp_path):
+    result = export(m0_trace, tmp_path, precision="bf16")
     report = result.report
     assert result.artifact.path.name == "efficientvit_m0_bf16.xml"
     assert report.passed and report.precision == "bf16" and report.extra["inference_precision"] == "bf16"

@@ -73,11 +73,10 @@ class OpenVinoTarget(Target):
         return f"{description.stem}{PRECISIONS[options.precision][2]}{self.suffixes[0]}"
 
     def export(self, traced, options: OpenVinoOptions, path: Path, reporter) -> Artifact:
-        import openvino as ov
-
         from .convert import convert, save, set_description
-        from .runtime import bin_path
+        from .runtime import bin_path, openvino
 
+        ov = openvino()
         inference_precision, weights, _ = PRECISIONS[options.precision]
         desc = traced.description
         model, paths = convert(traced)
@@ -115,9 +114,10 @@ class OpenVinoTarget(Target):
         return runtime_name(inference_precision_of(read_model(path), Path(path)))
 
     def parity_extras(self, path: Path, report) -> dict:
-        import openvino.properties.hint as hints
+        from .runtime import bin_path, cached_model, openvino
 
-        from .runtime import bin_path, cached_model
+        openvino()
+        import openvino.properties.hint as hints
 
         loaded = cached_model(path)
         return {"inference_precision": loaded.property(hints.inference_precision).get_type_name(),
@@ -141,10 +141,9 @@ class OpenVinoTarget(Target):
         findings = super().diagnose()
         if any(f.level == "error" for f in findings):
             return findings
-        import openvino as ov
+        from .runtime import cpu_capabilities, openvino
 
-        from .runtime import cpu_capabilities
-
+        ov = openvino()
         capabilities = cpu_capabilities()
         findings.append(Finding("ok", f"OpenVINO {ov.__version__.split('-')[0]} CPU plug-in, "
                                       f"OPTIMIZATION_CAPABILITIES: {', '.join(capabilities)}"))

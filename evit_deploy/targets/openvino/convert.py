@@ -9,10 +9,6 @@ because no library does it for us:
 * the evit-deploy description goes into the IR's ``rt_info`` (see :mod:`.runtime`);
 * the two files are written into a temporary directory and renamed into place, weights
   first, so that neither name ever holds a half-written file;
-* OpenVINO's and NNCF's usage telemetry (sent to Google Analytics unless the user opted
-  out) is switched off for evit-deploy's conversions: a build machine exporting models
-  has agreed to nothing. ``openvino.tools.ovc`` ships its own no-op ``Telemetry`` for
-  installs without ``openvino_telemetry``; it stands in while the converter runs.
 """
 
 from __future__ import annotations
@@ -29,34 +25,16 @@ from ...errors import ExportError
 from .runtime import DESCRIPTION, INFERENCE_PRECISION, MODULE_PATHS, RT_KEY, bin_path, first_line
 
 
-@contextlib.contextmanager
-def telemetry_off():
-    """Replace ``openvino_telemetry.Telemetry`` by OpenVINO's own no-op stand-in for the
-    duration (NNCF, first imported inside, keeps the stand-in for the process)."""
-    try:
-        import openvino_telemetry
-    except ImportError:          # not installed: nothing is sent anyway
-        yield
-        return
-    from openvino.tools.ovc import telemetry_stub
-
-    real = openvino_telemetry.Telemetry
-    openvino_telemetry.Telemetry = telemetry_stub.Telemetry
-    try:
-        yield
-    finally:
-        openvino_telemetry.Telemetry = real
-
-
 def convert(traced):
     """The trace's program as an ``openvino.Model`` with the description's names and shape,
     and the PyTorch module each of its operations came from (operation name -> module path,
     for ``profile``)."""
-    import openvino as ov
+    from .runtime import openvino
 
+    ov = openvino()
     desc: ModelDescription = traced.description
     try:
-        with telemetry_off(), _quiet_root_logger():
+        with _quiet_root_logger():
             decoder = _decoder(traced.program)
             model = ov.convert_model(decoder)
     except Exception as exc:
@@ -133,7 +111,9 @@ def set_description(model, desc: ModelDescription, inference_precision: str,
 def save(model, xml: Path, *, compress_to_fp16: bool) -> tuple[Path, Path]:
     """Write ``xml`` and the .bin beside it: saved in a temporary directory next to them,
     then renamed, weights first. On failure neither final name is touched."""
-    import openvino as ov
+    from .runtime import openvino
+
+    ov = openvino()
 
     xml = Path(xml)
     weights = bin_path(xml)

@@ -79,10 +79,11 @@ def advanced_parameters():
 
 def quantize(model, desc: ModelDescription, calibration: CalibrationSet, reporter):
     """An int8 copy of the float ``model`` and the facts its description records."""
-    from .convert import telemetry_off
+    from .telemetry import off
 
+    off()                        # before nncf is first imported: it keeps the class it finds
     batches = list(calibration.batches(desc.preprocessing, desc.input_format, desc.batch))
-    with telemetry_off(), _nncf_output(reporter):
+    with _nncf_output(reporter):
         import nncf
 
         try:
