@@ -83,6 +83,12 @@ def read_model(xml: Path):
     xml = Path(xml)
     if not xml.is_file():
         raise BadInputError(f"artifact not found: {xml}")
+    with open(xml, "rb") as f:
+        head = f.read(4096)
+    if b"<net" not in head:
+        # Without this, OpenVINO offers the file to every frontend it has (TensorFlow's
+        # prints parse errors on stderr) before saying it cannot read it.
+        raise BadInputError(f"{xml} is not an OpenVINO IR (no <net> element)")
     if not bin_path(xml).is_file():
         raise BadInputError(f"{xml} has no weights {bin_path(xml).name} beside it (keep the two files together)")
     try:
@@ -192,6 +198,8 @@ def runtime_name(inference_precision: str = "f32") -> str:
 
 
 def first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    """The message of an OpenVINO exception, without the source locations it starts with
+    ("Exception from src/...:84:", "Check '...' failed at src/...")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Exception from ", "Check '"))]
+    return (useful or lines or [type(exc).__name__])[0]
