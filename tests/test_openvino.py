@@ -144,14 +144,18 @@ def test_int8_through_nncf_verifies_in_the_int8_class(m0_trace, tmp_path):
     assert ops.count("FakeQuantize") == int8["fake_quantize_ops"] > 50
 
 
-def test_fp16_stores_half_the_weights_and_computes_in_f32(m0_trace, m0_ir, tmp_path):
-    _, fp32 = m0_ir
-    result = export(m0_trace, tmp_path, precision="fp16")
+def test_fp16_stores_half_the_weights_and_computes_in_f32_with_a_dynamic_batch(m0_ir, tmp_path):
+    weights, fp32 = m0_ir
+    result = api.export("m0", "openvino", out_dir=tmp_path, weights=weights, img_size=SIZE, dynamic_batch=True,
+                        options={"precision": "fp16"})
     report = result.report
     assert result.artifact.path.name == "efficientvit_m0_fp16.xml"
     assert report.passed and report.precision == "fp16" and report.extra["inference_precision"] == "f32"
     assert report.extra["weights_bytes"] < 0.55 * fp32.report.extra["weights_bytes"]
     assert report.outputs[0].max_rel > 1e-6                     # the weights really are rounded
+    model = ov.Core().read_model(str(result.artifact.path))
+    assert model.inputs[0].get_partial_shape() == ov.PartialShape([-1, 3, SIZE, SIZE])
+    assert api.run(result.artifact.path, SAMPLE + SAMPLE[:1]).outputs["logits"].shape == (5, 1000)
 
 
 def test_bf16_is_refused_on_a_cpu_without_it(m0_ir, tmp_path, cli, monkeypatch):
