@@ -7,8 +7,12 @@ because no library does it for us:
   ``x``, its output ``linear:0``), and a fixed-batch IR gets its static shape (the
   converter reports ``[?,3,?,?]`` although the trace's reshapes are fixed);
 * the evit-deploy description goes into the IR's ``rt_info`` (see :mod:`.runtime`);
+* the operations' PyTorch modules are recorded (``profile`` attributes time to blocks
+  through them): the converter names each operation after the FX node it came from, so
+  the program is decoded here as the converter would decode it, and its node names are
+  matched with their ``nn_module_stack``;
 * the two files are written into a temporary directory and renamed into place, weights
-  first, so that neither name ever holds a half-written file;
+  first, so that neither name ever holds a half-written file.
 """
 
 from __future__ import annotations
@@ -114,7 +118,6 @@ def save(model, xml: Path, *, compress_to_fp16: bool) -> tuple[Path, Path]:
     from .runtime import openvino
 
     ov = openvino()
-
     xml = Path(xml)
     weights = bin_path(xml)
     with tempfile.TemporaryDirectory(prefix=f".{xml.stem}.tmp-", dir=xml.parent) as tmp:

@@ -49,7 +49,9 @@ def openvino():
     return openvino
 
 
+@lru_cache(maxsize=1)
 def _core():
+    """One OpenVINO Core per process: it holds the loaded CPU plug-in."""
     return openvino().Core()
 
 
