@@ -20,7 +20,7 @@ from evit_deploy.preprocess import sample_images  # noqa: E402
 from evit_deploy.targets import get_target  # noqa: E402
 from evit_deploy.targets.openvino import runtime  # noqa: E402
 
-ov = runtime.openvino()       # imported as the target imports it: without usage telemetry
+ov = runtime.import_openvino()       # imported as the target imports it: without usage telemetry
 
 SIZE = 64           # small inputs: the IR's behaviour does not depend on the resolution
 SAMPLE = sample_images()

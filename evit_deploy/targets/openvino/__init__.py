@@ -74,9 +74,9 @@ class OpenVinoTarget(Target):
 
     def export(self, traced, options: OpenVinoOptions, path: Path, reporter) -> Artifact:
         from .convert import convert, save, set_description
-        from .runtime import openvino
+        from .runtime import import_openvino
 
-        ov = openvino()
+        ov = import_openvino()
         inference_precision, weights, _ = PRECISIONS[options.precision]
         desc = traced.description
         model, paths = convert(traced)
@@ -113,9 +113,9 @@ class OpenVinoTarget(Target):
         return runtime_name(inference_precision_of(read_model(path), Path(path)))
 
     def parity_extras(self, path: Path, report) -> dict:
-        from .runtime import bin_path, cached_model, openvino
+        from .runtime import bin_path, cached_model, import_openvino
 
-        openvino()
+        import_openvino()
         import openvino.properties.hint as hints
 
         loaded = cached_model(path)
@@ -140,15 +140,13 @@ class OpenVinoTarget(Target):
         findings = super().diagnose()
         if any(f.level == "error" for f in findings):
             return findings
-        from .runtime import cpu_capabilities, openvino
+        from .runtime import cpu_capabilities, import_openvino
 
-        ov = openvino()
+        ov = import_openvino()
         capabilities = cpu_capabilities()
         findings.append(Finding("ok", f"OpenVINO {ov.__version__.split('-')[0]} CPU plug-in, "
                                       f"OPTIMIZATION_CAPABILITIES: {', '.join(capabilities)}"))
         if "BF16" not in capabilities:
             findings.append(Finding("warning", "this CPU has no BF16 capability: --precision bf16 is refused here",
                                     "export fp32 or int8 on this machine, bf16 on a CPU with AVX512_BF16 or AMX"))
-        if "INT8" not in capabilities:
-            findings.append(Finding("warning", "this CPU has no INT8 capability: int8 IRs run slowly here"))
         return findings

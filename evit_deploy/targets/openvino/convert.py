@@ -33,9 +33,9 @@ def convert(traced):
     """The trace's program as an ``openvino.Model`` with the description's names and shape,
     and the PyTorch module each of its operations came from (operation name -> module path,
     for ``profile``)."""
-    from .runtime import openvino
+    from .runtime import import_openvino
 
-    ov = openvino()
+    ov = import_openvino()
     desc: ModelDescription = traced.description
     try:
         with _quiet_root_logger():
@@ -115,9 +115,9 @@ def set_description(model, desc: ModelDescription, inference_precision: str,
 def save(model, xml: Path, *, compress_to_fp16: bool) -> tuple[Path, Path]:
     """Write ``xml`` and the .bin beside it: saved in a temporary directory next to them,
     then renamed, weights first. On failure neither final name is touched."""
-    from .runtime import openvino
+    from .runtime import import_openvino
 
-    ov = openvino()
+    ov = import_openvino()
     xml = Path(xml)
     weights = bin_path(xml)
     with tempfile.TemporaryDirectory(prefix=f".{xml.stem}.tmp-", dir=xml.parent) as tmp:

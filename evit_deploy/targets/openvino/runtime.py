@@ -40,7 +40,7 @@ def bin_path(xml: Path) -> Path:
     return Path(xml).with_suffix(".bin")
 
 
-def openvino():
+def import_openvino():
     """The openvino module, imported with its usage telemetry off (see :mod:`.telemetry`)."""
     from .telemetry import off
 
@@ -52,12 +52,12 @@ def openvino():
 @lru_cache(maxsize=1)
 def _core():
     """One OpenVINO Core per process: it holds the loaded CPU plug-in."""
-    return openvino().Core()
+    return import_openvino().Core()
 
 
 @lru_cache(maxsize=1)
 def _host_capabilities() -> tuple[str, ...]:
-    openvino()
+    import_openvino()
     import openvino.properties as props
     return tuple(_core().get_property(DEVICE, props.device.capabilities))
 
@@ -129,7 +129,7 @@ def compile_config(inference_precision: str, *, threads: int | None = None, prof
     """The CPU plug-in's settings, all explicit: the precision (the plug-in's default is
     bf16 where the CPU has it), one stream, the latency hint, and the thread count when
     given (else the plug-in's choice: every core)."""
-    ov = openvino()
+    ov = import_openvino()
     import openvino.properties as props
     import openvino.properties.hint as hints
 
@@ -195,7 +195,7 @@ def _cached(xml: str, xml_mtime: int, bin_mtime: int | None) -> LoadedModel:
 
 
 def runtime_name(inference_precision: str = "f32") -> str:
-    ov = openvino()
+    ov = import_openvino()
     return f"OpenVINO {ov.__version__.split('-')[0]} (CPU, {inference_precision})"
 
 
