@@ -229,3 +229,25 @@ def test_classify_example_reads_the_ir_without_torch(m0_ir):
     results = classify_without_torch(result.artifact.path, SAMPLE)
     expected = api.run(result.artifact.path, SAMPLE).predictions
     assert [[t["index"] for t in r["top"]] for r in results] == [[i for i, *_ in p.top] for p in expected]
+
+
+def test_both_files_are_written_atomically(tmp_path, monkeypatch):
+    from evit_deploy.errors import ExportError
+    from evit_deploy.targets.openvino.convert import save
+
+    x = ov.opset13.parameter([1, 4], ov.Type.f32, name="image")
+    model = ov.Model([ov.opset13.relu(ov.opset13.multiply(x, ov.opset13.constant(np.full((1, 4), 2, np.float32))))],
+                     [x], "tiny")
+    xml, weights = save(model, tmp_path / "tiny.xml", compress_to_fp16=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.bin", "tiny.xml"]
+    before = xml.read_bytes(), weights.read_bytes()
+
+    def fails_half_way(model, path, **kwargs):
+        (next(tmp_path.glob(".tiny.tmp-*")) / "tiny.bin").write_bytes(b"half")   # a partial file in the staging dir
+        raise RuntimeError("Exception from src/core/src/pass/serialize.cpp:1:\ndisk full")
+
+    monkeypatch.setattr(ov, "save_model", fails_half_way)
+    with pytest.raises(ExportError, match="openvino.save_model failed: disk full"):
+        save(model, xml, compress_to_fp16=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.bin", "tiny.xml"]      # no temporary left
+    assert (xml.read_bytes(), weights.read_bytes()) == before                          # the old files untouched
