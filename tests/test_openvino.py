@@ -217,6 +217,10 @@ def test_profile_categorises_every_layer_and_attributes_blocks(m0_ir):
 
 
 def test_doctor_reports_the_cpu_capabilities():
+    from evit_deploy.hostinfo import package_versions
+
+    # Recorded by doctor, bench and build manifests (a build rebuilds when one changes).
+    assert package_versions()["openvino"] == ov.__version__.split("-")[0] and package_versions()["nncf"]
     findings = get_target("openvino").diagnose()
     assert all(f.level != "error" for f in findings)
     assert any(f"OPTIMIZATION_CAPABILITIES: {', '.join(runtime.cpu_capabilities())}" in f.message for f in findings)
