@@ -25,8 +25,18 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def package_versions(names=DEPENDENCIES) -> dict[str, str | None]:
+def target_packages() -> tuple[str, ...]:
+    """The pip packages registered targets declare (an optional extra's runtime, such as
+    OpenVINO's), so that their versions are recorded too and a build rebuilds when one changes."""
+    from .targets import available_targets
+
+    found = {pip for cls in available_targets().values() for pip in {**cls.requires, **cls.run_requires}.values()}
+    return tuple(sorted(found - set(DEPENDENCIES)))
+
+
+def package_versions(names=None) -> dict[str, str | None]:
     from . import __version__
+    names = (*DEPENDENCIES, *target_packages()) if names is None else names
     return {"evit-deploy": __version__, "python": platform.python_version(),
             **{name: package_version(name) for name in names}}
 

@@ -5,14 +5,15 @@ An application does not need torch or evit-deploy to use what `evit-deploy expor
 
     efficientvit_m4.onnx          onnxruntime
     efficientvit_m4.so            apache-tvm (with efficientvit_m4.tvm.json beside it)
+    efficientvit_m4.xml           openvino (with efficientvit_m4.bin beside it)
     EfficientViT-M4.mlpackage     coremltools on macOS (Core ML does not run on Linux)
 
     python examples/classify.py dist/efficientvit_m4.onnx cat.jpg coffee.jpg
     python examples/classify.py --json dist/efficientvit_m4.so cat.jpg     # one JSON line per photo
 
 Every artifact carries its description (input name and shape, input format, resize and
-crop, mean/std, class names): in the ONNX metadata, in the TVM sidecar, in the Core ML
-package's metadata. Reading it, instead of hard-coding ImageNet constants, is what keeps
+crop, mean/std, class names): in the ONNX metadata, in the TVM sidecar, in the OpenVINO
+IR's rt_info, in the Core ML package's metadata. Reading it, instead of hard-coding ImageNet constants, is what keeps
 an application right when the artifact is rebuilt with other options.
 """
 
@@ -84,6 +85,24 @@ class TvmModel:
         return (out[0] if not hasattr(out, "numpy") else out).numpy()
 
 
+class OpenVinoModel:
+    def __init__(self, path: Path):
+        import openvino as ov
+        import openvino.properties.hint as hints
+
+        core = ov.Core()
+        model = core.read_model(str(path))
+        self.description = json.loads(model.get_rt_info(["evit_deploy", "description"]).astype(str))
+        # The precision the IR was exported for: OpenVINO would otherwise pick bf16 by itself
+        # on CPUs that have it.
+        precision = model.get_rt_info(["evit_deploy", "inference_precision"]).astype(str)
+        self.compiled = core.compile_model(model, "CPU", {
+            hints.inference_precision: ov.Type.bf16 if precision == "bf16" else ov.Type.f32})
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.compiled({self.description["inputs"][0]["name"]: batch})[0]
+
+
 class CoreMLModel:
     def __init__(self, path: Path):
         if sys.platform != "darwin":
@@ -111,7 +130,7 @@ class CoreMLModel:
         return np.stack(rows)
 
 
-RUNTIMES = {".onnx": OnnxModel, ".so": TvmModel, ".mlpackage": CoreMLModel}
+RUNTIMES = {".onnx": OnnxModel, ".so": TvmModel, ".xml": OpenVinoModel, ".mlpackage": CoreMLModel}
 
 
 def open_artifact(path: str):
@@ -147,7 +166,7 @@ def classify(model, images: list[str], top: int = 5) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Classify photos with an evit-deploy artifact.")
-    parser.add_argument("artifact", help=".onnx, .so (TVM) or .mlpackage (macOS)")
+    parser.add_argument("artifact", help=".onnx, .so (TVM), .xml (OpenVINO) or .mlpackage (macOS)")
     parser.add_argument("images", nargs="+")
     parser.add_argument("--top", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="one JSON object per image")
