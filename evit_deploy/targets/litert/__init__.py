@@ -53,8 +53,6 @@ class LiteRTTarget(Target):
         from .flatbuffer import add_description, operator_counts
         from .runtime import Session, delegation, tensor_quantization
 
-        if traced.description.batch is None:
-            raise BadInputError("target 'litert' exports a fixed batch; use --batch N")
         data, facts = convert(traced, options.precision, options.calibration, reporter)
         desc = traced.description
         names = ([t.name for t in desc.inputs], [t.name for t in desc.outputs])
@@ -64,8 +62,7 @@ class LiteRTTarget(Target):
             tmp.write_bytes(add_description(data, desc, input_names=names[0], output_names=names[1]))
             session = Session(tmp, threads=1)
             litert = {"operators": operator_counts(data), "delegation": delegation(session).to_dict(),
-                      **({"int8": facts} if options.precision == "int8" else {}),
-                      **({"fp16": facts} if options.precision == "fp16" else {})}
+                      **({options.precision: facts} if facts else {})}
             quantized = tensor_quantization(session)
             if quantized:
                 litert["quantized_io"] = quantized
@@ -86,7 +83,7 @@ class LiteRTTarget(Target):
     def open_session(self, path: Path, threads: int | None = None):
         from .runtime import Session
 
-        _read(path)
+        _key(path)
         return Session(Path(path), threads=threads)
 
     def runtime_name(self, path: Path) -> str:

@@ -17,13 +17,12 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 
 from ... import calibration as calib
 from ...description import ModelDescription
 from ...errors import ExportError
-from .runtime import native_logs_captured
+from ...native_output import captured
 
 #: The ops ai-edge-quantizer's FLOAT_CASTING algorithm can store fp16 weights of, among
 #: the ones EfficientViT converts to (it is registered for these and a few others only).
@@ -110,7 +109,7 @@ def _quiet():
     absl_level = absl.level
     absl.setLevel(logging.ERROR)
     try:
-        with native_logs_captured(), contextlib.redirect_stdout(io.StringIO()):
+        with captured():
             yield
     finally:
         root.setLevel(level)

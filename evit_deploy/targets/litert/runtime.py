@@ -17,42 +17,20 @@ Interpreter's own node listing, used by its tests and tools).
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import BadInputError
+from ...native_output import captured
 
 DELEGATE_NODE = "DELEGATE"
 
 
 def default_threads() -> int:
     return os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def native_logs_captured():
-    """Collect what native code writes to the process's stdout and stderr meanwhile (the
-    TFLite runtime announces its XNNPACK delegate, the converter logs its MLIR passes
-    through absl): none of it is for the person running evit-deploy. Yields a callable
-    returning the captured text, for error messages."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        try:
-            for fd in saved:
-                os.dup2(sink.fileno(), fd)
-            yield lambda: (sink.seek(0), sink.read().decode("utf-8", "replace"))[1]
-        finally:
-            for fd, original in saved.items():
-                os.dup2(original, fd)
-                os.close(original)
 
 
 class Session:
@@ -63,7 +41,7 @@ class Session:
 
         self.threads = threads or default_threads()
         try:
-            with native_logs_captured():
+            with captured():
                 self.interpreter = Interpreter(model_path=str(path), num_threads=self.threads)
                 self.interpreter.allocate_tensors()
             self.runner = self.interpreter.get_signature_runner()
