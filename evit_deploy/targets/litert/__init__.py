@@ -100,8 +100,8 @@ class LiteRTTarget(Target):
         if not found.outside:
             return [Finding("ok", f"XNNPACK runs every operator ({found.partitions} partition)")]
         left = ", ".join(f"{n} {k}" for k, n in found.outside.items())
-        return [Finding("warning", f"XNNPACK runs {found.delegated_ops} of {found.total_ops} operators in "
-                                   f"{found.partitions} partitions; {left} run on TFLite's builtin kernels")]
+        return [Finding("warning", f"{sum(found.outside.values())} of {found.total_ops} operators outside "
+                                   f"XNNPACK ({left})")]
 
     def diagnose(self) -> list[Finding]:
         findings = super().diagnose()
