@@ -98,11 +98,10 @@ def _reverse_largest_weight(src, dst):
     dst.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
 
 
-@pytest.mark.parametrize("which", ["fp32", "int8"])
-def test_verify_fails_on_a_damaged_file(exports, tmp_path, cli, which):
-    weights, fp32, int8 = exports
-    good = (fp32 if which == "fp32" else int8).artifact.path
-    assert (fp32 if which == "fp32" else int8).report.passed    # verified by its export
+def test_verify_fails_on_a_damaged_file(exports, tmp_path, cli):
+    weights, fp32, _ = exports
+    good = fp32.artifact.path
+    assert fp32.report.passed    # verified by its export
     bad = tmp_path / good.name
     _reverse_largest_weight(good, bad)
     code, out, err = cli("verify", bad, "--weights", weights, "--json", "-")
