@@ -13,6 +13,9 @@ Differences from the reference implementation, all behaviour-preserving:
 * window attention accepts any feature size (padding to whole windows), which the
   detection backbone needs; a classification model still checks its input size, since
   its stage-3 bias table is sized for the feature map of ``img_size``.
+* attention heads take their channels by slicing and multiply with ``torch.bmm``
+  (the reference uses ``chunk``, ``split`` and ``@``): the same arithmetic, but a trace
+  that export delegates (ExecuTorch's XNNPACK) take whole.
 """
 
 from __future__ import annotations
@@ -189,23 +192,27 @@ class CascadedGroupAttention(nn.Module):
         self.register_buffer("attention_bias_idxs", idxs, persistent=True)
 
     def forward(self, x):
-        B, _, H, W = x.shape
+        B, C, H, W = x.shape
         # Looked up on every call (see module docstring): never stale, follows .to(),
         # and a trace sees the parameter, not a frozen copy.
         biases = self.attention_biases[:, self.attention_bias_idxs]
-        feats_in = x.chunk(self.num_heads, dim=1)
+        # Channel slices and torch.bmm compute exactly what x.chunk, feat.split and `@`
+        # do, but trace to slice and bmm only: `@` on 3-D tensors decomposes into
+        # expand + view + bmm and chunk/split into split_with_sizes, which delegates such
+        # as ExecuTorch's XNNPACK leave to slower portable kernels.
+        c, kd = C // self.num_heads, self.key_dim
         feats_out = []
-        feat = feats_in[0]
+        feat = None
         for i, qkv in enumerate(self.qkvs):
-            if i > 0:
-                feat = feat + feats_in[i]
+            part = x[:, i * c:(i + 1) * c]
+            feat = part if i == 0 else feat + part
             feat = qkv(feat)
-            q, k, v = feat.split([self.key_dim, self.key_dim, self.d], dim=1)
+            q, k, v = feat[:, :kd], feat[:, kd:2 * kd], feat[:, 2 * kd:]
             q = self.dws[i](q)
             q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)
-            attn = (q.transpose(-2, -1) @ k) * self.scale + biases[i]
+            attn = torch.bmm(q.transpose(1, 2), k) * self.scale + biases[i]
             attn = attn.softmax(dim=-1)
-            feat = (v @ attn.transpose(-2, -1)).view(B, self.d, H, W)
+            feat = torch.bmm(v, attn.transpose(1, 2)).view(B, self.d, H, W)
             feats_out.append(feat)
         return self.proj(torch.cat(feats_out, 1))
 

@@ -1,0 +1,119 @@
+"""PyTorch -> ``.pte``: the shared trace lowered to ExecuTorch with the XNNPACK delegate.
+
+* Weight-only subgraphs are folded first with ExecuTorch's ``constant_prop_pass``: the
+  attention's relative-position bias gather (``attention_biases[:, idxs]`` and the
+  per-head ``select``) depends on parameters only, and XNNPACK takes neither ``index``
+  nor ``select``; folded, each head's bias is one constant the delegate adds.
+* ``to_edge_transform_and_lower`` with the ``XnnpackPartitioner`` then hands every
+  operator XNNPACK supports to the delegate; :func:`delegation` counts what is left
+  outside (run by ExecuTorch's portable kernels).
+* int8: PyTorch 2 export quantization with ExecuTorch's ``XNNPACKQuantizer`` (static,
+  int8 per-channel symmetric weights, int8 activations calibrated on
+  :mod:`evit_deploy.calibration` images). The program keeps float32 input and output;
+  quantize and dequantize run inside the delegate.
+* The description goes into the program as a *constant method* (ExecuTorch's way of
+  storing configuration in a ``.pte``: a method that returns the value), named
+  :data:`DESCRIPTION_METHOD`.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+
+from ... import calibration as calib
+from ...description import ModelDescription
+from ...errors import ExportError
+
+DESCRIPTION_METHOD = "evit_deploy_description"
+DELEGATE_CALL = "executorch_call_delegate"
+
+
+def lower(traced, precision: str, calibration_dir):
+    """(edge program manager, delegation facts, quantization facts) for the trace."""
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir.passes.constant_prop_pass import constant_prop_pass
+
+    facts: dict = {}
+    program = traced.program
+    with torch.no_grad():
+        if precision == "int8":
+            program, facts = _int8(traced, calibration_dir)
+        try:
+            # A copy: the trace is shared with the other targets of a build. The int8
+            # weights' dequantize must stay: folded, the weights would be fp32 again and
+            # XNNPACK would see float convolutions between fake-quantized activations.
+            quantized = torch.ops.quantized_decomposed
+            keep = {quantized.dequantize_per_channel.default, quantized.dequantize_per_tensor.default,
+                    quantized.quantize_per_tensor.default, quantized.quantize_per_channel.default}
+            folded = constant_prop_pass(copy.deepcopy(program), custom_skip_targets=keep)
+            edge = to_edge_transform_and_lower(folded, partitioner=[XnnpackPartitioner()])
+        except Exception as exc:
+            raise ExportError(f"ExecuTorch lowering failed: {_first_line(exc)}") from exc
+    return edge, delegation(edge), facts
+
+
+def delegation(edge) -> dict:
+    """XNNPACK delegate calls in the lowered graph and the operators left outside them."""
+    graph = edge.exported_program().graph_module.graph
+    delegates, outside = 0, collections.Counter()
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target))
+        if DELEGATE_CALL in name:
+            delegates += 1
+        elif name != "getitem":
+            outside[name] += 1
+    return {"xnnpack_delegate_calls": delegates, "ops_outside_xnnpack": dict(sorted(outside.items())),
+            "fully_delegated": not outside}
+
+
+def to_pte(edge, description: ModelDescription) -> bytes:
+    """The program's bytes with ``description`` as a constant method.
+
+    The description records the delegation, known only after lowering, so the lowered
+    program is wrapped again with the constant method (``to_edge_transform_and_lower``
+    builds its result the same way) rather than lowered twice.
+    """
+    from executorch.exir import EdgeProgramManager
+
+    try:
+        final = EdgeProgramManager({"forward": edge.exported_program()},
+                                   constant_methods={DESCRIPTION_METHOD: description.to_json()},
+                                   compile_config=edge.compile_config)
+        return bytes(final.to_executorch().buffer)
+    except Exception as exc:
+        raise ExportError(f"ExecuTorch could not emit the program: {_first_line(exc)}") from exc
+
+
+def _int8(traced, calibration_dir):
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                         get_symmetric_quantization_config)
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    description = traced.description
+    images = calib.calibration_set(description.preprocessing, calibration_dir)
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    try:
+        prepared = prepare_pt2e(traced.program.module(), quantizer)
+        for batch in images.batches(description.preprocessing, description.input_format, description.batch):
+            prepared(torch.from_numpy(batch))
+        quantized = convert_pt2e(prepared)
+        program = torch.export.export(quantized, (traced.example_input(),))
+    except Exception as exc:
+        raise ExportError(f"pt2e int8 quantization failed: {_first_line(exc)}") from exc
+    facts = {"scheme": "PT2E static (ExecuTorch's XNNPACKQuantizer)",
+             "weights": "int8 per channel, symmetric",
+             "activations": "int8 per tensor (affine), ranges observed on the calibration images",
+             "io": "float32 (quantize/dequantize inside the program)",
+             "calibration": images.describe()}
+    return program, facts
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,107 @@
+"""Running a ``.pte`` with ExecuTorch's Python runtime (``executorch.runtime``).
+
+That runtime is a binding of the C++ one an app embeds, with the XNNPACK backend built
+in; it links libtorch and takes and returns ``torch.Tensor``, so running needs torch
+(an Android or iOS app links the C++ runtime instead).
+
+Its thread pool is one per process, and an XNNPACK delegate keeps the pool it was loaded
+with: resizing the pool under a loaded method leaves that method waiting forever on the
+old one. So the pool is sized before a method is loaded, and a :class:`Session` whose
+method was loaded before a later resize loads it again before it runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ...description import ModelDescription
+from ...errors import BadInputError
+from ...native_output import captured
+from .lower import DESCRIPTION_METHOD
+
+
+def default_threads() -> int:
+    return os.cpu_count() or 1
+
+
+#: Incremented at each resize of the pool: methods loaded before it must be loaded again.
+_pool_generation = 0
+
+
+def pool_with(threads: int) -> int:
+    """Size the process's thread pool to ``threads`` (if it is not); the pool's generation."""
+    global _pool_generation
+    # Importing the binding announces torchao kernels it cannot load, the pool's creation
+    # how it read the CPU, a resize "Resetting threadpool to N threads".
+    with captured():
+        from executorch.extension.pybindings import portable_lib
+
+        if portable_lib._threadpool_get_thread_count() != threads:
+            portable_lib._unsafe_reset_threadpool(threads)
+            _pool_generation += 1
+    return _pool_generation
+
+
+def load_program(path: Path):
+    import warnings
+
+    # Importing the runtime announces torchao kernels it cannot load and an
+    # "experimental API" warning; creating it, how it read the CPU's identity.
+    with warnings.catch_warnings(), captured():
+        warnings.simplefilter("ignore")
+        from executorch.runtime import Runtime
+
+        runtime = Runtime.get()
+    try:
+        with captured():
+            return runtime.load_program(Path(path).read_bytes())
+    except Exception as exc:   # the runtime raises RuntimeError with its error code
+        text = str(exc).strip().splitlines()
+        raise BadInputError(f"{path} is not a loadable ExecuTorch program: "
+                            f"{text[0] if text else type(exc).__name__}") from None
+
+
+def read_description(program, source: str) -> ModelDescription:
+    if DESCRIPTION_METHOD not in program.method_names:
+        raise BadInputError(f"{source} was not made by evit-deploy (no '{DESCRIPTION_METHOD}' method)")
+    try:
+        return ModelDescription.from_json(program.load_method(DESCRIPTION_METHOD).execute([])[0])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadInputError(f"{source}: its '{DESCRIPTION_METHOD}' is not a description: {exc}") from None
+
+
+class Session:
+    """The ``forward`` method of one program: ``session({name: array}) -> {name: array}``."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        self.path = Path(path)
+        self.threads = threads or default_threads()
+        self._load()
+
+    def _load(self) -> None:
+        self.generation = pool_with(self.threads)
+        program = load_program(self.path)
+        self.description = read_description(program, str(self.path))
+        try:
+            with captured():            # XNNPACK's initialisation reports the CPU it found
+                self.method = program.load_method("forward")
+        except Exception as exc:
+            raise BadInputError(f"{self.path}: its forward method does not load: {exc}") from None
+        self._program = program         # the method's memory belongs to the program
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        spec = self.description.input
+        if spec.name not in inputs:
+            raise BadInputError(f"the model takes '{spec.name}'; got {', '.join(inputs) or 'nothing'}")
+        x = np.ascontiguousarray(inputs[spec.name], dtype=spec.dtype)
+        if tuple(x.shape) != tuple(spec.shape):
+            raise BadInputError(f"input '{spec.name}' has shape {x.shape}, the model takes {tuple(spec.shape)}")
+        if pool_with(self.threads) != self.generation:
+            self._load()
+        outputs = self.method.execute([torch.from_numpy(x)])
+        return {o.name: out.detach().numpy().astype(np.float32) for o, out in zip(self.description.outputs, outputs)}

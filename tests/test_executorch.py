@@ -1,0 +1,126 @@
+"""ExecuTorch target: fp32 and int8 exports of a realistic M0 at 64x64, fully delegated to
+XNNPACK, the description in the program, verification that fails on a damaged weight."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import save_checkpoint
+from evit_deploy import api
+from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_PARITY_FAILED
+from evit_deploy.models.checkpoint import sha256_file
+from evit_deploy.preprocess import sample_images
+
+pytest.importorskip("executorch")
+
+SIZE = 64
+SAMPLE = sample_images()
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """(weights, fp32 export, int8 export) of one realistic M0."""
+    root = tmp_path_factory.mktemp("executorch")
+    weights = save_checkpoint(root / "m0.pth", "m0", seed=1, recipe="realistic", img_size=SIZE)
+    calibration = root / "calibration"
+    calibration.mkdir()
+    for photo in SAMPLE:
+        shutil.copy(photo, calibration / photo.name)
+    fp32 = api.export("m0", "executorch", out_dir=root / "fp32", weights=weights, img_size=SIZE)
+    int8 = api.export("m0", "executorch", out_dir=root / "int8", weights=weights, img_size=SIZE,
+                      options={"precision": "int8", "calibration": str(calibration)})
+    return weights, fp32, int8
+
+
+def test_fp32_is_fully_delegated_verifies_and_carries_its_description(exports):
+    weights, fp32, _ = exports
+    assert fp32.report.passed and fp32.report.precision == "fp32", fp32.report.summary()
+    assert fp32.artifact.path.name == "efficientvit_m0.pte"
+    _, stored = api.inspect_artifact(fp32.artifact.path)
+    assert stored == fp32.artifact.description
+    assert stored.weights == sha256_file(weights) and stored.labels[281] == "tabby"
+    assert stored.preprocessing.mean == (0.485, 0.456, 0.406) and stored.extra["precision"] == "fp32"
+    delegation = stored.extra["executorch"]["delegation"]
+    assert delegation["ops_outside_xnnpack"] == {} and delegation["fully_delegated"]
+    assert delegation["xnnpack_delegate_calls"] >= 1
+
+
+def test_the_program_has_the_description_method(exports):
+    from executorch.runtime import Runtime
+
+    from evit_deploy.targets.executorch.lower import DESCRIPTION_METHOD
+
+    program = Runtime.get().load_program(exports[1].artifact.path.read_bytes())
+    assert program.method_names == {"forward", DESCRIPTION_METHOD}
+    text = program.load_method(DESCRIPTION_METHOD).execute([])[0]
+    assert json.loads(text) == json.loads(exports[1].artifact.description.to_json())
+
+
+def test_int8_verifies_in_its_class(exports):
+    _, fp32, int8 = exports
+    report = int8.report
+    assert report.passed and report.precision == "int8", report.summary()
+    assert int8.artifact.path.name == "efficientvit_m0_int8.pte"
+    desc = api.inspect_artifact(int8.artifact.path)[1]
+    assert desc.extra["executorch"]["int8"]["calibration"]["images"] == len(SAMPLE)
+    assert desc.extra["executorch"]["delegation"]["fully_delegated"]
+    # Really computed in int8: far from the fp32 artifact's error, and a smaller file.
+    assert report.outputs[0].max_rel > 20 * fp32.report.outputs[0].max_rel
+    assert int8.artifact.path.stat().st_size < 0.5 * fp32.artifact.path.stat().st_size
+
+
+def _reverse_a_weight(src, dst, weights):
+    """The program with the values of the classifier's (BN-folded) weight, which the
+    XNNPACK payload stores as raw fp32, in reverse order."""
+    from torch import nn
+
+    from evit_deploy.models import create_model
+
+    model = create_model("m0", weights, fuse=True, img_size=SIZE)
+    linear = max((m for m in model.modules() if isinstance(m, nn.Linear)), key=lambda m: m.weight.numel())
+    weight = linear.weight.detach().numpy()
+    data = bytearray(src.read_bytes())
+    start = data.find(weight.tobytes()[:256])
+    assert start > 0, "the classifier weight is not stored as raw fp32"
+    values = np.frombuffer(bytes(data[start:start + weight.nbytes]), np.float32)
+    data[start:start + weight.nbytes] = values[::-1].tobytes()
+    dst.write_bytes(bytes(data))
+
+
+def test_verify_fails_on_a_damaged_file(exports, tmp_path, cli):
+    weights, fp32, _ = exports
+    good = fp32.artifact.path
+    assert fp32.report.passed    # verified by its export
+    bad = tmp_path / good.name
+    _reverse_a_weight(good, bad, weights)
+    code, out, err = cli("verify", bad, "--weights", weights, "--json", "-")
+    assert code == EXIT_PARITY_FAILED, err
+    assert not json.loads(out)["passed"] and "parity FAILED" in err and "Traceback" not in err
+    truncated = tmp_path / "truncated.pte"
+    truncated.write_bytes(good.read_bytes()[:4096])
+    code, _, err = cli("verify", truncated, "--weights", weights)
+    assert code == EXIT_BAD_INPUT and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_sessions_keep_their_thread_counts(exports):
+    """The process has one thread pool, and a delegate loaded before it is resized would
+    wait forever on the old one: each session runs with its own count and reloads its
+    method after another session resized the pool."""
+    from executorch.extension.pybindings import portable_lib
+
+    from evit_deploy.targets import get_target
+
+    target = get_target("executorch")
+    path = exports[1].artifact.path
+    one, two = target.open_session(path, threads=1), target.open_session(path, threads=2)
+    x = {"image": np.random.default_rng(0).random((1, 3, SIZE, SIZE), dtype=np.float32)}
+    first = one(x)["logits"]
+    assert portable_lib._threadpool_get_thread_count() == 1
+    np.testing.assert_array_equal(two(x)["logits"], first)
+    assert portable_lib._threadpool_get_thread_count() == 2
+    np.testing.assert_array_equal(one(x)["logits"], first)
+    assert portable_lib._threadpool_get_thread_count() == 1

@@ -1,0 +1,140 @@
+"""LiteRT target: fp32 and int8 exports of a realistic M0 at 64x64, the description in the
+file's metadata, verification that fails on a damaged file, and torch-free running."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import run_python, save_checkpoint
+from evit_deploy import api
+from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_PARITY_FAILED
+from evit_deploy.models.checkpoint import sha256_file
+from evit_deploy.preprocess import sample_images
+
+pytest.importorskip("litert_torch")
+
+SIZE = 64
+SAMPLE = sample_images()
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """(weights, fp32 export, int8 export) of one realistic M0."""
+    root = tmp_path_factory.mktemp("litert")
+    weights = save_checkpoint(root / "m0.pth", "m0", seed=1, recipe="realistic", img_size=SIZE)
+    calibration = root / "calibration"
+    calibration.mkdir()
+    for photo in SAMPLE:
+        shutil.copy(photo, calibration / photo.name)
+    fp32 = api.export("m0", "litert", out_dir=root / "fp32", weights=weights, img_size=SIZE)
+    int8 = api.export("m0", "litert", out_dir=root / "int8", weights=weights, img_size=SIZE,
+                      options={"precision": "int8", "calibration": str(calibration)})
+    return weights, fp32, int8
+
+
+def test_fp32_verifies_and_the_file_carries_its_description(exports):
+    from evit_deploy.targets.litert.flatbuffer import METADATA_NAME, metadata, operator_counts
+
+    weights, fp32, _ = exports
+    assert fp32.report.passed and fp32.report.precision == "fp32", fp32.report.summary()
+    assert fp32.artifact.path.name == "efficientvit_m0.tflite"
+    data = fp32.artifact.path.read_bytes()
+    entries = metadata(data)
+    assert "min_runtime_version" in entries            # the converter's own entry is kept
+    stored = json.loads(entries[METADATA_NAME])
+    assert stored == json.loads(fp32.artifact.description.to_json())
+    _, read_back = api.inspect_artifact(fp32.artifact.path)
+    assert read_back == fp32.artifact.description
+    assert read_back.weights == sha256_file(weights) and read_back.input_format == "normalized"
+    assert read_back.preprocessing.mean == (0.485, 0.456, 0.406) and read_back.labels[281] == "tabby"
+    assert read_back.extra["precision"] == "fp32"
+    # What the description says about the operators is what the file holds, and the
+    # delegate's share adds up to them.
+    litert = read_back.extra["litert"]
+    assert litert["operators"] == operator_counts(data)
+    share = litert["delegation"]
+    assert share["delegated_ops"] + sum(share["ops_outside_xnnpack"].values()) == sum(litert["operators"].values())
+
+
+def test_signature_names_follow_the_description(exports):
+    from evit_deploy.targets.litert.runtime import Session
+
+    session = Session(exports[1].artifact.path, threads=1)
+    assert list(session.inputs) == ["image"] and list(session.outputs) == ["logits"]
+    assert session.threads == 1
+    assert tuple(session.inputs["image"]["shape"]) == (1, 3, SIZE, SIZE)
+
+
+def test_int8_verifies_in_its_class_with_int8_io(exports):
+    _, fp32, int8 = exports
+    report = int8.report
+    assert report.passed and report.precision == "int8", report.summary()
+    assert int8.artifact.path.name == "efficientvit_m0_int8.tflite"
+    desc = api.inspect_artifact(int8.artifact.path)[1]
+    io = desc.extra["litert"]["quantized_io"]
+    assert io["image"]["dtype"] == "int8" and io["image"]["scale"] > 0 and io["logits"]["kind"] == "output"
+    assert desc.extra["litert"]["int8"]["calibration"]["images"] == len(SAMPLE)
+    # Really computed in int8: far from the fp32 artifact's error, and a smaller file.
+    assert report.outputs[0].max_rel > 20 * fp32.report.outputs[0].max_rel
+    assert int8.artifact.path.stat().st_size < 0.5 * fp32.artifact.path.stat().st_size
+
+
+def _reverse_largest_weight(src, dst):
+    """The same model with the elements of its largest constant tensor in reverse order."""
+    from ai_edge_litert import schema_py_generated as fb
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(src.read_bytes()))
+    sizes = {fb.TensorType.FLOAT32: 4, fb.TensorType.FLOAT16: 2, fb.TensorType.INT8: 1}
+    tensors = [t for t in model.subgraphs[0].tensors if t.type in sizes and model.buffers[t.buffer].data is not None]
+    tensor = max(tensors, key=lambda t: len(model.buffers[t.buffer].data))
+    buffer = model.buffers[tensor.buffer]
+    values = np.frombuffer(bytes(buffer.data), dtype=np.dtype(f"V{sizes[tensor.type]}"))
+    buffer.data = np.frombuffer(values[::-1].tobytes(), dtype=np.uint8)
+    dst.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+
+
+def test_verify_fails_on_a_damaged_file(exports, tmp_path, cli):
+    weights, fp32, _ = exports
+    good = fp32.artifact.path
+    assert fp32.report.passed    # verified by its export
+    bad = tmp_path / good.name
+    _reverse_largest_weight(good, bad)
+    code, out, err = cli("verify", bad, "--weights", weights, "--json", "-")
+    assert code == EXIT_PARITY_FAILED, err
+    assert not json.loads(out)["passed"] and "parity FAILED" in err and "Traceback" not in err
+    truncated = tmp_path / "truncated.tflite"
+    truncated.write_bytes(good.read_bytes()[:4096])
+    code, _, err = cli("verify", truncated, "--weights", weights)
+    assert code == EXIT_BAD_INPUT and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_needs_no_torch(exports):
+    """Both artifacts run where `import torch` fails, int8 quantization of the input
+    included, and give what they give in this process."""
+    _, fp32, int8 = exports
+    paths = [str(fp32.artifact.path), str(int8.artifact.path)]
+    code = ("import sys, json; sys.modules['torch'] = None\n"
+            "from evit_deploy import api\n"
+            f"results = [api.run(p, {json.dumps([str(s) for s in SAMPLE])}) for p in {json.dumps(paths)}]\n"
+            "assert 'xdsl' not in sys.modules\n"
+            "print(json.dumps([r.outputs['logits'].tolist() for r in results]))\n")
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    outside = json.loads(proc.stdout.strip().splitlines()[-1])
+    for path, logits in zip(paths, outside):
+        inside = api.run(path, SAMPLE).outputs["logits"]
+        np.testing.assert_array_equal(np.asarray(logits, np.float32), inside)
+
+
+def test_bench_knows_the_litert_backends():
+    from evit_deploy.bench import parse_backends
+    from evit_deploy.errors import BadInputError
+
+    assert parse_backends("litert,litert:int8,litert:fp16") == ["litert", "litert:int8", "litert:fp16"]
+    with pytest.raises(BadInputError, match="does not support precision 'bf16'"):
+        parse_backends("litert:bf16")
