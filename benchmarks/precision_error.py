@@ -30,7 +30,7 @@ import time
 import warnings
 from pathlib import Path
 
-TARGET_OPTIONS = {"onnx": {"precision": "int8"},
+TARGET_OPTIONS = {"onnx": {"precision": "int8"}, "openvino": {"precision": "int8"},
                   "coreml": {"precision": "int8", "minimum_deployment_target": "iOS17"}}
 
 

@@ -61,7 +61,8 @@ def test_build_file_is_valid_and_lists_the_release():
 
     spec = load_build_file(EXAMPLES / "evit-deploy.toml")
     targets = {a.name: a.target for a in spec.artifacts}
-    assert targets == {"ios": "coreml", "server-onnx": "onnx", "server-openvino": "openvino", "server-tvm": "tvm"}
+    assert targets == {"ios": "coreml", "android-litert": "litert", "android-executorch": "executorch",
+                       "server-onnx": "onnx", "server-openvino": "openvino", "server-tvm": "tvm"}
     tvm = next(a for a in spec.artifacts if a.target == "tvm")
     _, options, _ = merge_options(tvm.target, tvm.options, profile=tvm.profile)    # as the export sees them
     assert tvm.batch == 16 and "broadwell" in options.tvm_target

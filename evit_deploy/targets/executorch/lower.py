@@ -24,6 +24,7 @@ import copy
 from ... import calibration as calib
 from ...description import ModelDescription
 from ...errors import ExportError
+from ...native_output import captured
 
 DESCRIPTION_METHOD = "evit_deploy_description"
 DELEGATE_CALL = "executorch_call_delegate"
@@ -32,9 +33,12 @@ DELEGATE_CALL = "executorch_call_delegate"
 def lower(traced, precision: str, calibration_dir):
     """(edge program manager, delegation facts, quantization facts) for the trace."""
     import torch
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
-    from executorch.exir.passes.constant_prop_pass import constant_prop_pass
+    # Importing ExecuTorch imports torchao, which announces the CUDA kernels it cannot load
+    # on a CPU build: nothing for the user to act on.
+    with captured():
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+        from executorch.exir.passes.constant_prop_pass import constant_prop_pass
 
     facts: dict = {}
     program = traced.program
@@ -91,9 +95,10 @@ def to_pte(edge, description: ModelDescription) -> bytes:
 
 def _int8(traced, calibration_dir):
     import torch
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
-                                                                         get_symmetric_quantization_config)
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    with captured():            # torchao's announcements, as in lower()
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                             get_symmetric_quantization_config)
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     description = traced.description
     images = calib.calibration_set(description.preprocessing, calibration_dir)

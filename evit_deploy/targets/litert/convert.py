@@ -76,9 +76,11 @@ def _fp16_weights(data: bytes) -> bytes:
 
 def _int8(module, sample, description: ModelDescription, calibration_dir) -> tuple[bytes, dict]:
     import torch
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-    from litert_torch.quantize.quant_config import QuantConfig
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    # torchao announces the CUDA kernels it cannot load on a CPU build when imported.
+    with captured():
+        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+        from litert_torch.quantize.quant_config import QuantConfig
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     images = calib.calibration_set(description.preprocessing, calibration_dir)
     quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))

@@ -172,14 +172,14 @@ def simplify_layout():
     """Move layout changes out of the way so that NHWC tensors stay NHWC.
 
     After ``ConvertLayout`` every operation it cannot convert (the attention's
-    ``reshape(B, C, H*W)``, ``matmul``, channel ``split``/``concat``) gets a transpose to NCHW
+    ``reshape(B, C, H*W)``, ``matmul``, channel ``split``/``strided_slice``/``concat``) gets a transpose to NCHW
     before it and one back after it: about ten small copy kernels per attention head.
     These rewrites are exact algebra on shapes (no arithmetic changes):
 
     * ``reshape(permute(x, NHWC->NCHW), [B, C, HW])`` -> ``permute(reshape(x, [B, HW, C]), [0, 2, 1])``
       and the inverse for ``reshape(permute(y, [0, 2, 1]), [B, C, H, W])``;
     * ``matmul(a^T, b^T)`` -> ``matmul(b, a)^T``;
-    * element-wise operations, ``split`` and ``concat`` of equally permuted tensors are done
+    * element-wise operations, ``split``, ``strided_slice`` and ``concat`` of equally permuted tensors are done
       before the permutation;
     * consecutive permutations are composed, identities dropped.
 
@@ -221,7 +221,8 @@ def simplify_layout():
             call = super().visit_call_(call)
             name = op_name(call)
             rule = {"relax.permute_dims": self.compose, "relax.reshape": self.flatten,
-                    "relax.matmul": self.transposed_matmul, "relax.concat": self.concat}.get(name)
+                    "relax.matmul": self.transposed_matmul, "relax.concat": self.concat,
+                    "relax.strided_slice": self.slice}.get(name)
             if rule is None and name in binary:
                 rule = self.binary
             if rule is None and name in unary:
@@ -284,6 +285,17 @@ def simplify_layout():
             if inner is None:
                 return None
             return relax.op.permute_dims(relax.Call(call.op, [inner[0]], call.attrs), inner[1])
+
+        def slice(self, call):
+            # The attention takes each head's channels (and q, k, v) by slicing: sliced
+            # along the axis the permutation moved the channels to, the tensor stays NHWC.
+            inner = self.permuted(call.args[0])
+            if inner is None:
+                return None
+            x, axes = inner
+            sliced_axes = [axes[int(a.value) % len(axes)] for a in call.args[1].fields]
+            return relax.op.permute_dims(relax.op.strided_slice(x, sliced_axes, *call.args[2:],
+                                                                assume_inbound=call.attrs.assume_inbound), axes)
 
         def concat(self, call):
             fields = self.producer(call.args[0])
