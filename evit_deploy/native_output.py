@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import sys
 import tempfile
@@ -40,3 +41,19 @@ def captured() -> Iterator[Callable[[], str]]:
             for fd, original in saved.items():
                 os.dup2(original, fd)
                 os.close(original)
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Raise the root logger (and the loggers ``names``) to ERROR meanwhile: converters
+    log every stage, and every tensor they leave alone, at INFO or WARNING on the root
+    logger; what matters reaches evit-deploy as exceptions."""
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in names)]
+    levels = [lg.level for lg in loggers]
+    for lg, level in zip(loggers, levels):
+        lg.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

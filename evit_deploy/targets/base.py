@@ -110,6 +110,15 @@ class Artifact:
         return (*self.sidecars, self.path)
 
 
+def file_key(path) -> tuple[str, int]:
+    """(resolved path, modification time) of an artifact file: the key under which a
+    runtime's loaded model is cached, so a file written again is loaded again."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"artifact not found: {path}")
+    return str(path.resolve()), path.stat().st_mtime_ns
+
+
 def missing_modules(needed: dict[str, str]) -> dict[str, str]:
     """The entries of ``needed`` (import name -> pip package) that cannot be imported."""
     return {mod: pip for mod, pip in needed.items() if importlib.util.find_spec(mod) is None}

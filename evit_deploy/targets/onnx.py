@@ -17,7 +17,7 @@ import numpy as np
 from .. import calibration as calib
 from ..description import ModelDescription
 from ..errors import BadInputError, ExportError
-from .base import Artifact, OpTime, Target, option, precision_option
+from .base import Artifact, OpTime, Target, file_key, option, precision_option
 
 METADATA_KEY = "evit_deploy.description"
 
@@ -198,10 +198,7 @@ class OnnxTarget(Target):
 def session_for(path: Path):
     """An onnxruntime session, reused while the file is unchanged (verify and run read the
     description and then run the same file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"artifact not found: {path}")
-    return _session(str(path.resolve()), path.stat().st_mtime_ns)
+    return _session(*file_key(path))
 
 
 @lru_cache(maxsize=2)

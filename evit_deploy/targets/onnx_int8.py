@@ -22,13 +22,12 @@ precision"; ``benchmarks/onnx_int8_recipe.py`` repeats the measurement):
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import tempfile
 from pathlib import Path
 
 from ..calibration import CalibrationSet
 from ..errors import ExportError
+from ..native_output import quiet_loggers
 
 #: Operator types kept in float: quantizing them made the model slower (see above).
 KEEP_FLOAT = ("MatMul", "Softmax", "Mul", "Sigmoid")
@@ -57,7 +56,7 @@ def quantize(proto, *, mode: str, calibration: CalibrationSet | None, input_name
             return None if x is None else {input_name: x}
 
     ops = op_types_to_quantize(proto)
-    with tempfile.TemporaryDirectory(prefix="evit-int8-") as tmp, _quiet_root_logger():
+    with tempfile.TemporaryDirectory(prefix="evit-int8-") as tmp, quiet_loggers():
         fp32, prepared, quantized = (Path(tmp) / n for n in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
         fp32.write_bytes(proto.SerializeToString())
         try:
@@ -83,15 +82,3 @@ def quantize(proto, *, mode: str, calibration: CalibrationSet | None, input_name
         facts["calibration"] = calibration.describe()
     return result, facts
 
-
-@contextlib.contextmanager
-def _quiet_root_logger():
-    """The quantizer logs every tensor it leaves alone on the root logger; its failures
-    arrive as exceptions. Quiet for the duration only."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))
-    try:
-        yield
-    finally:
-        root.setLevel(level)

@@ -15,9 +15,8 @@ import numpy as np
 
 from ... import calibration as calib
 from ...description import ModelDescription
-from ...errors import BadInputError
 from ...fsutil import atomic_path
-from ..base import Artifact, Finding, Target, option, precision_option
+from ..base import Artifact, Finding, Target, file_key, option, precision_option
 
 
 @dataclass
@@ -66,15 +65,15 @@ class ExecuTorchTarget(Target):
 
     # -- reading and running ---------------------------------------------------------------
     def read_description(self, path: Path) -> ModelDescription:
-        return _session(*_key(path)).description
+        return _session(*file_key(path)).description
 
     def run(self, path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return _session(*_key(path))(inputs)
+        return _session(*file_key(path))(inputs)
 
     def open_session(self, path: Path, threads: int | None = None):
         from .runtime import Session
 
-        _key(path)
+        file_key(path)
         return Session(Path(path), threads=threads)
 
     def runtime_name(self, path: Path) -> str:
@@ -101,13 +100,6 @@ class ExecuTorchTarget(Target):
 
         return [*findings, Finding("ok", f"executorch {version('executorch')}: exports here; running a .pte from "
                                          "Python needs torch (its runtime binding links libtorch)")]
-
-
-def _key(path: Path) -> tuple[str, int]:
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"artifact not found: {path}")
-    return str(path.resolve()), path.stat().st_mtime_ns
 
 
 @lru_cache(maxsize=2)

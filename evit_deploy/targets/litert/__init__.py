@@ -18,7 +18,7 @@ from ... import calibration as calib
 from ...description import ModelDescription
 from ...errors import BadInputError
 from ...fsutil import atomic_path
-from ..base import Artifact, Finding, Target, option, precision_option
+from ..base import Artifact, Finding, Target, file_key, option, precision_option
 
 
 @dataclass
@@ -78,12 +78,12 @@ class LiteRTTarget(Target):
         return read_description(_read(path), str(path))
 
     def run(self, path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return _session(*_key(path))(inputs)
+        return _session(*file_key(path))(inputs)
 
     def open_session(self, path: Path, threads: int | None = None):
         from .runtime import Session
 
-        _key(path)
+        file_key(path)
         return Session(Path(path), threads=threads)
 
     def runtime_name(self, path: Path) -> str:
@@ -96,7 +96,7 @@ class LiteRTTarget(Target):
     def health(self, path: Path, description: ModelDescription) -> list[Finding]:
         from .runtime import delegation
 
-        found = delegation(_session(*_key(path)))
+        found = delegation(_session(*file_key(path)))
         if not found.outside:
             return [Finding("ok", f"XNNPACK runs every operator ({found.partitions} partition)")]
         left = ", ".join(f"{n} {k}" for k, n in found.outside.items())
@@ -118,13 +118,6 @@ def _read(path: Path) -> bytes:
     if not path.is_file():
         raise BadInputError(f"artifact not found: {path}")
     return path.read_bytes()
-
-
-def _key(path: Path) -> tuple[str, int]:
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"artifact not found: {path}")
-    return str(path.resolve()), path.stat().st_mtime_ns
 
 
 @lru_cache(maxsize=2)

@@ -17,12 +17,11 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 
 from ... import calibration as calib
 from ...description import ModelDescription
 from ...errors import ExportError
-from ...native_output import captured
+from ...native_output import captured, quiet_loggers
 
 #: The ops ai-edge-quantizer's FLOAT_CASTING algorithm can store fp16 weights of, among
 #: the ones EfficientViT converts to (it is registered for these and a few others only).
@@ -103,19 +102,9 @@ def _int8(module, sample, description: ModelDescription, calibration_dir) -> tup
 @contextlib.contextmanager
 def _quiet():
     """litert-torch logs every stage at INFO on the root logger, its converter writes MLIR
-    diagnostics from native code; what matters reaches us as exceptions."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))
-    absl = logging.getLogger("absl")
-    absl_level = absl.level
-    absl.setLevel(logging.ERROR)
-    try:
-        with captured():
-            yield
-    finally:
-        root.setLevel(level)
-        absl.setLevel(absl_level)
+    diagnostics from native code (and through absl); what matters reaches us as exceptions."""
+    with quiet_loggers("absl"), captured():
+        yield
 
 
 def _first_line(exc: BaseException) -> str:

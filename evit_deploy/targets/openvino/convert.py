@@ -17,15 +17,14 @@ because no library does it for us:
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import tempfile
 from pathlib import Path
 
 from ...description import ModelDescription
 from ...errors import ExportError
+from ...native_output import quiet_loggers
 from .runtime import DESCRIPTION, INFERENCE_PRECISION, MODULE_PATHS, RT_KEY, bin_path, first_line
 
 
@@ -38,7 +37,7 @@ def convert(traced):
     ov = import_openvino()
     desc: ModelDescription = traced.description
     try:
-        with _quiet_root_logger():
+        with quiet_loggers():
             decoder = _decoder(traced.program)
             model = ov.convert_model(decoder)
     except Exception as exc:
@@ -79,19 +78,6 @@ def module_paths(decoder) -> dict[str, str]:
             if path.startswith("model."):
                 paths[node.name] = path.removeprefix("model.")
     return paths
-
-
-@contextlib.contextmanager
-def _quiet_root_logger():
-    """OpenVINO's decoder logs (with a traceback, on the root logger) each operation its
-    decomposition table lacks in this torch; nothing the person exporting can act on."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def set_description(model, desc: ModelDescription, inference_precision: str,
