@@ -4,8 +4,9 @@ The parity classes ``int8`` and ``bf16`` (``evit_deploy/parity.py``) bound the e
 artifact against the exact answer (the unfused model in float64) with fixed limits. This
 script measures what correct artifacts reach, so that the limits rest on data:
 
-* int8: each model exported with ``--precision int8`` to ONNX (onnxruntime static
-  quantization) and Core ML (W8A8, run by the reference executor), with realistic weights
+* int8: each model exported with ``--precision int8`` to every int8 target (ONNX through
+  onnxruntime static quantization, Core ML W8A8 run by the reference executor, OpenVINO
+  through NNCF, LiteRT and ExecuTorch through the pt2e XNNPACK quantizer), with realistic weights
   (``models/synthetic.realistic_weights``) and with the default synthetic weights that
   commands use without ``--weights``; default calibration;
 * bf16: the BN-folded model run by PyTorch in bfloat16 (weights and activations), the
@@ -13,8 +14,9 @@ script measures what correct artifacts reach, so that the limits rest on data:
 
 Figures are over the 4 bundled photos, the inputs int8 artifacts are judged on (and, for
 int8, also over the 4 seeded noise images, which lie outside the calibrated ranges): the
-largest error relative to the output scale, the lowest cosine similarity, and on how
-many photos the top-1 class agrees with the exact answer's.
+largest error relative to the output scale, the lowest cosine similarity, the gain (the
+least-squares scale of the artifact's logits on the exact ones) furthest from 1, and on
+how many photos the top-1 class agrees with the exact answer's.
 
     python benchmarks/precision_error.py m0 m4 --targets onnx coreml --json error.json
     python benchmarks/precision_error.py m0 m1 m2 m3 m4 m5 --bf16-only
@@ -31,7 +33,8 @@ import warnings
 from pathlib import Path
 
 TARGET_OPTIONS = {"onnx": {"precision": "int8"}, "openvino": {"precision": "int8"},
-                  "coreml": {"precision": "int8", "minimum_deployment_target": "iOS17"}}
+                  "coreml": {"precision": "int8", "minimum_deployment_target": "iOS17"},
+                  "litert": {"precision": "int8"}, "executorch": {"precision": "int8"}}
 
 
 def measure_int8(model: str, target: str, weights_kind: str, seed: int, workdir: Path) -> dict:
@@ -58,6 +61,7 @@ def measure_int8(model: str, target: str, weights_kind: str, seed: int, workdir:
             "max_rel": max(r["artifact"] for r in on_photos), "min_cosine": min(r["cosine"] for r in on_photos),
             "noise_max_rel": max(r["artifact"] for r in logits.per_input),
             "noise_min_cosine": min(r["cosine"] for r in logits.per_input),
+            "max_gain_error": max(abs(r["gain"] - 1) for r in on_photos),
             "photos_top1": f"{agree}/{len(photos)}",
             "top5_overlap": logits.top5_overlap, "seconds": round(time.perf_counter() - start, 1),
             "per_input": logits.per_input}
@@ -111,8 +115,11 @@ def main() -> int:
         print(f"{row['precision']:5} {row['model']:16} {row['target']:17} {row['weights']:9} seed {row['seed']}: "
               f"max error {row['max_rel']:.3f}, min cosine {row['min_cosine']:.4f}, photos top-1 "
               f"{row['photos_top1']}, top-5 overlap {row['top5_overlap']:.2f}"
+              + (f", gain within 1 ± {row['max_gain_error']:.3f}" if "max_gain_error" in row else "")
               + (f" (with noise inputs: {row['noise_max_rel']:.3f}, {row['noise_min_cosine']:.4f})"
                  if "noise_max_rel" in row else ""), flush=True)
+        if args.json:                     # after every artifact: a long run keeps what it measured
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
     if not args.int8_only:
         for model in args.models:
@@ -129,9 +136,9 @@ def main() -> int:
         mine = [r for r in rows if r["precision"] == precision]
         if mine:
             print(f"{precision}: worst max error {max(r['max_rel'] for r in mine):.3f}, "
-                  f"worst cosine {min(r['min_cosine'] for r in mine):.4f} over {len(mine)} artifacts")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+                  f"worst cosine {min(r['min_cosine'] for r in mine):.4f}"
+                  + (f", worst gain error {max(r['max_gain_error'] for r in mine):.3f}"
+                     if all("max_gain_error" in r for r in mine) else "") + f" over {len(mine)} artifacts")
     return 0
 
 

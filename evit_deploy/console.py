@@ -104,6 +104,7 @@ def parity_table(report) -> Group:
         ["  ratio", *("" if o.ratio is None else f"{o.ratio:.2f}" for o in outputs)],
         ["  limit there", *(sci(o.limit) for o in outputs)],
         ["min cosine", *(f"{o.min_cosine:.6f}" for o in outputs)],
+        ["gain", *("" if o.gain_error is None else f"1 ± {o.gain_error:.2e}" for o in outputs)],
         ["top-1 agree", *("" if o.top1_checked is None else f"{o.top1_agree}/{o.top1_checked}"
                           + (f" ({o.top1_ties} near-ties)" if o.top1_ties else "") for o in outputs)],
         ["top-5 overlap", *("" if o.top5_overlap is None else f"{o.top5_overlap:.2f}" for o in outputs)],

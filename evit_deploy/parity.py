@@ -46,7 +46,11 @@ class Tolerance:
     ``top1`` says on which inputs the arg-max must agree with the exact answer's ("all",
     "photos" or "none"); inputs whose exact top-1 and top-2 are closer than twice the
     artifact's error on that input are near-ties, whose order is not checked.
-    ``judged`` says which inputs the error and cosine bounds apply to: "all", or "images"
+    ``max_gain_error`` bounds how far from 1 the gain may be: the least-squares scale of the
+    artifact's output on the exact answer's. Rounding noise, however large on an
+    ill-conditioned model, leaves the gain near 1; a wrong quantization scale or weight
+    scales the output and moves it.
+    ``judged`` says which inputs the error, cosine and gain bounds apply to: "all", or "images"
     (the photos and the user's images, not the seeded noise). int8 artifacts are judged
     on images: their activation ranges are calibrated on natural images, and white noise
     lies outside them by construction (every figure is still reported).
@@ -58,6 +62,7 @@ class Tolerance:
     noise_factor: float | None = None
     noise_floor: float = 0.0
     judged: str = "all"
+    max_gain_error: float | None = None
 
     def judges(self, kind: str) -> bool:
         return self.judged == "all" or kind in ("photo", "user")
@@ -73,7 +78,8 @@ class Tolerance:
         bound = (f"max rel {self.max_rel:g}" if self.max_rel is not None else
                  f"error <= {self.noise_factor:g} x fp32 noise + {self.noise_floor:g}")
         on = "" if self.judged == "all" else f" on {self.judged}"
-        return f"{bound}, cosine >= {self.min_cosine}{on}, top-1 on {self.top1}"
+        gain = "" if self.max_gain_error is None else f", gain 1 ± {self.max_gain_error:g}"
+        return f"{bound}, cosine >= {self.min_cosine}{gain}{on}, top-1 on {self.top1}"
 
     def override(self, **changes) -> "Tolerance":
         changes = {k: v for k, v in changes.items() if v is not None}
@@ -128,6 +134,7 @@ class OutputMetrics:
     max_abs: float                    # the artifact's largest absolute error (on judged inputs)
     max_rel: float                    # ... relative to the scale (the worst input's)
     min_cosine: float                 # on judged inputs (Tolerance.judged)
+    gain_error: float | None = None       # the largest |gain - 1| on judged inputs
     noise_rel: float | None = None        # the fp32 noise (relative error) of the worst input
     ratio: float | None = None            # the artifact's error / noise_rel on the worst input
     limit: float | None = None            # the bound on the worst input
@@ -289,14 +296,18 @@ def compare_output(name: str, exact: np.ndarray, fp32: list[np.ndarray], out: np
     flat_r, flat_o = exact.reshape(len(exact), -1), out.reshape(len(out), -1)
     denom = np.linalg.norm(flat_r, axis=1) * np.linalg.norm(flat_o, axis=1)
     cos = np.nan_to_num(np.where(denom > 0, (flat_r * flat_o).sum(1) / np.maximum(denom, 1e-300), 1.0), nan=-1)
+    # The least-squares scale of the artifact's output on the exact one: rounding noise
+    # leaves it near 1 however large the noise, a wrong scale or weight moves it.
+    energy = (flat_r * flat_r).sum(1)
+    gain = np.nan_to_num(np.where(energy > 0, (flat_r * flat_o).sum(1) / np.maximum(energy, 1e-300), 1.0), nan=np.inf)
     metrics = OutputMetrics(
         name, scale, float(err[judged].max()) if finite else float("inf"), float(artifact_rel[judged].max()),
-        float(cos[judged].min()), noise_rel=float(noise_rel[worst]),
+        float(cos[judged].min()), gain_error=float(np.abs(gain[judged] - 1).max()), noise_rel=float(noise_rel[worst]),
         ratio=float(artifact_rel[worst] / noise_rel[worst]) if noise_rel[worst] > 0 else None,
         limit=float(limits[worst]), worst_input=inputs[worst].name,
         per_input=[{"input": p.name, "artifact": float(a), "fp32_noise": float(r), "limit": float(lim),
-                    "cosine": float(c), "judged": bool(j)}
-                   for p, a, r, lim, c, j in zip(inputs, artifact_rel, noise_rel, limits, cos, judged)])
+                    "cosine": float(c), "gain": float(g), "judged": bool(j)}
+                   for p, a, r, lim, c, g, j in zip(inputs, artifact_rel, noise_rel, limits, cos, gain, judged)])
     if not artifact_rel[worst] <= limits[worst]:
         against = (f" ({metrics.ratio:.3g} x its fp32 noise {metrics.noise_rel:.2g})"
                    if tolerance.max_rel is None and metrics.ratio is not None else "")
@@ -304,6 +315,9 @@ def compare_output(name: str, exact: np.ndarray, fp32: list[np.ndarray], out: np
                                 f"{against} > {limits[worst]:.3g}")
     if not metrics.min_cosine >= tolerance.min_cosine:
         metrics.failures.append(f"cosine similarity {metrics.min_cosine:.6f} < {tolerance.min_cosine}")
+    if tolerance.max_gain_error is not None and not metrics.gain_error <= tolerance.max_gain_error:
+        metrics.failures.append(f"gain {1 + metrics.gain_error:.3g} (the output's least-squares scale on the exact "
+                                f"answer) is more than {tolerance.max_gain_error:g} away from 1")
     per_input = []
     if classify:
         order_r = np.argsort(-exact, axis=1)

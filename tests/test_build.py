@@ -195,3 +195,22 @@ def test_ctrl_c_mid_build_keeps_what_was_built(project, cli, monkeypatch):
     assert built.is_file()
     leftovers = [p for p in (project / "dist").rglob("*") if p.is_file() and p != built and p.name != "manifest.json"]
     assert leftovers == []
+
+
+def test_manifest_size_counts_the_files_an_app_ships_and_not_the_zip(tmp_path):
+    from evit_deploy.build import _artifact_facts
+    from evit_deploy.targets.base import Artifact
+
+    xml, weights = tmp_path / "m.xml", tmp_path / "m.bin"
+    xml.write_bytes(b"x" * 10)
+    weights.write_bytes(b"w" * 1000)
+    desc = None                                   # not read by the manifest's file facts
+    facts = _artifact_facts(Artifact(xml, "openvino", desc, sidecars=(weights,)), tmp_path)
+    assert facts["path"] == "m.xml" and facts["size"] == 1010          # IR and weights
+    package = tmp_path / "M.mlpackage"
+    (package / "Data").mkdir(parents=True)
+    (package / "Data" / "weights.bin").write_bytes(b"w" * 500)
+    archive = package.with_name(package.name + ".zip")
+    archive.write_bytes(b"z" * 400)
+    facts = _artifact_facts(Artifact(package, "coreml", desc, sidecars=(archive,)), tmp_path)
+    assert facts["size"] == 500 and facts["zip"]["size"] == 400        # the package once
