@@ -106,6 +106,15 @@ def _wrong_input_format(xml, out_dir):
     return bad
 
 
+def test_export_is_byte_reproducible(m0_ir, m0_trace, tmp_path):
+    # Made again in the same process, after other models and exports: OpenVINO's automatic
+    # node names count those, evit-deploy's names do not.
+    _, first = m0_ir
+    again = export(m0_trace, tmp_path).artifact.path
+    assert again.read_bytes() == first.artifact.path.read_bytes()
+    assert again.with_suffix(".bin").read_bytes() == first.artifact.path.with_suffix(".bin").read_bytes()
+
+
 def test_verify_fails_on_a_corrupted_ir(m0_ir, tmp_path, cli):
     weights, result = m0_ir
     code, out, err = cli("verify", result.artifact.path, "--weights", weights, "--json", "-")

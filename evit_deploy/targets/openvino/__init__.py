@@ -56,11 +56,6 @@ class OpenVinoTarget(Target):
     Options = OpenVinoOptions
     benchmark_backend = "openvino"
     supports_profiling = True
-    reproducible = False
-    reproducibility_note = ("the IR's operation names carry OpenVINO's process-wide counters, so two exports "
-                            "can differ in the .xml's names; the weights and the computation are determined by "
-                            "the model, the weights, the options (and the calibration images for int8) and the "
-                            "openvino/nncf versions recorded in the description")
 
     def validate(self, options: OpenVinoOptions) -> None:
         from .runtime import require_precision

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -80,6 +81,22 @@ def module_paths(decoder) -> dict[str, str]:
     return paths
 
 
+#: OpenVINO's automatic names: a type and a process-wide count (``Constant_22274``,
+#: ``ShapeOf_20845``, ``Constant_323814_compressed``). The converter's own names have a
+#: ``/`` or start in lower case.
+_AUTOMATIC_NAME = re.compile(r"[A-Z][A-Za-z0-9]*_[0-9]+(_[a-z]+)*")
+
+
+def stable_names(model) -> None:
+    """Rename every operation that carries an automatic name after its place in the graph.
+    Automatic names count every node made in the process (and constant folding passes them
+    on), so the same export made twice in one process would differ in its .xml; names the
+    converter took from the program are kept (``profile`` reads them)."""
+    for index, op in enumerate(model.get_ordered_ops()):
+        if _AUTOMATIC_NAME.fullmatch(op.get_friendly_name()):
+            op.set_friendly_name(f"{op.get_type_name()}_{index}")
+
+
 def set_description(model, desc: ModelDescription, inference_precision: str,
                     module_paths: dict[str, str] | None = None) -> None:
     """The description in the IR's rt_info: the whole of it as JSON (what ``run`` and
@@ -100,17 +117,26 @@ def set_description(model, desc: ModelDescription, inference_precision: str,
 
 def save(model, xml: Path, *, compress_to_fp16: bool) -> tuple[Path, Path]:
     """Write ``xml`` and the .bin beside it: saved in a temporary directory next to them,
-    then renamed, weights first. On failure neither final name is touched."""
+    then renamed, weights first. On failure neither final name is touched.
+
+    ``save_model`` transforms the graph as it writes (and names the nodes it makes
+    automatically), so the saved IR is read back, given stable names and serialized as is:
+    the same export gives the same bytes."""
     from .runtime import import_openvino
 
     ov = import_openvino()
     xml = Path(xml)
     weights = bin_path(xml)
     with tempfile.TemporaryDirectory(prefix=f".{xml.stem}.tmp-", dir=xml.parent) as tmp:
+        saved = Path(tmp) / "saved" / xml.name
         staged = Path(tmp) / xml.name
         try:
             # save_model's default (compress_to_fp16=True) would store fp16 weights.
-            ov.save_model(model, str(staged), compress_to_fp16=compress_to_fp16)
+            ov.save_model(model, str(saved), compress_to_fp16=compress_to_fp16)
+            written = ov.Core().read_model(str(saved))
+            written.set_friendly_name(xml.stem)
+            stable_names(written)
+            ov.serialize(written, str(staged), str(bin_path(staged)))
         except Exception as exc:
             raise ExportError(f"openvino.save_model failed: {first_line(exc)}") from exc
         os.replace(bin_path(staged), weights)
