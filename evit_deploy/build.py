@@ -527,7 +527,7 @@ def _parity_summary(report) -> dict | None:
             "exact_answer": report.exact_answer,
             "outputs": [{"name": o.name, "max_abs": o.max_abs, "max_rel": o.max_rel,
                          "fp32_noise_rel": o.noise_rel, "ratio": o.ratio, "limit": o.limit,
-                         "worst_input": o.worst_input, "min_cosine": o.min_cosine,
+                         "worst_input": o.worst_input, "min_cosine": o.min_cosine, "gain_error": o.gain_error,
                          "top1": None if o.top1_checked is None else f"{o.top1_agree}/{o.top1_checked}",
                          "top5_overlap": o.top5_overlap} for o in report.outputs],
             "failures": report.failures, "extra": report.extra}

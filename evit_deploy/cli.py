@@ -220,6 +220,8 @@ def verify(artifact: Path = typer.Argument(..., help="An exported artifact."),
            max_rel: Optional[float] = typer.Option(None, "--max-rel", help="Override: a fixed bound on the error "
                                                    "(relative to the output scale) against the exact answer."),
            min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Override: min cosine similarity."),
+           max_gain_error: Optional[float] = typer.Option(None, "--max-gain-error", help="Override: how far from 1 "
+                                                          "the output's least-squares scale on the exact answer may be."),
            top1: Optional[str] = typer.Option(None, "--top1", help="Override: check top-1 on all|photos|none."),
            json_out: Optional[str] = typer.Option(None, "--json", help="Write the report to FILE ('-': stdout).")):
     """Check an existing artifact against the PyTorch model recorded in its metadata."""
@@ -228,12 +230,12 @@ def verify(artifact: Path = typer.Argument(..., help="An exported artifact."),
     from .parity import TOLERANCES
 
     tolerance = None
-    if any(v is not None for v in (max_rel, min_cosine, top1)):
+    if any(v is not None for v in (max_rel, min_cosine, max_gain_error, top1)):
         if top1 is not None and top1 not in ("all", "photos", "none"):
             raise BadInputError(f"--top1 must be all, photos or none, got '{top1}'")
         _, desc = api.inspect_artifact(artifact)
         base = TOLERANCES.get(desc.extra.get("precision", "fp32"), TOLERANCES["fp32"])
-        tolerance = base.override(max_rel=max_rel, min_cosine=min_cosine, top1=top1)
+        tolerance = base.override(max_rel=max_rel, min_cosine=min_cosine, max_gain_error=max_gain_error, top1=top1)
     report = api.verify(artifact, weights=weights, images=images, tolerance=tolerance, reporter=_reporter())
     _show_report(report, json_out)
     if not report.passed:

@@ -111,13 +111,15 @@ TOLERANCES: dict[str, Tolerance] = {
     # Palettised / int8 weights: a lossy compression whose quality is what is measured.
     "compressed": Tolerance(min_cosine=0.98, top1="none", max_rel=0.25),
     # int8 (calibrated activations and weights), judged on the photos and the user's images:
-    # benchmarks/precision_error.py measured correct int8 exports (ONNX static int8 and
-    # Core ML W8A8 of M0, M2, M4; realistic weights and the default synthetic ones; default
-    # calibration) at most 0.086 of the output scale away from the exact answer, cosine
-    # >= 0.964, and one or two photos of the default synthetic weights changed class: the
-    # bounds allow about twice that. A wrong scale, zero point or weight goes far beyond;
-    # what int8 costs in predictions is for `evit-deploy eval` and its build gates to judge.
-    "int8": Tolerance(min_cosine=0.9, top1="none", max_rel=0.2, judged="images"),
+    # benchmarks/precision_error.py measured correct int8 exports of M0-M5 with realistic
+    # weights through every int8 target (ONNX, Core ML W8A8, OpenVINO, LiteRT, ExecuTorch;
+    # default calibration): M0-M4 at most 0.070 of the output scale from the exact answer,
+    # the ill-conditioned M5 up to 0.243, cosine >= 0.960, gain within 1 +- 0.094 (M5;
+    # M0-M4 +- 0.046), two photos of M5 changing class. The bounds allow about twice that.
+    # A fixed error bound loose enough for M5 lets a scale error through on the others,
+    # so the gain bound is what catches a wrong scale; what int8 costs in predictions is
+    # for `evit-deploy eval` and its build gates to judge.
+    "int8": Tolerance(min_cosine=0.9, top1="none", max_rel=0.5, max_gain_error=0.2, judged="images"),
     # bf16 (8 bits of mantissa): the folded model entirely in bfloat16 in PyTorch, the most
     # a bf16 backend rounds, was 0.007-0.010 of the output scale away on M0-M4 and 0.137
     # (cosine 0.988) on the ill-conditioned realistic M5; one photo of M3 changed class.

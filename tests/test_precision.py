@@ -169,7 +169,8 @@ def test_calibration_images_set_the_activation_scales(onnx_int8, tmp_path):
 def test_a_broken_int8_artifact_fails_verify(onnx_int8, tmp_path, cli):
     weights, exports = onnx_int8
     model = onnx.load(exports["cat-coffee"].artifact.path)
-    # The per-channel weight scales of the classifier: 30% too large.
+    # The per-channel weight scales of the classifier: 30% too large. Its error stays within
+    # what an ill-conditioned model's correct int8 export reaches; its gain does not.
     gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
     producers = {o: n for n in model.graph.node for o in n.output}
     scale_name = producers[gemm.input[1]].input[1]
@@ -178,7 +179,7 @@ def test_a_broken_int8_artifact_fails_verify(onnx_int8, tmp_path, cli):
     broken = tmp_path / "efficientvit_m0_int8.onnx"
     onnx.save(model, broken)
     code, _, err = cli("verify", broken, "--weights", weights)
-    assert code == EXIT_PARITY_FAILED, err
+    assert code == EXIT_PARITY_FAILED and "gain" in err, err
     code, _, err = cli("verify", exports["cat-coffee"].artifact.path, "--weights", weights)
     assert code == 0, err
 
