@@ -58,6 +58,10 @@ def test_fp32_verifies_and_the_file_carries_its_description(exports):
     assert litert["operators"] == operator_counts(data)
     share = litert["delegation"]
     assert share["delegated_ops"] + sum(share["ops_outside_xnnpack"].values()) == sum(litert["operators"].values())
+    # Every operator runs in one XNNPACK partition of the default Interpreter, the
+    # attention's activation products included (rewritten as BATCH_MATMUL: see matmul.py).
+    assert share["ops_outside_xnnpack"] == {} and share["xnnpack_partitions"] == 1, share
+    assert litert["activation_products_as_batch_matmul"] > 0 and "FULLY_CONNECTED" in litert["operators"]
 
 
 def test_signature_names_follow_the_description(exports):

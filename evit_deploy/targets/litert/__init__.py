@@ -53,7 +53,7 @@ class LiteRTTarget(Target):
         from .flatbuffer import add_description, operator_counts
         from .runtime import Session, delegation, tensor_quantization
 
-        data, facts = convert(traced, options.precision, options.calibration, reporter)
+        data, facts, rewritten = convert(traced, options.precision, options.calibration, reporter)
         desc = traced.description
         names = ([t.name for t in desc.inputs], [t.name for t in desc.outputs])
         # Write once without the facts only a loaded model gives, load it, then write the
@@ -62,6 +62,7 @@ class LiteRTTarget(Target):
             tmp.write_bytes(add_description(data, desc, input_names=names[0], output_names=names[1]))
             session = Session(tmp, threads=1)
             litert = {"operators": operator_counts(data), "delegation": delegation(session).to_dict(),
+                      "activation_products_as_batch_matmul": rewritten,
                       **({options.precision: facts} if facts else {})}
             quantized = tensor_quantization(session)
             if quantized:

@@ -1,5 +1,8 @@
 """PyTorch -> ``.tflite`` with litert-torch (export side: needs torch).
 
+* every precision: the products of two activations the converter made FULLY_CONNECTED
+  are written back as BATCH_MATMUL, which the Interpreter's default XNNPACK delegate takes
+  (:mod:`.matmul`).
 * fp32: ``litert_torch.convert`` of the shared trace's module (``traced.program.module()``:
   litert-torch takes an ``nn.Module`` and runs ``torch.export`` itself; it refuses an
   ``ExportedProgram``). The default conversion path never imports xdsl (only
@@ -22,14 +25,16 @@ from ... import calibration as calib
 from ...description import ModelDescription
 from ...errors import ExportError
 from ...native_output import captured, quiet_loggers
+from .matmul import dynamic_fully_connected_as_batch_matmul
 
 #: The ops ai-edge-quantizer's FLOAT_CASTING algorithm can store fp16 weights of, among
 #: the ones EfficientViT converts to (it is registered for these and a few others only).
 FP16_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
 
-def convert(traced, precision: str, calibration_dir, reporter) -> tuple[bytes, dict]:
-    """The converted model's bytes and the facts the description records about them."""
+def convert(traced, precision: str, calibration_dir, reporter) -> tuple[bytes, dict, int]:
+    """The converted model's bytes, the facts the description records about its precision,
+    and how many activation products were rewritten for XNNPACK (see :mod:`.matmul`)."""
     import torch
 
     module = traced.program.module()
@@ -42,10 +47,12 @@ def convert(traced, precision: str, calibration_dir, reporter) -> tuple[bytes, d
             data, facts = _int8(module, sample, traced.description, calibration_dir)
         else:
             data = _convert(module, sample)
-            if precision == "fp16":
-                data = _fp16_weights(data)
-                facts = {"weights": f"fp16 ({', '.join(FP16_WEIGHT_OPS)} weights; fp32 compute)"}
-    return data, facts
+        # Before the fp16 weights: their DEQUANTIZE outputs are not constants either.
+        data, rewritten = dynamic_fully_connected_as_batch_matmul(data)
+        if precision == "fp16":
+            data = _fp16_weights(data)
+            facts = {"weights": f"fp16 ({', '.join(FP16_WEIGHT_OPS)} weights; fp32 compute)"}
+    return data, facts, rewritten
 
 
 def _convert(module, sample, **kwargs) -> bytes:
