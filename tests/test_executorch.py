@@ -1,6 +1,6 @@
 """ExecuTorch target: an fp32 export of a realistic M0 at 64x64 (fully delegated to
 XNNPACK, the description in the program, verification that fails on a damaged weight)
-and fp16 and int8 exports of a small CNN."""
+and fp16 and int8 exports of a tiny attention model."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from evit_deploy.preprocess import sample_images
 pytest.importorskip("executorch")
 
 SAMPLE = sample_images()
-#: Reduced precisions are checked on a small CNN: lowering it takes seconds, M0 a minute.
-SMALL_CNN = "custom_models:mobile_cnn"
+#: Reduced precisions are checked on a patch convolution plus one EfficientViT attention:
+#: it has the attention's products, and lowering it takes seconds where M0 takes a minute.
+TINY_ATTENTION = "custom_models:tiny_attention"
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +29,9 @@ def fp32(tmp_path_factory, realistic_m0):
 
 
 @pytest.fixture(scope="module")
-def cnn(tmp_path_factory, calibration_photos):
-    """{precision: export} of the small CNN in fp16 and int8."""
-    return {precision: export_once(tmp_path_factory, SMALL_CNN, "executorch", input_size=(SMALL, SMALL),
+def tiny(tmp_path_factory, calibration_photos):
+    """{precision: export} of the tiny attention model in fp16 and int8."""
+    return {precision: export_once(tmp_path_factory, TINY_ATTENTION, "executorch", input_size=(SMALL, SMALL),
                                    options={"precision": precision,
                                             **({"calibration": str(calibration_photos)} if precision == "int8"
                                                else {})})
@@ -61,8 +62,8 @@ def test_the_program_has_the_description_method(fp32):
     assert json.loads(text) == json.loads(fp32.artifact.description.to_json())
 
 
-def test_int8_verifies_in_its_class(cnn):
-    int8 = cnn["int8"]
+def test_int8_verifies_in_its_class(tiny):
+    int8 = tiny["int8"]
     report = int8.report
     assert report.passed and report.precision == "int8", report.summary()
     assert int8.artifact.path.name.endswith("_int8.pte")
@@ -72,8 +73,8 @@ def test_int8_verifies_in_its_class(cnn):
     assert_reduced_precision(report)
 
 
-def test_fp16_verifies_in_its_class_with_float32_io(cnn):
-    fp16 = cnn["fp16"]
+def test_fp16_verifies_in_its_class_with_float32_io(tiny):
+    fp16 = tiny["fp16"]
     report = fp16.report
     assert report.passed and report.precision == "fp16", report.summary()
     assert fp16.artifact.path.name.endswith("_fp16.pte")

@@ -1,6 +1,7 @@
 """LiteRT target: an fp32 export of a realistic M0 at 64x64 (fully delegated to XNNPACK,
 the description in the file's metadata, verification that fails on a damaged file,
-torch-free running) and int8 exports of a small CNN (int8 input and output)."""
+torch-free running) and an int8 export of a tiny attention model (int8 input and output,
+fully delegated too)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from evit_deploy.preprocess import sample_images
 pytest.importorskip("litert_torch")
 
 SAMPLE = sample_images()
-#: Reduced precisions are checked on a small CNN: converting it takes seconds, M0 a minute.
-SMALL_CNN = "custom_models:mobile_cnn"
+#: Reduced precisions are checked on a patch convolution plus one EfficientViT attention:
+#: it has the attention's products, and converting it takes seconds where M0 takes a minute.
+TINY_ATTENTION = "custom_models:tiny_attention"
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +30,9 @@ def fp32(tmp_path_factory, realistic_m0):
 
 
 @pytest.fixture(scope="module")
-def cnn(tmp_path_factory, calibration_photos):
-    """{precision: export} of the small CNN in int8."""
-    return {precision: export_once(tmp_path_factory, SMALL_CNN, "litert", input_size=(SMALL, SMALL),
+def tiny(tmp_path_factory, calibration_photos):
+    """{precision: export} of the tiny attention model in int8."""
+    return {precision: export_once(tmp_path_factory, TINY_ATTENTION, "litert", input_size=(SMALL, SMALL),
                                    options={"precision": precision,
                                             **({"calibration": str(calibration_photos)} if precision == "int8"
                                                else {})})
@@ -74,8 +76,8 @@ def test_signature_names_follow_the_description(fp32):
     assert tuple(session.inputs["image"]["shape"]) == (1, 3, SMALL, SMALL)
 
 
-def test_int8_verifies_in_its_class_with_int8_io(cnn):
-    int8 = cnn["int8"]
+def test_int8_verifies_in_its_class_with_int8_io(tiny):
+    int8 = tiny["int8"]
     report = int8.report
     assert report.passed and report.precision == "int8", report.summary()
     assert int8.artifact.path.name.endswith("_int8.tflite")
@@ -83,6 +85,10 @@ def test_int8_verifies_in_its_class_with_int8_io(cnn):
     io = desc.extra["litert"]["quantized_io"]
     assert io["image"]["dtype"] == "int8" and io["image"]["scale"] > 0 and io["logits"]["kind"] == "output"
     assert desc.extra["litert"]["int8"]["calibration"]["images"] == len(SAMPLE)
+    # The int8 attention products too run in XNNPACK (symmetric keys, BATCH_MATMUL).
+    share = desc.extra["litert"]["delegation"]
+    assert share["ops_outside_xnnpack"] == {} and share["xnnpack_partitions"] == 1, share
+    assert desc.extra["litert"]["activation_products_as_batch_matmul"] > 0
     assert_reduced_precision(report)
 
 
@@ -116,10 +122,10 @@ def test_verify_fails_on_a_damaged_file(fp32, realistic_m0, tmp_path, cli):
     assert code == EXIT_BAD_INPUT and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_run_needs_no_torch(fp32, cnn):
+def test_run_needs_no_torch(fp32, tiny):
     """fp32 and int8 artifacts run where `import torch` fails, int8 quantization of the
     input included, and give what they give in this process."""
-    paths = [str(fp32.artifact.path), str(cnn["int8"].artifact.path)]
+    paths = [str(fp32.artifact.path), str(tiny["int8"].artifact.path)]
     code = ("import sys, json; sys.modules['torch'] = None\n"
             "from evit_deploy import api\n"
             f"results = [api.run(p, {json.dumps([str(s) for s in SAMPLE])}) for p in {json.dumps(paths)}]\n"

@@ -11,10 +11,11 @@
   fp16 by ai-edge-quantizer (``FLOAT_CASTING``, with explicit DEQUANTIZE ops the runtime
   folds at load time): half the file, fp32 arithmetic.
 * int8: PyTorch 2 export quantization (``prepare_pt2e``/``convert_pt2e``) with litert-torch's
-  XNNPACK-style quantizer, static, per-channel symmetric weights, activations calibrated
-  on :mod:`evit_deploy.calibration` images; litert-torch turns the quantize/dequantize
-  pairs into an integer TFLite model whose input and output are int8 tensors with a
-  scale and zero point (the runner quantizes, see :mod:`.runtime`).
+  XNNPACK-style quantizer (and symmetric attention keys, see :mod:`.matmul`), static,
+  per-channel symmetric weights, activations calibrated on :mod:`evit_deploy.calibration`
+  images; litert-torch turns the quantize/dequantize pairs into an integer TFLite model
+  whose input and output are int8 tensors with a scale and zero point (the runner
+  quantizes, see :mod:`.runtime`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ... import calibration as calib
 from ...description import ModelDescription
 from ...errors import ExportError
 from ...native_output import captured, quiet_loggers
-from .matmul import dynamic_fully_connected_as_batch_matmul
+from .matmul import dynamic_fully_connected_as_batch_matmul, int8_quantizer
 
 #: The ops ai-edge-quantizer's FLOAT_CASTING algorithm can store fp16 weights of, among
 #: the ones EfficientViT converts to (it is registered for these and a few others only).
@@ -84,12 +85,11 @@ def _int8(module, sample, description: ModelDescription, calibration_dir) -> tup
     import torch
     # torchao announces the CUDA kernels it cannot load on a CPU build when imported.
     with captured():
-        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
         from litert_torch.quantize.quant_config import QuantConfig
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     images = calib.calibration_set(description.preprocessing, calibration_dir)
-    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+    quantizer = int8_quantizer()
     try:
         prepared = prepare_pt2e(module, quantizer)
         for batch in images.batches(description.preprocessing, description.input_format, description.batch):
@@ -99,7 +99,7 @@ def _int8(module, sample, description: ModelDescription, calibration_dir) -> tup
     except Exception as exc:
         raise ExportError(f"pt2e int8 quantization failed: {_first_line(exc)}") from exc
     data = _convert(quantized, sample, quant_config=QuantConfig(pt2e_quantizer=quantizer))
-    facts = {"scheme": "PT2E static (litert-torch's XNNPACK quantizer)",
+    facts = {"scheme": "PT2E static (litert-torch's XNNPACK quantizer; the right operand of q^T k symmetric)",
              "weights": "int8 per channel, symmetric",
              "activations": "int8 per tensor (affine), ranges observed on the calibration images",
              "calibration": images.describe()}

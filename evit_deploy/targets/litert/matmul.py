@@ -21,8 +21,14 @@ touched: an operator is rewritten only when its output shape is exactly the
 BATCH_MATMUL's (``x.shape[:-1] + [w.shape[0]]``).
 
 int8: XNNPACK takes a statically quantized BATCH_MATMUL only when its right operand's
-zero point is 0 (``VisitBatchMatMulNode``); PT2E's int8 activations are affine, so the
-int8 ``q^T k`` products stay outside the delegate whatever their operator.
+zero point is 0 (``VisitBatchMatMulNode``), and PT2E's int8 activations are affine (the
+keys ``k`` come out of a convolution with a zero point of their own), so the int8
+``q^T k`` products would stay outside the delegate whatever their operator.
+:func:`int8_quantizer` is litert-torch's quantizer plus one annotation: the right operand
+of each product of two convolution outputs is quantized again symmetrically (zero point
+0) on its way into the product (a requantization XNNPACK runs). The attention's
+``attn·v`` product, whose operand comes from the softmax, is left as litert-torch makes
+it (in float).
 """
 
 from __future__ import annotations
@@ -92,3 +98,40 @@ def _opcode(model, builtin: int, version: int) -> int:
     code.version = version
     model.operatorCodes.append(code)
     return len(model.operatorCodes) - 1
+
+
+def int8_quantizer():
+    """litert-torch's static int8 PT2E quantizer (per-channel weights), with the right
+    operand of every ``bmm`` of two convolution outputs quantized symmetrically."""
+    import dataclasses
+
+    import torch
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+
+    aten = torch.ops.aten
+    # Ops that move or select values without computing: a product's operand traced
+    # back through them reaches the op that computed it.
+    moves = {aten.view.default, aten.reshape.default, aten.slice.Tensor, aten.transpose.int,
+             aten.permute.default, aten.flatten.using_ints, aten.clone.default, aten._unsafe_view.default}
+    computed_by_a_layer = {aten.conv2d.default, aten.linear.default}
+
+    def producer(node):
+        while node.op == "call_function" and node.target in moves:
+            node = node.args[0]
+        return node
+
+    class XnnpackInt8Quantizer(PT2EQuantizer):
+        def annotate(self, model):
+            model = super().annotate(model)
+            symmetric = dataclasses.replace(self.global_config.input_activation, qscheme=torch.per_tensor_symmetric)
+            for node in model.graph.nodes:
+                if node.op != "call_function" or node.target != aten.bmm.default:
+                    continue
+                rhs = node.args[1]
+                if producer(rhs).target in computed_by_a_layer and producer(node.args[0]).target in computed_by_a_layer:
+                    node.meta["quantization_annotation"] = QuantizationAnnotation(
+                        input_qspec_map={rhs: symmetric}, _annotated=True)
+            return model
+
+    return XnnpackInt8Quantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
