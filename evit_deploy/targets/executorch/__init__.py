@@ -8,7 +8,6 @@ ExecuTorch's Python runtime (:mod:`.runtime`), which needs torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import numpy as np
 from ... import calibration as calib
 from ...description import ModelDescription
 from ...fsutil import atomic_path
-from ..base import Artifact, Finding, Target, file_key, option, precision_option
+from ..base import Artifact, Finding, Sessions, Target, option, precision_option
 
 
 @dataclass
@@ -65,16 +64,13 @@ class ExecuTorchTarget(Target):
 
     # -- reading and running ---------------------------------------------------------------
     def read_description(self, path: Path) -> ModelDescription:
-        return _session(*file_key(path)).description
+        return _sessions.cached(path).description
 
     def run(self, path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return _session(*file_key(path))(inputs)
+        return _sessions.cached(path)(inputs)
 
     def open_session(self, path: Path, threads: int | None = None):
-        from .runtime import Session
-
-        file_key(path)
-        return Session(Path(path), threads=threads)
+        return _sessions.open(path, threads)
 
     def runtime_name(self, path: Path) -> str:
         from importlib.metadata import version
@@ -105,9 +101,5 @@ class ExecuTorchTarget(Target):
                                          "Python needs torch (its runtime binding links libtorch)")]
 
 
-@lru_cache(maxsize=2)
-def _session(path: str, mtime_ns: int):
-    """A loaded program, reused while the file is unchanged."""
-    from .runtime import Session
-
-    return Session(Path(path))
+#: Loaded models, reused while the file is unchanged.
+_sessions = Sessions(f"{__package__}.runtime:Session")

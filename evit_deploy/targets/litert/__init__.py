@@ -9,7 +9,6 @@ delegate (:mod:`.runtime`): no torch, no TensorFlow.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from ... import calibration as calib
 from ...description import ModelDescription
 from ...errors import BadInputError
 from ...fsutil import atomic_path
-from ..base import Artifact, Finding, Target, file_key, option, precision_option
+from ..base import Artifact, Finding, Sessions, Target, option, precision_option
 
 
 @dataclass
@@ -79,13 +78,10 @@ class LiteRTTarget(Target):
         return read_description(_read(path), str(path))
 
     def run(self, path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return _session(*file_key(path))(inputs)
+        return _sessions.cached(path)(inputs)
 
     def open_session(self, path: Path, threads: int | None = None):
-        from .runtime import Session
-
-        file_key(path)
-        return Session(Path(path), threads=threads)
+        return _sessions.open(path, threads)
 
     def runtime_name(self, path: Path) -> str:
         from importlib.metadata import version
@@ -97,7 +93,7 @@ class LiteRTTarget(Target):
     def health(self, path: Path, description: ModelDescription) -> list[Finding]:
         from .runtime import delegation
 
-        found = delegation(_session(*file_key(path)))
+        found = delegation(_sessions.cached(path))
         if not found.outside:
             return [Finding("ok", f"XNNPACK runs every operator ({found.partitions} partition)")]
         left = ", ".join(f"{n} {k}" for k, n in found.outside.items())
@@ -121,10 +117,5 @@ def _read(path: Path) -> bytes:
     return path.read_bytes()
 
 
-@lru_cache(maxsize=2)
-def _session(path: str, mtime_ns: int):
-    """A loaded model, reused while the file is unchanged (verify reads the description,
-    then runs the same file many times)."""
-    from .runtime import Session
-
-    return Session(Path(path))
+#: Loaded models, reused while the file is unchanged.
+_sessions = Sessions(f"{__package__}.runtime:Session")
