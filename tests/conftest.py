@@ -164,8 +164,25 @@ def export_once(tmp_path_factory, model: str, target: str, **kwargs):
     return api.export(model, target, out_dir=tmp_path_factory.mktemp(f"{target}-export"), **kwargs)
 
 
-def assert_reduced_precision(report, factor: float = 20.0) -> None:
-    """The artifact really computes in reduced precision: its error is far above the noise
-    of computing in fp32 (measured by the parity report itself)."""
+#: A patch convolution plus one EfficientViT attention (tests/custom_models.py): it has the
+#: attention's products, and lowering it takes seconds where M0 takes a minute.
+TINY_ATTENTION = "custom_models:tiny_attention"
+
+
+def export_tiny_attention(tmp_path_factory, target: str, precision: str, calibration: Path | None = None):
+    options = {"precision": precision, **({"calibration": str(calibration)} if calibration else {})}
+    return export_once(tmp_path_factory, TINY_ATTENTION, target, input_size=(SMALL, SMALL), options=options)
+
+
+def reduced_precision_description(result, precision: str):
+    """The description of an export in ``precision``, after checking that it passed parity
+    in that class and really computes in reduced precision: its error is far above the
+    noise of computing in fp32 (measured by the parity report itself)."""
+    from evit_deploy import api
+
+    report = result.report
+    assert report.passed and report.precision == precision, report.summary()
+    assert result.artifact.path.stem.endswith(f"_{precision}")
     noise = max(r["fp32_noise"] for o in report.outputs for r in o.per_input)
-    assert report.outputs[0].max_rel > factor * noise, (report.outputs[0].max_rel, noise)
+    assert report.outputs[0].max_rel > 20 * noise, (report.outputs[0].max_rel, noise)
+    return api.inspect_artifact(result.artifact.path)[1]

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SMALL, assert_reduced_precision, export_once
+from conftest import SMALL, export_once, export_tiny_attention, reduced_precision_description
 from evit_deploy import api
 from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_PARITY_FAILED
 from evit_deploy.models.checkpoint import sha256_file
@@ -18,11 +18,6 @@ from evit_deploy.preprocess import sample_images
 pytest.importorskip("executorch")
 
 SAMPLE = sample_images()
-#: Reduced precisions are checked on a patch convolution plus one EfficientViT attention:
-#: it has the attention's products, and lowering it takes seconds where M0 takes a minute.
-TINY_ATTENTION = "custom_models:tiny_attention"
-
-
 @pytest.fixture(scope="module")
 def fp32(tmp_path_factory, realistic_m0):
     return export_once(tmp_path_factory, "m0", "executorch", weights=realistic_m0, img_size=SMALL)
@@ -31,11 +26,8 @@ def fp32(tmp_path_factory, realistic_m0):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, calibration_photos):
     """{precision: export} of the tiny attention model in fp16 and int8."""
-    return {precision: export_once(tmp_path_factory, TINY_ATTENTION, "executorch", input_size=(SMALL, SMALL),
-                                   options={"precision": precision,
-                                            **({"calibration": str(calibration_photos)} if precision == "int8"
-                                               else {})})
-            for precision in ("fp16", "int8")}
+    return {"fp16": export_tiny_attention(tmp_path_factory, "executorch", "fp16"),
+            "int8": export_tiny_attention(tmp_path_factory, "executorch", "int8", calibration_photos)}
 
 
 def test_fp32_is_fully_delegated_verifies_and_carries_its_description(fp32, realistic_m0):
@@ -63,29 +55,19 @@ def test_the_program_has_the_description_method(fp32):
 
 
 def test_int8_verifies_in_its_class(tiny):
-    int8 = tiny["int8"]
-    report = int8.report
-    assert report.passed and report.precision == "int8", report.summary()
-    assert int8.artifact.path.name.endswith("_int8.pte")
-    desc = api.inspect_artifact(int8.artifact.path)[1]
+    desc = reduced_precision_description(tiny["int8"], "int8")
     assert desc.extra["executorch"]["int8"]["calibration"]["images"] == len(SAMPLE)
     assert desc.extra["executorch"]["delegation"]["fully_delegated"]
-    assert_reduced_precision(report)
 
 
 def test_fp16_verifies_in_its_class_with_float32_io(tiny):
-    fp16 = tiny["fp16"]
-    report = fp16.report
-    assert report.passed and report.precision == "fp16", report.summary()
-    assert fp16.artifact.path.name.endswith("_fp16.pte")
-    desc = api.inspect_artifact(fp16.artifact.path)[1]
+    desc = reduced_precision_description(tiny["fp16"], "fp16")
     assert desc.input.dtype == "float32"
     # XNNPACK runs everything between the casts of the input to fp16 and of the logits
     # back to fp32, which ExecuTorch's partitioner does not take (see lower.py).
     delegation = desc.extra["executorch"]["delegation"]
     assert delegation["only_io_casts_outside"] and delegation["xnnpack_delegate_calls"] == 1, delegation
     assert sum(delegation["ops_outside_xnnpack"].values()) == 2
-    assert_reduced_precision(report)
 
 
 def _reverse_a_weight(src, dst, weights):

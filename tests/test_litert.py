@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SMALL, assert_reduced_precision, export_once, run_python
+from conftest import SMALL, export_once, export_tiny_attention, reduced_precision_description, run_python
 from evit_deploy import api
 from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_PARITY_FAILED
 from evit_deploy.models.checkpoint import sha256_file
@@ -19,24 +19,15 @@ from evit_deploy.preprocess import sample_images
 pytest.importorskip("litert_torch")
 
 SAMPLE = sample_images()
-#: Reduced precisions are checked on a patch convolution plus one EfficientViT attention:
-#: it has the attention's products, and converting it takes seconds where M0 takes a minute.
-TINY_ATTENTION = "custom_models:tiny_attention"
-
-
 @pytest.fixture(scope="module")
 def fp32(tmp_path_factory, realistic_m0):
     return export_once(tmp_path_factory, "m0", "litert", weights=realistic_m0, img_size=SMALL)
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, calibration_photos):
-    """{precision: export} of the tiny attention model in int8."""
-    return {precision: export_once(tmp_path_factory, TINY_ATTENTION, "litert", input_size=(SMALL, SMALL),
-                                   options={"precision": precision,
-                                            **({"calibration": str(calibration_photos)} if precision == "int8"
-                                               else {})})
-            for precision in ("int8",)}
+def int8(tmp_path_factory, calibration_photos):
+    """An int8 export of the tiny attention model."""
+    return export_tiny_attention(tmp_path_factory, "litert", "int8", calibration_photos)
 
 
 def test_fp32_verifies_and_the_file_carries_its_description(fp32, realistic_m0):
@@ -76,12 +67,8 @@ def test_signature_names_follow_the_description(fp32):
     assert tuple(session.inputs["image"]["shape"]) == (1, 3, SMALL, SMALL)
 
 
-def test_int8_verifies_in_its_class_with_int8_io(tiny):
-    int8 = tiny["int8"]
-    report = int8.report
-    assert report.passed and report.precision == "int8", report.summary()
-    assert int8.artifact.path.name.endswith("_int8.tflite")
-    desc = api.inspect_artifact(int8.artifact.path)[1]
+def test_int8_verifies_in_its_class_with_int8_io(int8):
+    desc = reduced_precision_description(int8, "int8")
     io = desc.extra["litert"]["quantized_io"]
     assert io["image"]["dtype"] == "int8" and io["image"]["scale"] > 0 and io["logits"]["kind"] == "output"
     assert desc.extra["litert"]["int8"]["calibration"]["images"] == len(SAMPLE)
@@ -89,7 +76,6 @@ def test_int8_verifies_in_its_class_with_int8_io(tiny):
     share = desc.extra["litert"]["delegation"]
     assert share["ops_outside_xnnpack"] == {} and share["xnnpack_partitions"] == 1, share
     assert desc.extra["litert"]["activation_products_as_batch_matmul"] > 0
-    assert_reduced_precision(report)
 
 
 def _reverse_largest_weight(src, dst):
@@ -122,10 +108,10 @@ def test_verify_fails_on_a_damaged_file(fp32, realistic_m0, tmp_path, cli):
     assert code == EXIT_BAD_INPUT and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_run_needs_no_torch(fp32, tiny):
+def test_run_needs_no_torch(fp32, int8):
     """fp32 and int8 artifacts run where `import torch` fails, int8 quantization of the
     input included, and give what they give in this process."""
-    paths = [str(fp32.artifact.path), str(tiny["int8"].artifact.path)]
+    paths = [str(fp32.artifact.path), str(int8.artifact.path)]
     code = ("import sys, json; sys.modules['torch'] = None\n"
             "from evit_deploy import api\n"
             f"results = [api.run(p, {json.dumps([str(s) for s in SAMPLE])}) for p in {json.dumps(paths)}]\n"
