@@ -49,7 +49,9 @@ class InputAdapter(nn.Module):
 
     def forward(self, x):
         if self.input_format != "normalized":
-            x = x.to(torch.float32) * self.gain + self.offset
+            # In the dtype of the model's own constants: fp32, or fp16 when a target runs
+            # the whole deploy model in half precision.
+            x = x.to(self.gain.dtype) * self.gain + self.offset
         return self.model(x)
 
 

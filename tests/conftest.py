@@ -129,3 +129,60 @@ def m0_onnx(tmp_path_factory):
     result = api.export("m0", "onnx", out_dir=out)
     assert result.report.passed
     return result.artifact.path
+
+
+#: The input size of the export tests that lower a whole model (LiteRT, ExecuTorch).
+SMALL = 64
+
+
+@pytest.fixture(scope="session")
+def realistic_m0(tmp_path_factory) -> Path:
+    """A checkpoint of M0 at SMALL x SMALL with realistic weights: what a parity check must
+    pass on when correct and fail on when damaged."""
+    return save_checkpoint(tmp_path_factory.mktemp("realistic-m0") / "m0.pth", "m0", seed=1, recipe="realistic",
+                           img_size=SMALL)
+
+
+@pytest.fixture(scope="session")
+def calibration_photos(tmp_path_factory) -> Path:
+    """A directory of the bundled sample photos, for --calibration."""
+    import shutil
+
+    from evit_deploy.preprocess import sample_images
+
+    folder = tmp_path_factory.mktemp("calibration")
+    for photo in sample_images():
+        shutil.copy(photo, folder / photo.name)
+    return folder
+
+
+def export_once(tmp_path_factory, model: str, target: str, **kwargs):
+    """``api.export`` into a fresh directory: for module-scoped fixtures, so that each test
+    file lowers a model once and its tests share the artifact."""
+    from evit_deploy import api
+
+    return api.export(model, target, out_dir=tmp_path_factory.mktemp(f"{target}-export"), **kwargs)
+
+
+#: A patch convolution plus one EfficientViT attention (tests/custom_models.py): it has the
+#: attention's products, and lowering it takes seconds where M0 takes a minute.
+TINY_ATTENTION = "custom_models:tiny_attention"
+
+
+def export_tiny_attention(tmp_path_factory, target: str, precision: str, calibration: Path | None = None):
+    options = {"precision": precision, **({"calibration": str(calibration)} if calibration else {})}
+    return export_once(tmp_path_factory, TINY_ATTENTION, target, input_size=(SMALL, SMALL), options=options)
+
+
+def reduced_precision_description(result, precision: str):
+    """The description of an export in ``precision``, after checking that it passed parity
+    in that class and really computes in reduced precision: its error is far above the
+    noise of computing in fp32 (measured by the parity report itself)."""
+    from evit_deploy import api
+
+    report = result.report
+    assert report.passed and report.precision == precision, report.summary()
+    assert result.artifact.path.stem.endswith(f"_{precision}")
+    noise = max(r["fp32_noise"] for o in report.outputs for r in o.per_input)
+    assert report.outputs[0].max_rel > 20 * noise, (report.outputs[0].max_rel, noise)
+    return api.inspect_artifact(result.artifact.path)[1]

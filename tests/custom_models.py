@@ -17,3 +17,23 @@ def mobile_cnn() -> nn.Module:
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 2.0)
     return model
+
+
+def tiny_attention() -> nn.Module:
+    """A patch convolution, one EfficientViT cascaded group attention over the whole 8x8
+    map of a 64x64 input, and a 10-class head: the attention's products (q^T k, attn v)
+    at a fraction of M0's size."""
+    from evit_deploy.models.efficientvit import LocalWindowAttention
+
+    model = nn.Sequential(nn.Conv2d(3, 32, 8, 8), nn.ReLU(),
+                          LocalWindowAttention(32, 8, 2, 2, resolution=8, window_resolution=8, kernels=[3, 3]),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):     # the attention's output BN starts at zero
+                m.weight.uniform_(0.5, 1.5)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+            elif hasattr(m, "attention_biases"):
+                m.attention_biases.normal_(0, 0.5)
+    return model

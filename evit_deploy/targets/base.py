@@ -23,6 +23,7 @@ import importlib.util
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -117,6 +118,36 @@ def file_key(path) -> tuple[str, int]:
     if not path.is_file():
         raise BadInputError(f"artifact not found: {path}")
     return str(path.resolve()), path.stat().st_mtime_ns
+
+
+class Sessions:
+    """A runtime's loaded artifacts, for a target's ``run`` and ``open_session``.
+
+    ``session_class`` names the runtime's session class (``"package.module:Session"``,
+    imported when first needed, so the target's module stays light); it is called as
+    ``cls(path, threads=...)`` and a session as ``session(inputs) -> outputs``.
+    :meth:`cached` keeps the last few files loaded while they are unchanged (``verify``
+    reads a description, then runs the same file many times); :meth:`open` loads a new
+    one with its own thread count (benchmarks).
+    """
+
+    def __init__(self, session_class: str, maxsize: int = 2):
+        self._session_class = session_class
+        self._cached = lru_cache(maxsize=maxsize)(self._load)
+
+    def _cls(self):
+        module, name = self._session_class.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    def _load(self, path: str, mtime_ns: int):
+        return self._cls()(Path(path))
+
+    def cached(self, path):
+        return self._cached(*file_key(path))
+
+    def open(self, path, threads: int | None = None):
+        file_key(path)             # a missing file is bad input, before the runtime sees it
+        return self._cls()(Path(path), threads=threads)
 
 
 def missing_modules(needed: dict[str, str]) -> dict[str, str]:

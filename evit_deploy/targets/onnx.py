@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import numpy as np
 from .. import calibration as calib
 from ..description import ModelDescription
 from ..errors import BadInputError, ExportError
-from .base import Artifact, OpTime, Target, file_key, option, precision_option
+from .base import Artifact, OpTime, Sessions, Target, option, precision_option
 
 METADATA_KEY = "evit_deploy.description"
 
@@ -129,28 +128,16 @@ class OnnxTarget(Target):
 
     # -- reading and running (torch-free) ----------------------------------------------------
     def read_description(self, path: Path) -> ModelDescription:
-        meta = session_for(path).get_modelmeta().custom_metadata_map
+        meta = _sessions.cached(path).ort.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in meta:
             raise BadInputError(f"{path} was not made by evit-deploy (no '{METADATA_KEY}' metadata)")
         return ModelDescription.from_json(meta[METADATA_KEY])
 
     def run(self, path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        session = session_for(path)
-        names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(names, inputs)))
+        return _sessions.cached(path)(inputs)
 
     def open_session(self, path: Path, threads: int | None = None):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        return lambda inputs: dict(zip(names, session.run(names, inputs)))
+        return _sessions.open(path, threads)
 
     def profile_ops(self, path: Path, inputs: dict[str, np.ndarray], *, threads: int, iterations: int,
                     blocks: dict[str, str]) -> list[OpTime]:
@@ -195,22 +182,33 @@ class OnnxTarget(Target):
         return f"onnxruntime {ort.__version__} (CPU)"
 
 
-def session_for(path: Path):
-    """An onnxruntime session, reused while the file is unchanged (verify and run read the
-    description and then run the same file)."""
-    return _session(*file_key(path))
+class OrtSession:
+    """An onnxruntime CPU session: ``session(inputs) -> outputs`` by name. With ``threads``,
+    sequential execution on that many intra-op threads (benchmarks); without, onnxruntime's
+    defaults (run, verify)."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        try:
+            self.ort = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BadInputError(f"{path} is not a loadable ONNX model: {str(exc).splitlines()[0]}") from None
+        self.output_names = [o.name for o in self.ort.get_outputs()]
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.ort.run(self.output_names, inputs)))
 
 
-@lru_cache(maxsize=2)
-def _session(path: str, mtime_ns: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise BadInputError(f"{path} is not a loadable ONNX model: {str(exc).splitlines()[0]}") from None
+#: Sessions reused while the file is unchanged (verify and run read the description and
+#: then run the same file).
+_sessions = Sessions(f"{__name__}:OrtSession")
 
 
 def dedupe_initializers(graph) -> int:

@@ -8,7 +8,6 @@ ExecuTorch's Python runtime (:mod:`.runtime`), which needs torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +15,15 @@ import numpy as np
 from ... import calibration as calib
 from ...description import ModelDescription
 from ...fsutil import atomic_path
-from ..base import Artifact, Finding, Target, file_key, option, precision_option
+from ..base import Artifact, Finding, Sessions, Target, option, precision_option
 
 
 @dataclass
 class ExecuTorchOptions:
     precision: str = precision_option(
-        "fp32", ("fp32", "int8"),
-        "fp32; int8 (PT2E static quantization for XNNPACK: int8 weights per channel and activations, "
-        "float32 input and output)")
+        "fp32", ("fp32", "fp16", "int8"),
+        "fp32; fp16 (fp16 weights and arithmetic in XNNPACK, float32 input and output); int8 (PT2E static "
+        "quantization for XNNPACK: int8 weights per channel and activations, float32 input and output)")
     calibration: str | None = option(None, "directory of calibration images for --precision int8; default: the "
                                      "bundled photos and seeded crops of them")
 
@@ -44,7 +43,7 @@ class ExecuTorchTarget(Target):
         calib.check_request(options.precision, options.calibration, target=self.name)
 
     def artifact_name(self, description: ModelDescription, options: ExecuTorchOptions) -> str:
-        variant = {"fp32": "", "int8": "_int8"}[options.precision]
+        variant = {"fp32": "", "fp16": "_fp16", "int8": "_int8"}[options.precision]
         return f"{description.stem}{variant}{self.suffixes[0]}"
 
     def export(self, traced, options: ExecuTorchOptions, path: Path, reporter) -> Artifact:
@@ -53,9 +52,9 @@ class ExecuTorchTarget(Target):
         if options.precision == "int8" and options.calibration is None:
             reporter.warn(calib.DEFAULT_WARNING)
         edge, delegated, facts = lower(traced, options.precision, options.calibration)
-        extra = {"delegation": delegated, **({"int8": facts} if facts else {})}
+        extra = {"delegation": delegated, **({options.precision: facts} if facts else {})}
         desc = traced.description.with_extra(executorch=extra)
-        if not delegated["fully_delegated"]:
+        if not delegated["fully_delegated"] and not delegated["only_io_casts_outside"]:
             left = ", ".join(f"{n} {k}" for k, n in delegated["ops_outside_xnnpack"].items())
             reporter.warn(f"not every operator is delegated to XNNPACK: {left} run on ExecuTorch's portable kernels")
         data = to_pte(edge, desc)
@@ -65,16 +64,13 @@ class ExecuTorchTarget(Target):
 
     # -- reading and running ---------------------------------------------------------------
     def read_description(self, path: Path) -> ModelDescription:
-        return _session(*file_key(path)).description
+        return _sessions.cached(path).description
 
     def run(self, path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return _session(*file_key(path))(inputs)
+        return _sessions.cached(path)(inputs)
 
     def open_session(self, path: Path, threads: int | None = None):
-        from .runtime import Session
-
-        file_key(path)
-        return Session(Path(path), threads=threads)
+        return _sessions.open(path, threads)
 
     def runtime_name(self, path: Path) -> str:
         from importlib.metadata import version
@@ -89,6 +85,9 @@ class ExecuTorchTarget(Target):
             return []
         if found["fully_delegated"]:
             return [Finding("ok", f"XNNPACK runs every operator ({found['xnnpack_delegate_calls']} delegate call)")]
+        if found.get("only_io_casts_outside"):
+            return [Finding("ok", f"XNNPACK runs every operator but the input's and output's dtype casts "
+                                  f"({found['xnnpack_delegate_calls']} delegate call)")]
         left = ", ".join(f"{n} {k}" for k, n in found["ops_outside_xnnpack"].items())
         return [Finding("warning", f"operators outside XNNPACK: {left}")]
 
@@ -102,9 +101,5 @@ class ExecuTorchTarget(Target):
                                          "Python needs torch (its runtime binding links libtorch)")]
 
 
-@lru_cache(maxsize=2)
-def _session(path: str, mtime_ns: int):
-    """A loaded program, reused while the file is unchanged."""
-    from .runtime import Session
-
-    return Session(Path(path))
+#: Loaded models, reused while the file is unchanged.
+_sessions = Sessions(f"{__package__}.runtime:Session")

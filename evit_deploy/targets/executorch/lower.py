@@ -11,6 +11,13 @@
   int8 per-channel symmetric weights, int8 activations calibrated on
   :mod:`evit_deploy.calibration` images). The program keeps float32 input and output;
   quantize and dequantize run inside the delegate.
+* fp16: the deploy model in half precision behind a float32 input and output, exported
+  again (weights, activations and XNNPACK's arithmetic in fp16). The two casts at its
+  ends stay outside the delegate: ExecuTorch 1.5.1's XNNPACK partitioner takes
+  ``_to_dim_order_copy`` only when it keeps the dtype ("dtype conversion ... is not
+  supported", ``ToDimOrderCopyConfig``), though XNNPACK itself can convert; each runs
+  once per call on the input image and the logits with ExecuTorch's portable kernels.
+  Everything between them is one XNNPACK delegate call.
 * The description goes into the program as a *constant method* (ExecuTorch's way of
   storing configuration in a ``.pte``: a method that returns the value), named
   :data:`DESCRIPTION_METHOD`.
@@ -45,6 +52,8 @@ def lower(traced, precision: str, calibration_dir):
     with torch.no_grad():
         if precision == "int8":
             program, facts = _int8(traced, calibration_dir)
+        elif precision == "fp16":
+            program, facts = _fp16(traced)
         try:
             # A copy: the trace is shared with the other targets of a build. The int8
             # weights' dequantize must stay: folded, the weights would be fp32 again and
@@ -53,17 +62,21 @@ def lower(traced, precision: str, calibration_dir):
             keep = {quantized.dequantize_per_channel.default, quantized.dequantize_per_tensor.default,
                     quantized.quantize_per_tensor.default, quantized.quantize_per_channel.default}
             folded = constant_prop_pass(copy.deepcopy(program), custom_skip_targets=keep)
-            edge = to_edge_transform_and_lower(folded, partitioner=[XnnpackPartitioner()])
+            edge = to_edge_transform_and_lower(folded, partitioner=[XnnpackPartitioner()],
+                                               transform_passes=[_fold_edge_constants()] if precision == "fp16" else None)
         except Exception as exc:
             raise ExportError(f"ExecuTorch lowering failed: {_first_line(exc)}") from exc
     return edge, delegation(edge), facts
 
 
 def delegation(edge) -> dict:
-    """XNNPACK delegate calls in the lowered graph and the operators left outside them."""
-    graph = edge.exported_program().graph_module.graph
-    delegates, outside = 0, collections.Counter()
-    for node in graph.nodes:
+    """XNNPACK delegate calls in the lowered graph and the operators left outside them
+    (``only_io_casts_outside``: all of those are dtype casts of the program's input or
+    output, as in fp16)."""
+    program = edge.exported_program()
+    inputs = set(program.graph_signature.user_inputs)
+    delegates, outside, io_casts = 0, collections.Counter(), 0
+    for node in program.graph_module.graph.nodes:
         if node.op != "call_function":
             continue
         name = getattr(node.target, "__name__", str(node.target))
@@ -71,8 +84,27 @@ def delegation(edge) -> dict:
             delegates += 1
         elif name != "getitem":
             outside[name] += 1
+            if "_to_dim_order_copy" in name and (node.args[0].name in inputs
+                                                 or any(u.op == "output" for u in node.users)):
+                io_casts += 1
     return {"xnnpack_delegate_calls": delegates, "ops_outside_xnnpack": dict(sorted(outside.items())),
-            "fully_delegated": not outside}
+            "fully_delegated": not outside,
+            "only_io_casts_outside": bool(outside) and io_casts == sum(outside.values())}
+
+
+def _fold_edge_constants():
+    """A pass folding what depends on constants only, run on the edge program before
+    partitioning: converting to the edge dialect turns the fp16 model's scalar operands
+    (the attention scale) into fp32 constants cast to fp16, casts the partitioner would
+    leave outside XNNPACK; folded, they are fp16 constants."""
+    from executorch.exir.pass_base import ExportedProgramPassBase, ExportedProgramPassResult
+    from executorch.exir.passes.constant_prop_pass import constant_prop_pass
+
+    class FoldConstants(ExportedProgramPassBase):
+        def call(self, exported_program):
+            return ExportedProgramPassResult(constant_prop_pass(exported_program), True)
+
+    return FoldConstants()
 
 
 def to_pte(edge, description: ModelDescription) -> bytes:
@@ -117,6 +149,30 @@ def _int8(traced, calibration_dir):
              "io": "float32 (quantize/dequantize inside the program)",
              "calibration": images.describe()}
     return program, facts
+
+
+def _fp16(traced):
+    import torch
+
+    class HalfPrecision(torch.nn.Module):
+        """The deploy model in fp16 between a float32 input and a float32 output (a uint8
+        input stays uint8: the input adapter scales it in the model's dtype)."""
+
+        def __init__(self, deploy):
+            super().__init__()
+            self.deploy = copy.deepcopy(deploy).half()
+
+        def forward(self, x):
+            if x.is_floating_point():
+                x = x.to(torch.float16)
+            return self.deploy(x).to(torch.float32)
+
+    try:
+        program = torch.export.export(HalfPrecision(traced.deploy).eval(), (traced.example_input(),))
+    except Exception as exc:
+        raise ExportError(f"the fp16 model does not export: {_first_line(exc)}") from exc
+    return program, {"compute": "fp16 (weights and activations, XNNPACK fp16 kernels)",
+                     "io": "float32 (cast to and from fp16 at the program's ends)"}
 
 
 def _first_line(exc: BaseException) -> str:

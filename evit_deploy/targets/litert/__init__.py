@@ -9,7 +9,6 @@ delegate (:mod:`.runtime`): no torch, no TensorFlow.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from ... import calibration as calib
 from ...description import ModelDescription
 from ...errors import BadInputError
 from ...fsutil import atomic_path
-from ..base import Artifact, Finding, Target, file_key, option, precision_option
+from ..base import Artifact, Finding, Sessions, Target, option, precision_option
 
 
 @dataclass
@@ -53,7 +52,7 @@ class LiteRTTarget(Target):
         from .flatbuffer import add_description, operator_counts
         from .runtime import Session, delegation, tensor_quantization
 
-        data, facts = convert(traced, options.precision, options.calibration, reporter)
+        data, facts, rewritten = convert(traced, options.precision, options.calibration, reporter)
         desc = traced.description
         names = ([t.name for t in desc.inputs], [t.name for t in desc.outputs])
         # Write once without the facts only a loaded model gives, load it, then write the
@@ -62,6 +61,7 @@ class LiteRTTarget(Target):
             tmp.write_bytes(add_description(data, desc, input_names=names[0], output_names=names[1]))
             session = Session(tmp, threads=1)
             litert = {"operators": operator_counts(data), "delegation": delegation(session).to_dict(),
+                      "activation_products_as_batch_matmul": rewritten,
                       **({options.precision: facts} if facts else {})}
             quantized = tensor_quantization(session)
             if quantized:
@@ -78,13 +78,10 @@ class LiteRTTarget(Target):
         return read_description(_read(path), str(path))
 
     def run(self, path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return _session(*file_key(path))(inputs)
+        return _sessions.cached(path)(inputs)
 
     def open_session(self, path: Path, threads: int | None = None):
-        from .runtime import Session
-
-        file_key(path)
-        return Session(Path(path), threads=threads)
+        return _sessions.open(path, threads)
 
     def runtime_name(self, path: Path) -> str:
         from importlib.metadata import version
@@ -96,7 +93,7 @@ class LiteRTTarget(Target):
     def health(self, path: Path, description: ModelDescription) -> list[Finding]:
         from .runtime import delegation
 
-        found = delegation(_session(*file_key(path)))
+        found = delegation(_sessions.cached(path))
         if not found.outside:
             return [Finding("ok", f"XNNPACK runs every operator ({found.partitions} partition)")]
         left = ", ".join(f"{n} {k}" for k, n in found.outside.items())
@@ -120,10 +117,5 @@ def _read(path: Path) -> bytes:
     return path.read_bytes()
 
 
-@lru_cache(maxsize=2)
-def _session(path: str, mtime_ns: int):
-    """A loaded model, reused while the file is unchanged (verify reads the description,
-    then runs the same file many times)."""
-    from .runtime import Session
-
-    return Session(Path(path))
+#: Loaded models, reused while the file is unchanged.
+_sessions = Sessions(f"{__package__}.runtime:Session")

@@ -1,5 +1,8 @@
 """PyTorch -> ``.tflite`` with litert-torch (export side: needs torch).
 
+* every precision: the products of two activations the converter made FULLY_CONNECTED
+  are written back as BATCH_MATMUL, which the Interpreter's default XNNPACK delegate takes
+  (:mod:`.matmul`).
 * fp32: ``litert_torch.convert`` of the shared trace's module (``traced.program.module()``:
   litert-torch takes an ``nn.Module`` and runs ``torch.export`` itself; it refuses an
   ``ExportedProgram``). The default conversion path never imports xdsl (only
@@ -8,10 +11,11 @@
   fp16 by ai-edge-quantizer (``FLOAT_CASTING``, with explicit DEQUANTIZE ops the runtime
   folds at load time): half the file, fp32 arithmetic.
 * int8: PyTorch 2 export quantization (``prepare_pt2e``/``convert_pt2e``) with litert-torch's
-  XNNPACK-style quantizer, static, per-channel symmetric weights, activations calibrated
-  on :mod:`evit_deploy.calibration` images; litert-torch turns the quantize/dequantize
-  pairs into an integer TFLite model whose input and output are int8 tensors with a
-  scale and zero point (the runner quantizes, see :mod:`.runtime`).
+  XNNPACK-style quantizer (and symmetric attention keys, see :mod:`.matmul`), static,
+  per-channel symmetric weights, activations calibrated on :mod:`evit_deploy.calibration`
+  images; litert-torch turns the quantize/dequantize pairs into an integer TFLite model
+  whose input and output are int8 tensors with a scale and zero point (the runner
+  quantizes, see :mod:`.runtime`).
 """
 
 from __future__ import annotations
@@ -22,14 +26,16 @@ from ... import calibration as calib
 from ...description import ModelDescription
 from ...errors import ExportError
 from ...native_output import captured, quiet_loggers
+from .matmul import dynamic_fully_connected_as_batch_matmul, int8_quantizer
 
 #: The ops ai-edge-quantizer's FLOAT_CASTING algorithm can store fp16 weights of, among
 #: the ones EfficientViT converts to (it is registered for these and a few others only).
 FP16_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
 
-def convert(traced, precision: str, calibration_dir, reporter) -> tuple[bytes, dict]:
-    """The converted model's bytes and the facts the description records about them."""
+def convert(traced, precision: str, calibration_dir, reporter) -> tuple[bytes, dict, int]:
+    """The converted model's bytes, the facts the description records about its precision,
+    and how many activation products were rewritten for XNNPACK (see :mod:`.matmul`)."""
     import torch
 
     module = traced.program.module()
@@ -42,10 +48,12 @@ def convert(traced, precision: str, calibration_dir, reporter) -> tuple[bytes, d
             data, facts = _int8(module, sample, traced.description, calibration_dir)
         else:
             data = _convert(module, sample)
-            if precision == "fp16":
-                data = _fp16_weights(data)
-                facts = {"weights": f"fp16 ({', '.join(FP16_WEIGHT_OPS)} weights; fp32 compute)"}
-    return data, facts
+        # Before the fp16 weights: their DEQUANTIZE outputs are not constants either.
+        data, rewritten = dynamic_fully_connected_as_batch_matmul(data)
+        if precision == "fp16":
+            data = _fp16_weights(data)
+            facts = {"weights": f"fp16 ({', '.join(FP16_WEIGHT_OPS)} weights; fp32 compute)"}
+    return data, facts, rewritten
 
 
 def _convert(module, sample, **kwargs) -> bytes:
@@ -77,12 +85,11 @@ def _int8(module, sample, description: ModelDescription, calibration_dir) -> tup
     import torch
     # torchao announces the CUDA kernels it cannot load on a CPU build when imported.
     with captured():
-        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
         from litert_torch.quantize.quant_config import QuantConfig
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     images = calib.calibration_set(description.preprocessing, calibration_dir)
-    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
+    quantizer = int8_quantizer()
     try:
         prepared = prepare_pt2e(module, quantizer)
         for batch in images.batches(description.preprocessing, description.input_format, description.batch):
@@ -92,7 +99,7 @@ def _int8(module, sample, description: ModelDescription, calibration_dir) -> tup
     except Exception as exc:
         raise ExportError(f"pt2e int8 quantization failed: {_first_line(exc)}") from exc
     data = _convert(quantized, sample, quant_config=QuantConfig(pt2e_quantizer=quantizer))
-    facts = {"scheme": "PT2E static (litert-torch's XNNPACK quantizer)",
+    facts = {"scheme": "PT2E static (litert-torch's XNNPACK quantizer; the right operand of q^T k symmetric)",
              "weights": "int8 per channel, symmetric",
              "activations": "int8 per tensor (affine), ranges observed on the calibration images",
              "calibration": images.describe()}
