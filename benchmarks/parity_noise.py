@@ -7,7 +7,12 @@ measures that ratio for correct exports, so the factor rests on data: M0-M5 with
 realistic weights (``models/synthetic.realistic_weights``, saved as official-layout
 checkpoints), exported to each fp32 target, every parity input.
 
+It is also the family-wide check the test suite leaves out (the suite exports M0 with
+realistic weights to each fp32 target, plus M5 to ONNX): every artifact is verified again
+under the default fp32 tolerance, and the script exits 1 if any fails it.
+
     python benchmarks/parity_noise.py                       # M0-M5, onnx coreml tvm, seed 0
+    python benchmarks/parity_noise.py --seeds 1             # the seed the test suite used for M0-M5
     python benchmarks/parity_noise.py m0 m5 --targets onnx --seeds 0 1 --json noise.json
 
 It also times the float64 pass for each model (``verify`` must stay fast).
@@ -37,7 +42,8 @@ def realistic_checkpoint(model: str, seed: int, path: Path) -> Path:
 
 
 def measure(model: str, target: str, seed: int, workdir: Path) -> dict:
-    """Per-input errors of one correct export (judged by nothing: the report is read)."""
+    """Per-input errors of one correct export (exported judged by nothing, so that the
+    figures are read whatever they are), then its verdict under the default tolerance."""
     from evit_deploy import api
     from evit_deploy.parity import Tolerance
     from evit_deploy.progress import QuietReporter
@@ -47,9 +53,11 @@ def measure(model: str, target: str, seed: int, workdir: Path) -> dict:
     result = api.export(model, target, out_dir=workdir / f"{model}-{target}-{seed}", weights=weights,
                         options=TARGET_OPTIONS[target], tolerance=accept_all, reporter=QuietReporter())
     rows = result.report.outputs[0].per_input
+    verdict = api.verify(result.artifact.path, weights=weights, reporter=QuietReporter())
     ratios = [r["artifact"] / r["fp32_noise"] for r in rows if r["fp32_noise"] > 0]
     worst = max(rows, key=lambda r: r["artifact"] / max(r["fp32_noise"], 1e-12))
     return {"model": model, "target": target, "seed": seed, "runtime": result.report.runtime,
+            "passed": verdict.passed, "failures": verdict.failures,
             "max_ratio": max(ratios), "worst_input": worst["input"], "worst_artifact": worst["artifact"],
             "worst_fp32_noise": worst["fp32_noise"], "max_artifact": max(r["artifact"] for r in rows),
             "max_fp32_noise": max(r["fp32_noise"] for r in rows),
@@ -94,18 +102,19 @@ def main(argv=None) -> int:
                     rows.append(measure(model, target, seed, Path(tmp)))
                     r = rows[-1]
                     print(f"{model} {target} seed {seed}: max ratio {r['max_ratio']:.2f} on {r['worst_input']} "
-                          f"(artifact {r['worst_artifact']:.2e}, fp32 noise {r['worst_fp32_noise']:.2e})",
-                          file=sys.stderr)
+                          f"(artifact {r['worst_artifact']:.2e}, fp32 noise {r['worst_fp32_noise']:.2e}), "
+                          f"{'passes' if r['passed'] else 'FAILS: ' + '; '.join(r['failures'])}", file=sys.stderr)
     out.print(table(f"fp32 artifacts against the exact answer (errors / output scale) — {cpu_info()['model']}",
-                    ["model", "target", "seed", "max artifact", "fp32 noise (min..max)", "max ratio", "on"],
+                    ["model", "target", "seed", "max artifact", "fp32 noise (min..max)", "max ratio", "on",
+                     "verdict"],
                     [[r["model"], r["target"], r["seed"], f"{r['max_artifact']:.2e}",
                       f"{r['min_fp32_noise']:.1e}..{r['max_fp32_noise']:.1e}", f"{r['max_ratio']:.2f}",
-                      r["worst_input"]] for r in rows], justify_right={3, 5}))
+                      r["worst_input"], "pass" if r["passed"] else "FAIL"] for r in rows], justify_right={3, 5}))
     out.print(table("float64 pass over the parity inputs", ["model", "seconds"],
                     [[m, f"{s:.2f}"] for m, s in timings.items()], justify_right={1}))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "float64_seconds": timings, "host": cpu_info()}, indent=1))
-    return 0
+    return 0 if all(r["passed"] for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -13,10 +13,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: exports every family member (still part of the suite)")
-
-
 def _python_processes() -> dict[int, list[str]]:
     """Processes running this interpreter, other than this one and its own children."""
     import psutil

@@ -1,8 +1,15 @@
-"""``evit-deploy build``: validation, manifest, reproducibility, skipping, failures."""
+"""``evit-deploy build``: validation, manifest, reproducibility, skipping, failures.
+
+The models are built at 64x64: what a build does (verify, record, skip, reproduce) does not
+depend on the resolution. The tests share one build (``built``); a test that changes a
+project changes a copy."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -18,8 +25,10 @@ ONNX_BUILD = textwrap.dedent("""\
 
     [models.m0]
     weights = "m0.pth"
+    img_size = 64
 
     [models.m1]
+    img_size = 64
 
     [[artifact]]
     profile = "onnx-cpu"
@@ -34,12 +43,31 @@ ONNX_BUILD = textwrap.dedent("""\
 """)
 
 
-@pytest.fixture
-def project(tmp_path, checkpoint):
+def _make_project(directory: Path) -> Path:
     """A build file with a checkpoint beside it."""
-    (tmp_path / "m0.pth").write_bytes(checkpoint("m0", seed=3).read_bytes())
-    (tmp_path / "evit-deploy.toml").write_text(ONNX_BUILD)
-    return tmp_path
+    from conftest import save_checkpoint
+
+    save_checkpoint(directory / "m0.pth", "m0", seed=3, img_size=64)
+    (directory / "evit-deploy.toml").write_text(ONNX_BUILD)
+    return directory
+
+
+@pytest.fixture
+def project(tmp_path):
+    return _make_project(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A project built once (serially), and what the build printed."""
+    from evit_deploy.cli import invoke
+
+    project = _make_project(tmp_path_factory.mktemp("built"))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = invoke(["build", str(project / "evit-deploy.toml")])
+    assert code == 0, printed.getvalue()
+    return project, printed.getvalue()
 
 
 def _manifest(out: Path) -> dict:
@@ -50,9 +78,8 @@ def _hashes(manifest: dict) -> dict:
     return {(r["artifact"], r["model"]): r["sha256"] for r in manifest["artifacts"]}
 
 
-def test_build_verifies_everything_and_writes_the_manifest(project, cli):
-    code, out, err = cli("build", project / "evit-deploy.toml")
-    assert code == 0, err
+def test_build_verifies_everything_and_writes_the_manifest(built):
+    project, out = built
     manifest = _manifest(project / "dist")
     assert manifest["verdict"] == "pass"
     records = {(r["artifact"], r["model"]): r for r in manifest["artifacts"]}
@@ -73,16 +100,20 @@ def test_build_verifies_everything_and_writes_the_manifest(project, cli):
     assert "onnx-cpu/m0" in out and "built" in out
 
 
-def test_rebuild_is_byte_identical_and_rerun_skips_unchanged_work(project, cli, tmp_path_factory):
-    code, _, _ = cli("-q", "build", project / "evit-deploy.toml")
-    assert code == 0
+def test_a_second_build_in_worker_processes_gives_the_same_bytes(built, cli, tmp_path_factory):
+    """The same inputs built again into a fresh directory, this time in two worker processes
+    (one per model): the same bytes as the first, serial build."""
+    project, _ = built
     first = _manifest(project / "dist")
-    # A second build from the same inputs into a fresh directory: same bytes.
-    other = tmp_path_factory.mktemp("again")
-    code, _, _ = cli("-q", "build", project / "evit-deploy.toml", "--out", other)
-    assert code == 0
-    assert _hashes(_manifest(other)) == _hashes(first)
-    assert _manifest(other)["artifacts_sha256"] == first["artifacts_sha256"]
+    again = tmp_path_factory.mktemp("again")
+    assert cli("-q", "build", project / "evit-deploy.toml", "--out", again, "--jobs", "2")[0] == 0
+    assert _hashes(_manifest(again)) == _hashes(first)
+    assert _manifest(again)["artifacts_sha256"] == first["artifacts_sha256"]
+
+
+def test_rerun_skips_unchanged_work(built, cli, tmp_path):
+    project = shutil.copytree(built[0], tmp_path / "project")
+    first = _manifest(project / "dist")
     # Re-run in place: nothing to do.
     code, out, _ = cli("build", project / "evit-deploy.toml", "--json", "-")
     assert code == 0
@@ -96,13 +127,6 @@ def test_rebuild_is_byte_identical_and_rerun_skips_unchanged_work(project, cli, 
     status = {(r["artifact"], r["model"]): r["status"] for r in json.loads(out)["artifacts"]}
     assert status == {("onnx-cpu", "efficientvit_m0"): "up to date", ("onnx-cpu", "efficientvit_m1"): "built",
                       ("onnx-fp16", "efficientvit_m0"): "built"}
-
-
-def test_parallel_jobs_build_the_same_bytes(project, cli, tmp_path_factory):
-    serial, parallel = tmp_path_factory.mktemp("serial"), tmp_path_factory.mktemp("parallel")
-    assert cli("-q", "build", project / "evit-deploy.toml", "--out", serial)[0] == 0
-    assert cli("-q", "build", project / "evit-deploy.toml", "--out", parallel, "--jobs", "2")[0] == 0
-    assert _hashes(_manifest(parallel)) == _hashes(_manifest(serial))
 
 
 def test_every_problem_is_reported_before_any_work(tmp_path):

@@ -90,7 +90,10 @@ def test_wrong_model_detection_checkpoint(tmp_path):
         create_model("m2", path, task="detection")
 
 
-@pytest.mark.parametrize("model,size,neck", [("m4", "512", "maskrcnn"), ("m0", "480x640", "retinanet")])
+# Small inputs: the levels and their ceil-divided sizes do not need large ones. M4 at 512 (the
+# paper's Mask R-CNN setting) gives the same graph with more channels; its levels are checked
+# above without an export.
+@pytest.mark.parametrize("model,size,neck", [("m0", "256", "maskrcnn"), ("m0", "192x256", "retinanet")])
 def test_onnx_export_has_one_output_per_level(cli, tmp_path, model, size, neck):
     code, out, err = cli("export", model, "--task", "detection", "--neck", neck, "--img-size", size, "-t", "onnx",
                          "--out", tmp_path, "--json", tmp_path / "r.json")
@@ -100,7 +103,7 @@ def test_onnx_export_has_one_output_per_level(cli, tmp_path, model, size, neck):
     assert all(o["max_rel"] <= 1e-4 for o in report["outputs"])
     onnx_model = onnx.load(tmp_path / f"efficientvit_{model}_{neck}_fpn.onnx")
     dims = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in onnx_model.graph.output}
-    h, w = (512, 512) if size == "512" else (480, 640)
+    h, w = (int(size), int(size)) if "x" not in size else map(int, size.split("x"))
     strides = [4, 8, 16, 32, 64] if neck == "maskrcnn" else [8, 16, 32, 64, 128]
     assert list(dims) == [f"p{s.bit_length() - 1}" for s in strides]
     for (name, shape), stride in zip(dims.items(), strides):

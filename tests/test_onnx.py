@@ -12,7 +12,6 @@ from onnx import numpy_helper
 from conftest import cli_without_torch
 from evit_deploy import api
 from evit_deploy.errors import EXIT_PARITY_FAILED
-from evit_deploy.models import MODELS
 from evit_deploy.preprocess import sample_images
 from evit_deploy.targets.onnx import METADATA_KEY
 
@@ -40,13 +39,13 @@ def test_export_writes_a_checked_model_with_metadata(m0_onnx):
     assert len(hashes) == len(set(hashes)), "duplicate initializers"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(MODELS))
-def test_every_model_with_realistic_weights_passes(name, tmp_path, checkpoint):
+def test_the_worst_conditioned_model_with_realistic_weights_passes(tmp_path, checkpoint):
     # Seed 1 of M5 is the checkpoint on which fp32 PyTorch is 2.8e-4 of the output scale
     # from the exact answer: the fixed 1e-4 rule against PyTorch fp32 rejected this export.
-    weights = checkpoint(name, seed=1, recipe="realistic")
-    result = api.export(name, "onnx", out_dir=tmp_path, weights=weights)
+    # A realistic M0 passes in test_parity.py; M0-M5 on every fp32 target:
+    # benchmarks/parity_noise.py.
+    weights = checkpoint("m5", seed=1, recipe="realistic")
+    result = api.export("m5", "onnx", out_dir=tmp_path, weights=weights)
     report = result.report
     assert report.passed, report.summary()
     logits = report.outputs[0]

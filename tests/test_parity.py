@@ -166,13 +166,12 @@ def test_the_report_gives_the_exact_answer_figures(realistic_m0, cli):
     assert "fp32 noise there" in out and "worst input" in out
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", [f"m{i}" for i in range(6)])
 @pytest.mark.parametrize("target,options", [("coreml", {"precision": "fp32"}), ("tvm", {})], ids=["coreml", "tvm"])
-def test_fp32_core_ml_and_tvm_exports_of_realistic_checkpoints_pass(name, target, options, tmp_path, checkpoint):
-    """Seed 1 (the one that made the former rule reject M5's ONNX export); ONNX: all six in
-    test_onnx.py; every target and model, three seeds: benchmarks/parity_noise.py."""
+def test_fp32_core_ml_and_tvm_exports_of_a_realistic_checkpoint_pass(target, options, tmp_path, checkpoint):
+    """M0, seed 1; ONNX: realistic_m0 above and test_onnx.py (M0 and the M5 that made the
+    former rule fail). The family (M0-M5, every fp32 target, any seeds) is judged by the
+    same rule in benchmarks/parity_noise.py, which exits 1 if any export fails it."""
     pytest.importorskip("coremltools" if target == "coreml" else "tvm")
-    weights = checkpoint(name, seed=1, recipe="realistic")
-    result = api.export(name, target, out_dir=tmp_path, weights=weights, options=options)
+    weights = checkpoint("m0", seed=1, recipe="realistic")
+    result = api.export("m0", target, out_dir=tmp_path, weights=weights, options=options)
     assert result.report.passed and result.report.precision == "fp32", result.report.summary()
