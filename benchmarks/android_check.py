@@ -8,7 +8,7 @@ is the limit), the largest error relative to the output scale, and the operators
 outside XNNPACK as the artifact's description records them. A correctness run, not a
 timing run.
 
-    python benchmarks/android_check.py                                # M0-M5, both targets, fp32 fp16
+    python benchmarks/android_check.py                                # M0-M5, both targets, all precisions
     python benchmarks/android_check.py m0 m4 --targets litert --precisions fp32 --json android.json
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from parity_noise import realistic_checkpoint
 
 TARGETS = ("litert", "executorch")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")      # int8: calibrated on the default set
 
 
 def check(model: str, target: str, precision: str, weights: Path, workdir: Path) -> dict:
