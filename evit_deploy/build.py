@@ -507,7 +507,7 @@ def _artifact_facts(artifact, out_dir: Path) -> dict:
     archive = artifact.path.with_name(artifact.path.name + ".zip")
     # The size is what an app ships: the artifact and the files it needs (an OpenVINO .bin,
     # a TVM description), not the zip that is the same package in another form.
-    shipped = sum(facts["size"] for f, facts in zip(artifact.files, files) if f != archive)
+    shipped = sum(record["size"] for f, record in zip(artifact.files, files) if f != archive)
     facts = {"path": main["path"], "size": shipped, "sha256": main["sha256"], "files": files}
     if artifact.path.is_dir():
         # Artifact stores want one file: a zip whose bytes depend only on the contents

@@ -296,12 +296,13 @@ def compare_output(name: str, exact: np.ndarray, fp32: list[np.ndarray], out: np
         raise BadInputError(f"the tolerance judges {tolerance.judged} only, and there are none among the inputs")
     worst = int(np.argmax(np.where(judged, artifact_rel / limits, -np.inf)))
     flat_r, flat_o = exact.reshape(len(exact), -1), out.reshape(len(out), -1)
+    dot = (flat_r * flat_o).sum(1)
     denom = np.linalg.norm(flat_r, axis=1) * np.linalg.norm(flat_o, axis=1)
-    cos = np.nan_to_num(np.where(denom > 0, (flat_r * flat_o).sum(1) / np.maximum(denom, 1e-300), 1.0), nan=-1)
+    cos = np.nan_to_num(np.where(denom > 0, dot / np.maximum(denom, 1e-300), 1.0), nan=-1)
     # The least-squares scale of the artifact's output on the exact one: rounding noise
     # leaves it near 1 however large the noise, a wrong scale or weight moves it.
     energy = (flat_r * flat_r).sum(1)
-    gain = np.nan_to_num(np.where(energy > 0, (flat_r * flat_o).sum(1) / np.maximum(energy, 1e-300), 1.0), nan=np.inf)
+    gain = np.nan_to_num(np.where(energy > 0, dot / np.maximum(energy, 1e-300), 1.0), nan=np.inf)
     metrics = OutputMetrics(
         name, scale, float(err[judged].max()) if finite else float("inf"), float(artifact_rel[judged].max()),
         float(cos[judged].min()), gain_error=float(np.abs(gain[judged] - 1).max()), noise_rel=float(noise_rel[worst]),
