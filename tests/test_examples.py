@@ -115,3 +115,32 @@ def test_swift_snippet_uses_the_names_core_ml_export_gives(m0_onnx):
     # Every target names the input after the trace; the generated method takes it as a label.
     _, description = api.inspect_artifact(m0_onnx)
     assert f"prediction({description.input.name}:" in swift
+
+
+def test_kotlin_snippet_reads_what_the_android_exports_store(m0_onnx):
+    """The names the Kotlin snippet looks up are the ones the LiteRT and ExecuTorch exports
+    write, and the description keys it reads exist in a real description."""
+    kotlin = (EXAMPLES / "android" / "ClassifyPhoto.kt").read_text()
+    from evit_deploy.targets.executorch.lower import DESCRIPTION_METHOD
+    from evit_deploy.targets.litert.flatbuffer import METADATA_NAME
+
+    assert f'entry.name() == "{METADATA_NAME}"' in kotlin
+    assert f'module.execute("{DESCRIPTION_METHOD}")' in kotlin
+    stored = api.inspect_artifact(m0_onnx)[1].to_dict()
+    for key in re.findall(r'preprocessing\.get\w+\("(\w+)"\)', kotlin):
+        assert key in stored["preprocessing"], key
+    for key in re.findall(r'input\.(?:get|opt)\w+\("(\w+)"', kotlin):
+        assert key in stored["inputs"][0], key
+    assert 'root.optJSONArray("labels")' in kotlin and len(stored["labels"]) == 1000
+    # The fp16 branch matches the type the ExecuTorch fp16 export records.
+    assert 'd.dtype == "float16"' in kotlin
+
+
+def test_build_file_android_artifacts_use_the_android_profiles():
+    from evit_deploy.build import load_build_file
+    from evit_deploy.device_profiles import load_device_profile
+
+    spec = load_build_file(EXAMPLES / "evit-deploy.toml")
+    profiles = {a.name: a.profile for a in spec.artifacts}
+    assert load_device_profile(profiles["android-litert"]).options == {"precision": "fp32"}
+    assert load_device_profile(profiles["android-executorch"]).options == {"precision": "fp16"}

@@ -60,14 +60,18 @@ def test_int8_verifies_in_its_class(tiny):
     assert desc.extra["executorch"]["delegation"]["fully_delegated"]
 
 
-def test_fp16_verifies_in_its_class_with_float32_io(tiny):
+def test_fp16_is_fully_delegated_with_float16_io_and_verifies_in_its_class(tiny):
     desc = reduced_precision_description(tiny["fp16"], "fp16")
-    assert desc.input.dtype == "float32"
-    # XNNPACK runs everything between the casts of the input to fp16 and of the logits
-    # back to fp32, which ExecuTorch's partitioner does not take (see lower.py).
+    # float16 ends: a float32 input or output would need a dtype cast, which ExecuTorch's
+    # XNNPACK partitioner leaves to the portable kernels (see lower.py).
+    assert desc.input.dtype == "float16" and [o.dtype for o in desc.outputs] == ["float16"]
     delegation = desc.extra["executorch"]["delegation"]
-    assert delegation["only_io_casts_outside"] and delegation["xnnpack_delegate_calls"] == 1, delegation
-    assert sum(delegation["ops_outside_xnnpack"].values()) == 2
+    assert delegation["fully_delegated"] and delegation["xnnpack_delegate_calls"] == 1, delegation
+    # run converts: a float32 image in, float32 logits out (verify above did the same).
+    path = tiny["fp16"].artifact.path
+    target, _ = api.inspect_artifact(path)
+    x = np.random.default_rng(0).standard_normal(tuple(desc.input.shape)).astype(np.float32)
+    assert target.run(path, {desc.input.name: x})[desc.outputs[0].name].dtype == np.float32
 
 
 def _reverse_a_weight(src, dst, weights):

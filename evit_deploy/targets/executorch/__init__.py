@@ -22,7 +22,7 @@ from ..base import Artifact, Finding, Sessions, Target, option, precision_option
 class ExecuTorchOptions:
     precision: str = precision_option(
         "fp32", ("fp32", "fp16", "int8"),
-        "fp32; fp16 (fp16 weights and arithmetic in XNNPACK, float32 input and output); int8 (PT2E static "
+        "fp32; fp16 (fp16 weights and arithmetic in XNNPACK, float16 input and output); int8 (PT2E static "
         "quantization for XNNPACK: int8 weights per channel and activations, float32 input and output)")
     calibration: str | None = option(None, "directory of calibration images for --precision int8; default: the "
                                      "bundled photos and seeded crops of them")
@@ -51,10 +51,10 @@ class ExecuTorchTarget(Target):
 
         if options.precision == "int8" and options.calibration is None:
             reporter.warn(calib.DEFAULT_WARNING)
-        edge, delegated, facts = lower(traced, options.precision, options.calibration)
+        edge, delegated, facts, desc = lower(traced, options.precision, options.calibration)
         extra = {"delegation": delegated, **({options.precision: facts} if facts else {})}
-        desc = traced.description.with_extra(executorch=extra)
-        if not delegated["fully_delegated"] and not delegated["only_io_casts_outside"]:
+        desc = desc.with_extra(executorch=extra)
+        if not delegated["fully_delegated"]:
             left = ", ".join(f"{n} {k}" for k, n in delegated["ops_outside_xnnpack"].items())
             reporter.warn(f"not every operator is delegated to XNNPACK: {left} run on ExecuTorch's portable kernels")
         data = to_pte(edge, desc)
@@ -85,9 +85,6 @@ class ExecuTorchTarget(Target):
             return []
         if found["fully_delegated"]:
             return [Finding("ok", f"XNNPACK runs every operator ({found['xnnpack_delegate_calls']} delegate call)")]
-        if found.get("only_io_casts_outside"):
-            return [Finding("ok", f"XNNPACK runs every operator but the input's and output's dtype casts "
-                                  f"({found['xnnpack_delegate_calls']} delegate call)")]
         left = ", ".join(f"{n} {k}" for k, n in found["ops_outside_xnnpack"].items())
         return [Finding("warning", f"operators outside XNNPACK: {left}")]
 

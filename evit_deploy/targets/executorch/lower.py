@@ -11,13 +11,14 @@
   int8 per-channel symmetric weights, int8 activations calibrated on
   :mod:`evit_deploy.calibration` images). The program keeps float32 input and output;
   quantize and dequantize run inside the delegate.
-* fp16: the deploy model in half precision behind a float32 input and output, exported
-  again (weights, activations and XNNPACK's arithmetic in fp16). The two casts at its
-  ends stay outside the delegate: ExecuTorch 1.5.1's XNNPACK partitioner takes
-  ``_to_dim_order_copy`` only when it keeps the dtype ("dtype conversion ... is not
-  supported", ``ToDimOrderCopyConfig``), though XNNPACK itself can convert; each runs
-  once per call on the input image and the logits with ExecuTorch's portable kernels.
-  Everything between them is one XNNPACK delegate call.
+* fp16: the deploy model in half precision, exported again with a float16 input and
+  output (weights, activations and XNNPACK's arithmetic in fp16), so that XNNPACK runs
+  the whole program: ExecuTorch 1.5.1's XNNPACK partitioner takes ``_to_dim_order_copy``
+  only when it keeps the dtype ("dtype conversion ... is not supported",
+  ``ToDimOrderCopyConfig``), so float32 ends would leave two casts to the portable
+  kernels. The app converts the image to float16 and reads float16 logits (as a LiteRT
+  int8 app quantizes its input); the description's tensor types say so and ``run`` and
+  ``verify`` convert.
 * The description goes into the program as a *constant method* (ExecuTorch's way of
   storing configuration in a ``.pte``: a method that returns the value), named
   :data:`DESCRIPTION_METHOD`.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 
 from ... import calibration as calib
 from ...description import ModelDescription
@@ -38,7 +40,8 @@ DELEGATE_CALL = "executorch_call_delegate"
 
 
 def lower(traced, precision: str, calibration_dir):
-    """(edge program manager, delegation facts, quantization facts) for the trace."""
+    """(edge program manager, delegation facts, precision facts, the program's description:
+    the trace's, with the tensor types the program takes and returns)."""
     import torch
     # Importing ExecuTorch imports torchao, which announces the CUDA kernels it cannot load
     # on a CPU build: nothing for the user to act on.
@@ -48,12 +51,12 @@ def lower(traced, precision: str, calibration_dir):
         from executorch.exir.passes.constant_prop_pass import constant_prop_pass
 
     facts: dict = {}
-    program = traced.program
+    program, description = traced.program, traced.description
     with torch.no_grad():
         if precision == "int8":
             program, facts = _int8(traced, calibration_dir)
         elif precision == "fp16":
-            program, facts = _fp16(traced)
+            program, facts, description = _fp16(traced)
         try:
             # A copy: the trace is shared with the other targets of a build. The int8
             # weights' dequantize must stay: folded, the weights would be fp32 again and
@@ -66,16 +69,13 @@ def lower(traced, precision: str, calibration_dir):
                                                transform_passes=[_fold_edge_constants()] if precision == "fp16" else None)
         except Exception as exc:
             raise ExportError(f"ExecuTorch lowering failed: {_first_line(exc)}") from exc
-    return edge, delegation(edge), facts
+    return edge, delegation(edge), facts, description
 
 
 def delegation(edge) -> dict:
-    """XNNPACK delegate calls in the lowered graph and the operators left outside them
-    (``only_io_casts_outside``: all of those are dtype casts of the program's input or
-    output, as in fp16)."""
+    """XNNPACK delegate calls in the lowered graph and the operators left outside them."""
     program = edge.exported_program()
-    inputs = set(program.graph_signature.user_inputs)
-    delegates, outside, io_casts = 0, collections.Counter(), 0
+    delegates, outside = 0, collections.Counter()
     for node in program.graph_module.graph.nodes:
         if node.op != "call_function":
             continue
@@ -84,12 +84,8 @@ def delegation(edge) -> dict:
             delegates += 1
         elif name != "getitem":
             outside[name] += 1
-            if "_to_dim_order_copy" in name and (node.args[0].name in inputs
-                                                 or any(u.op == "output" for u in node.users)):
-                io_casts += 1
     return {"xnnpack_delegate_calls": delegates, "ops_outside_xnnpack": dict(sorted(outside.items())),
-            "fully_delegated": not outside,
-            "only_io_casts_outside": bool(outside) and io_casts == sum(outside.values())}
+            "fully_delegated": not outside}
 
 
 def _fold_edge_constants():
@@ -152,27 +148,22 @@ def _int8(traced, calibration_dir):
 
 
 def _fp16(traced):
+    """(fp16 program, facts, the description with float16 input and output)."""
     import torch
 
-    class HalfPrecision(torch.nn.Module):
-        """The deploy model in fp16 between a float32 input and a float32 output (a uint8
-        input stays uint8: the input adapter scales it in the model's dtype)."""
-
-        def __init__(self, deploy):
-            super().__init__()
-            self.deploy = copy.deepcopy(deploy).half()
-
-        def forward(self, x):
-            if x.is_floating_point():
-                x = x.to(torch.float16)
-            return self.deploy(x).to(torch.float32)
-
+    deploy = copy.deepcopy(traced.deploy).half().eval()
     try:
-        program = torch.export.export(HalfPrecision(traced.deploy).eval(), (traced.example_input(),))
+        program = torch.export.export(deploy, (traced.example_input().to(torch.float16),))
     except Exception as exc:
         raise ExportError(f"the fp16 model does not export: {_first_line(exc)}") from exc
+    desc = traced.description
+    desc = dataclasses.replace(desc, inputs=_half(desc.inputs), outputs=_half(desc.outputs))
     return program, {"compute": "fp16 (weights and activations, XNNPACK fp16 kernels)",
-                     "io": "float32 (cast to and from fp16 at the program's ends)"}
+                     "io": "float16 input and output (the app converts)"}, desc
+
+
+def _half(tensors):
+    return tuple(dataclasses.replace(t, dtype="float16") for t in tensors)
 
 
 def _first_line(exc: BaseException) -> str:
