@@ -466,7 +466,9 @@ def _bench_table(result):
 @_with_target_shortcuts
 def profile_command(model: str = typer.Argument(..., help="m0 … m5"),
                     backend: Optional[list[str]] = typer.Option(None, "--backend", "-b",
-                                                               help="torch, onnxruntime, tvm (repeatable; default torch)."),
+                                                               help="torch, or the backend of a target that times its "
+                                                                    "operators: onnxruntime, tvm, openvino, executorch "
+                                                                    "(repeatable; default torch)."),
                     batch: int = typer.Option(16, "--batch", min=1),
                     threads: int = typer.Option(1, "--threads", min=1),
                     iterations: int = typer.Option(10, "--iterations", min=1),

@@ -125,3 +125,39 @@ def test_sessions_keep_their_thread_counts(fp32):
     assert portable_lib._threadpool_get_thread_count() == 2
     np.testing.assert_array_equal(one(x)["logits"], first)
     assert portable_lib._threadpool_get_thread_count() == 1
+
+
+def test_profile_reports_xnnpack_operators_from_etdump(fp32):
+    """``profile`` on a .pte: XNNPACK's operators inside the delegate call, by kind."""
+    from evit_deploy.profiler import categorize
+    from evit_deploy.targets.executorch.profile import OUTSIDE_OPERATORS
+
+    target, desc = api.inspect_artifact(fp32.artifact.path)
+    x = np.random.default_rng(0).standard_normal(tuple(desc.input.shape)).astype(np.float32)
+    ops = target.profile_ops(fp32.artifact.path, {desc.input.name: x}, threads=1, iterations=2, blocks={})
+    kinds = {op.name for op in ops}
+    assert all("#" not in k for k in kinds) and OUTSIDE_OPERATORS in kinds
+    categories = {categorize(op.name)[0] for op in ops}
+    assert {"convolution", "matrix multiply", "softmax"} <= categories, kinds
+    assert all(op.seconds >= 0 for op in ops) and sum(op.seconds for op in ops) > 0
+
+
+def test_operator_times_drop_the_warm_up_and_add_up_to_the_delegate_call():
+    from types import SimpleNamespace as NS
+
+    from evit_deploy.targets.executorch.profile import OUTSIDE_OPERATORS, operator_times
+
+    def event(name, raw, delegated=True):
+        return NS(name=name, perf_data=NS(raw=raw), is_delegated_op=delegated)
+
+    blocks = [NS(events=[event("Method::init", [9.0], False)]),
+              NS(events=[event("DELEGATE_CALL", [50.0, 10.0, 12.0], False),
+                         event("Convolution (NHWC, F32) GEMM #1", [20.0, 4.0, 5.0]),
+                         event("Convolution (NHWC, F32) GEMM #2", [20.0, 3.0, 3.0]),
+                         event("Softmax (NC, F32) #1", [5.0, 1.0, 1.0]),
+                         event("aten::_to_dim_order_copy", [1.0, 0.5, 0.5], delegated=False)])]
+    times = {}
+    for op in operator_times(blocks):
+        times[op.name] = times.get(op.name, 0.0) + op.seconds
+    assert times == pytest.approx({"Convolution (NHWC, F32) GEMM": 0.015, "Softmax (NC, F32)": 0.002,
+                                   "aten::_to_dim_order_copy": 0.001, OUTSIDE_OPERATORS: 0.005})

@@ -15,7 +15,7 @@ import numpy as np
 from ... import calibration as calib
 from ...description import ModelDescription
 from ...fsutil import atomic_path
-from ..base import Artifact, Finding, Sessions, Target, option, precision_option
+from ..base import Artifact, Finding, OpTime, Sessions, Target, option, precision_option
 
 
 @dataclass
@@ -38,6 +38,7 @@ class ExecuTorchTarget(Target):
     supports_dynamic_batch = False
     Options = ExecuTorchOptions
     benchmark_backend = "executorch"
+    supports_profiling = True        # ETDump, with XNNPACK's per-operator events
 
     def validate(self, options: ExecuTorchOptions) -> None:
         calib.check_request(options.precision, options.calibration, target=self.name)
@@ -71,6 +72,12 @@ class ExecuTorchTarget(Target):
 
     def open_session(self, path: Path, threads: int | None = None):
         return _sessions.open(path, threads)
+
+    def profile_ops(self, path: Path, inputs: dict[str, np.ndarray], *, threads: int, iterations: int,
+                    blocks: dict[str, str]) -> list[OpTime]:
+        from .profile import profile_ops
+
+        return profile_ops(path, inputs, threads=threads, iterations=iterations)
 
     def runtime_name(self, path: Path) -> str:
         from importlib.metadata import version

@@ -45,7 +45,7 @@ def pool_with(threads: int) -> int:
     return _pool_generation
 
 
-def load_program(path: Path):
+def load_program(path: Path, *, etdump: bool = False):
     import warnings
 
     # Importing the runtime announces torchao kernels it cannot load and an
@@ -57,7 +57,7 @@ def load_program(path: Path):
         runtime = Runtime.get()
     try:
         with captured():
-            return runtime.load_program(Path(path).read_bytes())
+            return runtime.load_program(Path(path).read_bytes(), enable_etdump=etdump)
     except Exception as exc:   # the runtime raises RuntimeError with its error code
         text = str(exc).strip().splitlines()
         raise BadInputError(f"{path} is not a loadable ExecuTorch program: "
@@ -74,23 +74,25 @@ def read_description(program, source: str) -> ModelDescription:
 
 
 class Session:
-    """The ``forward`` method of one program: ``session({name: array}) -> {name: array}``."""
+    """The ``forward`` method of one program: ``session({name: array}) -> {name: array}``
+    (``etdump``: the program records an ETDump of its runs, see :mod:`.profile`)."""
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, *, etdump: bool = False):
         self.path = Path(path)
         self.threads = threads or default_threads()
+        self.etdump = etdump
         self._load()
 
     def _load(self) -> None:
         self.generation = pool_with(self.threads)
-        program = load_program(self.path)
+        program = load_program(self.path, etdump=self.etdump)
         self.description = read_description(program, str(self.path))
         try:
             with captured():            # XNNPACK's initialisation reports the CPU it found
                 self.method = program.load_method("forward")
         except Exception as exc:
             raise BadInputError(f"{self.path}: its forward method does not load: {exc}") from None
-        self._program = program         # the method's memory belongs to the program
+        self.program = program          # the method's memory belongs to the program
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
