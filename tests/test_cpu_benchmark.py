@@ -11,8 +11,8 @@ from conftest import ROOT
 from evit_deploy.bench import BenchRecord
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("cpu_throughput", ROOT / "benchmarks" / "cpu_throughput.py")
+def _load(name="cpu_throughput"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -71,3 +71,17 @@ def test_backends_include_installed_peers_only():
     assert script.choose_backends(tuned=False, bf16=True, bf16_tuned=False,
                                   available=["onnxruntime", "tvm", "openvino"])[-3:] == \
         ["tvm:bf16", "openvino", "openvino:bf16"]
+
+
+def test_convergence_table_reads_the_curves_tune_records():
+    """benchmarks/tune_convergence.py: the estimate each run had reached at fractions of the
+    budget, and when each reached the from-nothing run's final estimate."""
+    convergence = _load("tune_convergence")
+    scratch = {"curve": [[30, 40, 120.0], [90, 120, 105.0], [200, 300, 100.5], [240, 360, 100.0]]}
+    sooner = convergence.compare(scratch, {"curve": [[40, 50, 104.0], [80, 100, 99.8]]}, 240)
+    assert sooner["final_from_nothing_ms"] == 100.0
+    assert sooner["seconds_to_reach_it"] == {"from_nothing": 240, "from_other_db": 80}
+    assert [r["from_nothing_ms"] for r in sooner["rows"]] == [120.0, 105.0, 105.0, 100.0]   # at 60, 120, 180, 240 s
+    assert [r["from_other_db_ms"] for r in sooner["rows"]] == [104.0, 99.8, 99.8, 99.8]
+    never = convergence.compare(scratch, {"curve": [[70, 50, 130.0], [240, 300, 101.5]]}, 240)
+    assert never["seconds_to_reach_it"]["from_other_db"] is None and never["rows"][0]["from_other_db_ms"] is None

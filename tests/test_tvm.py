@@ -127,6 +127,12 @@ def test_resumed_tune_continues_from_the_database(tuned_db):
     entry = json.loads((db / tvmdb.META_FILE).read_text())["models"][f"efficientvit_m0 {BATCH}x3x{IMG}x{IMG}"]
     assert [r["stopped"] for r in entry["runs"]] == ["interrupted", "trials"]
     assert entry["trials"] == result.total_trials
+    # The run records how its estimate went, round by round: later, more trials, never worse.
+    assert entry["runs"][-1]["curve"] == result.curve
+    for (t0, n0, ms0), (t1, n1, ms1) in zip(result.curve, result.curve[1:]):
+        assert t0 <= t1 and n0 <= n1 and ms1 <= ms0
+    if result.curve:
+        assert result.curve[-1][2] == pytest.approx(result.estimated_latency_ms, rel=1e-3)
     log = result.log_path.read_text()
     assert "candidate failed" not in log and "timed out" not in log
 
@@ -556,6 +562,13 @@ def test_tuning_can_start_from_another_database(fixed_db, tmp_path):
     # one of schedules/): those found here came from it.
     assert any(not schedules.is_hand_written(r.trace) for r in records)
     assert any(schedules.is_hand_written(r.trace) for r in records)
+    # Its dense convolutions' records are this CPU's defaults: each is measured once, not
+    # once as the default and again as the other database's best.
+    import tvm_ffi
+    from collections import Counter
+
+    measured = Counter((tvm_ffi.structural_hash(r.workload.mod), str(r.trace)) for r in records)
+    assert max(measured.values()) == 1, measured.most_common(1)
     meta = json.loads((tmp_path / "db" / tvmdb.META_FILE).read_text())
     run = meta["models"][f"efficientvit_m0 {BATCH}x3x{IMG}x{IMG}"]["runs"][-1]
     assert run["cpu"]["model"] and run["measured_on"] == "this machine"

@@ -176,6 +176,13 @@ def best_candidate(database, mod):
     return MeasureCandidate(sch, ArgInfo.from_entry_func(sch.mod, remove_preproc=True))
 
 
+def same_schedule(a, b) -> bool:
+    """Whether two measure candidates of one kernel are the same schedule (a database's
+    record that is the default schedule again, say): the same trace, decisions included,
+    makes the same kernel."""
+    return str(a.sch.trace) == str(b.sch.trace)
+
+
 def commit(database, mod, candidate, seconds: list[float], target) -> None:
     """Store one measured candidate."""
     from tvm.s_tir.meta_schedule.database import TuningRecord

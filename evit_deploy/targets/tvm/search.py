@@ -148,7 +148,9 @@ class Search:
                     out.append(Candidate(state, found))
                 if self.start_from is not None:
                     imported = metaschedule.best_candidate(self.start_from, mod)
-                    if imported is not None:
+                    # The other database's best is often this CPU's default too (a default
+                    # of the same vector width): measured once, it delays nothing.
+                    if imported is not None and (found is None or not metaschedule.same_schedule(found, imported)):
                         out.append(Candidate(state, imported, hand_written=schedules.is_hand_written(
                             imported.sch.trace)))
         elif plan.kind == policy.VARIANTS:

@@ -49,6 +49,9 @@ class TuneResult:
     measured_on: str
     log_path: Path | None = None
     per_kernel: list[dict] = field(default_factory=list)
+    # [seconds into the run, trials, estimated latency in ms] after each round that had an
+    # estimate: how fast the run converged (benchmarks/tune_convergence.py compares runs).
+    curve: list[list[float]] = field(default_factory=list)
 
     @property
     def estimated_images_per_s(self) -> float | None:
@@ -156,7 +159,8 @@ def tune(model: str = "m0", target: str | dict = "native", *, trials: int | None
                       run.estimate * 1e3 if run.estimate else None, search.errors, measured_on, log_path,
                       [{"kernel": s.name, "calls": s.calls, "best_ms": s.best_s * 1e3 if s.best_s else None,
                         "trials": s.total_trials, "hand_written": s.best_hand_written}
-                       for s in sorted(search.states, key=lambda s: -(s.calls * (s.best_s or 0)))])
+                       for s in sorted(search.states, key=lambda s: -(s.calls * (s.best_s or 0)))],
+                      run.curve)
 
 
 def tuning_request(model: str, target: str | dict, *, trials, time_budget, db_dir, batch: int, threads,
@@ -267,6 +271,7 @@ class _TuningRun:
         self.stopped = "interrupted"
         self.estimate = None
         self.seconds = 0.0
+        self.curve: list[list[float]] = []
 
     def record(self) -> None:
         self.seconds = time.monotonic() - self.started
@@ -283,7 +288,8 @@ class _TuningRun:
         db.add_run(self.key, {"started": self.started_at, "seconds": round(self.seconds, 1),
                               "trials": search.trials_done, "stopped": self.stopped, "errors": search.errors,
                               "measured_on": self.measured_on, "cpu": self.cpu, "settings": asdict(self.settings),
-                              "versions": versions(), "log": str(self.log_path.relative_to(db.path))})
+                              "versions": versions(), "log": str(self.log_path.relative_to(db.path)),
+                              "curve": self.curve})
         db.save_meta()
         self.log.info("stopped (%s) after %.0f s: %d trials, %d errors; estimated latency %s",
                       self.stopped, self.seconds, search.trials_done, search.errors,
@@ -322,7 +328,7 @@ def _search(request: TuneRequest, kernels, db, devices: int, trials, reporter: R
         if resumed:
             reporter.info(f"resuming: {resumed} measured schedules of these kernels are already in {db.path}")
         reporter.info(f"{len(kernels)} kernels; measuring on {run.measured_on}; {settings.describe()}")
-        run.stopped = _run(search, reporter, run.model, trials, request.budget_s, deadline, log)
+        run.stopped = _run(search, reporter, run.model, trials, request.budget_s, deadline, log, run.curve)
         return search
     finally:
         for part in (builder, runner):
@@ -330,7 +336,8 @@ def _search(request: TuneRequest, kernels, db, devices: int, trials, reporter: R
                 part.shutdown()
 
 
-def _run(search, reporter: Reporter, model: str, trials, budget_s, deadline, log: logging.Logger) -> str:
+def _run(search, reporter: Reporter, model: str, trials, budget_s, deadline, log: logging.Logger,
+         curve: list) -> str:
     by_time = trials is None
     total = round(budget_s) if by_time else trials
     unit = "s" if by_time else "trials"
@@ -338,6 +345,8 @@ def _run(search, reporter: Reporter, model: str, trials, budget_s, deadline, log
         def on_round(p):
             est = p.estimated_latency_s
             batch_info = "" if est is None else f"{est * 1e3:.2f} ms/batch"
+            if est is not None:
+                curve.append([round(p.elapsed_s, 1), p.trials_done, round(est * 1e3, 4)])
             bar.update(completed=min(total, round(p.elapsed_s) if by_time else p.trials_done),
                        kernel=p.kernel.name[:32], measured=f"{p.kernels_measured}/{p.kernels_total}",
                        trials=p.trials_done,
