@@ -74,9 +74,9 @@ def lower(traced, precision: str, calibration_dir):
 
 def delegation(edge) -> dict:
     """XNNPACK delegate calls in the lowered graph and the operators left outside them."""
-    program = edge.exported_program()
+    graph = edge.exported_program().graph_module.graph
     delegates, outside = 0, collections.Counter()
-    for node in program.graph_module.graph.nodes:
+    for node in graph.nodes:
         if node.op != "call_function":
             continue
         name = getattr(node.target, "__name__", str(node.target))
