@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cpufeatures import CpuNeeds, inexact_message, judge, needs_of, require_runnable
 from .description import ModelDescription
 from .errors import BadInputError, ParityError
 from .fsutil import ensure_output_dir, output_error, publish, remove, write_json_atomic
@@ -57,6 +58,7 @@ def export_plan(plan: ExportPlan, out_dir: str | Path, *, verify: bool = True, i
     reporter = reporter or Reporter()
     for note in plan.notes:
         reporter.info(note)
+    cpu_needs(plan, verify)
     out = ensure_output_dir(out_dir)
     with reporter.stage("trace", plan.request.model):
         traced = trace_plan(plan)
@@ -70,8 +72,10 @@ def export_traced(traced, plan: ExportPlan, out_dir: Path, *, verify: bool = Tru
     """Export an already traced model (plans with the same ``trace_key`` can share one trace)."""
     reporter = reporter or Reporter()
     tgt, opts = plan.target, plan.options
+    needs = cpu_needs(plan, verify)
     description = traced.description.with_extra(
         target=tgt.name, precision=plan.precision, options=plan.options_dict(),
+        cpu=needs.to_dict(),
         **({"profile": plan.profile} if plan.profile else {}))
     traced = dataclasses.replace(traced, description=description)
     final = out_dir / tgt.artifact_name(description, opts)
@@ -113,27 +117,64 @@ def export_traced(traced, plan: ExportPlan, out_dir: Path, *, verify: bool = Tru
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def cpu_needs(plan: ExportPlan, verify: bool) -> CpuNeeds:
+    """What the planned artifact needs of a CPU; with ``verify``, a :class:`BadInputError`
+    (before any work) when this CPU cannot run it as it would be verified: parity proven
+    here would not hold, or the check would crash."""
+    needs = plan.target.cpu_needs(plan.options)
+    verdict = judge(needs)
+    if verify and not (verdict.runs and verdict.exact):
+        raise BadInputError(f"{plan.target.name} artifact with these options: {verdict.summary()}, so its parity "
+                            f"cannot be proven on this machine; export it on a CPU that has what it needs, or pass "
+                            f"--no-verify here and `evit-deploy verify` it there")
+    return needs
+
+
 def inspect_artifact(path: str | Path) -> tuple[object, ModelDescription]:
-    """The target that reads ``path`` and the description stored in it."""
+    """The target that reads ``path`` and the description stored in it; a
+    :class:`BadInputError` if its code needs instructions this CPU lacks (it would crash)."""
     path = Path(path)
     if not path.exists():
         raise BadInputError(f"artifact not found: {path}")
     tgt = target_for_artifact(path)
     tgt.check_available(for_run=True)
-    return tgt, tgt.read_description(path)
+    description = tgt.read_description(path)
+    require_runnable(needs_of(description), str(path))
+    return tgt, description
+
+
+def cpu_verdict(path: str | Path):
+    """Whether this CPU runs the artifact at ``path`` as it was verified
+    (:class:`~evit_deploy.cpufeatures.CpuVerdict`), with the CPU it was verified on."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"artifact not found: {path}")
+    tgt = target_for_artifact(path)
+    tgt.check_available(for_run=True)
+    description = tgt.read_description(path)
+    return judge(needs_of(description)), description
 
 
 def verify(artifact: str | Path, *, weights=None, images=None, tolerance: Tolerance | None = None,
-           reporter: Reporter | None = None) -> ParityReport:
+           any_cpu: bool = False, reporter: Reporter | None = None) -> ParityReport:
     """Check an existing artifact against the PyTorch model its metadata names.
 
-    Returns the report; ``report.passed`` is the verdict.
+    Returns the report; ``report.passed`` is the verdict. An artifact whose kernels are
+    exact only on other CPUs (full-range int8 without VNNI here) is refused with a
+    :class:`BadInputError`, since its verdict here would not be the one that holds where
+    it ships; ``any_cpu`` checks what it computes here anyway.
     """
     from .trace import build_reference
 
     reporter = reporter or Reporter()
     path = Path(artifact)
     tgt, description = inspect_artifact(path)
+    verdict = judge(needs_of(description))
+    if not verdict.exact:
+        if not any_cpu:
+            raise BadInputError(f"{inexact_message(verdict, str(path))}; verify it on a CPU that has one (or pass "
+                                f"--any-cpu to check what it computes here)")
+        reporter.warn(inexact_message(verdict, str(path)))
     with reporter.stage("reference", description.model):
         reference = build_reference(description, weights)
     with reporter.stage("verify", tgt.runtime_name(path)):
@@ -163,6 +204,9 @@ def evaluate(artifacts, *, images=None, labels=None, weights=None, reporter: Rep
     entries = []
     for path in paths:
         tgt, description = inspect_artifact(path)
+        verdict = judge(needs_of(description))
+        if not verdict.exact:
+            reporter.warn(inexact_message(verdict, str(path)))
         check_classifier(path, description)
         if chosen.labels is not None and len(description.labels) != 1000:
             raise BadInputError(f"the labels are ImageNet classes; {path} has {len(description.labels)} classes")
@@ -186,6 +230,7 @@ class RunResult:
     outputs: dict[str, np.ndarray]
     predictions: list[Prediction]
     runtime: str
+    warnings: list[str] = field(default_factory=list)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -236,13 +281,15 @@ def run(artifact: str | Path, inputs, *, top: int = 5) -> RunResult:
     """
     path = Path(artifact)
     tgt, description = inspect_artifact(path)
+    verdict = judge(needs_of(description))
+    warnings = [] if verdict.exact else [inexact_message(verdict, str(path))]
     x, sources = load_inputs(inputs, description)
     outputs = tgt.run_batched(path, x, description)
     predictions = []
     first = outputs[description.outputs[0].name]
     if description.labels is not None and first.ndim == 2:
         predictions = top_k(first, description.labels, top, sources)
-    return RunResult(description, outputs, predictions, tgt.runtime_name(path))
+    return RunResult(description, outputs, predictions, tgt.runtime_name(path), warnings)
 
 
 # -- the model family ----------------------------------------------------------------------

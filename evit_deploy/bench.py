@@ -17,6 +17,7 @@ timed in the same run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BadInputError
+from .errors import BadInputError, EvitError
 from .hostinfo import cpu_info, package_versions
 from .models.registry import resolve_name
 from .progress import QuietReporter, Reporter
@@ -99,14 +100,19 @@ class BenchRecord:
     backend: str
     batch: int
     threads: int
-    images_per_s: float
-    latency_ms: dict                  # median, p10, p90, min, max
+    images_per_s: float | None        # None: rejected
+    latency_ms: dict | None           # median, p10, p90, min, max
     iterations: int
     rounds: int
     noisy: bool
     peak_rss_mb: float | None = None
     ratio_to_baseline: float | None = None
     notes: list[str] = field(default_factory=list)    # the artifact's health warnings (Target.health)
+    rejected: str | None = None       # why the backend could not be timed (export, parity, CPU, runtime)
+
+    @classmethod
+    def rejection(cls, model: str, backend: str, batch: int, threads: int, reason: str) -> "BenchRecord":
+        return cls(model, backend, batch, threads, None, None, 0, 0, False, rejected=reason)
 
 
 @dataclass
@@ -171,8 +177,21 @@ def prepare(model_name: str, backend: str, *, batch: int, threads: int, img_size
     tgt = backend_target(backend)
     session = tgt.open_session(artifact.path, threads=threads)
     inputs = random_inputs(artifact.description, batch)
+    session(inputs)                  # a runtime that fails, fails here rather than in the timing
     notes = [f.message for f in tgt.health(artifact.path, artifact.description) if f.level != "ok"]
     return Prepared(lambda: session(inputs), artifact=str(artifact.path), notes=notes)
+
+
+def rejection_reason(exc: BaseException, *, files_kept: bool) -> str:
+    """One line on why a backend could not be timed. Where a rejected export's files are
+    is said only when they are kept (``--artifacts``), not in a temporary directory."""
+    from .errors import ParityError, first_line
+
+    if isinstance(exc, ParityError) and exc.report is not None and not files_kept:
+        return exc.report.summary()
+    if isinstance(exc, EvitError):
+        return first_line(exc)
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def backend_target(backend: str):
@@ -220,6 +239,7 @@ def export_backend(model_name: str, backend: str, *, batch: int, img_size: int, 
     if options.get("precision", "fp32") != "int8":
         # -O TARGET.calibration=DIR is given once per target, for its int8 backend.
         options.pop("calibration", None)
+        options.pop("int8_kernels", None)
     plan = plan_export(model_name, target, options=options, batch=batch, weights=weights, img_size=img_size)
     return export_plan(plan, out_dir, reporter=reporter)
 
@@ -260,11 +280,15 @@ def time_interleaved(runners: dict[str, callable], *, rounds: int, round_seconds
 def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 16, threads: int = 1,
           img_size: int = 224, rounds: int = 5, round_seconds: float = 1.0, warmup_seconds: float = 1.0,
           weights: dict | None = None, target_options: dict | None = None, memory: bool = True,
-          reporter: Reporter | None = None) -> BenchResult:
+          artifacts_dir: str | os.PathLike | None = None, reporter: Reporter | None = None) -> BenchResult:
     """Benchmark ``models`` on ``backends``; see the module docstring for the protocol.
 
     ``target_options`` maps a target name to export options (e.g. ``{"tvm": {"db": ...}}``);
     ``weights`` maps a model to a checkpoint (speed does not depend on the values).
+    A backend that cannot be prepared (export, parity, this CPU, its runtime) is a
+    rejected record with its reason; :class:`EvitError` only when every backend was.
+    ``artifacts_dir`` keeps the exported artifacts (and rejected ones) there instead of in
+    a temporary directory.
     """
     reporter = reporter or Reporter()
     backends = backends or [*TORCH_BACKENDS, "onnxruntime"]
@@ -273,27 +297,41 @@ def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 
     _check_variant_options(backends, target_options or {})
     names = [resolve_name(m).name for m in models]
     records: list[BenchRecord] = []
-    with tempfile.TemporaryDirectory(prefix="evit-bench-") as tmp:
-        workdir = Path(tmp)
+    failures: list[EvitError] = []
+    with contextlib.ExitStack() as stack:
+        workdir = Path(artifacts_dir) if artifacts_dir is not None else \
+            Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="evit-bench-")))
         for model in names:
             prepared = {}
             for backend in backends:
-                with reporter.stage("prepare", f"{model} {backend}"):
-                    prepared[backend] = prepare(model, backend, batch=batch, threads=threads, img_size=img_size,
-                                                weights=(weights or {}).get(model), workdir=workdir / model,
-                                                target_options=target_options, reporter=QuietReporter())
+                try:
+                    with reporter.stage("prepare", f"{model} {backend}"):
+                        prepared[backend] = prepare(model, backend, batch=batch, threads=threads,
+                                                    img_size=img_size, weights=(weights or {}).get(model),
+                                                    workdir=workdir / model, target_options=target_options,
+                                                    reporter=QuietReporter())
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as exc:  # one backend's failure is a row of the result, not the end of it
+                    reason = rejection_reason(exc, files_kept=artifacts_dir is not None)
+                    reporter.warn(f"{model} {backend}: rejected: {reason}")
+                    records.append(BenchRecord.rejection(model, backend, batch, threads, reason))
+                    failures.append(exc if isinstance(exc, EvitError) else EvitError(reason))
+                    continue
                 for note in prepared[backend].notes:
                     reporter.warn(f"{model} {backend}: {note}")
-            with reporter.task(f"timing {model}", total=rounds * len(backends)) as task:
+            if not prepared:
+                continue
+            with reporter.task(f"timing {model}", total=rounds * len(prepared)) as task:
                 samples = time_interleaved({b: p.run for b, p in prepared.items()}, rounds=rounds,
                                            round_seconds=round_seconds, warmup_seconds=warmup_seconds, task=task)
             peaks = {}
             if memory:
-                for backend in backends:
+                for backend in prepared:
                     with reporter.stage("memory", f"{model} {backend}"):
                         peaks[backend] = peak_rss_mb(model, backend, prepared[backend], batch=batch,
                                                      threads=threads, img_size=img_size)
-            for backend in backends:
+            for backend in prepared:
                 lat = [x for round_ in samples[backend] for x in round_]
                 summary = _summarise(lat)
                 round_medians = [statistics.median(r) for r in samples[backend]]
@@ -302,13 +340,19 @@ def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 
                 records.append(BenchRecord(model, backend, batch, threads, batch / (summary["median"] / 1000.0),
                                            summary, len(lat), rounds, spread > NOISY_SPREAD or drift > NOISY_SPREAD,
                                            peaks.get(backend), notes=prepared[backend].notes))
+    if all(r.rejected for r in records):
+        raise failures[0]
+    order = {b: i for i, b in enumerate(backends)}
+    records.sort(key=lambda r: (names.index(r.model), order[r.backend]))
     by_model: dict[str, dict[str, BenchRecord]] = {}
     for r in records:
         by_model.setdefault(r.model, {})[r.backend] = r
     baseline = BASELINE if BASELINE in backends else backends[0]
     for group in by_model.values():
+        base = group[baseline].images_per_s
         for r in group.values():
-            r.ratio_to_baseline = r.images_per_s / group[baseline].images_per_s
+            if base is not None and r.images_per_s is not None:
+                r.ratio_to_baseline = r.images_per_s / base
     settings = {"batch": batch, "threads": threads, "img_size": img_size, "rounds": rounds,
                 "round_seconds": round_seconds, "warmup_seconds": warmup_seconds, "backends": backends,
                 "baseline": baseline, "bn_folded": True,
@@ -372,7 +416,7 @@ def plot(result: BenchResult, path: str | os.PathLike) -> Path:
     width = 0.8 / len(backends)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(models) + 2), 4.5), dpi=120)
     for i, backend in enumerate(backends):
-        values = [next((r.images_per_s for r in result.records if r.model == m and r.backend == backend), 0)
+        values = [next((r.images_per_s or 0 for r in result.records if r.model == m and r.backend == backend), 0)
                   for m in models]
         bars = ax.bar([x + i * width for x in range(len(models))], values, width, label=backend)
         for bar, m in zip(bars, models):

@@ -447,7 +447,10 @@ def _build_one(spec: BuildFile, model: ModelEntry, art: ArtifactEntry, weights_i
                 record.update(status="failed gate", error=f"{'; '.join(record['eval']['failures'])} (the artifact "
                                                           f"was moved to {rejected.relative_to(out_dir).as_posix()})")
                 return _finish(record, start)
-        record.update(status="built", **_artifact_facts(result.artifact, out_dir))
+        # Which CPUs compute it as verified, and the one it was verified on (not in the file:
+        # its bytes would then depend on the machine that built it).
+        record.update(status="built", **_artifact_facts(result.artifact, out_dir),
+                      cpu={**result.artifact.description.extra.get("cpu", {}), "verified_on": result.report.cpu})
     except ParityError as exc:
         record.update(status="failed parity", error=str(exc), parity=_parity_summary(exc.report))
     except EvitError as exc:

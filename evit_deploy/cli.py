@@ -223,6 +223,9 @@ def verify(artifact: Path = typer.Argument(..., help="An exported artifact."),
            max_gain_error: Optional[float] = typer.Option(None, "--max-gain-error", help="Override: how far from 1 "
                                                           "the output's least-squares scale on the exact answer may be."),
            top1: Optional[str] = typer.Option(None, "--top1", help="Override: check top-1 on all|photos|none."),
+           any_cpu: bool = typer.Option(False, "--any-cpu", help="Check an artifact whose kernels are exact only on "
+                                        "other CPUs (full-range int8 without VNNI) anyway: the verdict then holds "
+                                        "for this CPU only."),
            json_out: Optional[str] = typer.Option(None, "--json", help="Write the report to FILE ('-': stdout).")):
     """Check an existing artifact against the PyTorch model recorded in its metadata."""
     from . import api
@@ -236,7 +239,8 @@ def verify(artifact: Path = typer.Argument(..., help="An exported artifact."),
         _, desc = api.inspect_artifact(artifact)
         base = TOLERANCES.get(desc.extra.get("precision", "fp32"), TOLERANCES["fp32"])
         tolerance = base.override(max_rel=max_rel, min_cosine=min_cosine, max_gain_error=max_gain_error, top1=top1)
-    report = api.verify(artifact, weights=weights, images=images, tolerance=tolerance, reporter=_reporter())
+    report = api.verify(artifact, weights=weights, images=images, tolerance=tolerance, any_cpu=any_cpu,
+                        reporter=_reporter())
     _show_report(report, json_out)
     if not report.passed:
         raise ParityError(report.summary(), report)
@@ -253,6 +257,10 @@ def run(artifact: Path = typer.Argument(..., help="An exported artifact."),
     from .console import predictions_table
 
     result = api.run(artifact, inputs, top=top)
+    if result.warnings:
+        from .console import err
+        for warning in result.warnings:
+            err.print(f"[yellow]warning:[/] {warning}")
     if save_outputs is not None:
         _save_outputs(save_outputs, result.outputs)
     _write_json(json_out, [{"input": p.source, "top": [{"index": i, "label": lab, "probability": pr}
@@ -399,6 +407,8 @@ def bench(models: list[str] = typer.Argument(..., help="m0 … m5"),
                                                      help="Export option for a target, TARGET.KEY=VALUE, or for one "
                                                           "variant, TARGET@LABEL.KEY=VALUE (repeatable)."),
           memory: bool = typer.Option(True, "--memory/--no-memory", help="Measure peak RSS per backend."),
+          artifacts: Optional[Path] = typer.Option(None, "--artifacts", help="Keep the exported artifacts (and "
+                                                   "rejected ones) in DIR instead of a temporary directory."),
           json_out: Optional[str] = typer.Option(None, "--json", help="Write records to FILE ('-': stdout)."),
           plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG chart."),
           shortcuts: dict = None):
@@ -409,12 +419,15 @@ def bench(models: list[str] = typer.Argument(..., help="m0 … m5"),
 
     result = run_bench(models, parse_backends(backends), batch=batch, threads=threads, img_size=img_size,
                        rounds=rounds, round_seconds=round_seconds, target_options=_target_options(option, shortcuts),
-                       memory=memory, reporter=_reporter())
+                       memory=memory, artifacts_dir=artifacts, reporter=_reporter())
     _write_json(json_out, result.to_dict())
     if plot is not None:
         write_plot(result, plot)
     if json_out != "-":
         _print(_bench_table(result))
+        for r in result.records:
+            if r.rejected:
+                _print(f"[red]rejected[/] {r.model} {r.backend}: {r.rejected}")
 
 
 def _target_options(pairs: list[str] | None, shortcuts: dict | None) -> dict:
@@ -445,7 +458,11 @@ def _bench_table(result):
         cells = []
         for b in backends:
             r = recs[b]
-            ratio = "" if b == s["baseline"] else f" ({(r.ratio_to_baseline - 1) * 100:+.1f}%)"
+            if r.rejected:
+                cells.append("[red]rejected[/] (below)")
+                continue
+            ratio = "" if b == s["baseline"] or r.ratio_to_baseline is None else \
+                f" ({(r.ratio_to_baseline - 1) * 100:+.1f}%)"
             flag = " [yellow]noisy[/]" if r.noisy else ""
             notes = "".join(f" [red]({note})[/]" for note in r.notes)
             cells.append(f"{r.images_per_s:.0f}{ratio}{flag}{notes}")
@@ -536,15 +553,18 @@ def build(file: Path = typer.Argument(Path("evit-deploy.toml"), help="The build 
 
 
 @app.command()
-def doctor(requested: Optional[list[str]] = typer.Option(None, "--target", "-t",
+def doctor(artifacts: Optional[list[Path]] = typer.Argument(None, help="Artifacts: does this CPU run them as "
+                                                                   "verified? (exit 2 if not)"),
+           requested: Optional[list[str]] = typer.Option(None, "--target", "-t",
                                                         help="Fail (exit 5) unless this target is usable; repeatable."),
            json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout).")):
-    """Versions, host CPU, and whether each target works here, with advice for each problem."""
+    """Versions, host CPU, whether each target works here (with advice), and whether this
+    CPU runs the given artifacts as they were verified."""
     from .console import table
     from .doctor import doctor as run_doctor
     from .errors import MissingDependencyError
 
-    report = run_doctor(requested)
+    report = run_doctor(requested, artifacts or ())
     _write_json(json_out, report.to_dict())
     if json_out != "-":
         host = report.host
@@ -561,10 +581,17 @@ def doctor(requested: Optional[list[str]] = typer.Option(None, "--target", "-t",
                 rows.append([t.name if i == 0 else "", "[green]usable[/]" if t.usable and i == 0 else
                              ("[red]unusable[/]" if i == 0 else ""), mark, f.message, f.advice])
         _print(table("Targets", ["target", "status", "", "finding", "advice"], rows))
+        if report.artifacts:
+            _print(table("Artifacts on this CPU", ["artifact", "target", "", "verdict"],
+                         [[a.path, a.target, "[green]ok[/]" if a.as_verified else "[red]no[/]", a.verdict]
+                          for a in report.artifacts]))
     unusable = report.unusable(requested)
     if unusable:
         raise MissingDependencyError(f"requested target(s) not usable here: {', '.join(unusable)} "
                                      f"(see the advice above)")
+    unfit = [f"{a.path}: {a.verdict}" for a in report.artifacts if not a.as_verified]
+    if unfit:
+        raise BadInputError("; ".join(unfit))
 
 
 # -- commands of target plug-ins -----------------------------------------------------------

@@ -110,7 +110,8 @@ def parity_table(report) -> Group:
         ["top-5 overlap", *("" if o.top5_overlap is None else f"{o.top5_overlap:.2f}" for o in outputs)],
         ["verdict", *("[green]pass[/]" if o.passed else "[red]FAIL[/]" for o in outputs)],
     ]
-    heading = Text(f"Parity of {report.artifact} — {report.runtime}, {report.precision}.\nErrors against the "
+    on = f" on {report.cpu['model']}" if report.cpu else ""
+    heading = Text(f"Parity of {report.artifact} — {report.runtime}{on}, {report.precision}.\nErrors against the "
                    f"exact answer ({report.exact_answer}), relative to the output scale. Tolerance: "
                    f"{report.tolerance.describe()}.", style="italic")
     t = table(None, ["", *(o.name for o in outputs)], rows, justify_right=set(range(1, len(outputs) + 1)))

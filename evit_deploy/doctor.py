@@ -18,10 +18,27 @@ class TargetHealth:
 
 
 @dataclass
+class ArtifactCheck:
+    """Whether this CPU runs an artifact as it was verified."""
+
+    path: str
+    target: str
+    runs: bool                 # False: its code needs instructions this CPU lacks
+    exact: bool                # False: it runs, but its kernels compute otherwise here
+    verdict: str               # one line for people
+    needs: dict                # the description's CPU needs
+
+    @property
+    def as_verified(self) -> bool:
+        return self.runs and self.exact
+
+
+@dataclass
 class DoctorReport:
     versions: dict
     host: dict
     targets: list[TargetHealth]
+    artifacts: list[ArtifactCheck] = field(default_factory=list)
 
     @property
     def problems(self) -> list[tuple[str, Finding]]:
@@ -33,11 +50,21 @@ class DoctorReport:
     def to_dict(self) -> dict:
         return {"versions": self.versions, "host": self.host,
                 "targets": [{"name": t.name, "usable": t.usable, "findings": [asdict(f) for f in t.findings]}
-                            for t in self.targets]}
+                            for t in self.targets],
+                "artifacts": [{**asdict(a), "as_verified": a.as_verified} for a in self.artifacts]}
 
 
-def doctor(requested: list[str] | None = None) -> DoctorReport:
-    """Check the host and every registered target (each reports its own facts).
+def check_artifact(path) -> ArtifactCheck:
+    from .api import cpu_verdict
+
+    verdict, description = cpu_verdict(path)
+    return ArtifactCheck(str(path), description.extra.get("target", "?"), verdict.runs, verdict.exact,
+                         verdict.summary(), verdict.needs.to_dict())
+
+
+def doctor(requested: list[str] | None = None, artifacts=()) -> DoctorReport:
+    """Check the host and every registered target (each reports its own facts), and
+    whether this CPU runs each of ``artifacts`` as it was verified.
 
     ``requested`` target names must exist; whether they are usable is in the report
     (:meth:`DoctorReport.unusable`).
@@ -54,4 +81,4 @@ def doctor(requested: list[str] | None = None) -> DoctorReport:
     for name in requested or []:
         if name not in known:
             raise unknown_name("target", name, known)
-    return DoctorReport(package_versions(), cpu_info(), healths)
+    return DoctorReport(package_versions(), cpu_info(), healths, [check_artifact(a) for a in artifacts])

@@ -70,3 +70,12 @@ def unknown_name(kind: str, name: str, valid) -> BadInputError:
     close = difflib.get_close_matches(name.lower(), list(spelling), n=1, cutoff=0.5)
     hint = f" (did you mean '{spelling[close[0]]}'?)" if close else ""
     return BadInputError(f"unknown {kind} '{name}'{hint}; valid: {', '.join(valid)}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type's name when it has
+    none: errors reach users as one line, and an empty one says nothing."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

@@ -8,14 +8,12 @@ import platform
 from functools import lru_cache
 from importlib import metadata
 
+from .cpufeatures import VECTOR_FLAGS, cpu_flags, cpu_model
+
 #: Packages whose versions determine what evit-deploy produces.
 DEPENDENCIES = ("torch", "numpy", "onnx", "onnxscript", "onnxruntime", "coremltools", "apache-tvm",
                 "apache-tvm-ffi", "xgboost-cpu", "psutil", "cloudpickle", "pillow", "safetensors",
                 "typer", "rich", "matplotlib")
-
-#: CPU vector extensions that matter for inference kernels, as /proc/cpuinfo names them.
-VECTOR_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-                "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve")
 
 
 def package_version(name: str) -> str | None:
@@ -49,18 +47,7 @@ def usable_cpus() -> int:
 @lru_cache(maxsize=1)
 def cpu_info() -> dict:
     """CPU model, core counts and vector extensions (from /proc/cpuinfo where it exists)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model in ("", platform.machine(), platform.processor()):
-                    model = value.strip()
-                elif key in ("flags", "Features") and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
+    model, flags = cpu_model(), cpu_flags()
     try:
         import psutil
         physical = psutil.cpu_count(logical=False)
@@ -68,5 +55,5 @@ def cpu_info() -> dict:
         physical = None
     return {"model": model, "machine": platform.machine(), "logical_cores": os.cpu_count(),
             "physical_cores": physical, "usable_cores": usable_cpus(),
-            "vector_extensions": [f for f in VECTOR_FLAGS if f in flags],
+            "vector_extensions": [f for f in VECTOR_FLAGS if f in (flags or ())],
             "os": f"{platform.system()} {platform.release()}"}

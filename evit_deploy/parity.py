@@ -30,8 +30,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from .cpufeatures import host_cpu
 from .description import ModelDescription
-from .errors import BadInputError, EvitError
+from .errors import BadInputError, EvitError, first_line
 from .preprocess import to_input
 from .samples import SampleImage, sample_inputs
 
@@ -177,6 +178,7 @@ class ParityReport:
     weights: str = ""
     exact_answer: str = "float64"         # how the exact answer was computed
     extra: dict = field(default_factory=dict)
+    cpu: dict | None = None               # the CPU it was checked on (model, features)
 
     @property
     def passed(self) -> bool:
@@ -390,11 +392,11 @@ def verify_outputs(*, target, path, description: ModelDescription, reference, ar
         raise
     except Exception as exc:  # an artifact that cannot even run fails parity
         failed = OutputMetrics("(run)", float("nan"), float("nan"), float("nan"), float("nan"))
-        failed.failures.append(f"the artifact failed to run: {str(exc).strip().splitlines()[0]}")
+        failed.failures.append(f"the artifact failed to run: {first_line(exc)}")
         metrics, per_input = [failed], [InputResult(p.name, p.kind) for p in inputs]
     report = ParityReport(artifact=str(artifact), target=target.name, runtime=target.runtime_name(path),
                           precision=precision, tolerance=tolerance, outputs=metrics, inputs=per_input,
-                          model=description.model, weights=description.weights, exact_answer=how)
+                          model=description.model, weights=description.weights, exact_answer=how, cpu=host_cpu())
     report.extra.update(target.parity_extras(path, report))
     return report
 

@@ -51,12 +51,31 @@ def preprocess(path: str, description: dict) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def check_cpu(path: Path, description: dict) -> None:
+    """Refuse a library compiled for instructions this CPU lacks (it would die of SIGILL)
+    and warn about int8 kernels that are exact only with VNNI. Both are recorded in the
+    description's ``extra.cpu``; the flags are Linux's /proc/cpuinfo names."""
+    needs = description.get("extra", {}).get("cpu") or {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return                                     # not Linux: nothing to compare with
+    missing = [f for f in needs.get("isa", []) if f not in flags]
+    if missing:
+        sys.exit(f"{path} is compiled for CPUs with {', '.join(missing)}, which this CPU lacks")
+    if needs.get("exact_with") and not flags & set(needs["exact_with"]):
+        print(f"warning: {path}: {needs.get('why')}; this CPU has none of {', '.join(needs['exact_with'])}",
+              file=sys.stderr)
+
+
 class OnnxModel:
     def __init__(self, path: Path):
         import onnxruntime as ort
 
         self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self.description = json.loads(self.session.get_modelmeta().custom_metadata_map[DESCRIPTION_KEY])
+        check_cpu(path, self.description)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.description["inputs"][0]["name"]: batch})[0]
@@ -68,6 +87,7 @@ class TvmModel:
         from tvm.runtime.vm import VirtualMachine
 
         self.description = json.loads(path.with_name(path.stem + ".tvm.json").read_text("utf-8"))
+        check_cpu(path, self.description)
         # The kernels were tuned for this many threads (the target's num-cores).
         tvm.get_global_func("runtime.config_threadpool")(1, self.description["extra"]["tvm"]["threads"])
         self._in_place = self.description["extra"]["tvm"].get("inputs_in_place", False)
@@ -93,6 +113,7 @@ class OpenVinoModel:
         core = ov.Core()
         model = core.read_model(str(path))
         self.description = json.loads(model.get_rt_info(["evit_deploy", "description"]).astype(str))
+        check_cpu(path, self.description)
         # The precision the IR was exported for: OpenVINO would otherwise pick bf16 by itself
         # on CPUs that have it.
         precision = model.get_rt_info(["evit_deploy", "inference_precision"]).astype(str)

@@ -90,6 +90,8 @@ def test_build_verifies_everything_and_writes_the_manifest(built):
         path = project / "dist" / r["path"]
         assert path.is_file() and path.stat().st_size == r["size"]
         assert len(r["sha256"]) == 64 and r["reproducible"] is True
+        # Which CPUs compute it as verified (onnxruntime: any), and the CPU that verified it.
+        assert r["cpu"]["isa"] == [] and r["cpu"]["verified_on"]["model"]
     m0 = records[("onnx-cpu", "efficientvit_m0")]
     from evit_deploy.models.checkpoint import sha256_file
     assert m0["weights"] == sha256_file(project / "m0.pth")

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..cpufeatures import INT8_KERNELS, CpuNeeds
 from ..description import ModelDescription
 from ..errors import BadInputError, MissingDependencyError, unknown_name
 
@@ -53,6 +54,14 @@ def precision_option(default: str, supported: tuple[str, ...], help: str = "nume
         raise ValueError(f"precision_option: {unknown or default!r} is not one of {PRECISIONS}")
     return field(default=default, metadata={"help": help, "choices": tuple(supported), "flag": None,
                                             "vocabulary": PRECISIONS})
+
+
+def int8_kernels_option():
+    """The ``int8_kernels`` option of a target whose int8 artifacts run u8×s8 kernels
+    (see :mod:`evit_deploy.cpufeatures`)."""
+    return option(INT8_KERNELS[0], "which x86 CPUs compute --precision int8 exactly: portable (7-bit weights: "
+                  "every CPU) or vnni (8-bit weights: only CPUs with AVX512-VNNI, AVX-VNNI or AMX; others "
+                  "saturate)", choices=INT8_KERNELS)
 
 
 @dataclass(frozen=True)
@@ -199,6 +208,12 @@ class Target:
         alone for a target without one)."""
         found = next((f for f in option_fields(cls.Options) if f.name == PRECISION), None)
         return tuple(found.metadata.get("choices") or (found.default,)) if found else ("fp32",)
+
+    def cpu_needs(self, options) -> CpuNeeds:
+        """What an artifact exported with these options needs of the CPU it runs on: the
+        instruction sets its code is compiled for, and what its kernels need to compute as
+        verified. Runtimes that choose kernels by CPUID at load time need nothing."""
+        return CpuNeeds()
 
     def default_batch(self, options, model: str) -> tuple[int, str] | None:
         """(batch, why) to export ``model`` (the name the trace gives it: ``efficientvit_m4``

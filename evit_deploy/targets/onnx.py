@@ -16,7 +16,8 @@ import numpy as np
 from .. import calibration as calib
 from ..description import ModelDescription
 from ..errors import BadInputError, ExportError
-from .base import Artifact, OpTime, Sessions, Target, option, precision_option
+from ..cpufeatures import CpuNeeds, check_int8_kernels, int8_cpu_needs, with_legacy_int8_needs
+from .base import Artifact, OpTime, Sessions, Target, int8_kernels_option, option, precision_option
 
 METADATA_KEY = "evit_deploy.description"
 
@@ -35,6 +36,7 @@ class OnnxOptions:
                                choices=("static", "dynamic"))
     calibration: str | None = option(None, "directory of calibration images for --precision int8 (static); "
                                      "default: the bundled photos and seeded crops of them")
+    int8_kernels: str = int8_kernels_option()
     bake_preprocessing: str = option(
         "none", "bake scaling and ImageNet normalisation into the graph so it takes raw RGB",
         choices=("none", "float01", "uint8"))
@@ -68,6 +70,10 @@ class OnnxTarget(Target):
             raise BadInputError("--calibration is for static int8 quantization; dynamic quantization measures "
                                 "activation ranges at run time")
         calib.check_request(options.precision, options.calibration, target=self.name)
+        check_int8_kernels(options.precision, options.int8_kernels, target=self.name)
+
+    def cpu_needs(self, options: OnnxOptions) -> CpuNeeds:
+        return int8_cpu_needs(options.precision, options.int8_kernels)
 
     def artifact_name(self, description: ModelDescription, options: OnnxOptions) -> str:
         # Precisions of one model can sit side by side (evit-deploy eval dist/*.onnx).
@@ -121,9 +127,9 @@ class OnnxTarget(Target):
             if options.calibration is None:
                 reporter.warn(calib.DEFAULT_WARNING)
             calibration = calib.calibration_set(desc.preprocessing, options.calibration)
-        proto, facts = quantize(proto, mode=options.quantization, calibration=calibration,
-                                input_name=desc.input.name, input_format=desc.input_format,
-                                preprocessing=desc.preprocessing, batch=desc.batch)
+        proto, facts = quantize(proto, mode=options.quantization, kernels=options.int8_kernels,
+                                calibration=calibration, input_name=desc.input.name,
+                                input_format=desc.input_format, preprocessing=desc.preprocessing, batch=desc.batch)
         return proto, desc.with_extra(int8=facts)
 
     # -- reading and running (torch-free) ----------------------------------------------------
@@ -131,7 +137,7 @@ class OnnxTarget(Target):
         meta = _sessions.cached(path).ort.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in meta:
             raise BadInputError(f"{path} was not made by evit-deploy (no '{METADATA_KEY}' metadata)")
-        return ModelDescription.from_json(meta[METADATA_KEY])
+        return with_legacy_int8_needs(ModelDescription.from_json(meta[METADATA_KEY]))
 
     def run(self, path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _sessions.cached(path)(inputs)

@@ -38,10 +38,10 @@ def op_types_to_quantize(proto) -> list[str]:
     return sorted({node.op_type for node in proto.graph.node} - set(KEEP_FLOAT))
 
 
-def quantize(proto, *, mode: str, calibration: CalibrationSet | None, input_name: str, input_format: str,
-             preprocessing, batch: int | None):
-    """An int8 copy of the fp32 ``proto`` (``mode`` static or dynamic) and the facts its
-    description records."""
+def quantize(proto, *, mode: str, kernels: str, calibration: CalibrationSet | None, input_name: str,
+             input_format: str, preprocessing, batch: int | None):
+    """An int8 copy of the fp32 ``proto`` (``mode`` static or dynamic; ``kernels``
+    portable: 7-bit weights, or vnni: 8-bit) and the facts its description records."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
         quantize_dynamic, quantize_static
@@ -56,6 +56,7 @@ def quantize(proto, *, mode: str, calibration: CalibrationSet | None, input_name
             return None if x is None else {input_name: x}
 
     ops = op_types_to_quantize(proto)
+    reduce_range = kernels == "portable"
     with tempfile.TemporaryDirectory(prefix="evit-int8-") as tmp, quiet_loggers():
         fp32, prepared, quantized = (Path(tmp) / n for n in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
         fp32.write_bytes(proto.SerializeToString())
@@ -65,17 +66,19 @@ def quantize(proto, *, mode: str, calibration: CalibrationSet | None, input_name
             quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
             if mode == "static":
                 quantize_static(str(prepared), str(quantized), Reader(), quant_format=QuantFormat.QDQ,
-                                per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                                op_types_to_quantize=ops, calibrate_method=CalibrationMethod.MinMax)
+                                per_channel=True, reduce_range=reduce_range, weight_type=QuantType.QInt8,
+                                activation_type=QuantType.QUInt8, op_types_to_quantize=ops,
+                                calibrate_method=CalibrationMethod.MinMax)
             else:
-                quantize_dynamic(str(prepared), str(quantized), per_channel=True, weight_type=QuantType.QInt8,
-                                 op_types_to_quantize=ops)
+                quantize_dynamic(str(prepared), str(quantized), per_channel=True, reduce_range=reduce_range,
+                                 weight_type=QuantType.QInt8, op_types_to_quantize=ops)
         except Exception as exc:
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportError(f"onnxruntime's {mode} int8 quantization failed: {detail}") from exc
         result = onnx.load(str(quantized))
     facts = {"mode": mode, "format": "QDQ" if mode == "static" else "QOperator",
-             "weights": "int8 per channel, symmetric",
+             "weights": "int8 per channel, symmetric, " + ("7-bit (-64..64)" if reduce_range else "8-bit"),
+             "kernels": kernels,
              "activations": "uint8, asymmetric, MinMax-calibrated" if mode == "static" else "uint8, per batch",
              "float_ops": list(KEEP_FLOAT)}
     if calibration is not None:

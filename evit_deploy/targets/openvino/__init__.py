@@ -28,7 +28,8 @@ import numpy as np
 
 from ... import calibration as calib
 from ...description import ModelDescription
-from ..base import Artifact, Finding, OpTime, Target, option, precision_option
+from ...cpufeatures import CpuNeeds, check_int8_kernels, int8_cpu_needs
+from ..base import Artifact, Finding, OpTime, Target, int8_kernels_option, option, precision_option
 
 #: --precision -> (INFERENCE_PRECISION_HINT, weights as stored, artifact name suffix)
 PRECISIONS = {"fp32": ("f32", "f32", ""), "fp16": ("f32", "f16", "_fp16"), "bf16": ("bf16", "f32", "_bf16"),
@@ -44,6 +45,7 @@ class OpenVinoOptions:
     calibration: str | None = option(
         None, "directory of calibration images for --precision int8; default: the bundled photos and seeded "
               "crops of them")
+    int8_kernels: str = int8_kernels_option()
 
 
 class OpenVinoTarget(Target):
@@ -61,7 +63,11 @@ class OpenVinoTarget(Target):
         from .runtime import require_precision
 
         calib.check_request(options.precision, options.calibration, target=self.name)
+        check_int8_kernels(options.precision, options.int8_kernels, target=self.name)
         require_precision(PRECISIONS[options.precision][0])
+
+    def cpu_needs(self, options: OpenVinoOptions) -> CpuNeeds:
+        return int8_cpu_needs(options.precision, options.int8_kernels)
 
     def artifact_name(self, description: ModelDescription, options: OpenVinoOptions) -> str:
         # Precisions of one model sit side by side, as ONNX's do.
@@ -83,7 +89,7 @@ class OpenVinoTarget(Target):
             if options.calibration is None:
                 reporter.warn(calib.DEFAULT_WARNING)
             calibration = calib.calibration_set(desc.preprocessing, options.calibration)
-            model, facts = quantize(model, desc, calibration, reporter)
+            model, facts = quantize(model, desc, calibration, options.int8_kernels, reporter)
             desc = desc.with_extra(int8=facts)
         desc = desc.with_extra(openvino=info)
         set_description(model, desc, inference_precision, paths)

@@ -68,16 +68,19 @@ def _nncf_output(reporter):
             reporter.warn(f"NNCF: {record.getMessage()}")
 
 
-def advanced_parameters():
-    """NNCF's defaults but for the two measured above."""
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+def advanced_parameters(kernels: str):
+    """NNCF's defaults but for the two measured above, and the overflow fix ``kernels``
+    asks for: 7-bit weights in every layer (portable) or 8-bit in all (vnni)."""
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     return AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
-                                          disable_bias_correction=True)
+                                          disable_bias_correction=True,
+                                          overflow_fix=OverflowFix.ENABLE if kernels == "portable"
+                                          else OverflowFix.DISABLE)
 
 
-def quantize(model, desc: ModelDescription, calibration: CalibrationSet, reporter):
+def quantize(model, desc: ModelDescription, calibration: CalibrationSet, kernels: str, reporter):
     """An int8 copy of the float ``model`` and the facts its description records."""
     from .telemetry import off
 
@@ -89,13 +92,15 @@ def quantize(model, desc: ModelDescription, calibration: CalibrationSet, reporte
         try:
             # Each dataset item is fed to the model's one input as it is.
             quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),
-                                      advanced_parameters=advanced_parameters())
+                                      advanced_parameters=advanced_parameters(kernels))
         except Exception as exc:
             raise ExportError(f"NNCF int8 quantization failed: {first_line(exc)}") from exc
     fake_quantize = sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ordered_ops())
     facts = {"quantizer": f"nncf {nncf.__version__}", "method": "nncf.quantize (post-training)",
              "preset": "performance", "activation_ranges": "min/max over the calibration images",
-             "bias_correction": False, "weights": "int8 per output channel, symmetric",
+             "bias_correction": False, "kernels": kernels,
+             "weights": "int8 per output channel, symmetric, " + ("7-bit (overflow fix in every layer)"
+                                                                  if kernels == "portable" else "8-bit"),
              "activations": "int8, symmetric, ranges from the calibration images",
              "fake_quantize_ops": fake_quantize, "calibration": calibration.describe()}
     return quantized, facts

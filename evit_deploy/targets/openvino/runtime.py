@@ -122,7 +122,8 @@ def inference_precision_of(model, xml: Path) -> str:
 
 
 def read_description(xml: Path) -> ModelDescription:
-    return description_of(read_model(xml), Path(xml))
+    from ...cpufeatures import with_legacy_int8_needs
+    return with_legacy_int8_needs(description_of(read_model(xml), Path(xml)))
 
 
 def compile_config(inference_precision: str, *, threads: int | None = None, profile: bool = False) -> dict:

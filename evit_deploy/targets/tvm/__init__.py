@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...cpufeatures import CpuNeeds
 from ...description import ModelDescription
 from ...errors import ExportError
 from ..base import Artifact, Command, Finding, OpTime, Target, missing_modules, option, precision_option
@@ -80,6 +81,10 @@ class TvmTarget(Target):
         if options.precision == "bf16":
             from .schedules.gemm_bf16 import require
             require(target)
+
+    def cpu_needs(self, options: TvmOptions) -> CpuNeeds:
+        from .target_string import required_cpu_flags
+        return CpuNeeds(isa=required_cpu_flags(self.resolved_target(options)))
 
     def artifact_name(self, description: ModelDescription, options: TvmOptions) -> str:
         suffix = "" if options.precision == "fp32" else f"_{options.precision}"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...cpufeatures import CpuNeeds, needs_of, require_runnable
 from ...description import ModelDescription
 from ...errors import BadInputError
 from ...hostinfo import usable_cpus
@@ -43,9 +44,15 @@ def read_description(library: Path) -> ModelDescription:
     if not side.is_file():
         raise BadInputError(f"{library} has no description {side.name} beside it (keep the two files together)")
     try:
-        return ModelDescription.from_json(side.read_text("utf-8"))
+        description = ModelDescription.from_json(side.read_text("utf-8"))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise BadInputError(f"{side} is not a readable evit-deploy description: {exc}") from None
+    if "cpu" not in description.extra and description.extra.get("tvm", {}).get("target"):
+        # Made before descriptions recorded it: the instruction sets follow from the target.
+        from .target_string import required_cpu_flags
+        description = description.with_extra(cpu=CpuNeeds(isa=required_cpu_flags(description.extra["tvm"]["target"]))
+                                              .to_dict())
+    return description
 
 
 #: The size TVM's thread pool was last given here. The pool is the process's, shared by
@@ -90,6 +97,8 @@ class CompiledModel:
         self.path = Path(library)
         self.description = read_description(self.path)
         self.threads = threads or default_threads(self.description)
+        # Before the library is mapped: code for instructions this CPU lacks kills the process.
+        require_runnable(needs_of(self.description), str(self.path))
         try:
             lib = tvm.runtime.load_module(str(self.path))
         except Exception as exc:  # TVM raises its own error types

@@ -150,6 +150,31 @@ def _convert(key: str, kind_of: str, value: str, text: str):
     return value
 
 
+#: LLVM's x86 features that its code generator may use on its own (auto-vectorisation,
+#: TVM's tensor intrinsics), by their Linux /proc/cpuinfo names: a library compiled with
+#: one runs only where the CPU has it. Features LLVM emits only for explicit intrinsics
+#: (AES, SHA, ...) and tuning flags are left out.
+LLVM_TO_LINUX_FLAGS = {
+    "sse3": "pni", "ssse3": "ssse3", "sse4.1": "sse4_1", "sse4.2": "sse4_2", "popcnt": "popcnt",
+    "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c", "bmi": "bmi1", "bmi2": "bmi2",
+    "lzcnt": "abm", "movbe": "movbe", "avx512f": "avx512f", "avx512cd": "avx512cd", "avx512bw": "avx512bw",
+    "avx512dq": "avx512dq", "avx512vl": "avx512vl", "avx512ifma": "avx512ifma", "avx512vbmi": "avx512vbmi",
+    "avx512vbmi2": "avx512_vbmi2", "avx512vnni": "avx512_vnni", "avx512bitalg": "avx512_bitalg",
+    "avx512vpopcntdq": "avx512_vpopcntdq", "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16",
+    "avxvnni": "avx_vnni", "gfni": "gfni", "amx-tile": "amx_tile", "amx-int8": "amx_int8",
+    "amx-bf16": "amx_bf16",
+}
+
+
+def required_cpu_flags(target: dict) -> tuple[str, ...]:
+    """The instruction sets (Linux flag names) code compiled for ``target`` may use: its
+    CPU's features as TVM's LLVM knows them, with ``-mattr`` applied."""
+    from tvm.target import codegen
+
+    features = codegen.llvm_get_cpu_features(to_tvm(target))
+    return tuple(linux for llvm, linux in LLVM_TO_LINUX_FLAGS.items() if llvm in features)
+
+
 def host_cpu_name() -> str:
     """The LLVM name of this machine's CPU (``native`` resolves to it)."""
     import tvm  # noqa: F401  (registers the LLVM helper functions)
@@ -180,6 +205,9 @@ def resolve_target(text_or_dict, *, threads: int | None = None) -> dict:
     original = text_or_dict if isinstance(text_or_dict, str) else json.dumps(text_or_dict)
     if target.get("mcpu") == "native":
         target["mcpu"] = host_cpu_name()
+        hidden = _features_hidden_here(target)
+        if hidden:
+            target["mattr"] = [*target.get("mattr", []), *(f"-{f}" for f in hidden)]
     if "mcpu" in target:
         triple = target.get("mtriple") or str(tvm_ffi.get_global_func("target.llvm_get_system_triple")())
         if not bool(tvm_ffi.get_global_func("target.llvm_is_valid_cpu")(target["mcpu"], triple)):
@@ -197,6 +225,20 @@ def resolve_target(text_or_dict, *, threads: int | None = None) -> dict:
     if not target.get("tag"):
         target.pop("tag", None)
     return canonical(target)
+
+
+def _features_hidden_here(target: dict) -> list[str]:
+    """LLVM features of the host CPU's model that this machine does not expose (a virtual
+    machine may hide AVX-512 from a CPU that has it): code using them would crash here."""
+    from ...cpufeatures import cpu_flags
+
+    flags = cpu_flags()
+    if flags is None:
+        return []
+    from tvm.target import codegen
+
+    features = codegen.llvm_get_cpu_features(to_tvm(target))
+    return [llvm for llvm, linux in LLVM_TO_LINUX_FLAGS.items() if llvm in features and linux not in flags]
 
 
 def _close_cpus(cpu: str, triple: str) -> str:
