@@ -12,8 +12,8 @@ thread) this script exports and compares, on this machine:
 * OpenVINO: ``--int8-kernels vnni`` (NNCF's overflow fix off) and ``portable`` (on in
   every layer);
 
-and reports for each: parity on this CPU (``verify``), top-1 agreement, top-5 overlap,
-lowest cosine and largest error against the fp32 model on 64 held-out images, and speed
+(each with its own file name: ``_int8`` and ``_int8_vnni``) and reports for each: parity on this CPU (``verify``), top-1 agreement, top-5 overlap,
+lowest cosine and largest error against the fp32 model on held-out images (``--images``), and speed
 against fp32 of the same runtime and against onnxruntime fp32 (every session timed
 interleaved in one process, as ``bench`` does). For ONNX it also runs each int8 file with
 onnxruntime's graph optimisations off: the QDQ graph is then computed in float from the
@@ -76,10 +76,16 @@ def main() -> int:
     from evit_deploy.bench import time_interleaved
     from evit_deploy.calibration import calibration_set
     from evit_deploy.cpufeatures import VNNI, host_cpu
+    from evit_deploy.parity import TOLERANCES
     from evit_deploy.progress import QuietReporter
     from evit_deploy.targets.openvino.runtime import load as ov_load
 
-    args = benchkit.parser(__doc__).parse_args()
+    parser = benchkit.parser(__doc__)
+    parser.add_argument("--weights", choices=("realistic", "default"), default="realistic",
+                        help="realistic synthetic weights (seed 1), or the seeded ones commands use without "
+                             "--weights (larger activations: they overflow 8-bit weight pairs the most)")
+    parser.add_argument("--images", type=int, default=64, help="held-out images the agreement is measured on")
+    args = parser.parse_args()
     benchkit.quiet()
     cpu = host_cpu()
     vnni = [f for f in VNNI if f in (cpu["features"] or ())]
@@ -90,7 +96,8 @@ def main() -> int:
         for model in args.models:
             work = Path(tmp) / model
             work.mkdir()
-            weights = benchkit.realistic_checkpoint(model, 1, work / "weights.pth")
+            weights = benchkit.realistic_checkpoint(model, 1, work / "weights.pth") \
+                if args.weights == "realistic" else None
 
             def export(target, **options):
                 return api.export(model, target, out_dir=work / target, weights=weights, batch=BATCH,
@@ -107,20 +114,22 @@ def main() -> int:
                      ("openvino", "portable"): export("openvino", precision="int8").path}
             runners = {key: (ort_session(path) if key[0] == "onnxruntime" else ov_load(path, threads=1))
                        for key, path in files.items()}
-            x = benchkit.held_out_images(spec)
+            x = benchkit.held_out_images(spec, args.images)
             reference = benchkit.batched(runners[("onnxruntime", "fp32")], x, BATCH)
             batch = x[:BATCH]
             samples = time_interleaved({key: (lambda r=r: r(batch)) for key, r in runners.items()},
                                        rounds=5, round_seconds=1.0, warmup_seconds=1.0)
             speed = {key: BATCH / statistics.median([t for r in s for t in r]) for key, s in samples.items()}
             for (runtime, recipe), path in files.items():
-                row = {"model": model, "runtime": runtime, "recipe": recipe, "cpu": cpu,
+                row = {"model": model, "runtime": runtime, "recipe": recipe, "cpu": cpu, "weights": args.weights,
                        "images_per_s": speed[(runtime, recipe)],
                        "vs_runtime_fp32": speed[(runtime, recipe)] / speed[(runtime, "fp32")],
                        "vs_onnxruntime_fp32": speed[(runtime, recipe)] / speed[("onnxruntime", "fp32")],
                        "here": benchkit.agreement(benchkit.batched(runners[(runtime, recipe)], x, BATCH), reference)}
                 if recipe != "fp32":
-                    report = api.verify(path, weights=weights, any_cpu=True, reporter=QuietReporter())
+                    # The U8U8 file carries the fp32 file's description: judged as int8 here.
+                    report = api.verify(path, weights=weights, any_cpu=True, tolerance=TOLERANCES["int8"],
+                                        reporter=QuietReporter())
                     logits = report.outputs[0]
                     row["parity_here"] = {"passed": report.passed, "min_cosine": logits.min_cosine,
                                           "gain_error": logits.gain_error, "failures": report.failures}

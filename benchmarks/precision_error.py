@@ -53,11 +53,14 @@ def measure_int8(model: str, target: str, weights_kind: str, seed: int, workdir:
                         options=TARGET_OPTIONS[target], tolerance=accept_all, reporter=QuietReporter())
     report = result.report
     logits = report.outputs[0]
+    # The verdict of the int8 class itself, on this CPU.
+    verdict = api.verify(result.artifact.path, weights=weights, reporter=QuietReporter())
     photos = [i for i in report.inputs if i.kind == "photo"]
     agree = sum(i.reference_top1 == i.artifact_top1 for i in photos)
     on_photos = [r for r, i in zip(logits.per_input, report.inputs) if i.kind == "photo"]
     return {"precision": "int8", "model": model, "target": target, "weights": weights_kind,
-            "seed": seed if weights else 0, "runtime": report.runtime,
+            "seed": seed if weights else 0, "runtime": report.runtime, "cpu": report.cpu,
+            "passes_int8_class": verdict.passed, "failures": verdict.failures,
             "max_rel": max(r["artifact"] for r in on_photos), "min_cosine": min(r["cosine"] for r in on_photos),
             "noise_max_rel": max(r["artifact"] for r in logits.per_input),
             "noise_min_cosine": min(r["cosine"] for r in logits.per_input),
@@ -108,6 +111,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    from evit_deploy.cpufeatures import host_cpu
+    print(f"CPU {host_cpu()}", flush=True)
     rows = []
 
     def show(row):
@@ -117,7 +122,8 @@ def main() -> int:
               f"{row['photos_top1']}, top-5 overlap {row['top5_overlap']:.2f}"
               + (f", gain within 1 ± {row['max_gain_error']:.3f}" if "max_gain_error" in row else "")
               + (f" (with noise inputs: {row['noise_max_rel']:.3f}, {row['noise_min_cosine']:.4f})"
-                 if "noise_max_rel" in row else ""), flush=True)
+                 if "noise_max_rel" in row else "")
+              + ("" if row.get("passes_int8_class", True) else " FAILS the int8 class"), flush=True)
         if args.json:                     # after every artifact: a long run keeps what it measured
             args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
@@ -138,7 +144,9 @@ def main() -> int:
             print(f"{precision}: worst max error {max(r['max_rel'] for r in mine):.3f}, "
                   f"worst cosine {min(r['min_cosine'] for r in mine):.4f}"
                   + (f", worst gain error {max(r['max_gain_error'] for r in mine):.3f}"
-                     if all("max_gain_error" in r for r in mine) else "") + f" over {len(mine)} artifacts")
+                     if all("max_gain_error" in r for r in mine) else "") + f" over {len(mine)} artifacts"
+                  + (f"; {sum(not r['passes_int8_class'] for r in mine)} fail the int8 class"
+                     if precision == "int8" else ""))
     return 0
 
 

@@ -130,28 +130,26 @@ def cpu_needs(plan: ExportPlan, verify: bool) -> CpuNeeds:
     return needs
 
 
-def inspect_artifact(path: str | Path) -> tuple[object, ModelDescription]:
-    """The target that reads ``path`` and the description stored in it; a
-    :class:`BadInputError` if its code needs instructions this CPU lacks (it would crash)."""
-    path = Path(path)
+def _read_artifact(path: Path) -> tuple[object, ModelDescription]:
     if not path.exists():
         raise BadInputError(f"artifact not found: {path}")
     tgt = target_for_artifact(path)
     tgt.check_available(for_run=True)
-    description = tgt.read_description(path)
+    return tgt, tgt.read_description(path)
+
+
+def inspect_artifact(path: str | Path) -> tuple[object, ModelDescription]:
+    """The target that reads ``path`` and the description stored in it; a
+    :class:`BadInputError` if its code needs instructions this CPU lacks (it would crash)."""
+    tgt, description = _read_artifact(Path(path))
     require_runnable(needs_of(description), str(path))
     return tgt, description
 
 
 def cpu_verdict(path: str | Path):
     """Whether this CPU runs the artifact at ``path`` as it was verified
-    (:class:`~evit_deploy.cpufeatures.CpuVerdict`), with the CPU it was verified on."""
-    path = Path(path)
-    if not path.exists():
-        raise BadInputError(f"artifact not found: {path}")
-    tgt = target_for_artifact(path)
-    tgt.check_available(for_run=True)
-    description = tgt.read_description(path)
+    (:class:`~evit_deploy.cpufeatures.CpuVerdict`), and its description."""
+    description = _read_artifact(Path(path))[1]
     return judge(needs_of(description)), description
 
 

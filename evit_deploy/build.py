@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .errors import BadInputError, EvitError, ExportError, ParityError
+from .errors import BadInputError, EvitError, ExportError, ParityError, first_line
 from .fsutil import deterministic_zip, ensure_output_dir, publish, remove, write_json_atomic
 from .hostinfo import cpu_info, package_versions
 from .models.registry import resolve_name
@@ -458,7 +458,7 @@ def _build_one(spec: BuildFile, model: ModelEntry, art: ArtifactEntry, weights_i
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # a converter crash fails this artifact, not the build
-        record.update(status="failed export", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        record.update(status="failed export", error=f"{type(exc).__name__}: {first_line(exc)}")
     return _finish(record, start)
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 from . import __version__
-from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, BadInputError, EvitError
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, BadInputError, EvitError, first_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="EfficientViT (M0–M5) from PyTorch to ONNX, Core ML and TVM, with proven parity.")
@@ -664,10 +664,10 @@ def invoke(argv: list[str]) -> int:
         _error("interrupted", debug)
         return EXIT_INTERRUPTED
     except EvitError as exc:
-        _error(str(exc), debug)
+        _error(str(exc) or type(exc).__name__, debug)
         return exc.exit_code
     except Exception as exc:  # a bug: say so, briefly, unless --debug
-        _error(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+        _error(f"internal error: {type(exc).__name__}: {first_line(exc)} "
                f"(run with --debug for the traceback)", debug)
         return EXIT_INTERNAL
 

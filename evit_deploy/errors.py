@@ -72,10 +72,10 @@ def unknown_name(kind: str, name: str, valid) -> BadInputError:
     return BadInputError(f"unknown {kind} '{name}'{hint}; valid: {', '.join(valid)}")
 
 
-def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message, or its type's name when it has
+def first_line(exc: BaseException, *, skip: tuple[str, ...] = ()) -> str:
+    """The first non-empty line of an exception's message (passing over lines that start
+    with one of ``skip``, unless nothing else is left), or its type's name when it has
     none: errors reach users as one line, and an empty one says nothing."""
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(skip)] if skip else lines
+    return (useful or lines or [type(exc).__name__])[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BadInputError
+from .errors import BadInputError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,7 +78,7 @@ def load_image(path: str | os.PathLike):
                             f"{Image.MAX_IMAGE_PIXELS} pixels (PIL.Image.MAX_IMAGE_PIXELS); refusing to decode "
                             f"it") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise BadInputError(f"{path} is not a readable image ({str(exc).splitlines()[0]})") from None
+        raise BadInputError(f"{path} is not a readable image ({first_line(exc)})") from None
 
 
 def resize_crop(img, spec: Preprocessing) -> np.ndarray:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .description import RANDOM_INIT, ModelDescription, TensorSpec
-from .errors import BadInputError, CheckpointError, ExportError
+from .errors import BadInputError, CheckpointError, ExportError, first_line
 from .labels import labels_for
 from .models.checkpoint import official_weights_path, sha256_file
 from .models.factory import DEFAULT_SEED, RANDOM, create_model, load_model
@@ -80,7 +80,7 @@ def load_factory(spec: str):
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise BadInputError(f"cannot import {module_name} for --model {spec}: {exc}") from None
+        raise BadInputError(f"cannot import {module_name} for --model {spec}: {first_line(exc)}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise BadInputError(f"{module_name} has no callable '{attr}' (from --model {spec})")
@@ -194,7 +194,7 @@ def trace(model: str = "m0", weights=None, *, batch: int = 1, dynamic_batch: boo
     except BadInputError:
         raise
     except Exception as exc:
-        raise ExportError(f"torch.export failed on {name}: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"torch.export failed on {name}: {first_line(exc)}") from exc
 
     outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     batch_dim: int | str = "batch" if dynamic_batch else batch

@@ -11,8 +11,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from evit_deploy.errors import (EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_MISSING_DEPENDENCY, EXIT_OUTPUT_ERROR,
-                                EXIT_PARITY_FAILED)
+from evit_deploy.errors import (EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, EXIT_INTERRUPTED, EXIT_MISSING_DEPENDENCY,
+                                EXIT_OUTPUT_ERROR, EXIT_PARITY_FAILED)
 from evit_deploy.targets.onnx import OnnxTarget
 
 
@@ -163,3 +163,17 @@ def test_full_disk_keeps_the_previous_artifact(cli, tmp_path, m0_onnx, monkeypat
     assert code == EXIT_OUTPUT_ERROR and _one_line(err) and "no space left on device" in err
     assert _sha(final) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["efficientvit_m0.onnx"]
+
+
+def test_an_exception_without_a_message_is_still_a_one_line_error(cli, tmp_path, monkeypatch):
+    import torch
+
+    def fail(*args, **kwargs):
+        raise RuntimeError()            # no message at all
+
+    monkeypatch.setattr(torch.export, "export", fail)
+    code, _, err = cli("export", "m0", "-t", "onnx", "--img-size", "64", "--out", tmp_path)
+    assert code == EXIT_EXPORT_FAILED, err
+    assert err.strip().splitlines()[-1] == "error: torch.export failed on efficientvit_m0: RuntimeError"
+    assert "Traceback" not in err
+

@@ -153,6 +153,7 @@ def _pair_fits_int16(weights: np.ndarray) -> bool:
 
 def test_portable_int8_onnx_has_weights_whose_pairs_cannot_leave_int16(onnx_int8_kernels):
     portable, vnni = onnx_int8_kernels["portable"], onnx_int8_kernels["vnni"]
+    assert (portable.path.name, vnni.path.name) == ("efficientvit_m0_int8.onnx", "efficientvit_m0_int8_vnni.onnx")
     weights = _int8_weights(portable.path)
     assert len(weights) > 50 and all(_pair_fits_int16(w) for w in weights)
     assert not all(_pair_fits_int16(w) for w in _int8_weights(vnni.path))     # the check can fail

@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from evit_deploy import api
 from evit_deploy.errors import EXIT_PARITY_FAILED
-from evit_deploy.parity import TOLERANCES, Tolerance, compare_output
+from evit_deploy.parity import TOLERANCES, compare_output
 from evit_deploy.samples import SampleImage
 
 FP32 = TOLERANCES["fp32"]

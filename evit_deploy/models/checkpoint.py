@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from ..fsutil import atomic_path
 from .efficientvit import EfficientViT, EfficientViTConfig
 from .registry import MODELS, ModelSpec
@@ -85,7 +85,7 @@ def _read_safetensors(path: Path) -> dict:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(exc)})") from None
 
 
 def _read_torch(path: Path) -> object:
@@ -104,7 +104,7 @@ def _read_torch(path: Path) -> object:
             TypeError, IndexError, KeyError) as exc:
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
-            f"{_first_line(exc)}") from None
+            f"{first_line(exc)}") from None
 
 
 _SAFE_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "argparse.Namespace")
@@ -132,11 +132,6 @@ def _pickle_globals(path: Path) -> list[str]:
         return names
     except Exception:  # not a pickle at all: nothing it could import
         return []
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _unwrap(obj: object, path: Path) -> dict:

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..cpufeatures import INT8_KERNELS, CpuNeeds
 from ..description import ModelDescription
-from ..errors import BadInputError, MissingDependencyError, unknown_name
+from ..errors import BadInputError, MissingDependencyError, first_line, unknown_name
 
 
 #: The numeric precisions an artifact can compute in. Every target has one ``precision``
@@ -221,7 +221,16 @@ class Target:
         return None
 
     def artifact_name(self, description: ModelDescription, options) -> str:
-        return f"{description.stem}{self.suffixes[0]}"
+        return f"{description.stem}{self.variant(options)}{self.suffixes[0]}"
+
+    def variant(self, options) -> str:
+        """The file-name suffix that lets the variants of one model sit side by side
+        (``evit-deploy eval dist/*.onnx``): the precision, and full-range int8 kernels."""
+        precision = getattr(options, PRECISION, None) or "fp32"
+        suffix = "" if precision == "fp32" else f"_{precision}"
+        if precision == "int8" and getattr(options, "int8_kernels", INT8_KERNELS[0]) != INT8_KERNELS[0]:
+            suffix += f"_{options.int8_kernels}"
+        return suffix
 
     def export(self, traced, options, path: Path, reporter) -> Artifact:  # pragma: no cover - abstract
         """Write the artifact at ``path`` (and any sidecars next to it); warnings for the
@@ -272,7 +281,7 @@ class Target:
                 importlib.import_module(module)
             except Exception as exc:  # installed but broken: report, do not crash doctor
                 findings.append(Finding("error", f"'{module}' is installed but fails to import: "
-                                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                                                 f"{type(exc).__name__}: {first_line(exc)}",
                                         f"reinstall it: pip install --force-reinstall {self.requires.get(module) or self.run_requires[module]}"))
         return findings or [Finding("ok", "required packages import")]
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import calibration as calib
 from ..description import ModelDescription
-from ..errors import BadInputError, ExportError
+from ..errors import BadInputError, ExportError, first_line
 from ..cpufeatures import CpuNeeds, check_int8_kernels, int8_cpu_needs, with_legacy_int8_needs
 from .base import Artifact, OpTime, Sessions, Target, int8_kernels_option, option, precision_option
 
@@ -75,12 +75,9 @@ class OnnxTarget(Target):
     def cpu_needs(self, options: OnnxOptions) -> CpuNeeds:
         return int8_cpu_needs(options.precision, options.int8_kernels)
 
-    def artifact_name(self, description: ModelDescription, options: OnnxOptions) -> str:
-        # Precisions of one model can sit side by side (evit-deploy eval dist/*.onnx).
-        variant = {"fp32": "", "fp16": "_fp16", "int8": "_int8"}[options.precision]
-        if options.precision == "int8" and options.quantization == "dynamic":
-            variant += "_dynamic"
-        return f"{description.stem}{variant}{self.suffixes[0]}"
+    def variant(self, options: OnnxOptions) -> str:
+        dynamic = options.precision == "int8" and options.quantization == "dynamic"
+        return super().variant(options) + ("_dynamic" if dynamic else "")
 
     def export(self, traced, options: OnnxOptions, path: Path, reporter) -> Artifact:
         import onnx
@@ -95,7 +92,7 @@ class OnnxTarget(Target):
                 opset_version=options.opset, input_names=[desc.input.name],
                 output_names=[o.name for o in desc.outputs], optimize=True, external_data=False)
         except Exception as exc:
-            raise ExportError(f"torch.onnx.export failed: {str(exc).splitlines()[0]}") from exc
+            raise ExportError(f"torch.onnx.export failed: {first_line(exc)}") from exc
         proto = program.model_proto
         produced = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
         if produced != options.opset:
@@ -113,7 +110,7 @@ class OnnxTarget(Target):
         try:
             onnx.checker.check_model(proto, full_check=True)
         except onnx.checker.ValidationError as exc:
-            raise ExportError(f"the exported ONNX model is invalid: {str(exc).splitlines()[0]}") from exc
+            raise ExportError(f"the exported ONNX model is invalid: {first_line(exc)}") from exc
         # Serialised by hand with deterministic map ordering: the same inputs give the
         # same bytes (onnx.save does not promise that).
         path.write_bytes(proto.SerializeToString(deterministic=True))
@@ -205,7 +202,7 @@ class OrtSession:
         try:
             self.ort = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise BadInputError(f"{path} is not a loadable ONNX model: {str(exc).splitlines()[0]}") from None
+            raise BadInputError(f"{path} is not a loadable ONNX model: {first_line(exc)}") from None
         self.output_names = [o.name for o in self.ort.get_outputs()]
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -17,7 +17,17 @@ precision"; ``benchmarks/onnx_int8_recipe.py`` repeats the measurement):
   Softmax) and the squeeze-excitation gate (Sigmoid, Mul): quantized, their QDQ pairs stay
   unfused around float kernels and only add work (M4: 2.35× with them, 3.2× without;
   leaving Add in float as well lost agreement, 0.84 against 0.91, for no speed);
-* MinMax calibration: the ranges are then exactly those seen on the calibration images.
+* MinMax calibration: the ranges are then exactly those seen on the calibration images;
+* 7-bit weights (``reduce_range``, ``--int8-kernels portable``, the default): on x86 CPUs
+  without VNNI onnxruntime's u8×s8 kernels add pairs of products in int16 (VPMADDUBSW),
+  which 8-bit weights overflow; with |w| ≤ 64 a pair stays below 2·255·64 = 32640 and
+  every CPU computes what the QDQ graph says. ``--int8-kernels vnni`` keeps 8 bits for
+  fleets whose CPUs all have VNNI (or AMX). Measured (``benchmarks/int8_portability.py``):
+  the same speed as 8-bit weights, where uint8 weights (U8U8 kernels, exact too) were
+  20-25% slower; on an AVX2 CPU 8-bit weights failed parity with the default synthetic
+  weights (cosine 0.04) and, with realistic ones, passed it while top-1 agreement fell
+  from 0.92 to 0.76 (M4). Depthwise convolutions need 7 bits too (8-bit depthwise
+  weights measurably saturate).
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import tempfile
 from pathlib import Path
 
 from ..calibration import CalibrationSet
-from ..errors import ExportError
+from ..errors import ExportError, first_line
 from ..native_output import quiet_loggers
 
 #: Operator types kept in float: quantizing them made the model slower (see above).
@@ -73,8 +83,7 @@ def quantize(proto, *, mode: str, kernels: str, calibration: CalibrationSet | No
                 quantize_dynamic(str(prepared), str(quantized), per_channel=True, reduce_range=reduce_range,
                                  weight_type=QuantType.QInt8, op_types_to_quantize=ops)
         except Exception as exc:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"onnxruntime's {mode} int8 quantization failed: {detail}") from exc
+            raise ExportError(f"onnxruntime's {mode} int8 quantization failed: {first_line(exc)}") from exc
         result = onnx.load(str(quantized))
     facts = {"mode": mode, "format": "QDQ" if mode == "static" else "QOperator",
              "weights": "int8 per channel, symmetric, " + ("7-bit (-64..64)" if reduce_range else "8-bit"),

@@ -20,7 +20,7 @@ import numpy as np
 
 from ... import calibration as calib
 from ...description import ModelDescription
-from ...errors import ExportError
+from ...errors import ExportError, first_line
 from ..base import Artifact, Finding, Target, option, precision_option
 from .compress import MODES as COMPRESS_MODES
 from .convert import DEPLOYMENT_TARGETS
@@ -64,7 +64,7 @@ class CoreMLTarget(Target):
         try:
             ct = coremltools()      # quietly: the base check would print its import chatter
         except Exception as exc:
-            return [Finding("error", f"coremltools fails to import: {type(exc).__name__}: {exc}",
+            return [Finding("error", f"coremltools fails to import: {type(exc).__name__}: {first_line(exc)}",
                             "pip install --force-reinstall coremltools")]
         findings = [Finding("ok", f"coremltools {ct.__version__} converts here")]
         if available():
@@ -158,7 +158,7 @@ class CoreMLTarget(Target):
             extras.update(fp16_drift(_program(*_key(path)), description))
         except Exception as exc:   # a broken package already failed parity; say why drift is missing
             extras["fp16_drift"] = None
-            extras["fp16_drift_error"] = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            extras["fp16_drift_error"] = first_line(exc)
         return extras
 
 

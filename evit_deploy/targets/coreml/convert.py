@@ -20,7 +20,7 @@ import numpy as np
 
 from ... import calibration as calib
 from ...description import ModelDescription
-from ...errors import BadInputError, EvitError, ExportError
+from ...errors import BadInputError, EvitError, ExportError, first_line
 from . import package, quantize
 from .quiet_import import coremltools
 from .compress import compression_pipeline
@@ -107,8 +107,7 @@ def convert(traced, options, reporter) -> Converted:
     except EvitError:
         raise
     except Exception as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"coremltools failed to convert {desc.model}: {detail}") from exc
+        raise ExportError(f"coremltools failed to convert {desc.model}: {first_line(exc)}") from exc
 
     spec = mlmodel.get_spec()
     weight_file = Path(mlmodel.weights_dir) / package.WEIGHT_FILE
@@ -186,7 +185,7 @@ def _with_probabilities(traced):
         with torch.no_grad():
             return torch.export.export(WithProbabilities(traced.program.module()), (traced.example_input(),))
     except Exception as exc:
-        raise ExportError(f"torch.export failed adding the classifier's softmax: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"torch.export failed adding the classifier's softmax: {first_line(exc)}") from exc
 
 
 def _const_bytes(mil_program) -> int:

@@ -43,10 +43,6 @@ class ExecuTorchTarget(Target):
     def validate(self, options: ExecuTorchOptions) -> None:
         calib.check_request(options.precision, options.calibration, target=self.name)
 
-    def artifact_name(self, description: ModelDescription, options: ExecuTorchOptions) -> str:
-        variant = {"fp32": "", "fp16": "_fp16", "int8": "_int8"}[options.precision]
-        return f"{description.stem}{variant}{self.suffixes[0]}"
-
     def export(self, traced, options: ExecuTorchOptions, path: Path, reporter) -> Artifact:
         from .lower import lower, to_pte
 

@@ -32,7 +32,7 @@ import dataclasses
 
 from ... import calibration as calib
 from ...description import ModelDescription
-from ...errors import ExportError
+from ...errors import ExportError, first_line
 from ...native_output import captured
 
 DESCRIPTION_METHOD = "evit_deploy_description"
@@ -68,7 +68,7 @@ def lower(traced, precision: str, calibration_dir):
             edge = to_edge_transform_and_lower(folded, partitioner=[XnnpackPartitioner()],
                                                transform_passes=[_fold_edge_constants()] if precision == "fp16" else None)
         except Exception as exc:
-            raise ExportError(f"ExecuTorch lowering failed: {_first_line(exc)}") from exc
+            raise ExportError(f"ExecuTorch lowering failed: {first_line(exc)}") from exc
     return edge, delegation(edge), facts, description
 
 
@@ -118,7 +118,7 @@ def to_pte(edge, description: ModelDescription) -> bytes:
                                    compile_config=edge.compile_config)
         return bytes(final.to_executorch().buffer)
     except Exception as exc:
-        raise ExportError(f"ExecuTorch could not emit the program: {_first_line(exc)}") from exc
+        raise ExportError(f"ExecuTorch could not emit the program: {first_line(exc)}") from exc
 
 
 def _int8(traced, calibration_dir):
@@ -138,7 +138,7 @@ def _int8(traced, calibration_dir):
         quantized = convert_pt2e(prepared)
         program = torch.export.export(quantized, (traced.example_input(),))
     except Exception as exc:
-        raise ExportError(f"pt2e int8 quantization failed: {_first_line(exc)}") from exc
+        raise ExportError(f"pt2e int8 quantization failed: {first_line(exc)}") from exc
     facts = {"scheme": "PT2E static (ExecuTorch's XNNPACKQuantizer)",
              "weights": "int8 per channel, symmetric",
              "activations": "int8 per tensor (affine), ranges observed on the calibration images",
@@ -155,7 +155,7 @@ def _fp16(traced):
     try:
         program = torch.export.export(deploy, (traced.example_input().to(torch.float16),))
     except Exception as exc:
-        raise ExportError(f"the fp16 model does not export: {_first_line(exc)}") from exc
+        raise ExportError(f"the fp16 model does not export: {first_line(exc)}") from exc
     desc = traced.description
     desc = dataclasses.replace(desc, inputs=_half(desc.inputs), outputs=_half(desc.outputs))
     return program, {"compute": "fp16 (weights and activations, XNNPACK fp16 kernels)",
@@ -165,7 +165,3 @@ def _fp16(traced):
 def _half(tensors):
     return tuple(dataclasses.replace(t, dtype="float16") for t in tensors)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ...description import ModelDescription
-from ...errors import BadInputError
+from ...errors import BadInputError, first_line
 from ...native_output import captured
 from .lower import DESCRIPTION_METHOD
 
@@ -59,9 +59,7 @@ def load_program(path: Path, *, etdump: bool = False):
         with captured():
             return runtime.load_program(Path(path).read_bytes(), enable_etdump=etdump)
     except Exception as exc:   # the runtime raises RuntimeError with its error code
-        text = str(exc).strip().splitlines()
-        raise BadInputError(f"{path} is not a loadable ExecuTorch program: "
-                            f"{text[0] if text else type(exc).__name__}") from None
+        raise BadInputError(f"{path} is not a loadable ExecuTorch program: {first_line(exc)}") from None
 
 
 def read_description(program, source: str) -> ModelDescription:
@@ -91,7 +89,7 @@ class Session:
             with captured():            # XNNPACK's initialisation reports the CPU it found
                 self.method = program.load_method("forward")
         except Exception as exc:
-            raise BadInputError(f"{self.path}: its forward method does not load: {exc}") from None
+            raise BadInputError(f"{self.path}: its forward method does not load: {first_line(exc)}") from None
         self.program = program          # the method's memory belongs to the program
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

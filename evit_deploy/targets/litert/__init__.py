@@ -43,10 +43,6 @@ class LiteRTTarget(Target):
     def validate(self, options: LiteRTOptions) -> None:
         calib.check_request(options.precision, options.calibration, target=self.name)
 
-    def artifact_name(self, description: ModelDescription, options: LiteRTOptions) -> str:
-        variant = {"fp32": "", "fp16": "_fp16", "int8": "_int8"}[options.precision]
-        return f"{description.stem}{variant}{self.suffixes[0]}"
-
     def export(self, traced, options: LiteRTOptions, path: Path, reporter) -> Artifact:
         from .convert import convert
         from .flatbuffer import add_description, operator_counts

@@ -24,7 +24,7 @@ import contextlib
 
 from ... import calibration as calib
 from ...description import ModelDescription
-from ...errors import ExportError
+from ...errors import ExportError, first_line
 from ...native_output import captured, quiet_loggers
 from .matmul import dynamic_fully_connected_as_batch_matmul, int8_quantizer
 
@@ -62,7 +62,7 @@ def _convert(module, sample, **kwargs) -> bytes:
     try:
         return bytes(litert_torch.convert(module, sample, **kwargs).model_content())
     except Exception as exc:
-        raise ExportError(f"litert_torch.convert failed: {_first_line(exc)}") from exc
+        raise ExportError(f"litert_torch.convert failed: {first_line(exc)}") from exc
 
 
 def _fp16_weights(data: bytes) -> bytes:
@@ -78,7 +78,7 @@ def _fp16_weights(data: bytes) -> bytes:
                                          algorithm_key=quantizer.AlgorithmName.FLOAT_CASTING, op_config=config)
         return bytes(q.quantize(enable_progress_report=False).quantized_model)
     except Exception as exc:
-        raise ExportError(f"ai-edge-quantizer could not store fp16 weights: {_first_line(exc)}") from exc
+        raise ExportError(f"ai-edge-quantizer could not store fp16 weights: {first_line(exc)}") from exc
 
 
 def _int8(module, sample, description: ModelDescription, calibration_dir) -> tuple[bytes, dict]:
@@ -97,7 +97,7 @@ def _int8(module, sample, description: ModelDescription, calibration_dir) -> tup
         # fold_quantize=False: litert-torch folds the weight quantization itself.
         quantized = convert_pt2e(prepared, fold_quantize=False)
     except Exception as exc:
-        raise ExportError(f"pt2e int8 quantization failed: {_first_line(exc)}") from exc
+        raise ExportError(f"pt2e int8 quantization failed: {first_line(exc)}") from exc
     data = _convert(quantized, sample, quant_config=QuantConfig(pt2e_quantizer=quantizer))
     facts = {"scheme": "PT2E static (litert-torch's XNNPACK quantizer; the right operand of q^T k symmetric)",
              "weights": "int8 per channel, symmetric",
@@ -113,7 +113,3 @@ def _quiet():
     with quiet_loggers("absl"), captured():
         yield
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import BadInputError
+from ...errors import BadInputError, first_line
 from ...native_output import captured
 
 DELEGATE_NODE = "DELEGATE"
@@ -46,9 +46,7 @@ class Session:
                 self.interpreter.allocate_tensors()
             self.runner = self.interpreter.get_signature_runner()
         except Exception as exc:   # the interpreter raises ValueError/RuntimeError on damaged files
-            text = str(exc).strip().splitlines()
-            raise BadInputError(f"{path} is not a loadable TFLite model: {text[0] if text else type(exc).__name__}") \
-                from None
+            raise BadInputError(f"{path} is not a loadable TFLite model: {first_line(exc)}") from None
         self.inputs = self.runner.get_input_details()
         self.outputs = self.runner.get_output_details()
 

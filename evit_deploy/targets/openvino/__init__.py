@@ -31,9 +31,8 @@ from ...description import ModelDescription
 from ...cpufeatures import CpuNeeds, check_int8_kernels, int8_cpu_needs
 from ..base import Artifact, Finding, OpTime, Target, int8_kernels_option, option, precision_option
 
-#: --precision -> (INFERENCE_PRECISION_HINT, weights as stored, artifact name suffix)
-PRECISIONS = {"fp32": ("f32", "f32", ""), "fp16": ("f32", "f16", "_fp16"), "bf16": ("bf16", "f32", "_bf16"),
-              "int8": ("f32", "int8", "_int8")}
+#: --precision -> (INFERENCE_PRECISION_HINT, weights as stored)
+PRECISIONS = {"fp32": ("f32", "f32"), "fp16": ("f32", "f16"), "bf16": ("bf16", "f32"), "int8": ("f32", "int8")}
 
 
 @dataclass
@@ -69,16 +68,12 @@ class OpenVinoTarget(Target):
     def cpu_needs(self, options: OpenVinoOptions) -> CpuNeeds:
         return int8_cpu_needs(options.precision, options.int8_kernels)
 
-    def artifact_name(self, description: ModelDescription, options: OpenVinoOptions) -> str:
-        # Precisions of one model sit side by side, as ONNX's do.
-        return f"{description.stem}{PRECISIONS[options.precision][2]}{self.suffixes[0]}"
-
     def export(self, traced, options: OpenVinoOptions, path: Path, reporter) -> Artifact:
         from .convert import convert, save, set_description
         from .runtime import import_openvino
 
         ov = import_openvino()
-        inference_precision, weights, _ = PRECISIONS[options.precision]
+        inference_precision, weights = PRECISIONS[options.precision]
         desc = traced.description
         model, paths = convert(traced)
         info = {"inference_precision": inference_precision, "weights": weights,

@@ -21,6 +21,16 @@ no bias correction              0.47 (0.84)           --             --
 * no bias correction: NNCF's fast bias correction shifts each layer's bias to undo the
   quantization error measured on the calibration images, and made the result worse here.
 
+And the overflow fix follows ``--int8-kernels``: ``portable`` (the default) gives every
+convolution and matrix product 7-bit weights (``OverflowFix.ENABLE``; NNCF's default only
+does the first layer), so that oneDNN's u8×s8 kernels on x86 CPUs without VNNI, which add
+pairs of products in int16, cannot saturate; ``vnni`` keeps 8 bits (``DISABLE``) for CPUs
+with VNNI or AMX. Depthwise convolutions keep 8-bit weights either way: NNCF leaves them
+out of the fix, and oneDNN's int8 depthwise kernel widens both operands to 32 bits before
+it multiplies (``vpmovsxbd``, ``vpmulld`` in ``jit_uni_x8s8s32x_dw_conv``). Measured in
+``benchmarks/int8_portability.py``: the same speed as 8 bits; on an AVX2 CPU the 8-bit IR
+failed parity with the default synthetic weights (cosine 0.39) where this one passes.
+
 The preset (PERFORMANCE: symmetric activations), the model type and ignored scopes stay
 NNCF's. On the default synthetic M0, with NNCF's other defaults, the TRANSFORMER model
 type, the MIXED preset (asymmetric activations) and leaving the attention's MatMul and

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ...description import ModelDescription
+from ... import errors
 from ...errors import BadInputError
 
 #: Where the description lives in the IR's rt_info.
@@ -203,6 +204,4 @@ def runtime_name(inference_precision: str = "f32") -> str:
 def first_line(exc: Exception) -> str:
     """The message of an OpenVINO exception, without the source locations it starts with
     ("Exception from src/...:84:", "Check '...' failed at src/...")."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(("Exception from ", "Check '"))]
-    return (useful or lines or [type(exc).__name__])[0]
+    return errors.first_line(exc, skip=("Exception from ", "Check '"))

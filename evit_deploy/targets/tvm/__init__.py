@@ -16,7 +16,7 @@ import numpy as np
 
 from ...cpufeatures import CpuNeeds
 from ...description import ModelDescription
-from ...errors import ExportError
+from ...errors import ExportError, first_line
 from ..base import Artifact, Command, Finding, OpTime, Target, missing_modules, option, precision_option
 
 DEFAULTS_NOTE = ("no tuning database (--db): every kernel gets its default schedule (written for its kernel "
@@ -86,10 +86,6 @@ class TvmTarget(Target):
         from .target_string import required_cpu_flags
         return CpuNeeds(isa=required_cpu_flags(self.resolved_target(options)))
 
-    def artifact_name(self, description: ModelDescription, options: TvmOptions) -> str:
-        suffix = "" if options.precision == "fp32" else f"_{options.precision}"
-        return f"{description.stem}{suffix}{self.suffixes[0]}"
-
     @staticmethod
     def database(options: TvmOptions):
         from .database import TuningDatabase
@@ -156,8 +152,7 @@ class TvmTarget(Target):
                 database = self._checked_here(db, database, prepared, target, tvm_target, reporter, db_info)
             built = tvm_compile.build(prepared, tvm_target, database)
         except Exception as exc:
-            raise ExportError(f"TVM compilation failed: {type(exc).__name__}: "
-                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
+            raise ExportError(f"TVM compilation failed: {type(exc).__name__}: {first_line(exc)}") from exc
         if database is None:
             reporter.info(f"no tuning database: the {built.kernels} kernels use their default schedules "
                           f"(`evit-deploy tune` measures alternatives)")
@@ -179,7 +174,7 @@ class TvmTarget(Target):
         try:
             built.executable.export_library(str(path))
         except Exception as exc:
-            raise ExportError(f"writing the TVM library failed: {str(exc).strip().splitlines()[0]}") from exc
+            raise ExportError(f"writing the TVM library failed: {first_line(exc)}") from exc
         side = sidecar_path(path)
         write_text_atomic(side, description_json(description))
         return Artifact(path, self.name, description, sidecars=(side,))
@@ -234,7 +229,7 @@ class TvmTarget(Target):
             host = resolve_target("native")
             findings.append(Finding("ok", f"host target: {to_classic(host)}"))
         except Exception as exc:  # LLVM may not know a brand-new CPU
-            findings.append(Finding("warning", f"cannot name the host CPU for LLVM: {exc}",
+            findings.append(Finding("warning", f"cannot name the host CPU for LLVM: {first_line(exc)}",
                                     "pass an explicit target, e.g. --tvm-target 'llvm -mcpu=skylake-avx512'"))
         return findings
 

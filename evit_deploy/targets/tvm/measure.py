@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
-from ...errors import BadInputError
+from ...errors import BadInputError, first_line
 
 
 #: What MetaSchedule's building and measuring import (module -> pip package); export and
@@ -193,7 +193,7 @@ def free_devices(spec: RpcSpec, timeout_s: float = 10.0) -> int:
         summary = tracker.summary()
     except Exception as exc:
         raise BadInputError(f"cannot reach the RPC tracker at {spec.host}:{spec.port}: "
-                            f"{str(exc).strip().splitlines()[0]}") from None
+                            f"{first_line(exc)}") from None
     count = 0
     for server in summary.get("server_info", []):
         if str(server.get("key", "")).split(":")[-1] == spec.key:

@@ -25,7 +25,7 @@ import numpy as np
 
 from ...cpufeatures import CpuNeeds, needs_of, require_runnable
 from ...description import ModelDescription
-from ...errors import BadInputError
+from ...errors import BadInputError, first_line
 from ...hostinfo import usable_cpus
 
 SIDECAR_SUFFIX = ".tvm.json"
@@ -102,7 +102,7 @@ class CompiledModel:
         try:
             lib = tvm.runtime.load_module(str(self.path))
         except Exception as exc:  # TVM raises its own error types
-            raise BadInputError(f"{self.path} is not a loadable TVM library: {str(exc).splitlines()[0]}") from None
+            raise BadInputError(f"{self.path} is not a loadable TVM library: {first_line(exc)}") from None
         self.device = tvm.cpu()
         self._vm = VirtualMachine(lib, self.device)
         self._main = self._vm["main"]

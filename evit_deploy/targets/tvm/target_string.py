@@ -15,7 +15,7 @@ import difflib
 import json
 import shlex
 
-from ...errors import BadInputError
+from ...errors import BadInputError, first_line
 
 # The llvm target kind's options and their types (TVM 0.2x, `target.ListTargetKindOptions`).
 # "str" | "int" | "bool" | "list" (comma separated in the classic form).
@@ -47,7 +47,7 @@ def parse_target(text: str) -> dict:
     try:
         tokens = shlex.split(text)
     except ValueError as exc:
-        raise BadInputError(f"cannot parse TVM target '{text}': {exc}") from None
+        raise BadInputError(f"cannot parse TVM target '{text}': {first_line(exc)}") from None
     kind, options = tokens[0], tokens[1:]
     _check_kind(kind, text)
     target: dict = {"kind": "llvm"}
@@ -269,7 +269,7 @@ def to_tvm(target: dict):
     try:
         return tvm.target.Target(dict(target))
     except Exception as exc:  # TVM raises ValueError/TVMError with multi-line text
-        raise BadInputError(f"TVM rejected the target {json.dumps(target)}: {str(exc).splitlines()[0]}") from None
+        raise BadInputError(f"TVM rejected the target {json.dumps(target)}: {first_line(exc)}") from None
 
 
 def to_classic(target: dict) -> str:
