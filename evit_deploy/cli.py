@@ -140,7 +140,7 @@ def predict(model: str = typer.Argument(..., help="m0 … m5"),
 
 def _target_options_epilog() -> str:
     from .targets import available_targets
-    from .targets.base import describe_options
+    from .targets.options import describe_options
 
     from rich.markup import escape
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from .errors import BadInputError
 from .targets import get_target
-from .targets.base import Target, options_to_dict, parse_cli_values
+from .targets.base import Target
+from .targets.options import options_to_dict, parse_cli_values
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ import evit_deploy
 
 PACKAGE_DIR = Path(evit_deploy.__file__).parent
 COMMAND_LAYER = {f"evit_deploy.{m}" for m in ("api", "cli", "bench", "profiler", "build", "evaluate")}
-TARGET_CONTRACT = {"evit_deploy.targets", "evit_deploy.targets.base"}
+TARGET_CONTRACT = {"evit_deploy.targets", "evit_deploy.targets.base", "evit_deploy.targets.options",
+                   "evit_deploy.targets.sessions"}
 
 
 def _module_names() -> dict[str, Path]:

@@ -17,7 +17,7 @@ from evit_deploy import api
 from evit_deploy.calibration import DEFAULT_CROPS, calibration_set
 from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_PARITY_FAILED, BadInputError
 from evit_deploy.preprocess import Preprocessing, sample_images
-from evit_deploy.targets.base import option, parse_cli_values, parse_options, precision_option
+from evit_deploy.targets.options import option, parse_cli_values, parse_options, precision_option
 
 SIZE = 64           # small inputs: int8 behaviour does not need 224x224
 SPEC = Preprocessing.for_size(SIZE)

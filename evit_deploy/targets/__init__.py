@@ -14,9 +14,11 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from ..errors import BadInputError, unknown_name
-from .base import PRECISIONS, Artifact, Command, CommandResult, Finding, OpTime, Target, option, precision_option
+from .base import Artifact, Command, CommandResult, Finding, OpTime, Target
+from .options import PRECISIONS, calibration_option, int8_kernels_option, option, precision_option
 
 __all__ = ["Artifact", "Command", "CommandResult", "Finding", "OpTime", "Target", "option", "precision_option",
+           "calibration_option", "int8_kernels_option",
            "PRECISIONS", "ENTRY_POINT_GROUP",
            "available_targets", "get_target", "target_for_artifact", "list_targets", "TargetInfo",
            "option_shortcuts"]

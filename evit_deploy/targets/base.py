@@ -1,4 +1,4 @@
-"""The contract every export target fulfils, and the option schema they share.
+"""The contract every export target fulfils.
 
 A target is a class with a ``name``, what it ``produces``, the Python packages it
 ``requires``, an ``Options`` dataclass, ``export(traced, options, path, reporter)`` and
@@ -17,13 +17,10 @@ ONNX and TVM artifacts must work where torch is not installed.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import importlib.util
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,37 +28,9 @@ import numpy as np
 
 from ..cpufeatures import INT8_KERNELS, CpuNeeds
 from ..description import ModelDescription
-from ..errors import BadInputError, MissingDependencyError, first_line, unknown_name
-
-
-#: The numeric precisions an artifact can compute in. Every target has one ``precision``
-#: option; it declares which of these it exports with :func:`precision_option` (a target
-#: without one exports fp32 only, see :func:`parse_options`).
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-
-
-def option(default, help: str, *, choices: tuple | None = None, flag: str | None = None):
-    """Declare one export option: its default, help text and allowed values."""
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
-
-
-def precision_option(default: str, supported: tuple[str, ...], help: str = "numeric precision of the artifact"):
-    """The ``precision`` option of a target that exports the ``supported`` precisions (a
-    subset of :data:`PRECISIONS`). Asking for another one of :data:`PRECISIONS` is the
-    one-line error "target 'x' does not support precision 'bf16'", not "unknown value"."""
-    unknown = sorted(set(supported) - set(PRECISIONS))
-    if unknown or default not in supported:
-        raise ValueError(f"precision_option: {unknown or default!r} is not one of {PRECISIONS}")
-    return field(default=default, metadata={"help": help, "choices": tuple(supported), "flag": None,
-                                            "vocabulary": PRECISIONS})
-
-
-def int8_kernels_option():
-    """The ``int8_kernels`` option of a target whose int8 artifacts run u8×s8 kernels
-    (see :mod:`evit_deploy.cpufeatures`)."""
-    return option(INT8_KERNELS[0], "which x86 CPUs compute --precision int8 exactly: portable (7-bit weights: "
-                  "every CPU) or vnni (8-bit weights: only CPUs with AVX512-VNNI, AVX-VNNI or AMX; others "
-                  "saturate)", choices=INT8_KERNELS)
+from ..errors import BadInputError, MissingDependencyError, first_line
+from .options import PRECISION, option_fields, parse_options
+from .sessions import package_files
 
 
 @dataclass(frozen=True)
@@ -118,45 +87,6 @@ class Artifact:
     @property
     def files(self) -> tuple[Path, ...]:
         return (*self.sidecars, self.path)
-
-
-def file_key(path) -> tuple[str, int]:
-    """(resolved path, modification time) of an artifact file: the key under which a
-    runtime's loaded model is cached, so a file written again is loaded again."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"artifact not found: {path}")
-    return str(path.resolve()), path.stat().st_mtime_ns
-
-
-class Sessions:
-    """A runtime's loaded artifacts, for a target's ``run`` and ``open_session``.
-
-    ``session_class`` names the runtime's session class (``"package.module:Session"``,
-    imported when first needed, so the target's module stays light); it is called as
-    ``cls(path, threads=...)`` and a session as ``session(inputs) -> outputs``.
-    :meth:`cached` keeps the last few files loaded while they are unchanged (``verify``
-    reads a description, then runs the same file many times); :meth:`open` loads a new
-    one with its own thread count (benchmarks).
-    """
-
-    def __init__(self, session_class: str, maxsize: int = 2):
-        self._session_class = session_class
-        self._cached = lru_cache(maxsize=maxsize)(self._load)
-
-    def _cls(self):
-        module, name = self._session_class.split(":")
-        return getattr(importlib.import_module(module), name)
-
-    def _load(self, path: str, mtime_ns: int):
-        return self._cls()(Path(path))
-
-    def cached(self, path):
-        return self._cached(*file_key(path))
-
-    def open(self, path, threads: int | None = None):
-        file_key(path)             # a missing file is bad input, before the runtime sees it
-        return self._cls()(Path(path), threads=threads)
 
 
 def missing_modules(needed: dict[str, str]) -> dict[str, str]:
@@ -265,6 +195,11 @@ class Target:
         """Which engine :meth:`run` uses, for reports (e.g. "onnxruntime 1.32 (CPU)")."""
         return self.name
 
+    def artifact_files(self, path: Path) -> tuple[Path, ...]:
+        """The files an artifact is made of (sidecars first): what a cached session of it
+        depends on. Default: the file, or every file of a directory artifact."""
+        return package_files(path)
+
     def recognizes(self, path: Path) -> bool:
         return any(str(path).endswith(s) for s in self.suffixes)
 
@@ -328,149 +263,3 @@ class Target:
     def parse_options(cls, values: dict[str, Any] | None = None, *, source: str = "options"):
         """Validate a mapping of option values (from a build file, a profile or Python)."""
         return parse_options(cls.Options, values or {}, target=cls.name, source=source)
-
-
-# -- option schema -------------------------------------------------------------------------
-
-PRECISION = "precision"
-
-
-def option_fields(options_cls) -> list[dataclasses.Field]:
-    return list(dataclasses.fields(options_cls)) if options_cls else []
-
-
-def _has_precision(options_cls) -> bool:
-    return any(f.name == PRECISION for f in option_fields(options_cls))
-
-
-def _unsupported_precision(value, supported, *, target: str, source: str) -> BadInputError:
-    return BadInputError(f"{source}: target '{target}' does not support precision '{value}' "
-                         f"(it supports {', '.join(supported)})")
-
-
-def _check_implicit_precision(value, *, target: str, source: str) -> None:
-    """A target without a precision option exports fp32: ``precision = "fp32"`` is
-    accepted (so one build file or command line can name the precision of every target),
-    any other is refused."""
-    if value is None or str(value) == "fp32":
-        return
-    if str(value) in PRECISIONS:
-        raise _unsupported_precision(value, ("fp32",), target=target, source=source)
-    raise unknown_name(f"value for {source}: option '{PRECISION}' of target '{target}'", str(value), PRECISIONS)
-
-
-def _field_type(options_cls, f: dataclasses.Field):
-    hints = typing.get_type_hints(options_cls)
-    tp = hints[f.name]
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if args else tp
-
-
-def coerce(options_cls, f: dataclasses.Field, value, *, target: str, source: str):
-    """Convert ``value`` to the field's type and check its allowed values."""
-    tp = _field_type(options_cls, f)
-    label = f"{source}: option '{f.name}' of target '{target}'"
-    try:
-        if value is None:
-            out = None
-        elif tp is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                out = value.lower() in ("true", "1", "yes")
-            elif isinstance(value, bool):
-                out = value
-            else:
-                raise ValueError(value)
-        elif tp is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            out = int(value)
-        elif tp is float:
-            out = float(value)
-        else:
-            out = str(value)
-    except (TypeError, ValueError):
-        raise BadInputError(f"{label} must be {getattr(tp, '__name__', tp)}, got {value!r}") from None
-    choices = f.metadata.get("choices")
-    if choices and out is not None and out not in choices:
-        if out in (f.metadata.get("vocabulary") or ()):
-            raise _unsupported_precision(out, choices, target=target, source=source)
-        raise unknown_name(f"value for {label}", str(out), [str(c) for c in choices])
-    return out
-
-
-def parse_options(options_cls, values: dict[str, Any], *, target: str, source: str):
-    if not _has_precision(options_cls) and PRECISION in values:
-        values = dict(values)
-        _check_implicit_precision(values.pop(PRECISION), target=target, source=source)
-    if options_cls is None:
-        if values:
-            raise BadInputError(f"{source}: target '{target}' takes no options, got {', '.join(values)}")
-        return None
-    by_name = {f.name: f for f in option_fields(options_cls)}
-    kwargs = {}
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in by_name:
-            raise unknown_name(f"option for target '{target}' in {source}", key,
-                               [f.name for f in by_name.values()])
-        kwargs[name] = coerce(options_cls, by_name[name], value, target=target, source=source)
-    return options_cls(**kwargs)
-
-
-def parse_cli_values(options_cls, args: list[str], *, target: str) -> dict[str, Any]:
-    """The option values that ``--opset 17 --fp16 --precision=fp32`` style arguments set.
-
-    Only options present in ``args`` appear in the result, so they can override a profile.
-    """
-    by_flag = {}
-    for f in option_fields(options_cls):
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        by_flag[flag] = f
-        if _field_type(options_cls, f) is bool:
-            by_flag["--no-" + flag[2:]] = f
-    if not _has_precision(options_cls):
-        by_flag["--" + PRECISION] = None        # fp32 only: see _check_implicit_precision
-    values: dict[str, Any] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        flag, _, inline = arg.partition("=")
-        if flag not in by_flag:
-            raise unknown_name(f"option for target '{target}'", arg, sorted(by_flag) or ["(none)"])
-        f = by_flag[flag]
-        if f is None:
-            if not inline and i + 1 >= len(args):
-                raise BadInputError(f"option {flag} of target '{target}' needs a value")
-            values[PRECISION] = inline or args[i + 1]
-            i += 1 if inline else 2
-            continue
-        if _field_type(options_cls, f) is bool and not inline:
-            values[f.name] = not flag.startswith("--no-")
-        elif inline:
-            values[f.name] = inline
-        else:
-            if i + 1 >= len(args):
-                raise BadInputError(f"option {flag} of target '{target}' needs a value")
-            values[f.name] = args[i + 1]
-            i += 1
-        i += 1
-    return values
-
-
-def describe_options(options_cls) -> list[tuple[str, str, str]]:
-    """(flag, default, help) for each option, for help screens and docs."""
-    rows = []
-    for f in option_fields(options_cls):
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        choices = f.metadata.get("choices")
-        text = f.metadata.get("help", "")
-        if choices:
-            text += f" [{'|'.join(str(c) for c in choices)}]"
-        rows.append((flag, repr(f.default), text))
-    return rows
-
-
-def options_to_dict(options) -> dict:
-    return dataclasses.asdict(options) if options is not None else {}

@@ -17,7 +17,9 @@ from .. import calibration as calib
 from ..description import ModelDescription
 from ..errors import BadInputError, ExportError, first_line
 from ..cpufeatures import CpuNeeds, check_int8_kernels, int8_cpu_needs, with_legacy_int8_needs
-from .base import Artifact, OpTime, Sessions, Target, int8_kernels_option, option, precision_option
+from .base import Artifact, OpTime, Target
+from .options import calibration_option, int8_kernels_option, option, precision_option
+from .sessions import SessionCache
 
 METADATA_KEY = "evit_deploy.description"
 
@@ -34,8 +36,7 @@ class OnnxOptions:
     quantization: str = option("static", "how --precision int8 quantizes activations: static (ranges calibrated "
                                "on images, QDQ) or dynamic (measured on every batch at run time)",
                                choices=("static", "dynamic"))
-    calibration: str | None = option(None, "directory of calibration images for --precision int8 (static); "
-                                     "default: the bundled photos and seeded crops of them")
+    calibration: str | None = calibration_option()
     int8_kernels: str = int8_kernels_option()
     bake_preprocessing: str = option(
         "none", "bake scaling and ImageNet normalisation into the graph so it takes raw RGB",
@@ -211,7 +212,7 @@ class OrtSession:
 
 #: Sessions reused while the file is unchanged (verify and run read the description and
 #: then run the same file).
-_sessions = Sessions(f"{__name__}:OrtSession")
+_sessions = SessionCache(f"{__name__}:OrtSession")
 
 
 def dedupe_initializers(graph) -> int:

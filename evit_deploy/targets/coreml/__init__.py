@@ -21,7 +21,8 @@ import numpy as np
 from ... import calibration as calib
 from ...description import ModelDescription
 from ...errors import ExportError, first_line
-from ..base import Artifact, Finding, Target, option, precision_option
+from ..base import Artifact, Finding, Target
+from ..options import calibration_option, option, precision_option
 from .compress import MODES as COMPRESS_MODES
 from .convert import DEPLOYMENT_TARGETS
 from .runtime import COMPUTE_UNITS
@@ -40,8 +41,7 @@ class CoreMLOptions:
                              "or tensor (float 0..1 NCHW)", choices=("image", "tensor"))
     compress: str = option("none", "weight-only compression of an fp16/fp32 program (palettize: k-means lookup "
                            "tables of 2^n entries; int8: int8 weights, fp16 activations)", choices=COMPRESS_MODES)
-    calibration: str | None = option(None, "directory of calibration images for --precision int8; default: the "
-                                     "bundled photos and seeded crops of them")
+    calibration: str | None = calibration_option()
     zip: bool = option(False, "also write a deterministic .mlpackage.zip for artifact stores")
 
 

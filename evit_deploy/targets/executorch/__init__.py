@@ -15,7 +15,9 @@ import numpy as np
 from ... import calibration as calib
 from ...description import ModelDescription
 from ...fsutil import atomic_path
-from ..base import Artifact, Finding, OpTime, Sessions, Target, option, precision_option
+from ..base import Artifact, Finding, OpTime, Target
+from ..options import calibration_option, precision_option
+from ..sessions import SessionCache
 
 
 @dataclass
@@ -24,8 +26,7 @@ class ExecuTorchOptions:
         "fp32", ("fp32", "fp16", "int8"),
         "fp32; fp16 (fp16 weights and arithmetic in XNNPACK, float16 input and output); int8 (PT2E static "
         "quantization for XNNPACK: int8 weights per channel and activations, float32 input and output)")
-    calibration: str | None = option(None, "directory of calibration images for --precision int8; default: the "
-                                     "bundled photos and seeded crops of them")
+    calibration: str | None = calibration_option()
 
 
 class ExecuTorchTarget(Target):
@@ -102,4 +103,4 @@ class ExecuTorchTarget(Target):
 
 
 #: Loaded models, reused while the file is unchanged.
-_sessions = Sessions(f"{__package__}.runtime:Session")
+_sessions = SessionCache(f"{__package__}.runtime:Session")

@@ -17,7 +17,9 @@ from ... import calibration as calib
 from ...description import ModelDescription
 from ...errors import BadInputError
 from ...fsutil import atomic_path
-from ..base import Artifact, Finding, Sessions, Target, option, precision_option
+from ..base import Artifact, Finding, Target
+from ..options import calibration_option, precision_option
+from ..sessions import SessionCache
 
 
 @dataclass
@@ -26,8 +28,7 @@ class LiteRTOptions:
         "fp32", ("fp32", "fp16", "int8"),
         "fp32; fp16 (fp16 convolution and linear weights, fp32 compute); int8 (PT2E static quantization: int8 "
         "weights per channel and activations, int8 input and output tensors)")
-    calibration: str | None = option(None, "directory of calibration images for --precision int8; default: the "
-                                     "bundled photos and seeded crops of them")
+    calibration: str | None = calibration_option()
 
 
 class LiteRTTarget(Target):
@@ -114,4 +115,4 @@ def _read(path: Path) -> bytes:
 
 
 #: Loaded models, reused while the file is unchanged.
-_sessions = Sessions(f"{__package__}.runtime:Session")
+_sessions = SessionCache(f"{__package__}.runtime:Session")

@@ -29,7 +29,8 @@ import numpy as np
 from ... import calibration as calib
 from ...description import ModelDescription
 from ...cpufeatures import CpuNeeds, check_int8_kernels, int8_cpu_needs
-from ..base import Artifact, Finding, OpTime, Target, int8_kernels_option, option, precision_option
+from ..base import Artifact, Finding, OpTime, Target
+from ..options import calibration_option, int8_kernels_option, precision_option
 
 #: --precision -> (INFERENCE_PRECISION_HINT, weights as stored)
 PRECISIONS = {"fp32": ("f32", "f32"), "fp16": ("f32", "f16"), "bf16": ("bf16", "f32"), "int8": ("f32", "int8")}
@@ -41,9 +42,7 @@ class OpenVinoOptions:
         "fp32", ("fp32", "fp16", "bf16", "int8"),
         "fp32; fp16 (fp16 weights, computed in f32); bf16 (computed in bf16: CPUs with BF16 only); "
         "int8 (NNCF post-training quantization)")
-    calibration: str | None = option(
-        None, "directory of calibration images for --precision int8; default: the bundled photos and seeded "
-              "crops of them")
+    calibration: str | None = calibration_option()
     int8_kernels: str = int8_kernels_option()
 
 

@@ -17,7 +17,8 @@ import numpy as np
 from ...cpufeatures import CpuNeeds
 from ...description import ModelDescription
 from ...errors import ExportError, first_line
-from ..base import Artifact, Command, Finding, OpTime, Target, missing_modules, option, precision_option
+from ..base import Artifact, Command, Finding, OpTime, Target, missing_modules
+from ..options import option, precision_option
 
 DEFAULTS_NOTE = ("no tuning database (--db): every kernel gets its default schedule (written for its kernel "
                  "class, chosen by rules for this CPU); `evit-deploy tune` measures alternatives and can make it faster")
@@ -28,7 +29,7 @@ class TvmOptions:
     tvm_target: str | None = option(None, "TVM target: 'llvm -mcpu=broadwell -num-cores=14', JSON, or native "
                                     "(default: the database's target with --db, else native)",
                                     flag="--tvm-target")
-    db: str | None = option(None, "tuning database directory made by `evit-deploy tune`", flag="--db")
+    db: str | None = option(None, "tuning database directory made by `evit-deploy tune`", flag="--db", path=True)
     db_any_target: bool = option(False, "apply a database tuned for a different TVM target anyway",
                                  flag="--db-any-target")
     precision: str = precision_option("fp32", ("fp32", "bf16"),
