@@ -111,7 +111,8 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-    from evit_deploy.bench import all_backends, bench
+    from evit_deploy.backends import all_backends
+    from evit_deploy.bench import bench
     from evit_deploy.console import RichReporter
     from evit_deploy.errors import EvitError
 

@@ -1,18 +1,11 @@
 """``evit-deploy bench``: CPU throughput of every deployment path, side by side.
 
 The paper's protocol (supplementary Table 3) by default: BN folded, fp32, batch 16, one
-thread, warm-up before timing. Backends are timed in one process, interleaved in
-repeated rounds (the order rotating each round) so that machine drift hits all of them
-alike; results are medians with their spread, and each backend's ratio to PyTorch.
-
-Backends: ``torch`` (eager) and ``torch-jit`` (traced and frozen) are PyTorch itself;
-every export target that declares a ``benchmark_backend`` (``onnxruntime`` for ONNX,
-``tvm`` for TVM) is benchmarked on an artifact exported and verified for the purpose, in
-fp32 or, written ``RUNTIME:PRECISION`` (``onnxruntime:int8``), in any precision the target
-exports, so that the precisions of one runtime are compared in one run. A label after
-``@`` (``tvm@tuned``) names a variant of a backend with options of its own
-(``-O tvm@tuned.db=DIR``), so that, say, TVM's default schedules and a tuned library are
-timed in the same run.
+thread, warm-up before timing. Backends (:mod:`evit_deploy.backends`: PyTorch itself and
+each target's runtime, in any precision the target exports, and variants with options of
+their own) are timed in one process, interleaved in repeated rounds (the order rotating
+each round) so that machine drift hits all of them alike; results are medians with their
+spread, and each backend's ratio to PyTorch.
 """
 
 from __future__ import annotations
@@ -30,68 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends import TORCH_BACKENDS, BackendSpec, backend_specs, random_inputs
+from .backends import parse_backends  # noqa: F401  (bench.parse_backends, before backends.py)
 from .errors import BadInputError, EvitError
 from .hostinfo import cpu_info, package_versions
 from .models.registry import resolve_name
 from .progress import QuietReporter, Reporter
 
-TORCH_BACKENDS = ("torch", "torch-jit")
 BASELINE = "torch-jit"          # the paper's PyTorch protocol: fused and jit-traced
 NOISY_SPREAD = 0.15             # (p90 - p10) / median above this is flagged as noisy
-
-
-def target_backends() -> dict[str, str]:
-    """Benchmark backend name -> export target name, from the registered targets."""
-    from .targets import available_targets
-    return {cls.benchmark_backend: name for name, cls in available_targets().items()
-            if getattr(cls, "benchmark_backend", None)}
-
-
-def all_backends() -> list[str]:
-    return [*TORCH_BACKENDS, *target_backends()]
-
-
-def split_backend(name: str) -> tuple[str, str | None]:
-    """``onnxruntime:int8`` -> (``onnxruntime``, ``int8``); a bare name has no precision.
-    A variant label (``tvm:bf16@tuned``) is not part of either."""
-    runtime, _, precision = name.partition("@")[0].partition(":")
-    return runtime, precision or None
-
-
-def backend_label(name: str) -> str | None:
-    """``tvm@tuned`` -> ``tuned``: the variant whose options are ``-O tvm@tuned.KEY=VALUE``."""
-    return name.partition("@")[2] or None
-
-
-def _check_variant_options(backends: list[str], target_options: dict) -> None:
-    """Options given for a variant (``tvm@tuned``) that no backend asks for are a typo."""
-    wanted = {f"{target_backends()[split_backend(b)[0]]}@{backend_label(b)}" for b in backends
-              if backend_label(b) and split_backend(b)[0] not in TORCH_BACKENDS}
-    for key in target_options:
-        if "@" in key and key not in wanted:
-            raise BadInputError(f"options for '{key}' but no backend is labelled '@{key.partition('@')[2]}' "
-                                f"for target '{key.partition('@')[0]}'")
-
-
-def parse_backends(text: str) -> list[str]:
-    from .errors import unknown_name
-
-    valid = all_backends()
-    names = valid if text.strip() == "all" else [b.strip() for b in text.split(",") if b.strip()]
-    for name in names:
-        runtime, precision = split_backend(name)
-        if runtime not in valid:
-            raise unknown_name("backend", runtime, valid)
-        if "@" in name and not backend_label(name):
-            raise BadInputError(f"backend '{name}': a label follows '@' (tvm@tuned)")
-        if runtime in TORCH_BACKENDS and (precision is not None or backend_label(name)):
-            raise BadInputError(f"backend '{name}': PyTorch backends run fp32 only, with no variants")
-        if precision is not None:
-            supported = backend_target(runtime).precisions()
-            if precision not in supported:
-                raise BadInputError(f"backend '{name}': target '{target_backends()[runtime]}' does not support "
-                                    f"precision '{precision}' (it supports {', '.join(supported)})")
-    return list(dict.fromkeys(names))
 
 
 @dataclass
@@ -160,21 +100,14 @@ def _torch_runner(model_name: str, backend: str, batch: int, img_size: int, weig
     return run
 
 
-def random_inputs(description, batch: int) -> dict[str, np.ndarray]:
-    """A seeded input batch for an artifact (its speed does not depend on the values)."""
-    x = np.random.default_rng(0).random((batch, *description.input.shape[1:]), dtype=np.float32)
-    return {description.input.name: x.astype(description.input.dtype)}
-
-
-def prepare(model_name: str, backend: str, *, batch: int, threads: int, img_size: int = 224, weights=None,
-            workdir: Path, target_options: dict | None = None, reporter: Reporter | None = None) -> Prepared:
-    if backend in TORCH_BACKENDS:
-        return Prepared(_torch_runner(model_name, backend, batch, img_size, weights, threads))
-    result = export_backend(model_name, backend, batch=batch, img_size=img_size, weights=weights,
-                            out_dir=workdir / backend.replace(":", "-").replace("@", "-"), target_options=target_options,
-                            reporter=reporter)
+def prepare(model_name: str, backend: BackendSpec, *, batch: int, threads: int, img_size: int = 224, weights=None,
+            workdir: Path, reporter: Reporter | None = None) -> Prepared:
+    if backend.is_torch:
+        return Prepared(_torch_runner(model_name, backend.runtime, batch, img_size, weights, threads))
+    result = backend.export(model_name, batch=batch, img_size=img_size, weights=weights,
+                            out_dir=workdir / backend.name.replace(":", "-").replace("@", "-"), reporter=reporter)
     artifact = result.artifact
-    tgt = backend_target(backend)
+    tgt = backend.get_target()
     session = tgt.open_session(artifact.path, threads=threads)
     inputs = random_inputs(artifact.description, batch)
     session(inputs)                  # a runtime that fails, fails here rather than in the timing
@@ -192,56 +125,6 @@ def rejection_reason(exc: BaseException, *, files_kept: bool) -> str:
     if isinstance(exc, EvitError):
         return first_line(exc)
     return f"{type(exc).__name__}: {first_line(exc)}"
-
-
-def backend_target(backend: str):
-    """The export target whose runtime ``backend`` (``onnxruntime``, ``onnxruntime:int8``) is."""
-    from .targets import get_target
-
-    backend = split_backend(backend)[0]
-    targets = target_backends()
-    if backend not in targets:
-        from .errors import unknown_name
-        raise unknown_name("backend", backend, [*TORCH_BACKENDS, *targets])
-    return get_target(targets[backend])
-
-
-def backend_options(backend: str, target_options: dict | None) -> dict:
-    """The export options of an artifact ``backend``: its target's, then its variant's
-    (``tvm@tuned``), then the precision in its name."""
-    target = backend_target(backend).name
-    label = backend_label(backend)
-    options = {**(target_options or {}).get(target, {}),
-               **((target_options or {}).get(f"{target}@{label}", {}) if label else {})}
-    precision = split_backend(backend)[1]
-    if precision is not None:
-        options["precision"] = precision
-    return options
-
-
-def backend_precision(backend: str, target_options: dict | None) -> str:
-    if backend in TORCH_BACKENDS:
-        return "fp32"
-    # An option's default is its dataclass field's class attribute (Core ML: fp16).
-    return backend_options(backend, target_options).get(
-        "precision", getattr(backend_target(backend).Options, "precision", "fp32"))
-
-
-def export_backend(model_name: str, backend: str, *, batch: int, img_size: int, weights, out_dir: Path,
-                   target_options: dict | None, reporter: Reporter | None):
-    """An artifact made and verified for timing ``backend`` (bench and profile share it),
-    with :func:`backend_options`."""
-    from .api import export_plan
-    from .plan import plan_export
-
-    target = backend_target(backend).name
-    options = backend_options(backend, target_options)
-    if options.get("precision", "fp32") != "int8":
-        # -O TARGET.calibration=DIR is given once per target, for its int8 backend.
-        options.pop("calibration", None)
-        options.pop("int8_kernels", None)
-    plan = plan_export(model_name, target, options=options, batch=batch, weights=weights, img_size=img_size)
-    return export_plan(plan, out_dir, reporter=reporter)
 
 
 # -- timing --------------------------------------------------------------------------------
@@ -283,7 +166,8 @@ def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 
           artifacts_dir: str | os.PathLike | None = None, reporter: Reporter | None = None) -> BenchResult:
     """Benchmark ``models`` on ``backends``; see the module docstring for the protocol.
 
-    ``target_options`` maps a target name to export options (e.g. ``{"tvm": {"db": ...}}``);
+    ``backends`` are names (:class:`~evit_deploy.backends.BackendSpec`); ``target_options``
+    maps a target (or a variant, ``tvm@tuned``) to export options (``{"tvm": {"db": ...}}``);
     ``weights`` maps a model to a checkpoint (speed does not depend on the values).
     A backend that cannot be prepared (export, parity, this CPU, its runtime) is a
     rejected record with its reason; :class:`EvitError` only when every backend was.
@@ -291,10 +175,10 @@ def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 
     a temporary directory.
     """
     reporter = reporter or Reporter()
-    backends = backends or [*TORCH_BACKENDS, "onnxruntime"]
     if batch < 1 or threads < 1 or rounds < 1:
         raise BadInputError("batch, threads and rounds must be at least 1")
-    _check_variant_options(backends, target_options or {})
+    specs = backend_specs(backends or [*TORCH_BACKENDS, "onnxruntime"], target_options)
+    backends = [spec.name for spec in specs]
     names = [resolve_name(m).name for m in models]
     records: list[BenchRecord] = []
     failures: list[EvitError] = []
@@ -303,12 +187,12 @@ def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 
             Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="evit-bench-")))
         for model in names:
             prepared = {}
-            for backend in backends:
+            for spec in specs:
+                backend = spec.name
                 try:
                     with reporter.stage("prepare", f"{model} {backend}"):
-                        prepared[backend] = prepare(model, backend, batch=batch, threads=threads,
-                                                    img_size=img_size, weights=(weights or {}).get(model),
-                                                    workdir=workdir / model, target_options=target_options,
+                        prepared[backend] = prepare(model, spec, batch=batch, threads=threads, img_size=img_size,
+                                                    weights=(weights or {}).get(model), workdir=workdir / model,
                                                     reporter=QuietReporter())
                 except (KeyboardInterrupt, SystemExit):
                     raise
@@ -327,10 +211,11 @@ def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 
                                            round_seconds=round_seconds, warmup_seconds=warmup_seconds, task=task)
             peaks = {}
             if memory:
-                for backend in prepared:
-                    with reporter.stage("memory", f"{model} {backend}"):
-                        peaks[backend] = peak_rss_mb(model, backend, prepared[backend], batch=batch,
-                                                     threads=threads, img_size=img_size)
+                for spec in specs:
+                    if spec.name in prepared:
+                        with reporter.stage("memory", f"{model} {spec.name}"):
+                            peaks[spec.name] = peak_rss_mb(model, spec, prepared[spec.name], batch=batch,
+                                                           threads=threads, img_size=img_size)
             for backend in prepared:
                 lat = [x for round_ in samples[backend] for x in round_]
                 summary = _summarise(lat)
@@ -356,8 +241,8 @@ def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 
     settings = {"batch": batch, "threads": threads, "img_size": img_size, "rounds": rounds,
                 "round_seconds": round_seconds, "warmup_seconds": warmup_seconds, "backends": backends,
                 "baseline": baseline, "bn_folded": True,
-                "precisions": {b: backend_precision(b, target_options) for b in backends},
-                "options": {b: backend_options(b, target_options) for b in backends if b not in TORCH_BACKENDS},
+                "precisions": {spec.name: spec.precision for spec in specs},
+                "options": {spec.name: dict(spec.options) for spec in specs if not spec.is_torch},
                 "env_threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                                                "TVM_NUM_THREADS") if os.environ.get(k)}}
     return BenchResult(records, settings)
@@ -365,15 +250,15 @@ def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 
 
 # -- memory --------------------------------------------------------------------------------
 
-def peak_rss_mb(model: str, backend: str, prepared: Prepared, *, batch: int, threads: int, img_size: int) -> float | None:
+def peak_rss_mb(model: str, backend: BackendSpec, prepared: Prepared, *, batch: int, threads: int,
+                img_size: int) -> float | None:
     """Peak resident memory of a fresh process that loads the backend and runs it.
 
     Measured apart from the timing process, whose own peak covers every backend at once;
     artifact backends load only their runtime (no torch), as an application would.
     """
-    spec = {"model": model, "backend": backend, "artifact": prepared.artifact, "batch": batch,
-            "threads": threads, "img_size": img_size,
-            "target": target_backends().get(split_backend(backend)[0])}
+    spec = {"model": model, "runtime": backend.runtime, "target": backend.target, "artifact": prepared.artifact,
+            "batch": batch, "threads": threads, "img_size": img_size}
     proc = subprocess.run([sys.executable, "-m", "evit_deploy.bench", json.dumps(spec)], capture_output=True,
                           text=True, timeout=600)
     if proc.returncode != 0:
@@ -385,7 +270,7 @@ def _memory_probe(spec: dict) -> float:
     import resource
 
     if spec["artifact"] is None:
-        run = _torch_runner(spec["model"], spec["backend"], spec["batch"], spec["img_size"], None, spec["threads"])
+        run = _torch_runner(spec["model"], spec["runtime"], spec["batch"], spec["img_size"], None, spec["threads"])
     else:
         from .targets import get_target
         tgt = get_target(spec["target"])

@@ -413,8 +413,8 @@ def bench(models: list[str] = typer.Argument(..., help="m0 … m5"),
           plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG chart."),
           shortcuts: dict = None):
     """Throughput of each backend side by side (the paper's Table 3 protocol by default)."""
+    from .backends import parse_backends
     from .bench import bench as run_bench
-    from .bench import parse_backends
     from .bench import plot as write_plot
 
     result = run_bench(models, parse_backends(backends), batch=batch, threads=threads, img_size=img_size,
@@ -527,8 +527,8 @@ def build(file: Path = typer.Argument(Path("evit-deploy.toml"), help="The build 
           jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Models built in parallel processes."),
           json_out: Optional[str] = typer.Option(None, "--json", help="Also write the manifest to FILE ('-': stdout).")):
     """Build, verify and record every artifact of a build file (skips what is up to date)."""
+    from .build import Status, exit_status
     from .build import build as run_build
-    from .build import exit_status
     from .console import table
 
     result = run_build(file, out=out, jobs=jobs, reporter=_reporter())
@@ -537,14 +537,15 @@ def build(file: Path = typer.Argument(Path("evit-deploy.toml"), help="The build 
     if json_out != "-":
         rows = []
         for r in result.records:
-            parity = r.get("parity") or {}
+            parity = r.parity or {}
             worst = max((o["max_rel"] for o in parity.get("outputs", []) if isinstance(o["max_rel"], float)),
                         default=None)
-            status = {"built": "[green]built[/]", "up to date": "[dim]up to date[/]"}.get(r["status"], f"[red]{r['status']}[/]")
-            rows.append([f"{r['artifact']}/{r['model'].rsplit('_', 1)[-1]}", r["target"], status,
-                         f"{r['size'] / 1e6:.1f} MB" if "size" in r else "",
+            status = {Status.BUILT: "[green]built[/]", Status.UP_TO_DATE: "[dim]up to date[/]"}.get(
+                r.status, f"[red]{r.status.value}[/]")
+            rows.append([f"{r.artifact}/{r.model.rsplit('_', 1)[-1]}", r.target, status,
+                         f"{r.size / 1e6:.1f} MB" if r.size is not None else "",
                          f"{worst:.1e}" if worst is not None else "", parity.get("precision", ""),
-                         r.get("error", "")[:80]])
+                         (r.error or "")[:80]])
         _print(table(f"Build of {file} → {result.manifest}", ["artifact", "target", "status", "size",
                                                                 "max rel err", "precision", "error"], rows))
     error = exit_status(result)

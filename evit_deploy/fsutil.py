@@ -1,8 +1,10 @@
-"""Writing files so that nothing half-written ever sits under a final name."""
+"""Writing files so that nothing half-written ever sits under a final name, and hashing
+files and directories by their contents."""
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -123,3 +125,27 @@ def deterministic_zip(src_dir: os.PathLike | str, dst: os.PathLike | str) -> Pat
                 info.external_attr = 0o100644 << 16
                 archive.writestr(info, path.read_bytes(), compresslevel=9)
     return dst
+
+
+def sha256_file(path: os.PathLike | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tree_sha256(path: Path) -> str:
+    """SHA-256 of a file, or of a directory as its sorted relative paths and contents."""
+    if path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f.relative_to(path).as_posix().encode() + b"\0")
+        digest.update(bytes.fromhex(sha256_file(f)))
+    return digest.hexdigest()
+
+
+def tree_size(path: Path) -> int:
+    """Bytes of a file, or of every file under a directory."""
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -10,12 +10,15 @@ track of which module an operator came from.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .backends import BackendSpec, random_inputs
 from .errors import BadInputError
 from .hostinfo import cpu_info, package_versions
 from .models.registry import resolve_name
@@ -189,31 +192,64 @@ def _torch_ops(model, x, iterations: int, threads: int) -> list[OpTime]:
 def profile(model: str, backend: str = "torch", *, batch: int = 16, threads: int = 1, img_size: int = 224,
             iterations: int = 10, weights=None, target_options: dict | None = None,
             reporter: Reporter | None = None) -> ProfileResult:
-    """Per-operator-category and per-block time of one model on one backend."""
-    import torch
-
-    from .bench import backend_target, export_backend, random_inputs
-    from .models import create_model
-
+    """Per-operator-category and per-block time of one model on one backend
+    (:mod:`evit_deploy.backends`)."""
     reporter = reporter or Reporter()
     name = resolve_name(model).name
-    net = create_model(name, "random" if weights is None else weights, fuse=True, img_size=img_size)
-    if backend == "torch":
+    spec = BackendSpec.parse(backend, target_options)
+    if spec.runtime == "torch":
+        import torch
+
+        from .models import create_model
+
+        net = create_model(name, "random" if weights is None else weights, fuse=True, img_size=img_size)
         x = torch.rand(batch, 3, img_size, img_size)
         with reporter.stage("profile", f"{name} torch"):
             ops = _torch_ops(net, x, iterations, threads)
         return summarise(ops, model=name, backend=backend, batch=batch, threads=threads, iterations=iterations)
-    tgt = backend_target(backend)
-    if not tgt.supports_profiling:
+    if spec.is_torch or not spec.get_target().supports_profiling:
         raise BadInputError(f"backend '{backend}' cannot report per-operator times")
+    tgt = spec.get_target()
     with tempfile.TemporaryDirectory(prefix="evit-profile-") as tmp:
         with reporter.stage("export", f"{name} {tgt.name}"):
-            result = export_backend(name, backend, batch=batch, img_size=img_size, weights=weights,
-                                    out_dir=Path(tmp), target_options=target_options, reporter=QuietReporter())
+            result = spec.export(name, batch=batch, img_size=img_size, weights=weights, out_dir=Path(tmp),
+                                 reporter=QuietReporter())
         with reporter.stage("profile", f"{name} {backend}"):
             ops = tgt.profile_ops(result.artifact.path, random_inputs(result.artifact.description, batch),
-                                  threads=threads, iterations=iterations, blocks=block_map(net))
+                                  threads=threads, iterations=iterations, blocks=_ModuleBlocks(name, img_size))
     return summarise(ops, model=name, backend=backend, batch=batch, threads=threads, iterations=iterations)
+
+
+class _ModuleBlocks(Mapping):
+    """:func:`block_map` of a model, made on first use: runtimes that do not attribute
+    operators to blocks never read it, and the model is built once however many
+    backends profile it."""
+
+    def __init__(self, model: str, img_size: int):
+        self.model, self.img_size = model, img_size
+        self._blocks: dict[str, str] | None = None
+
+    def _map(self) -> dict[str, str]:
+        if self._blocks is None:
+            self._blocks = _model_blocks(self.model, self.img_size)
+        return self._blocks
+
+    def __getitem__(self, path: str) -> str:
+        return self._map()[path]
+
+    def __iter__(self):
+        return iter(self._map())
+
+    def __len__(self) -> int:
+        return len(self._map())
+
+
+@functools.lru_cache(maxsize=None)
+def _model_blocks(model: str, img_size: int) -> dict[str, str]:
+    from .models import create_model
+
+    # The module tree, not the weights: no checkpoint to load.
+    return block_map(create_model(model, None, fuse=True, img_size=img_size))
 
 
 # -- chart ---------------------------------------------------------------------------------

@@ -224,19 +224,136 @@ def test_ctrl_c_mid_build_keeps_what_was_built(project, cli, monkeypatch):
 
 
 def test_manifest_size_counts_the_files_an_app_ships_and_not_the_zip(tmp_path):
-    from evit_deploy.build import _artifact_facts
+    from evit_deploy.build.manifest import artifact_files
     from evit_deploy.targets.base import Artifact
 
     xml, weights = tmp_path / "m.xml", tmp_path / "m.bin"
     xml.write_bytes(b"x" * 10)
     weights.write_bytes(b"w" * 1000)
     desc = None                                   # not read by the manifest's file facts
-    facts = _artifact_facts(Artifact(xml, "openvino", desc, sidecars=(weights,)), tmp_path)
+    facts = artifact_files(Artifact(xml, "openvino", desc, sidecars=(weights,)), tmp_path)
     assert facts["path"] == "m.xml" and facts["size"] == 1010          # IR and weights
     package = tmp_path / "M.mlpackage"
     (package / "Data").mkdir(parents=True)
     (package / "Data" / "weights.bin").write_bytes(b"w" * 500)
     archive = package.with_name(package.name + ".zip")
     archive.write_bytes(b"z" * 400)
-    facts = _artifact_facts(Artifact(package, "coreml", desc, sidecars=(archive,)), tmp_path)
+    facts = artifact_files(Artifact(package, "coreml", desc, sidecars=(archive,)), tmp_path)
     assert facts["size"] == 500 and facts["zip"]["size"] == 400        # the package once
+
+
+# -- the schema, in-process (no export) ------------------------------------------------------
+
+def _write(directory: Path, text: str) -> Path:
+    path = directory / "evit-deploy.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_declared_path_options_are_beside_the_build_file_and_count_by_content(tmp_path):
+    """Only options a target declares as paths (TVM's db) are files: a file that happens to be
+    named like another option's value (tvm_target = "native") neither changes that value nor
+    the rebuild key."""
+    from evit_deploy.build.inputs import inputs_key
+
+    (tmp_path / "db").mkdir()
+    (tmp_path / "db" / "records.json").write_text("1")
+    (tmp_path / "native").write_text("not a TVM target")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    spec = load_build_file(_write(tmp_path, """\
+        [models.m0]
+        [[artifact]]
+        target = "tvm"
+        [artifact.options]
+        tvm_target = "native"
+        db = "db"
+    """))
+    (art,) = spec.artifacts
+    assert art.paths == {"db": tmp_path / "db"}
+    assert art.export_options() == {"tvm_target": "native", "db": str(tmp_path / "db")}
+    assert art.options == {"tvm_target": "native", "db": "db"}          # as written: the key's part
+    key = inputs_key(spec.models["m0"], art, spec, "weights", {})
+    (tmp_path / "native").write_text("changed")
+    assert inputs_key(spec.models["m0"], art, spec, "weights", {}) == key
+    (tmp_path / "db" / "records.json").write_text("2")
+    assert inputs_key(spec.models["m0"], art, spec, "weights", {}) != key
+
+
+def test_artifact_entries_and_their_defaults(tmp_path):
+    spec = load_build_file(_write(tmp_path, """\
+        [build]
+        seed = 7
+        [models.m0]
+        [models.m1]
+        img_size = 64
+        [[artifact]]
+        profile = "onnx-cpu"
+        [[artifact]]
+        name = "int8"
+        target = "onnx"
+        models = ["m1"]
+        batch = 4
+        min_top1_agreement = 1
+        [artifact.options]
+        precision = "int8"
+        calibration = "calib"
+    """))
+    assert spec.out == tmp_path / "dist" and spec.seed == 7 and spec.images is None
+    assert {k: (m.name, m.weights, m.options) for k, m in spec.models.items()} == {
+        "m0": ("efficientvit_m0", None, {}), "m1": ("efficientvit_m1", None, {"img_size": 64})}
+    first, second = spec.artifacts
+    assert (first.name, first.target, first.profile, first.models, first.batch) == \
+        ("onnx-cpu", "onnx", "onnx-cpu", ["m0", "m1"], None)
+    assert (second.name, second.models, second.batch, second.gates) == ("int8", ["m1"], 4, {"min_top1_agreement": 1.0})
+    # A declared path that does not exist is still relative to the build file (the target
+    # says it is missing when the artifact is planned), and counts by name only.
+    assert second.paths == {"calibration": tmp_path / "calib"}
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('[models.m0]\n[[artifact]]\ntarget = "onnx"\n[artifact.options]\nprecision = "bf16"\n',
+     "evit-deploy.toml:2: [[artifact]] #1: target 'onnx' does not support precision 'bf16'"),
+    ('[models.m0]\n[[artifact]]\ntarget = "onnx"\ndynamic_batch = "yes"\n',
+     "evit-deploy.toml:4: 'dynamic_batch' in [[artifact]] #1 must be a bool"),
+    ('[models.m0]\n[[artifact]]\ntarget = "tvm"\ndynamic_batch = true\n',
+     "evit-deploy.toml:4: [[artifact]] #1: target 'tvm' does not support dynamic_batch"),
+    ('[models.m0]\n[[artifact]]\nprofile = "onnx-cpu"\ntarget = "tvm"\n',
+     "evit-deploy.toml:4: [[artifact]] #1: profile 'onnx-cpu' is for target 'onnx', not 'tvm'"),
+    ('[models.m0]\n[[artifact]]\ntarget = "onnx"\n[[artifact]]\ntarget = "onnx"\n',
+     "two [[artifact]] entries named 'onnx' build model 'm0'"),
+    ('[models.m0]\n', "no [[artifact]] entries: nothing to build"),
+    ('[models.m0\n', "invalid TOML"),
+])
+def test_schema_problems_name_file_and_line(tmp_path, text, expected):
+    with pytest.raises(BadInputError) as info:
+        load_build_file(_write(tmp_path, text))
+    assert expected in str(info.value)
+
+
+def test_records_serialise_to_the_manifest_format():
+    from evit_deploy.build import BuildRecord, Status
+
+    built = BuildRecord("onnx-cpu", "efficientvit_m0", "onnx", "onnx-cpu", {"opset": 18}, "random-init", 0, 1, False,
+                        "k" * 64, Status.BUILT, reproducible=True, path="onnx-cpu/m.onnx", size=10, sha256="s" * 64,
+                        files=[{"path": "onnx-cpu/m.onnx", "size": 10, "sha256": "s" * 64}], seconds=1.5)
+    data = built.to_dict()
+    assert data["status"] == "built" and data["profile"] == "onnx-cpu" and data["seed"] == 0
+    assert "error" not in data and "zip" not in data and "eval" not in data     # unset: absent, as before
+    assert json.loads(json.dumps(data)) == data
+    assert BuildRecord.from_dict({**data, "from_a_later_version": 1}) == built
+    failed = BuildRecord.from_dict({**data, "status": "failed gate"})
+    assert failed.status is Status.FAILED_GATE and failed.status.failed and failed.status.failed_verification
+    assert not Status.UP_TO_DATE.failed and not Status.FAILED_EXPORT.failed_verification
+    with pytest.raises(ValueError):
+        BuildRecord.from_dict({**data, "status": "half built"})
+
+
+def test_the_schema_is_torch_free(tmp_path):
+    from conftest import run_python
+
+    path = _write(tmp_path, '[models.m0]\n[[artifact]]\ntarget = "tvm"\n[[artifact]]\nprofile = "onnx-cpu"\n')
+    proc = run_python("import sys; sys.modules['torch'] = None\n"
+                      "from evit_deploy.build import load_build_file\n"
+                      f"print(len(load_build_file({str(path)!r}).artifacts))")
+    assert proc.returncode == 0 and proc.stdout.strip() == "2", proc.stderr

@@ -164,14 +164,15 @@ def test_build_gates_on_eval(tmp_path, checkpoint, cli):
     # Gates and the eval set count among an artifact's inputs: changing either rebuilds it.
     from dataclasses import replace
 
-    from evit_deploy.build import _inputs_key, load_build_file
+    from evit_deploy.build import load_build_file
+    from evit_deploy.build.inputs import inputs_key
 
     spec = load_build_file(tmp_path / "evit-deploy.toml")
     model, entry = spec.models["m0"], spec.artifacts[1]                    # int8-strict
-    key = _inputs_key(model, entry, spec, "weights", {})
-    assert _inputs_key(model, replace(entry, gates={"min_top1_agreement": 0.5}), spec, "weights", {}) != key
+    key = inputs_key(model, entry, spec, "weights", {})
+    assert inputs_key(model, replace(entry, gates={"min_top1_agreement": 0.5}), spec, "weights", {}) != key
     (tmp_path / "noise-labels.txt").write_text("0.png 5\n" + "\n".join(f"{i}.png {i}" for i in range(1, 12)))
-    assert _inputs_key(model, entry, spec, "weights", {}) != key
+    assert inputs_key(model, entry, spec, "weights", {}) != key
 
 
 @pytest.mark.parametrize("extra,message", [

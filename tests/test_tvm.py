@@ -397,16 +397,16 @@ def test_a_build_file_takes_the_batch_the_database_was_tuned_at(tmp_path):
     """A build file naming a database tuned at batch 4 builds the library at batch 4 with
     every kernel scheduled from it, as `export --db` does (it used to build at batch 1,
     where no kernel has a record)."""
-    from evit_deploy.build import build
+    from evit_deploy.build import Status, build
 
     deterministic_database(tmp_path / "db4", "m0", batch=4, img_size=IMG, target=TARGET)
     (tmp_path / "evit-deploy.toml").write_text(
         f'[models.m0]\nimg_size = {IMG}\n\n[[artifact]]\ntarget = "tvm"\n[artifact.options]\ndb = "db4"\n')
     result = build(tmp_path / "evit-deploy.toml", out=tmp_path / "dist")
     record = result.records[0]
-    assert record["status"] == "built", record.get("error")
-    assert record["batch"] == 4
-    side = next(f for f in record["files"] if f["path"].endswith(".tvm.json"))
+    assert record.status is Status.BUILT, record.error
+    assert record.batch == 4
+    side = next(f for f in record.files if f["path"].endswith(".tvm.json"))
     description = json.loads((tmp_path / "dist" / side["path"]).read_text())
     info = description["extra"]["tvm"]
     assert description["inputs"][0]["shape"][0] == 4 and info["tuned_kernels"] == info["kernels"]
