@@ -87,3 +87,16 @@ def test_bench_variants_carry_their_own_options(cli, tmp_path):
     assert code == EXIT_BAD_INPUT and "no backend is labelled '@half'" in err
     code, _, err = cli("bench", "m0", "--backends", "torch@x")
     assert code == EXIT_BAD_INPUT and "no variants" in err
+
+
+def test_block_names_are_made_once_per_model_and_only_when_read():
+    """profile hands runtimes a model's block map that is built on first read (TVM and
+    ExecuTorch never read it) and once for every backend that profiles the model."""
+    from evit_deploy.profiler import _model_blocks, _ModuleBlocks
+
+    _model_blocks.cache_clear()
+    first, second = _ModuleBlocks("efficientvit_m0", 64), _ModuleBlocks("efficientvit_m0", 64)
+    assert _model_blocks.cache_info().misses == 0
+    assert first["patch_embed"] == "patch embedding" and "head" in first
+    assert dict(second) == dict(first) and {"attention", "FFN", "downsampling"} <= set(first.values())
+    assert (_model_blocks.cache_info().misses, _model_blocks.cache_info().hits) == (1, 1)

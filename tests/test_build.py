@@ -335,8 +335,9 @@ def test_records_serialise_to_the_manifest_format():
     from evit_deploy.build import BuildRecord, Status
 
     built = BuildRecord("onnx-cpu", "efficientvit_m0", "onnx", "onnx-cpu", {"opset": 18}, "random-init", 0, 1, False,
-                        "k" * 64, Status.BUILT, reproducible=True, path="onnx-cpu/m.onnx", size=10, sha256="s" * 64,
-                        files=[{"path": "onnx-cpu/m.onnx", "size": 10, "sha256": "s" * 64}], seconds=1.5)
+                        "k" * 64, status=Status.BUILT, reproducible=True, path="onnx-cpu/m.onnx", size=10,
+                        sha256="s" * 64, files=[{"path": "onnx-cpu/m.onnx", "size": 10, "sha256": "s" * 64}],
+                        seconds=1.5)
     data = built.to_dict()
     assert data["status"] == "built" and data["profile"] == "onnx-cpu" and data["seed"] == 0
     assert "error" not in data and "zip" not in data and "eval" not in data     # unset: absent, as before

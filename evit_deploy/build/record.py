@@ -4,7 +4,7 @@ written to the manifest as the JSON object other tools read (:meth:`BuildRecord.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 
@@ -27,7 +27,7 @@ class Status(Enum):
 
 @dataclass(frozen=True)
 class BuildRecord:
-    """One artifact of one model. The fields after ``status`` are written only when set."""
+    """One artifact of one model. Fields with a default are written only when set."""
 
     artifact: str                     # the [[artifact]] entry's name
     model: str                        # canonical, efficientvit_m2
@@ -39,11 +39,11 @@ class BuildRecord:
     batch: int | None
     dynamic_batch: bool
     inputs_sha256: str                # everything it is made from (build.inputs.inputs_key)
-    status: Status
     reproducible: bool | None = None
     reproducibility: str | None = None          # what determines it, when not reproducible
     parity: dict | None = None                  # parity_summary()
     eval: dict | None = None                    # eval figures and gate verdicts
+    status: Status = field(kw_only=True)        # after the fields above, as manifests have it
     error: str | None = None
     path: str | None = None                     # the artifact, relative to the output directory
     size: int | None = None                     # what an app ships: the artifact and its files

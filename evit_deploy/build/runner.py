@@ -55,7 +55,7 @@ def build(path: str | os.PathLike, *, out: str | os.PathLike | None = None, jobs
     versions = package_versions()
     records: dict[tuple[str, str], BuildRecord] = {}
 
-    def record(r: BuildRecord) -> None:
+    def save(r: BuildRecord) -> None:
         records[r.key] = r
         write_manifest(manifest_path, spec.path, records.values(), versions)
 
@@ -72,18 +72,18 @@ def build(path: str | os.PathLike, *, out: str | os.PathLike | None = None, jobs
                 pending.append(job)
     with reporter.task("build", total=len(pending)) as task:
         if jobs > 1 and len(pending) > 1:
-            _build_parallel(spec, pending, out_dir, jobs, record, task)
+            _build_parallel(spec, pending, out_dir, jobs, save, task)
         else:
             traces: dict = {}
             for job in pending:
                 task.update(description=f"{spec.artifacts[job.artifact].name}/{job.model}")
-                record(_build_one(spec, job, out_dir, reporter, traces))
+                save(_build_one(spec, job, out_dir, reporter, traces))
                 task.update(advance=1)
     write_manifest(manifest_path, spec.path, records.values(), versions)
     return BuildResult(list(records.values()), manifest_path)
 
 
-def _build_parallel(spec: BuildFile, pending: list[Job], out_dir: Path, jobs: int, record, task) -> None:
+def _build_parallel(spec: BuildFile, pending: list[Job], out_dir: Path, jobs: int, save, task) -> None:
     """Build in worker processes, one per model, so that each model is traced once per
     input format (the same trace serves all of its artifacts)."""
     import concurrent.futures
@@ -98,7 +98,7 @@ def _build_parallel(spec: BuildFile, pending: list[Job], out_dir: Path, jobs: in
         try:
             for future in concurrent.futures.as_completed(futures):
                 for r in future.result():
-                    record(r)
+                    save(r)
                     task.update(advance=1)
         except BaseException:
             for f in futures:
@@ -125,7 +125,7 @@ def _build_one(spec: BuildFile, job: Job, out_dir: Path, reporter: Reporter, tra
     record = BuildRecord(art.name, model.name, art.target, art.profile, art.options,
                          job.weights_id.split(":")[0] if job.weights_id.startswith("random-init") else job.weights_id,
                          spec.seed if model.weights is None else None, art.batch, art.dynamic_batch,
-                         job.inputs_sha256, Status.FAILED_EXPORT)       # its status until finish() says
+                         job.inputs_sha256, status=Status.FAILED_EXPORT)       # until finish() says
     try:
         plan = plan_export(model.name, art.target, profile=art.profile, options=art.export_options(),
                            batch=art.batch, dynamic_batch=art.dynamic_batch, weights=model.weights, seed=spec.seed,
