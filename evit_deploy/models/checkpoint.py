@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, first_line
-from ..fsutil import atomic_path
+from ..fsutil import atomic_path, sha256_file  # noqa: F401  (sha256_file: part of this module's API)
 from .efficientvit import EfficientViT, EfficientViTConfig
 from .registry import MODELS, ModelSpec
 
@@ -35,14 +35,6 @@ class Checkpoint:
     sha256: str
     path: Path
     layout: str          # "official" or "timm"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def official_weights_path(spec: ModelSpec, *, download: bool = True) -> Path:
