@@ -7,7 +7,6 @@ safetensors, so a malicious file cannot run code while it is loaded.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import pickle
 import re
