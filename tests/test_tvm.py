@@ -358,6 +358,32 @@ def test_export_applies_the_database_and_passes_parity(tuned_library):
     assert TvmTarget().health(lib, result.artifact.description) == []
 
 
+def test_a_loaded_library_is_reused_until_either_of_its_files_changes(tuned_library, tmp_path):
+    from evit_deploy.targets.tvm.runtime import SESSIONS, sidecar_path
+
+    lib = tmp_path / tuned_library.artifact.path.name
+    for f in TvmTarget().artifact_files(tuned_library.artifact.path):
+        shutil.copy(f, tmp_path / f.name)
+    assert TvmTarget().artifact_files(lib) == (sidecar_path(lib), lib)
+    first = SESSIONS.cached(lib)
+    assert SESSIONS.cached(lib) is first
+    side = sidecar_path(lib)
+    os.utime(side, ns=(side.stat().st_atime_ns, side.stat().st_mtime_ns + 10**9))    # the description rewritten
+    assert SESSIONS.cached(lib) is not first
+
+
+def test_profile_times_every_kernel_call(tuned_library):
+    lib = tuned_library.artifact.path
+    description = tuned_library.artifact.description
+    x = np.random.default_rng(0).random(description.input.shape, dtype=np.float32)
+    ops = TvmTarget().profile_ops(lib, {description.input.name: x}, threads=1, iterations=2, blocks={})
+    names = [op.name for op in ops]
+    assert ops and len(names) % 2 == 0 and names[:len(names) // 2] == names[len(names) // 2:]   # two runs
+    assert all(op.seconds > 0 and op.block is None for op in ops)
+    assert any(name.startswith("fused_conv2d") for name in names)
+    assert not any(name.startswith("vm.builtin.") for name in names)
+
+
 def test_library_reads_the_callers_array_in_place(tuned_library):
     """numpy's arrays are rarely 64-byte aligned (TVM's assumption): the library reads
     them where they are, at any float offset, and computes what an aligned copy gives."""

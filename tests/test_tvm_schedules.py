@@ -196,8 +196,8 @@ def _run_packed(func, target, args):
     return tensors[-1].numpy()
 
 
-def _bf16_kernels(target, *, batch: int, img_size: int):
-    """The kernels of M0's bf16 graph that gemm_bf16 schedules, and the target's facts."""
+def _largest_bf16_kernel(target, *, batch: int, img_size: int):
+    """M0's largest kernel that gemm_bf16 schedules in its bf16 graph, and the target's facts."""
     from evit_deploy.targets.tvm import graph, metaschedule
     from evit_deploy.targets.tvm.schedules import gemm_bf16
     from evit_deploy.trace import trace
@@ -207,7 +207,24 @@ def _bf16_kernels(target, *, batch: int, img_size: int):
                         precision="bf16")
     kernels = [k for k in metaschedule.extract_kernels(mod, target) if schedules.kernel_class(k.mod, facts) is gemm_bf16]
     assert len(kernels) >= 10                   # the FFNs and projections
-    return kernels, facts
+    return max(kernels, key=lambda k: k.flops), facts
+
+
+def _bf16_schedules(kernel, target, facts):
+    """(variant, schedule with MetaSchedule's post-processors applied) for every variant."""
+    from tvm import s_tir
+
+    from evit_deploy.targets.tvm import metaschedule
+    from evit_deploy.targets.tvm.schedules import gemm_bf16
+
+    postprocs = metaschedule.postprocs(kernel, target)
+    variants = gemm_bf16.variants(s_tir.Schedule(kernel.mod), facts)
+    assert len(variants) > 1
+    for variant in variants:
+        sch = gemm_bf16.apply(s_tir.Schedule(kernel.mod), variant, facts)
+        sch.enter_postproc()
+        assert all(p.apply(sch) for p in postprocs)
+        yield variant, sch
 
 
 def test_every_bf16_variant_compiles_to_the_dot_product_for_a_cpu_with_it():
@@ -217,21 +234,13 @@ def test_every_bf16_variant_compiles_to_the_dot_product_for_a_cpu_with_it():
     import tvm
     from tvm import s_tir
 
-    from evit_deploy.targets.tvm import metaschedule
     from evit_deploy.targets.tvm.schedules import gemm_bf16
     from evit_deploy.targets.tvm.target_string import resolve_target, to_tvm
 
     target = to_tvm(resolve_target("llvm -mcpu=sapphirerapids -num-cores=1"))
-    kernels, facts = _bf16_kernels(target, batch=2, img_size=32)
-    kernel = max(kernels, key=lambda k: k.flops)
+    kernel, facts = _largest_bf16_kernel(target, batch=2, img_size=32)
     assert gemm_bf16.match(s_tir.Schedule(kernel.mod)).input_dtype == "float32"
-    postprocs = metaschedule.postprocs(kernel, target)
-    variants = gemm_bf16.variants(s_tir.Schedule(kernel.mod), facts)
-    assert len(variants) > 1
-    for variant in variants:
-        sch = gemm_bf16.apply(s_tir.Schedule(kernel.mod), variant, facts)
-        sch.enter_postproc()
-        assert all(p.apply(sch) for p in postprocs)
+    for variant, sch in _bf16_schedules(kernel, target, facts):
         asm = tvm.tirx.build(_packing_split(sch.mod["main"])["kernel_prepacked"], target=target).inspect_source("asm")
         assert "vdpbf16ps" in asm and "vcvtneps2bf16" in asm, variant
 
@@ -241,25 +250,14 @@ def test_every_bf16_variant_computes_bf16_products_with_fp32_sums():
     graph) against the same kernel unscheduled on the activations rounded to bf16: the
     products are then the same, only the order of the fp32 sums differs."""
     import ml_dtypes
-    from tvm import s_tir
-
-    from evit_deploy.targets.tvm import metaschedule
-    from evit_deploy.targets.tvm.schedules import gemm_bf16
 
     target = _bf16_host_target()
-    kernels, facts = _bf16_kernels(target, batch=4, img_size=64)
-    kernel = max(kernels, key=lambda k: k.flops)
+    kernel, facts = _largest_bf16_kernel(target, batch=4, img_size=64)
     args = _args(kernel, np.random.default_rng(0))
     args[0] = args[0].astype(ml_dtypes.bfloat16).astype(np.float32)       # bf16-exact activations
     expected = _run(kernel.mod, target, args)
     scale = np.abs(expected).max()
-    postprocs = metaschedule.postprocs(kernel, target)
-    variants = gemm_bf16.variants(s_tir.Schedule(kernel.mod), facts)
-    assert len(variants) > 1
-    for variant in variants:
-        sch = gemm_bf16.apply(s_tir.Schedule(kernel.mod), variant, facts)
-        sch.enter_postproc()
-        assert all(p.apply(sch) for p in postprocs)
+    for variant, sch in _bf16_schedules(kernel, target, facts):
         np.testing.assert_allclose(_run_packed(sch.mod["main"], target, args), expected, rtol=0, atol=1e-5 * scale,
                                    err_msg=str(variant))
 
