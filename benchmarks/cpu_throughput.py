@@ -154,10 +154,10 @@ def tuning_budget(db: Path) -> dict:
 
 
 def _has_bf16(tvm_target: str) -> bool:
-    from evit_deploy.targets.tvm.schedules.gemm_bf16 import supported
+    from evit_deploy.targets.tvm.quantize import supports_bf16
     from evit_deploy.targets.tvm.target_string import resolve_target, to_tvm
 
-    return supported(to_tvm(resolve_target(tvm_target)))
+    return supports_bf16(to_tvm(resolve_target(tvm_target)))
 
 
 def _print_tables(result, rows: list[dict], *, tvm_target: str, budgets: dict) -> None:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +63,7 @@ def tuned_db(tmp_path_factory):
     behind by either run).
     """
     db = tmp_path_factory.mktemp("tvm-tuning") / "db"
-    cmd = [sys.executable, "-m", "evit_deploy", "tune", "m0", "--target", TARGET, "--img-size", str(IMG),
+    cmd = [sys.executable, "-m", "evit_deploy", "tune", "m0", "--tvm-target", TARGET, "--img-size", str(IMG),
            "--batch", str(BATCH), "--trials", "100000", "--db", str(db)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -174,24 +176,75 @@ def test_database_records_what_it_was_made_for(tuned_db):
     assert entry["estimated_latency_ms"] is None or entry["estimated_latency_ms"] > 0
 
 
-def test_a_truncated_record_is_dropped_on_open(fixed_db, tmp_path):
-    import shutil
-
-    db = fixed_db
-    copy = tmp_path / "db"
+def _with_a_cut_short_record(db: Path, copy: Path) -> Path:
+    """A copy of ``db`` whose last record a crash cut short."""
     shutil.copytree(db, copy)
-    lines = _records(copy)
     with (copy / tvmdb.RECORD_FILE).open("a") as f:
         f.write('[0, [[["b0", "SampleCat')        # a crash in the middle of a line
-    opened = tvmdb.TuningDatabase.open(copy)
-    assert _records(copy) == lines
+    return copy
+
+
+def _files(db: Path) -> dict:
+    """Every file of a database directory: its bytes and modification time."""
+    return {str(p.relative_to(db)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(db.rglob("*"))
+            if p.is_file()}
+
+
+@contextmanager
+def _counting_opens():
+    """The paths TuningDatabase.open reads, while in the block."""
+    opened = []
+    read = tvmdb.TuningDatabase.open.__func__
+
+    def counting(cls, path):
+        opened.append(Path(path))
+        return read(cls, path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tvmdb.TuningDatabase, "open", classmethod(counting))
+        yield opened
+
+
+def test_a_truncated_record_is_left_out_by_readers_and_dropped_by_tune(fixed_db, tmp_path):
+    from evit_deploy.targets.tvm import graph
+
+    lines = _records(fixed_db)
+    copy = _with_a_cut_short_record(fixed_db, tmp_path / "db")
+    before = _files(copy)
+    opened = tvmdb.TuningDatabase.open(copy)             # read-only: export, tune --from
+    assert opened.record_count() == lines
     assert len(opened.ms_database().get_all_tuning_records()) == lines
+    assert _files(copy) == before
+    # tune, about to append, drops the cut-short line from the file.
+    tvmdb.TuningDatabase.open_or_create(copy, opened.target, graph=graph.VERSION)
+    assert _records(copy) == lines and (copy / tvmdb.RECORD_FILE).read_text().endswith("\n")
+    assert len(tvmdb.TuningDatabase.open(copy).ms_database().get_all_tuning_records()) == lines
     # Damage that is not a cut-off last line is reported, not silently dropped.
     text = (copy / tvmdb.RECORD_FILE).read_text().splitlines()
     text[0] = text[0][:20]
     (copy / tvmdb.RECORD_FILE).write_text("\n".join(text) + "\n")
     with pytest.raises(BadInputError, match="damaged at line 1"):
         tvmdb.TuningDatabase.open(copy)
+    with pytest.raises(BadInputError, match="damaged at line 1"):
+        tvmdb.TuningDatabase.open_or_create(copy, opened.target, graph=graph.VERSION)
+
+
+def test_planning_an_export_reads_the_database_once_and_changes_nothing(fixed_db, tmp_path):
+    """validate promises to change nothing; the plan asks for the database's target,
+    batch and CPU needs: one read-only open, even of a database a crash left a cut-short
+    line in."""
+    from evit_deploy.api import cpu_needs
+    from evit_deploy.plan import plan_export
+
+    db = _with_a_cut_short_record(fixed_db, tmp_path / "db")
+    before = _files(db)
+    with _counting_opens() as opened:
+        plan = plan_export("m0", "tvm", options={"db": str(db)}, img_size=IMG)
+        cpu_needs(plan, verify=False)
+        cpu_needs(plan, verify=False)
+    assert plan.batch == BATCH and plan.target.resolved_target(plan.options) == resolve_target(TARGET)
+    assert opened == [db]
+    assert _files(db) == before
 
 
 def test_a_database_is_never_applied_to_another_target(fixed_db, cli, tmp_path):
@@ -201,7 +254,7 @@ def test_a_database_is_never_applied_to_another_target(fixed_db, cli, tmp_path):
                        "--img-size", IMG, "--batch", BATCH, "--out", tmp_path)
     assert code == EXIT_BAD_INPUT
     assert "was made for TVM target" in err and "--db-any-target" in err and "Traceback" not in err
-    code, _, err = cli("tune", "m0", "--target", other, "--db", db, "--img-size", IMG, "--trials", 1)
+    code, _, err = cli("tune", "m0", "--tvm-target", other, "--db", db, "--img-size", IMG, "--trials", 1)
     assert code == EXIT_BAD_INPUT and "was made for TVM target" in err
 
 
@@ -210,8 +263,8 @@ def test_export_with_a_database_builds_for_its_target_by_default(fixed_db):
 
     db = fixed_db
     made_for = json.loads((db / tvmdb.META_FILE).read_text())["target"]
-    assert TvmTarget.resolved_target(TvmOptions(db=str(db))) == resolve_target(made_for)
-    assert TvmTarget.resolved_target(TvmOptions()) == resolve_target("native")
+    assert TvmTarget().resolved_target(TvmOptions(db=str(db))) == resolve_target(made_for)
+    assert TvmTarget().resolved_target(TvmOptions()) == resolve_target("native")
     # ... and at the batch it was tuned at: kernels of another batch have no record.
     assert TvmTarget().default_batch(TvmOptions(db=str(db)), "efficientvit_m0")[0] == BATCH
     assert TvmTarget().default_batch(TvmOptions(db=str(db)), "efficientvit_m4") is None
@@ -261,12 +314,30 @@ def test_the_first_convolution_reads_the_image_as_it_comes(layout):
 
 
 @pytest.fixture(scope="module")
-def tuned_library(fixed_db, tmp_path_factory):
-    db = fixed_db
+def exported_from_a_database(fixed_db, tmp_path_factory):
+    """The export of M0 from a copy of the fixed database that a crash left a cut-short
+    line in: (result, database, its files before, the database reads during the export)."""
+    db = _with_a_cut_short_record(fixed_db, tmp_path_factory.mktemp("tvm-db") / "db")
     out = tmp_path_factory.mktemp("tvm-export")
-    # No batch given: the export takes the one the database was tuned at.
-    result = api.export("m0", "tvm", out_dir=out, img_size=IMG, options={"tvm_target": TARGET, "db": str(db)})
-    return result
+    before = _files(db)
+    with _counting_opens() as opened:
+        # No batch given: the export takes the one the database was tuned at.
+        result = api.export("m0", "tvm", out_dir=out, img_size=IMG, options={"tvm_target": TARGET, "db": str(db)})
+    return result, db, before, opened
+
+
+@pytest.fixture(scope="module")
+def tuned_library(exported_from_a_database):
+    return exported_from_a_database[0]
+
+
+def test_an_export_reads_its_database_once_and_changes_no_byte_of_it(exported_from_a_database):
+    result, db, before, opened = exported_from_a_database
+    assert opened == [db]
+    assert _files(db) == before
+    # The cut-short line is left out: one record per kernel.
+    info = result.artifact.description.extra["tvm"]
+    assert info["database"]["records"] == info["kernels"] == info["tuned_kernels"]
 
 
 def test_export_applies_the_database_and_passes_parity(tuned_library):
@@ -285,6 +356,32 @@ def test_export_applies_the_database_and_passes_parity(tuned_library):
     assert 0 < info["hand_written_kernels"] < info["tuned_kernels"] == info["kernels"]
     assert info["database"]["records"] == info["kernels"]
     assert TvmTarget().health(lib, result.artifact.description) == []
+
+
+def test_a_loaded_library_is_reused_until_either_of_its_files_changes(tuned_library, tmp_path):
+    from evit_deploy.targets.tvm.runtime import SESSIONS, sidecar_path
+
+    lib = tmp_path / tuned_library.artifact.path.name
+    for f in TvmTarget().artifact_files(tuned_library.artifact.path):
+        shutil.copy(f, tmp_path / f.name)
+    assert TvmTarget().artifact_files(lib) == (sidecar_path(lib), lib)
+    first = SESSIONS.cached(lib)
+    assert SESSIONS.cached(lib) is first
+    side = sidecar_path(lib)
+    os.utime(side, ns=(side.stat().st_atime_ns, side.stat().st_mtime_ns + 10**9))    # the description rewritten
+    assert SESSIONS.cached(lib) is not first
+
+
+def test_profile_times_every_kernel_call(tuned_library):
+    lib = tuned_library.artifact.path
+    description = tuned_library.artifact.description
+    x = np.random.default_rng(0).random(description.input.shape, dtype=np.float32)
+    ops = TvmTarget().profile_ops(lib, {description.input.name: x}, threads=1, iterations=2, blocks={})
+    names = [op.name for op in ops]
+    assert ops and len(names) % 2 == 0 and names[:len(names) // 2] == names[len(names) // 2:]   # two runs
+    assert all(op.seconds > 0 and op.block is None for op in ops)
+    assert any(name.startswith("fused_conv2d") for name in names)
+    assert not any(name.startswith("vm.builtin.") for name in names)
 
 
 def test_library_reads_the_callers_array_in_place(tuned_library):
@@ -356,8 +453,6 @@ def test_example_application_loads_the_library_directly(tuned_library):
 
 def test_verify_detects_a_library_that_computes_something_else(tuned_library, tmp_path, cli):
     """Swap in the description of another model: the parity engine must catch it."""
-    import shutil
-
     lib = tuned_library.artifact.path
     bad = tmp_path / "efficientvit_m0.so"
     shutil.copy(lib, bad)
@@ -495,7 +590,7 @@ def test_rpc_and_budget_errors_are_one_line(cli, tmp_path):
     code, _, err = cli("tune", "m0", "--time-budget", "ten minutes")
     assert code == EXIT_BAD_INPUT and "time budget" in err
     port = _free_port()     # nothing listens there
-    code, _, err = cli("tune", "m0", "--target", TARGET, "--img-size", IMG, "--trials", 1,
+    code, _, err = cli("tune", "m0", "--tvm-target", TARGET, "--img-size", IMG, "--trials", 1,
                        "--rpc-tracker", f"127.0.0.1:{port}", "--rpc-key", "k", "--db", tmp_path / "db")
     assert code == EXIT_BAD_INPUT and "cannot reach the RPC tracker" in err
     assert not (tmp_path / "db").exists()
@@ -529,8 +624,6 @@ def _as_if_measured_on(db_path: Path, cpu: str) -> None:
 def test_a_database_measured_on_another_cpu_is_checked_here(fixed_db, tmp_path):
     """Its records are timed against the defaults on this machine and only the faster one
     of each kernel is built in: the database can only make the library faster."""
-    import shutil
-
     db = tmp_path / "db"
     shutil.copytree(fixed_db, db)
     # A few kernels' records are enough (and each one checked is two builds).
@@ -575,10 +668,10 @@ def test_tuning_can_start_from_another_database(fixed_db, tmp_path):
 
 
 def test_a_bf16_library_passes_its_parity_class(tmp_path):
-    from evit_deploy.targets.tvm.schedules import gemm_bf16
+    from evit_deploy.targets.tvm.quantize import supports_bf16
     from evit_deploy.targets.tvm.target_string import to_tvm
 
-    if not gemm_bf16.supported(to_tvm(resolve_target(TARGET))):
+    if not supports_bf16(to_tvm(resolve_target(TARGET))):
         pytest.skip("this CPU has no AVX512_BF16")
     result = api.export("m0", "tvm", out_dir=tmp_path, img_size=IMG, batch=BATCH,
                         options={"tvm_target": TARGET, "precision": "bf16"})

@@ -146,38 +146,48 @@ def test_every_variant_of_every_class_computes_the_kernel(m0_kernels, facts):
 # -- bf16 ---------------------------------------------------------------------------------
 
 def _bf16_host_target():
-    from evit_deploy.targets.tvm.schedules import gemm_bf16
+    from evit_deploy.targets.tvm.quantize import supports_bf16
     from evit_deploy.targets.tvm.target_string import resolve_target, to_tvm
 
     target = to_tvm(resolve_target("native -num-cores=1"))
-    if not gemm_bf16.supported(target):
+    if not supports_bf16(target):
         pytest.skip("this CPU has no AVX512_BF16: bf16 kernels cannot run here")
     return target
 
 
-def _run_packed(func, target, args):
-    """Run a scheduled kernel as a build runs it: its weight packing split out (Relax's
-    SplitLayoutRewritePreproc, as compile.build does), run on the weights first. (A bf16
-    kernel cannot be built whole: its packed weights must be a parameter.)"""
-    import tvm
+def _packing_split(func):
+    """A scheduled kernel as a build has it: its weight packing split out (Relax's
+    SplitLayoutRewritePreproc, as compile.build does). (A bf16 kernel cannot be built
+    whole: its packed weights must be a parameter.)"""
     from tvm import relax
 
-    shape = lambda p: [int(s) for s in p.ty.shape]        # noqa: E731
     bb = relax.BlockBuilder()
-    params = [relax.Var(p.name, relax.TensorType(shape(p), str(p.ty.dtype))) for p in func.params[:-1]]
+    params = [relax.Var(p.name, relax.TensorType(_shape(p), str(p.ty.dtype))) for p in func.params[:-1]]
     out = func.params[-1]
     with bb.function("main", params):
         with bb.dataflow():
             gv = bb.add_func(func, "kernel")
-            y = bb.emit_output(relax.call_tir(gv, params, relax.TensorType(shape(out), str(out.ty.dtype))))
+            y = bb.emit_output(relax.call_tir(gv, params, relax.TensorType(_shape(out), str(out.ty.dtype))))
         bb.emit_func_output(y)
-    mod = relax.transform.SplitLayoutRewritePreproc()(bb.get())
+    return relax.transform.SplitLayoutRewritePreproc()(bb.get())
+
+
+def _shape(param) -> list[int]:
+    return [int(s) for s in param.ty.shape]
+
+
+def _run_packed(func, target, args):
+    """Run a scheduled kernel as a build runs it (:func:`_packing_split`), on the weights
+    packed first."""
+    import tvm
+
+    mod = _packing_split(func)
     names = [p.name for p in func.params]
     tensors = [tvm.runtime.tensor(a.astype(str(p.ty.dtype))) for a, p in zip(args, func.params)]
     if "kernel_weight_prepack" in [gv.name_hint for gv in mod.functions]:
         pack = mod["kernel_weight_prepack"]
         k = len(pack.params) // 2
-        packed = [tvm.runtime.tensor(np.zeros(shape(p), dtype=str(p.ty.dtype))) for p in pack.params[k:]]
+        packed = [tvm.runtime.tensor(np.zeros(_shape(p), dtype=str(p.ty.dtype))) for p in pack.params[k:]]
         tvm.tirx.build(pack, target=target)(*[tensors[names.index(p.name)] for p in pack.params[:k]], *packed)
         for p, t in zip(pack.params[:k], packed):
             tensors[names.index(p.name)] = t
@@ -186,27 +196,27 @@ def _run_packed(func, target, args):
     return tensors[-1].numpy()
 
 
-def test_every_bf16_variant_computes_bf16_products_with_fp32_sums():
-    """Every variant of the bf16 1x1 convolution (M0's largest, bf16 weights from the
-    graph) against the same kernel unscheduled on the activations rounded to bf16: the
-    products are then the same, only the order of the fp32 sums differs."""
-    import ml_dtypes
-    from tvm import s_tir
-
+def _largest_bf16_kernel(target, *, batch: int, img_size: int):
+    """M0's largest kernel that gemm_bf16 schedules in its bf16 graph, and the target's facts."""
     from evit_deploy.targets.tvm import graph, metaschedule
     from evit_deploy.targets.tvm.schedules import gemm_bf16
     from evit_deploy.trace import trace
 
-    target = _bf16_host_target()
     facts = CpuFacts.for_target(target)
-    mod = graph.prepare(graph.import_program(trace("m0", batch=4, img_size=64).program), target, precision="bf16")
+    mod = graph.prepare(graph.import_program(trace("m0", batch=batch, img_size=img_size).program), target,
+                        precision="bf16")
     kernels = [k for k in metaschedule.extract_kernels(mod, target) if schedules.kernel_class(k.mod, facts) is gemm_bf16]
     assert len(kernels) >= 10                   # the FFNs and projections
-    kernel = max(kernels, key=lambda k: k.flops)
-    args = _args(kernel, np.random.default_rng(0))
-    args[0] = args[0].astype(ml_dtypes.bfloat16).astype(np.float32)       # bf16-exact activations
-    expected = _run(kernel.mod, target, args)
-    scale = np.abs(expected).max()
+    return max(kernels, key=lambda k: k.flops), facts
+
+
+def _bf16_schedules(kernel, target, facts):
+    """(variant, schedule with MetaSchedule's post-processors applied) for every variant."""
+    from tvm import s_tir
+
+    from evit_deploy.targets.tvm import metaschedule
+    from evit_deploy.targets.tvm.schedules import gemm_bf16
+
     postprocs = metaschedule.postprocs(kernel, target)
     variants = gemm_bf16.variants(s_tir.Schedule(kernel.mod), facts)
     assert len(variants) > 1
@@ -214,6 +224,40 @@ def test_every_bf16_variant_computes_bf16_products_with_fp32_sums():
         sch = gemm_bf16.apply(s_tir.Schedule(kernel.mod), variant, facts)
         sch.enter_postproc()
         assert all(p.apply(sch) for p in postprocs)
+        yield variant, sch
+
+
+def test_every_bf16_variant_compiles_to_the_dot_product_for_a_cpu_with_it():
+    """Compiled for Sapphire Rapids on any machine (nothing runs): each variant of the
+    largest bf16 convolution multiplies with vdpbf16ps and, receiving fp32 activations,
+    rounds them with vcvtneps2bf16 (the intrinsics' LLVM IR linked in and inlined)."""
+    import tvm
+    from tvm import s_tir
+
+    from evit_deploy.targets.tvm.schedules import gemm_bf16
+    from evit_deploy.targets.tvm.target_string import resolve_target, to_tvm
+
+    target = to_tvm(resolve_target("llvm -mcpu=sapphirerapids -num-cores=1"))
+    kernel, facts = _largest_bf16_kernel(target, batch=2, img_size=32)
+    assert gemm_bf16.match(s_tir.Schedule(kernel.mod)).input_dtype == "float32"
+    for variant, sch in _bf16_schedules(kernel, target, facts):
+        asm = tvm.tirx.build(_packing_split(sch.mod["main"])["kernel_prepacked"], target=target).inspect_source("asm")
+        assert "vdpbf16ps" in asm and "vcvtneps2bf16" in asm, variant
+
+
+def test_every_bf16_variant_computes_bf16_products_with_fp32_sums():
+    """Every variant of the bf16 1x1 convolution (M0's largest, bf16 weights from the
+    graph) against the same kernel unscheduled on the activations rounded to bf16: the
+    products are then the same, only the order of the fp32 sums differs."""
+    import ml_dtypes
+
+    target = _bf16_host_target()
+    kernel, facts = _largest_bf16_kernel(target, batch=4, img_size=64)
+    args = _args(kernel, np.random.default_rng(0))
+    args[0] = args[0].astype(ml_dtypes.bfloat16).astype(np.float32)       # bf16-exact activations
+    expected = _run(kernel.mod, target, args)
+    scale = np.abs(expected).max()
+    for variant, sch in _bf16_schedules(kernel, target, facts):
         np.testing.assert_allclose(_run_packed(sch.mod["main"], target, args), expected, rtol=0, atol=1e-5 * scale,
                                    err_msg=str(variant))
 

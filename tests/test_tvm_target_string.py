@@ -90,5 +90,21 @@ def test_cli_rejects_an_unknown_cpu_before_tracing(cli, tmp_path):
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "unknown CPU 'brodwell'" in lines[0] and "broadwell" in lines[0]
     assert "Traceback" not in err
-    code, _, err = cli("tune", "m0", "--target", "llvm -mcpu=sky", "--db", tmp_path / "db")
+    code, _, err = cli("tune", "m0", "--tvm-target", "llvm -mcpu=sky", "--db", tmp_path / "db")
     assert code == EXIT_BAD_INPUT and "unknown CPU 'sky'" in err
+
+
+def test_tune_takes_the_tvm_target_as_tvm_target_and_its_old_name(cli, tmp_path):
+    """``--target`` (and ``-t``) named the TVM target in ``tune`` but the evit-deploy
+    target in ``export``: ``--tvm-target`` now, the old names kept for one release."""
+    code, _, err = cli("tune", "m0", "--tvm-target", "llvm -mcpu=sky", "--db", tmp_path / "db")
+    assert code == EXIT_BAD_INPUT and "unknown CPU 'sky'" in err and "deprecated" not in err
+    for old in ("--target", "-t"):
+        code, _, err = cli("tune", "m0", old, "llvm -mcpu=sky", "--db", tmp_path / "db")
+        assert code == EXIT_BAD_INPUT and "unknown CPU 'sky'" in err
+        assert "--target is deprecated" in err and "--tvm-target" in err
+    code, _, err = cli("tune", "m0", "--tvm-target", "native", "--target", "native", "--db", tmp_path / "db")
+    assert code == EXIT_BAD_INPUT and "give the TVM target once" in err
+    assert not (tmp_path / "db").exists()
+    code, out, _ = cli("tune", "--help")
+    assert code == 0 and "--tvm-target" in out and "deprecated alias" in out

@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evit_deploy.targets.tvm.policy import (DEFAULTS, DEFAULTS_PER_ROUND, FAILED_ROUNDS_LIMIT, SEARCH, VARIANTS,
-                                            KernelState, estimated_latency, next_round, record_round)
+from evit_deploy.targets.tvm.policy import (DEFAULT_TRIALS_PER_KERNEL, DEFAULTS, DEFAULTS_PER_ROUND,
+                                            FAILED_ROUNDS_LIMIT, SEARCH, TIME_BUDGET, TRIALS, VARIANTS, KernelState,
+                                            estimated_latency, finish_round, largest_share, next_round, record_round,
+                                            resumed, round_limit, stop_reason, trial_budget)
 
 
 def _kernels(*specs) -> list[KernelState]:
@@ -16,13 +18,8 @@ def _kernels(*specs) -> list[KernelState]:
 
 
 def _play(kernels, plan, seconds=1e-3):
-    """What the tuner does with a plan: measure, and tell the policy."""
-    for k in plan.kernels:
-        if plan.kind == DEFAULTS:
-            k.default_pending = False
-        if plan.kind == VARIANTS:
-            k.variants_pending = False
-        record_round(k, [seconds], hand_written=plan.kind != SEARCH)
+    """What the tuner does with a plan: measure one candidate per kernel, and tell the policy."""
+    finish_round(plan, [(k, seconds, plan.hand_written) for k in plan.kernels])
 
 
 def test_defaults_first_many_kernels_per_round_biggest_first():
@@ -84,6 +81,71 @@ def test_the_estimate_waits_for_every_kernel():
     assert estimated_latency(kernels) is None
     record_round(kernels[1], [2e-3], hand_written=False)
     assert estimated_latency(kernels) == pytest.approx(2 * 1e-3 + 3 * 2e-3)
+
+
+def test_a_round_with_nothing_to_measure_moves_its_kernels_on():
+    kernels = _kernels((1, 1.0), (1, 2.0))
+    for k in kernels:
+        k.default_pending = k.variants_pending = True
+    plan = next_round(kernels)
+    finish_round(plan, [])                       # no kernel had a default schedule after all
+    assert not any(k.default_pending for k in kernels) and not any(k.exhausted for k in kernels)
+    plan = next_round(kernels)                   # unmeasured: searched at once
+    assert (plan.kind, plan.kernels) == (SEARCH, [kernels[1]])
+    finish_round(plan, [])                       # the search has nothing new either
+    assert kernels[1].exhausted and next_round(kernels).kernels == [kernels[0]]
+    measured = _kernels((1, 1.0))[0]
+    measured.variants_pending = True
+    record_round(measured, [1e-3], hand_written=True)
+    plan = next_round([measured])
+    assert plan.kind == VARIANTS
+    finish_round(plan, [])
+    assert not measured.variants_pending and not measured.exhausted and next_round([measured]).kind == SEARCH
+
+
+def test_a_round_records_each_kernels_candidates_by_origin():
+    """A defaults round may hold another database's searched record beside a default:
+    the best says which it was."""
+    kernels = _kernels((1, 1.0), (1, 1.0))
+    for k in kernels:
+        k.default_pending = True
+    plan = next_round(kernels)
+    finish_round(plan, [(kernels[0], 2e-3, True), (kernels[0], 1e-3, False), (kernels[1], 3e-3, True),
+                        (kernels[1], None, False)])
+    assert (kernels[0].best_s, kernels[0].best_hand_written, kernels[0].trials) == (1e-3, False, 2)
+    assert (kernels[1].best_s, kernels[1].best_hand_written, kernels[1].trials) == (3e-3, True, 2)
+    assert largest_share(kernels) is kernels[1]
+
+
+def test_a_resumed_kernel_measures_nothing_twice():
+    fresh = resumed(0, "k", 1, 1.0, records=0, best_s=None, best_hand_written=False, written=0, variants=3)
+    assert fresh.default_pending and fresh.variants_pending and fresh.best_s is None
+    # The default was measured (the first written schedule), two variants are left.
+    started = resumed(0, "k", 1, 1.0, records=5, best_s=1e-3, best_hand_written=True, written=1, variants=3)
+    assert not started.default_pending and started.variants_pending
+    assert (started.total_trials, started.best_s, started.best_hand_written) == (5, 1e-3, True)
+    assert next_round([started]).kind == VARIANTS
+    done = resumed(0, "k", 1, 1.0, records=9, best_s=1e-3, best_hand_written=False, written=3, variants=3)
+    assert not done.default_pending and not done.variants_pending and next_round([done]).kind == SEARCH
+    # No class of schedules/ offers it anything: MetaSchedule's search from the start.
+    unclassed = resumed(0, "k", 1, 1.0, records=0, best_s=None, best_hand_written=False, written=0, variants=0)
+    assert not unclassed.default_pending and not unclassed.variants_pending
+    assert next_round([unclassed]).kind == SEARCH
+
+
+def test_the_budget_decides_when_to_stop_and_how_big_a_round_is():
+    assert trial_budget(None, None, kernels=10) == 10 * DEFAULT_TRIALS_PER_KERNEL
+    assert trial_budget(None, 60.0, kernels=10) is None and trial_budget(7, None, kernels=10) == 7
+    assert stop_reason(5, 10, None, now=0.0) is None and stop_reason(10, 10, None, now=0.0) == TRIALS
+    assert stop_reason(0, None, deadline=5.0, now=4.0) is None and stop_reason(0, None, 5.0, now=5.0) == TIME_BUDGET
+    assert stop_reason(10, 10, 5.0, now=6.0) == TIME_BUDGET         # both: the deadline is what the run reports
+    assert round_limit(7, 10) == 3 and round_limit(7, None) is None
+    # The last trials of a budget go to as many default schedules as there are trials left.
+    kernels = _kernels(*[(1, float(i)) for i in range(DEFAULTS_PER_ROUND)])
+    for k in kernels:
+        k.default_pending = True
+    assert len(next_round(kernels, limit=3).kernels) == 3
+    assert len(next_round(kernels, limit=None).kernels) == DEFAULTS_PER_ROUND
 
 
 # -- the graph's layout rules ---------------------------------------------------------------

@@ -2,26 +2,27 @@
 
 ``export`` imports the trace into Relax, applies a tuning database made by
 ``evit-deploy tune`` (see :mod:`.tune`), compiles for the TVM target and writes
-``<model>.so`` (weights included) and ``<model>.tvm.json`` (the description). Running an
-artifact needs ``tvm`` and numpy only (:mod:`.runtime`).
+``<model>.so`` (weights included) and ``<model>.tvm.json`` (the description)
+(:mod:`.convert`); ``--precision bf16`` computes the 1x1 convolutions in bf16
+(:mod:`.quantize`). Running an artifact needs ``tvm`` and numpy only (:mod:`.runtime`);
+per-kernel times come from the VM (:mod:`.profile`).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from ...cpufeatures import CpuNeeds
 from ...description import ModelDescription
-from ...errors import ExportError, first_line
+from ...errors import first_line
 from ..base import Artifact, Command, Finding, OpTime, Target, missing_modules
 from ..options import option, precision_option
-
-DEFAULTS_NOTE = ("no tuning database (--db): every kernel gets its default schedule (written for its kernel "
-                 "class, chosen by rules for this CPU); `evit-deploy tune` measures alternatives and can make it faster")
+from .quantize import BF16_HELP, PRECISIONS
 
 
 @dataclass
@@ -32,9 +33,7 @@ class TvmOptions:
     db: str | None = option(None, "tuning database directory made by `evit-deploy tune`", flag="--db", path=True)
     db_any_target: bool = option(False, "apply a database tuned for a different TVM target anyway",
                                  flag="--db-any-target")
-    precision: str = precision_option("fp32", ("fp32", "bf16"),
-                                      "bf16: the 1x1 convolutions from bf16 weights and activations with fp32 "
-                                      "accumulation (needs AVX512_BF16 on the target CPU)")
+    precision: str = precision_option("fp32", PRECISIONS, BF16_HELP)
 
 
 def schedule_summary(info: dict) -> str:
@@ -74,138 +73,39 @@ class TvmTarget(Target):
         return [Command("tune", tune_command)]
 
     def validate(self, options: TvmOptions) -> None:
-        # Before the (slow) trace: a typo in the target or a database for another target
-        # fails at once.
-        target = self.resolved_target(options)
-        if options.db:
-            self.database(options).check_target(target, allow_mismatch=options.db_any_target)
-        if options.precision == "bf16":
-            from .schedules.gemm_bf16 import require
-            require(target)
+        from .convert import check
+        check(options, self.database(options))
 
     def cpu_needs(self, options: TvmOptions) -> CpuNeeds:
         from .target_string import required_cpu_flags
         return CpuNeeds(isa=required_cpu_flags(self.resolved_target(options)))
 
-    @staticmethod
-    def database(options: TvmOptions):
-        from .database import TuningDatabase
-        return TuningDatabase.open(options.db)
+    def database(self, options: TvmOptions):
+        """The tuning database ``--db`` names (None without one), read-only and read once
+        while its files stay unchanged: planning an export asks for it five times."""
+        return self._databases(options.db) if options.db else None
+
+    @cached_property
+    def _databases(self):
+        from .database import ReadOnce
+        return ReadOnce()
 
     def default_batch(self, options: TvmOptions, model: str) -> tuple[int, str] | None:
-        """The batch the database tuned ``model`` at, if it tuned it at one batch only:
-        kernels of another batch size have no record and would run untuned."""
-        if not options.db:
-            return None
-        batches = {int(entry["input_shape"][0]) for entry in self.database(options).models().values()
-                   if entry.get("model") == model and entry.get("input_shape")}
-        if len(batches) != 1:
-            return None
-        batch = batches.pop()
-        return batch, f"the batch {options.db} was tuned at"
+        """The batch the database tuned ``model`` at, if it tuned it at one batch only."""
+        from .convert import tuned_batch
 
-    @staticmethod
-    def resolved_target(options: TvmOptions) -> dict:
-        """The target to compile for: as given, else the database's (tuning records only
-        apply to the target they were measured on), else the host."""
-        from .database import TuningDatabase
-        from .target_string import resolve_target
+        db = self.database(options)
+        batch = tuned_batch(db, model) if db is not None else None
+        return None if batch is None else (batch, f"the batch {options.db} was tuned at")
 
-        if options.tvm_target is None and options.db:
-            return resolve_target(TuningDatabase.open(options.db).meta["target"])
-        return resolve_target(options.tvm_target or "native")
+    def resolved_target(self, options: TvmOptions) -> dict:
+        """The target to compile for: as given, else the database's, else the host."""
+        from .convert import resolved_target
+        return resolved_target(options, self.database(options))
 
     def export(self, traced, options: TvmOptions, path: Path, reporter) -> Artifact:
-        from ...fsutil import write_text_atomic
-        from . import compile as tvm_compile
-        from . import graph
-        from .database import TuningDatabase, model_key
-        from .runtime import description_json, sidecar_path
-        from .target_string import to_classic, to_tvm
-
-        target = self.resolved_target(options)
-        tvm_target = to_tvm(target)
-        desc = traced.description
-        database = db_info = None
-        if options.db:
-            db = TuningDatabase.open(options.db)
-            same = db.check_target(target, allow_mismatch=options.db_any_target)
-            if not same:
-                reporter.warn(f"applying {db.path}, tuned for '{db.meta['target_string']}', to "
-                              f"'{to_classic(target)}' (--db-any-target)")
-            for stale in (db.version_mismatch(), db.graph_mismatch(graph.VERSION)):
-                if stale:
-                    reporter.warn(stale)
-            key = model_key(desc.model, desc.input.shape, options.precision)
-            if key not in db.models():
-                tuned_for = ", ".join(db.models()) or "nothing yet"
-                reporter.warn(f"{db.path} has no tuning run for {key} (it has: {tuned_for}); only kernels "
-                              f"shared with those are tuned")
-            database = db.ms_database()
-            db_info = {"path": str(db.path), "target_string": db.meta["target_string"],
-                       "records": db.record_count(), "models": sorted(db.models()),
-                       "measured_on": sorted(db.measured_on_cpus())}
-        else:
-            reporter.info(DEFAULTS_NOTE)
-        try:
-            prepared = graph.prepare(graph.import_program(traced.program), tvm_target, precision=options.precision)
-            if database is not None:
-                database = self._checked_here(db, database, prepared, target, tvm_target, reporter, db_info)
-            built = tvm_compile.build(prepared, tvm_target, database)
-        except Exception as exc:
-            raise ExportError(f"TVM compilation failed: {type(exc).__name__}: {first_line(exc)}") from exc
-        if database is None:
-            reporter.info(f"no tuning database: the {built.kernels} kernels use their default schedules "
-                          f"(`evit-deploy tune` measures alternatives)")
-        elif built.tuned < built.kernels:
-            reporter.info(f"{built.kernels - built.tuned} of {built.kernels} kernels have no record in "
-                          f"{options.db}: they use their default schedules")
-        if built.unscheduled:
-            reporter.warn(f"{built.unscheduled} of {built.kernels} kernels have neither a record nor a default "
-                          f"schedule: TVM's own unscheduled code runs them (slow)")
-        import tvm
-
-        description = desc.with_extra(tvm={
-            "target": target, "target_string": to_classic(target), "threads": target["num-cores"],
-            "kernels": built.kernels, "tuned_kernels": built.tuned, "hand_written_kernels": built.hand_written,
-            "default_kernels": built.defaults, "unscheduled_kernels": built.unscheduled,
-            "schedule_classes": built.kinds,
-            "inputs_in_place": built.inputs_in_place, "graph": graph.VERSION,
-            "database": db_info, "tvm_version": tvm.__version__})
-        try:
-            built.executable.export_library(str(path))
-        except Exception as exc:
-            raise ExportError(f"writing the TVM library failed: {first_line(exc)}") from exc
-        side = sidecar_path(path)
-        write_text_atomic(side, description_json(description))
-        return Artifact(path, self.name, description, sidecars=(side,))
-
-    @staticmethod
-    def _checked_here(db, database, prepared, target: dict, tvm_target, reporter, db_info: dict):
-        """``database``, or, when it was measured on another CPU, the faster of each kernel's
-        record and its default as timed on this machine (recheck.py). A library for another
-        CPU than this one cannot be checked here: it gets the records as they are."""
-        from ...hostinfo import cpu_info
-        from .target_string import host_cpu_name
-
-        elsewhere = db.measured_on_cpus()
-        here = cpu_info()["model"]
-        if not elsewhere or here in elsewhere:
-            return database
-        if target.get("mcpu") != host_cpu_name():
-            reporter.warn(f"{db.path} was measured on {', '.join(sorted(elsewhere))}; this library is for "
-                          f"{target.get('mcpu')}, which this machine cannot time: its schedules are used unchecked")
-            return database
-        from .recheck import recheck
-
-        reporter.info(f"{db.path} was measured on {', '.join(sorted(elsewhere))}, not on this {here}: each "
-                      f"kernel's schedule is timed here against its default and the faster one is used")
-        checked = recheck(database, prepared, tvm_target, reporter)
-        db_info["rechecked_here"] = {"kernels": checked.kernels, "records_kept": checked.kept,
-                                     "records_failed": checked.failed}
-        reporter.info(f"kept {checked.kept} of {checked.kernels} records; the default was faster here for the "
-                      f"rest" + (f" ({checked.failed} no longer built or ran)" if checked.failed else ""))
-        return checked.database
+        from .convert import export
+        return export(traced, options, self.database(options), path, reporter, target_name=self.name)
 
     def diagnose(self) -> list[Finding]:
         findings = super().diagnose()
@@ -234,11 +134,6 @@ class TvmTarget(Target):
                                     "pass an explicit target, e.g. --tvm-target 'llvm -mcpu=skylake-avx512'"))
         return findings
 
-    def open_session(self, path: Path, threads: int | None = None):
-        from .runtime import load
-
-        return load(path, threads=threads).run_named
-
     def health(self, path: Path, description: ModelDescription) -> list[Finding]:
         from .graph import VERSION
 
@@ -258,19 +153,10 @@ class TvmTarget(Target):
 
     def profile_ops(self, path: Path, inputs: dict[str, np.ndarray], *, threads: int, iterations: int,
                     blocks: dict[str, str]) -> list[OpTime]:
-        """Per-kernel times from the Relax VM's profiler. TVM fuses operators into kernels
-        named after them (``fused_conv2d_add_relu``) and keeps no module paths, so
-        kernels are categorised by name and not attributed to blocks."""
-        from .runtime import load
-
-        model = load(path, threads=threads, profile=True)
-        x = model.to_device(inputs[model.description.input.name])
-        model.run_device(x)                                # warm-up
-        ops = []
-        for _ in range(iterations):
-            for name, seconds in model.profile_kernels(x):
-                ops.append(OpTime(name, seconds, None))
-        return ops
+        """Per-kernel times from the Relax VM (:mod:`.profile`): kernels are named after
+        the operators fused into them, not attributed to blocks."""
+        from .profile import profile_ops
+        return profile_ops(path, inputs, threads=threads, iterations=iterations)
 
     # -- reading and running (torch-free) ----------------------------------------------------
     def read_description(self, path: Path) -> ModelDescription:
@@ -278,8 +164,16 @@ class TvmTarget(Target):
         return read_description(path)
 
     def run(self, path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .runtime import cached_model
-        return cached_model(path).run_named(inputs)
+        from .runtime import SESSIONS
+        return SESSIONS.cached(path).run_named(inputs)
+
+    def open_session(self, path: Path, threads: int | None = None):
+        from .runtime import SESSIONS
+        return SESSIONS.open(path, threads=threads).run_named
+
+    def artifact_files(self, path: Path) -> tuple[Path, ...]:
+        from .runtime import artifact_files
+        return artifact_files(path)
 
     def runtime_name(self, path: Path) -> str:
         from .runtime import describe_runtime, read_description

@@ -11,8 +11,11 @@ from ..base import CommandResult
 
 
 def tune_command(model: str = typer.Argument("m0", help="m0 … m5"),
-                 target: str = typer.Option("native", "--target", "-t",
-                                            help="TVM target: 'llvm -mcpu=broadwell [-num-cores=N]', JSON, or native."),
+                 tvm_target: Optional[str] = typer.Option(None, "--tvm-target",
+                                                          help="TVM target: 'llvm -mcpu=broadwell [-num-cores=N]', "
+                                                          "JSON, or native (the default). --target: its deprecated alias."),
+                 old_target: Optional[str] = typer.Option(None, "--target", "-t", hidden=True,
+                                                          help="Deprecated alias of --tvm-target."),
                  trials: Optional[int] = typer.Option(None, "--trials", min=1, help="Candidates to measure in this run."),
                  time_budget: Optional[str] = typer.Option(None, "--time-budget",
                                                            help="Wall-clock budget: 90s, 30m, 1h30m."),
@@ -35,6 +38,7 @@ def tune_command(model: str = typer.Argument("m0", help="m0 … m5"),
     from ...console import table
     from .tune import tune
 
+    target = _tvm_target(tvm_target, old_target, reporter)
     result = tune(model, target, trials=trials, time_budget=time_budget, db_dir=db, batch=batch, threads=threads,
                   img_size=img_size, rpc_tracker=rpc_tracker, rpc_key=rpc_key, start_from=start_from,
                   precision=precision, reporter=reporter)
@@ -51,3 +55,16 @@ def tune_command(model: str = typer.Argument("m0", help="m0 … m5"),
     warnings = ([f"{result.errors} candidates failed to build or run; see {result.log_path}"]
                 if result.errors else [])
     return CommandResult(result.to_dict(), [table("Tuning", ["", ""], rows)], warnings)
+
+
+def _tvm_target(tvm_target: str | None, old_target: str | None, reporter) -> str:
+    """``--tvm-target``, or its alias ``--target`` (kept for one release: in ``export``,
+    ``--target`` names the evit-deploy target)."""
+    from ...errors import BadInputError
+
+    if old_target is None:
+        return tvm_target or "native"
+    if tvm_target is not None:
+        raise BadInputError("give the TVM target once: --tvm-target (--target is its deprecated alias)")
+    reporter.warn("tune --target is deprecated and will be removed: use --tvm-target")
+    return old_target

@@ -10,19 +10,27 @@ A database is a directory::
 
 One directory holds one target; several models (and input shapes) can share it. The
 records are appended a line at a time, so a run stopped by Ctrl-C or a crash leaves every
-finished line behind; a line cut short by a crash is dropped when the database is next
-opened. The metadata file is replaced atomically.
+finished line behind; the metadata file is replaced atomically.
+
+Two ways in. ``tune`` opens a database for writing (:meth:`TuningDatabase.open_or_create`):
+a last line cut short by a crash is dropped from the file, and MetaSchedule appends to
+the files. Everything else reads it (:meth:`TuningDatabase.open`): once, into memory,
+ignoring a cut-short last line and changing no byte of the directory, so that planning
+an export (which asks the database for its target, its batch and its records) leaves it
+as it found it.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import BadInputError
 from ...fsutil import write_json_atomic, write_text_atomic
+from ..sessions import files_key
 from .target_string import to_classic
 
 META_FILE = "evit-tuning.json"
@@ -50,6 +58,9 @@ def model_key(model: str, input_shape, precision: str = "fp32") -> str:
 class TuningDatabase:
     path: Path
     meta: dict
+    #: Read-only: the record files' intact lines as read when opened (file name -> text).
+    #: None: open for tuning, MetaSchedule reads and appends to the files themselves.
+    snapshot: dict[str, str] | None = None
 
     # -- opening ----------------------------------------------------------------------------
     @classmethod
@@ -60,8 +71,9 @@ class TuningDatabase:
         if path.exists() and not path.is_dir():
             raise BadInputError(f"tuning database {path} exists and is not a directory")
         if (path / META_FILE).is_file():
-            db = cls.open(path)
+            db = cls(path, _read_meta(path))
             db.check_target(target)
+            db.repair()
             return db
         if path.is_dir() and any(path.iterdir()):
             raise BadInputError(f"{path} is not empty and is not an evit-deploy tuning database "
@@ -78,22 +90,17 @@ class TuningDatabase:
 
     @classmethod
     def open(cls, path) -> "TuningDatabase":
-        """An existing database (for export or to continue tuning)."""
+        """An existing database, read-only (for export, or to start a tune from): its files
+        are read once, here, and never written; a last line cut short by a crash is left
+        out (``tune`` drops it from the file)."""
         path = Path(path)
-        meta_path = path / META_FILE
-        if not meta_path.is_file():
-            what = "does not exist" if not path.exists() else f"has no {META_FILE}"
-            raise BadInputError(f"tuning database {path} {what}: make one with `evit-deploy tune`")
-        try:
-            meta = json.loads(meta_path.read_text("utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise BadInputError(f"{meta_path} is not readable JSON: {exc}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("target"), dict):
-            raise BadInputError(f"{meta_path} is not an evit-deploy tuning database (format {FORMAT})")
-        meta.setdefault("models", {})
-        db = cls(path, meta)
-        db.repair()
-        return db
+        meta = _read_meta(path)
+        snapshot = {}
+        for name in (WORKLOAD_FILE, RECORD_FILE):
+            file = path / name
+            text = file.read_text("utf-8", errors="replace") if file.is_file() else ""
+            snapshot[name] = "".join(line + "\n" for line in _intact_lines(file, text)[0] if line.strip())
+        return cls(path, meta, snapshot)
 
     # -- what it was made for -----------------------------------------------------------------
     @property
@@ -133,12 +140,24 @@ class TuningDatabase:
 
     # -- MetaSchedule ---------------------------------------------------------------------------
     def ms_database(self):
+        """The records as a MetaSchedule database: the files themselves when open for
+        tuning (new records are appended to them), else the lines read when opened."""
         from tvm.s_tir.meta_schedule.database import JSONDatabase
 
-        return JSONDatabase(path_workload=str(self.path / WORKLOAD_FILE),
-                            path_tuning_record=str(self.path / RECORD_FILE), allow_missing=True)
+        if self.snapshot is None:
+            return JSONDatabase(path_workload=str(self.path / WORKLOAD_FILE),
+                                path_tuning_record=str(self.path / RECORD_FILE), allow_missing=True)
+        # MetaSchedule reads JSON databases from files only, all of them when it opens
+        # one: a private copy of the lines read, deleted once loaded.
+        with tempfile.TemporaryDirectory(prefix="evit-tuning-") as tmp:
+            for name, text in self.snapshot.items():
+                (Path(tmp) / name).write_text(text, "utf-8")
+            return JSONDatabase(path_workload=str(Path(tmp) / WORKLOAD_FILE),
+                                path_tuning_record=str(Path(tmp) / RECORD_FILE), allow_missing=False)
 
     def record_count(self) -> int:
+        if self.snapshot is not None:
+            return self.snapshot[RECORD_FILE].count("\n")
         path = self.path / RECORD_FILE
         if not path.is_file():
             return 0
@@ -146,7 +165,8 @@ class TuningDatabase:
             return sum(1 for line in f if line.strip())
 
     def repair(self) -> int:
-        """Drop a last line cut short by a crash (MetaSchedule refuses to load it).
+        """Drop a last line cut short by a crash (MetaSchedule refuses to load it): what
+        ``tune`` does before it appends to the files.
 
         Returns the number of lines dropped. A broken line that is not the last one is not
         a crash artefact: that is reported, not silently removed.
@@ -157,19 +177,10 @@ class TuningDatabase:
             if not path.is_file():
                 continue
             text = path.read_text("utf-8", errors="replace")
-            lines = text.split("\n")
-            while lines and not lines[-1].strip():
-                lines.pop()
-            bad = [i for i, line in enumerate(lines) if line.strip() and not _is_json(line)]
-            if not bad and text.endswith("\n") or not lines:
-                continue
-            if bad and bad != [len(lines) - 1]:
-                raise BadInputError(f"tuning database file {path} is damaged at line {bad[0] + 1} "
-                                    f"(not a truncated last line); restore it or start a new database")
-            if bad:
-                lines.pop()
-                dropped += 1
-            write_text_atomic(path, "".join(line + "\n" for line in lines))
+            lines, cut = _intact_lines(path, text)
+            if cut or not text.endswith("\n") and lines:
+                dropped += cut
+                write_text_atomic(path, "".join(line + "\n" for line in lines))
         return dropped
 
     # -- bookkeeping --------------------------------------------------------------------------
@@ -190,6 +201,57 @@ class TuningDatabase:
     def add_run(self, key: str, run: dict) -> None:
         entry = self.update_model(key)
         entry.setdefault("runs", []).append(run)
+
+
+def _read_meta(path: Path) -> dict:
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        what = "does not exist" if not path.exists() else f"has no {META_FILE}"
+        raise BadInputError(f"tuning database {path} {what}: make one with `evit-deploy tune`")
+    try:
+        meta = json.loads(meta_path.read_text("utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BadInputError(f"{meta_path} is not readable JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("target"), dict):
+        raise BadInputError(f"{meta_path} is not an evit-deploy tuning database (format {FORMAT})")
+    meta.setdefault("models", {})
+    return meta
+
+
+def _intact_lines(path: Path, text: str) -> tuple[list[str], int]:
+    """The lines of a record file without a last line cut short by a crash, and how many
+    were left out (0 or 1). Damage elsewhere is refused."""
+    lines = text.split("\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    bad = [i for i, line in enumerate(lines) if line.strip() and not _is_json(line)]
+    if bad and bad != [len(lines) - 1]:
+        raise BadInputError(f"tuning database file {path} is damaged at line {bad[0] + 1} "
+                            f"(not a truncated last line); restore it or start a new database")
+    if bad:
+        lines.pop()
+    return lines, len(bad)
+
+
+def database_files(path) -> tuple[Path, ...]:
+    path = Path(path)
+    return tuple(path / name for name in (META_FILE, WORKLOAD_FILE, RECORD_FILE))
+
+
+class ReadOnce:
+    """Databases opened read-only, each read once while its files stay unchanged: planning
+    one export asks for its database up to five times (options, batch, target, CPU needs,
+    export)."""
+
+    def __init__(self):
+        self._opened: dict[str, tuple[tuple, TuningDatabase]] = {}
+
+    def __call__(self, path) -> TuningDatabase:
+        key = files_key(database_files(path))
+        found = self._opened.get(str(Path(path).resolve()))
+        if found is None or found[0] != key:
+            found = self._opened[str(Path(path).resolve())] = (key, TuningDatabase.open(path))
+        return found[1]
 
 
 def _is_json(line: str) -> bool:

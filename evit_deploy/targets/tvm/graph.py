@@ -25,9 +25,6 @@ def import_program(program):
     return from_exported_program(program, run_ep_decomposition=False)
 
 
-PRECISIONS = ("fp32", "bf16")
-
-
 def prepare(mod, target, *, layout: str = DEFAULT_LAYOUT, precision: str = "fp32"):
     """Optimise, legalise and fuse ``mod`` for ``target`` (a ``tvm.target.Target``).
 
@@ -42,6 +39,8 @@ def prepare(mod, target, *, layout: str = DEFAULT_LAYOUT, precision: str = "fp32
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    from .quantize import PRECISIONS
+
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     passes = [convolutions_in_bf16()] if precision == "bf16" else []
@@ -391,23 +390,18 @@ def read_image_in_first_convolution():
 
 
 def convolutions_in_bf16():
-    """Give every dense, unpadded 1x1 convolution with a constant fp32 weight (the FFNs and
-    projections: most of the model's multiply-adds) bf16 weights and an fp32 result::
+    """Give every convolution a bf16 library computes in bf16 (:mod:`.quantize`: dense,
+    unpadded, 1x1, constant fp32 weights) bf16 weights and an fp32 result::
 
         conv2d(x, W)  ->  conv2d(x, bf16(W), out_dtype="float32")
 
-    The weights are rounded once, here, by numpy (to nearest even); the kernel rounds its
-    fp32 activations to bf16 itself, block by block, and accumulates in fp32
-    (schedules/gemm_bf16.py: the AVX512_BF16 dot product). Everything else (the stem,
-    depthwise convolutions, the attention) stays fp32. Channel counts the instruction
-    cannot take (output not a multiple of 16, input odd) stay fp32 too.
+    The weights are rounded here, once; the kernel rounds its fp32 activations to bf16
+    itself, block by block, and accumulates in fp32 (schedules/gemm_bf16.py).
     """
-    import ml_dtypes
-    import numpy as np
     import tvm
     from tvm import relax
 
-    from .schedules.gemm_bf16 import LANES, PAIR
+    from .quantize import computes_in_bf16, round_weights
 
     constant = tvm.ir.expr.GenericConst
 
@@ -423,13 +417,11 @@ def convolutions_in_bf16():
             if not (isinstance(wc, constant) and hasattr(wc.value, "numpy")):
                 return call
             weights = wc.value.numpy()
-            dims = dict(zip(str(a.kernel_layout), weights.shape))
-            if (str(x.ty.dtype) != "float32" or weights.dtype != np.float32 or int(a.groups) != 1
-                    or (dims["H"], dims["W"]) != (1, 1) or any(int(p) for p in a.padding)
-                    or dims["O"] % LANES or dims["I"] % PAIR or str(a.out_dtype) not in ("", "float32")):
+            if not computes_in_bf16(str(x.ty.dtype), weights, kernel_layout=str(a.kernel_layout),
+                                    groups=int(a.groups), padding=a.padding, out_dtype=str(a.out_dtype)):
                 return call
             return relax.op.nn.conv2d(
-                x, relax.const(weights.astype(ml_dtypes.bfloat16)), strides=a.strides, padding=a.padding,
+                x, relax.const(round_weights(weights)), strides=a.strides, padding=a.padding,
                 dilation=a.dilation, groups=a.groups, data_layout=a.data_layout, kernel_layout=a.kernel_layout,
                 out_layout=a.out_layout, out_dtype="float32")
 

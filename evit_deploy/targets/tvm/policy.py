@@ -1,7 +1,9 @@
 """Where the tuner spends its trials: which kernels next, with what, and what a round
 taught it.
 
-Pure bookkeeping (no TVM), so that the policy can be read and tested on its own.
+Pure bookkeeping (no TVM), so that the policy can be read and tested on its own: the
+loop (:mod:`.search`) asks it what to measure, how many candidates a round may have and
+when to stop, and tells it what each round measured.
 
 MetaSchedule's own task schedulers give every kernel a full round (64 trials) before
 looking at where the time goes, so a modest budget is spent on the first kernels of the
@@ -23,8 +25,12 @@ from dataclasses import dataclass
 FAILED_ROUNDS_LIMIT = 3
 #: Kernels whose defaults are measured in one round.
 DEFAULTS_PER_ROUND = 16
+#: Trials per kernel when neither a trial count nor a time budget is given.
+DEFAULT_TRIALS_PER_KERNEL = 32
 
 DEFAULTS, VARIANTS, SEARCH = "defaults", "variants", "search"
+#: Why a run stopped (besides "interrupted", which the loop does not decide).
+TRIALS, TIME_BUDGET, EXHAUSTED = "trials", "time budget", "all kernels exhausted"
 
 
 @dataclass
@@ -54,6 +60,47 @@ class RoundPlan:
     kind: str                          # DEFAULTS | VARIANTS | SEARCH
     kernels: list[KernelState]
 
+    @property
+    def hand_written(self) -> bool:
+        """Whether the round's candidates are schedules of schedules/ (a default and its
+        variants), unless a candidate says otherwise (another database's record)."""
+        return self.kind != SEARCH
+
+
+def resumed(index: int, name: str, calls: int, flops: float, *, records: int, best_s: float | None,
+            best_hand_written: bool, written: int, variants: int) -> KernelState:
+    """A kernel's state, continuing from the ``records`` the database holds for it (the
+    best at ``best_s``; ``written`` of them schedules of schedules/, whose class offers
+    ``variants``): a resumed tune measures nothing twice. The default is the first
+    written schedule measured, the other variants come after it."""
+    return KernelState(index, name, calls, flops, best_s=best_s, previous_trials=records,
+                       best_hand_written=best_hand_written,
+                       default_pending=written == 0 and variants > 0, variants_pending=written < variants)
+
+
+def trial_budget(trials: int | None, budget_s: float | None, kernels: int) -> int | None:
+    """The trials a run may measure: as asked, or :data:`DEFAULT_TRIALS_PER_KERNEL` per
+    kernel when neither trials nor a time budget is given."""
+    if trials is None and budget_s is None:
+        return DEFAULT_TRIALS_PER_KERNEL * kernels
+    return trials
+
+
+def stop_reason(trials_done: int, max_trials: int | None, deadline: float | None, now: float) -> str | None:
+    """Why the run stops before another round (None: it goes on). A round is never cut
+    in half: the deadline is checked between rounds."""
+    if deadline is not None and now >= deadline:
+        return TIME_BUDGET
+    if max_trials is not None and trials_done >= max_trials:
+        return TRIALS
+    return None
+
+
+def round_limit(trials_done: int, max_trials: int | None) -> int | None:
+    """The most candidates the next round may measure: a trial budget is a promise, not
+    a hint."""
+    return None if max_trials is None else max_trials - trials_done
+
 
 def estimated_latency(kernels: list[KernelState]) -> float | None:
     """Seconds per model run: the sum of calls x best latency, once every kernel has one."""
@@ -66,19 +113,45 @@ def _biggest_first(kernels: list[KernelState]) -> list[KernelState]:
     return sorted(kernels, key=lambda k: (-k.calls * k.flops, k.index))
 
 
-def next_round(kernels: list[KernelState]) -> RoundPlan | None:
-    """What the next round measures; None when every kernel is exhausted."""
+def next_round(kernels: list[KernelState], limit: int | None = None) -> RoundPlan | None:
+    """What the next round measures (at most ``limit`` candidates); None when every
+    kernel is exhausted."""
     live = [k for k in kernels if not k.exhausted]
     if not live:
         return None
     defaults = [k for k in live if k.default_pending]
     if defaults:
-        return RoundPlan(DEFAULTS, _biggest_first(defaults)[:DEFAULTS_PER_ROUND])
+        return RoundPlan(DEFAULTS, _biggest_first(defaults)[:DEFAULTS_PER_ROUND if limit is None else min(DEFAULTS_PER_ROUND, limit)])
     unmeasured = [k for k in live if k.best_s is None]      # no default schedule: search at once
     if unmeasured:
         return RoundPlan(SEARCH, _biggest_first(unmeasured)[:1])
     kernel = max(live, key=lambda k: (k.calls * k.best_s / (1 + k.total_trials), -k.index))
     return RoundPlan(VARIANTS if kernel.variants_pending else SEARCH, [kernel])
+
+
+def finish_round(plan: RoundPlan, measured: list[tuple[KernelState, float | None, bool]]) -> None:
+    """Update the plan's kernels after the round: ``measured`` is (kernel, seconds or None
+    when the candidate failed, whether it is a schedule of schedules/) per candidate.
+
+    A defaults or variants round is not planned again for its kernels; a round with
+    nothing to measure moves its kernels on (defaults: to the search; search: exhausted).
+    """
+    for kernel in plan.kernels:
+        if plan.kind == DEFAULTS:
+            kernel.default_pending = False
+        elif plan.kind == VARIANTS:
+            kernel.variants_pending = False
+        elif not measured:
+            kernel.exhausted = True
+        for hand_written in (True, False):
+            mine = [seconds for k, seconds, written in measured if k is kernel and written == hand_written]
+            if mine:
+                record_round(kernel, mine, hand_written=hand_written)
+
+
+def largest_share(kernels: list[KernelState]) -> KernelState:
+    """The kernel with the largest share of the model's time so far (calls x best)."""
+    return max(kernels, key=lambda k: k.calls * (k.best_s or 0))
 
 
 def record_round(kernel: KernelState, latencies: list[float | None], *, hand_written: bool) -> None:

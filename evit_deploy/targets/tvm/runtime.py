@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,7 @@ from ...cpufeatures import CpuNeeds, needs_of, require_runnable
 from ...description import ModelDescription
 from ...errors import BadInputError, first_line
 from ...hostinfo import usable_cpus
+from ..sessions import SessionCache
 
 SIDECAR_SUFFIX = ".tvm.json"
 
@@ -34,6 +33,11 @@ SIDECAR_SUFFIX = ".tvm.json"
 def sidecar_path(library: Path) -> Path:
     library = Path(library)
     return library.with_name(library.name[: -len(library.suffix)] + SIDECAR_SUFFIX)
+
+
+def artifact_files(library: Path) -> tuple[Path, Path]:
+    """The two files of an export: its description, then the library."""
+    return sidecar_path(library), Path(library)
 
 
 def read_description(library: Path) -> ModelDescription:
@@ -90,7 +94,7 @@ class CompiledModel:
     """A loaded library: call it on a numpy batch, or use :meth:`to_device` and
     :meth:`run_device` to time the model without conversion costs."""
 
-    def __init__(self, library: str | os.PathLike, *, threads: int | None = None, profile: bool = False):
+    def __init__(self, library: str | os.PathLike, *, threads: int | None = None):
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
@@ -104,11 +108,8 @@ class CompiledModel:
         except Exception as exc:  # TVM raises its own error types
             raise BadInputError(f"{self.path} is not a loadable TVM library: {first_line(exc)}") from None
         self.device = tvm.cpu()
-        self._vm = VirtualMachine(lib, self.device)
-        self._main = self._vm["main"]
-        self._timings: list[tuple[str, float]] | None = None
-        if profile:
-            self._vm.set_instrument(self._time_call)
+        self.vm = VirtualMachine(lib, self.device)
+        self._main = self.vm["main"]
         spec = self.description.input
         self.input_shape = tuple(spec.shape)
         self.input_dtype = spec.dtype
@@ -138,26 +139,6 @@ class CompiledModel:
         out = self._main(x)
         return list(out) if not hasattr(out, "numpy") else [out]
 
-    def _time_call(self, func, symbol, before_run, ret_value, *args):
-        # Called by the VM around each call instruction. A kernel returns only when its
-        # thread pool is done, so the wall time between the two calls is the kernel's.
-        if self._timings is not None and not str(symbol).startswith("vm.builtin."):
-            if before_run:
-                self._started = time.perf_counter()
-            else:
-                self._timings.append((str(symbol), time.perf_counter() - self._started))
-        return 0
-
-    def profile_kernels(self, x) -> list[tuple[str, float]]:
-        """(kernel name, seconds) for each kernel call of one run on ``x`` (a device
-        tensor); needs ``load(..., profile=True)``."""
-        self._timings = []
-        try:
-            self.run_device(x)
-            return self._timings
-        finally:
-            self._timings = None
-
     def __call__(self, x: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
         outs = [o.numpy() for o in self.run_device(self.to_device(x))]
         return outs[0] if len(outs) == 1 else tuple(outs)
@@ -170,26 +151,14 @@ class CompiledModel:
         return dict(zip(self.output_names, outs))
 
 
-def load(library: str | os.PathLike, *, threads: int | None = None, profile: bool = False) -> CompiledModel:
-    """Load an exported ``.so`` (with its ``.tvm.json`` beside it); ``profile`` enables
-    :meth:`CompiledModel.profile_kernels`."""
-    return CompiledModel(library, threads=threads, profile=profile)
+def load(library: str | os.PathLike, *, threads: int | None = None) -> CompiledModel:
+    """Load an exported ``.so`` (with its ``.tvm.json`` beside it)."""
+    return CompiledModel(library, threads=threads)
 
 
-@lru_cache(maxsize=2)
-def _cached(path: str, mtime_ns: int, sidecar_mtime_ns: int) -> CompiledModel:
-    return CompiledModel(path)
-
-
-def cached_model(library: Path) -> CompiledModel:
-    """A loaded model, reused while the files are unchanged (verify and run read the
-    description and then run the same library)."""
-    library = Path(library)
-    if not library.is_file():
-        raise BadInputError(f"artifact not found: {library}")
-    side = sidecar_path(library)
-    side_mtime = side.stat().st_mtime_ns if side.is_file() else 0
-    return _cached(str(library.resolve()), library.stat().st_mtime_ns, side_mtime)
+#: Loaded libraries, reused while both files are unchanged (verify and run read the
+#: description and then run the same library).
+SESSIONS = SessionCache(load, files=artifact_files)
 
 
 def describe_runtime(description: ModelDescription) -> str:

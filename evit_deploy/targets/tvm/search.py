@@ -5,8 +5,8 @@ of many kernels at once, the other variants of one kernel's default, or a round 
 MetaSchedule's evolutionary search for one kernel (through :mod:`.metaschedule`; the
 search starts from the best schedules measured so far). It builds and measures the
 candidates (:mod:`.measure`), stores every measurement in the database and tells the
-policy what it learnt. The loop checks the trial budget, the deadline and a stop request
-between rounds, never inside one.
+policy what it learnt. Between rounds, never inside one, the loop checks for a stop
+request and asks the policy whether the budget is spent.
 """
 
 from __future__ import annotations
@@ -76,16 +76,11 @@ class Search:
     def _state(self, index: int, kernel) -> KernelState:
         """A kernel's state, continuing from what the database already holds."""
         records = metaschedule.measured_records(self.database, kernel.mod)
-        state = KernelState(index, kernel.name, kernel.calls, kernel.flops, previous_trials=len(records))
-        if records:
-            state.best_s = min(float(s) for s in records[0].run_secs)
-            state.best_hand_written = schedules.is_hand_written(records[0].trace)
-        # A resumed tune measures nothing twice: the default is the first written schedule
-        # measured, the other variants come after it.
-        written = sum(schedules.is_hand_written(r.trace) for r in records)
-        state.default_pending = written == 0 and schedules.kernel_class(kernel.mod) is not None
-        state.variants_pending = written < schedules.variant_count(kernel.mod, self.facts)
-        return state
+        return policy.resumed(index, kernel.name, kernel.calls, kernel.flops, records=len(records),
+                              best_s=min(float(s) for s in records[0].run_secs) if records else None,
+                              best_hand_written=bool(records) and schedules.is_hand_written(records[0].trace),
+                              written=sum(schedules.is_hand_written(r.trace) for r in records),
+                              variants=schedules.variant_count(kernel.mod, self.facts))
 
     def estimated_latency(self) -> float | None:
         return policy.estimated_latency(self.states)
@@ -93,19 +88,13 @@ class Search:
     # -- one round ------------------------------------------------------------------------
     def step(self, limit: int | None = None) -> Progress | None:
         """One round (at most ``limit`` candidates); None when every kernel is exhausted."""
-        plan = policy.next_round(self.states)
+        plan = policy.next_round(self.states, limit)
         if plan is None:
             return None
         t0 = time.monotonic()
         round_ = self._candidates(plan, limit)
         if not round_:
-            for state in plan.kernels:
-                if plan.kind == policy.DEFAULTS:
-                    state.default_pending = False      # a search round comes next
-                elif plan.kind == policy.VARIANTS:
-                    state.variants_pending = False
-                else:
-                    state.exhausted = True
+            policy.finish_round(plan, [])
             return self._progress(plan.kernels[0])
         t1 = time.monotonic()
         self._measure(round_)
@@ -113,19 +102,14 @@ class Search:
         if plan.kind != policy.DEFAULTS:
             self._learn(plan, round_)
         self._store(round_)
-        written = plan.kind != policy.SEARCH
-        for state in plan.kernels:
-            for hand_written in (True, False):
-                mine = [c.seconds for c in round_ if c.kernel is state
-                        and (written if c.hand_written is None else c.hand_written) == hand_written]
-                if mine:
-                    policy.record_round(state, mine, hand_written=hand_written)
+        policy.finish_round(plan, [(c.kernel, c.seconds, plan.hand_written if c.hand_written is None
+                                    else c.hand_written) for c in round_])
         self.trials_done += len(round_)
         self.rounds += 1
         self.log.info("%s round, %s: %d candidates: search %.1f s, build and measure %.1f s, learn and record %.1f s",
                       plan.kind, ", ".join(s.name for s in plan.kernels)[:200], len(round_), t1 - t0, t2 - t1,
                       time.monotonic() - t2)
-        return self._progress(max(plan.kernels, key=lambda s: s.calls * (s.best_s or 0)))
+        return self._progress(policy.largest_share(plan.kernels))
 
     def _context(self, state: KernelState):
         if state.index not in self._contexts:
@@ -140,8 +124,7 @@ class Search:
         if plan.kind == policy.DEFAULTS:
             if self._postprocs is None:
                 self._postprocs = metaschedule.postprocs(self.kernels[plan.kernels[0].index], self.target)
-            for state in plan.kernels[:limit]:
-                state.default_pending = False
+            for state in plan.kernels:
                 mod = self.kernels[state.index].mod
                 found = schedules.default_candidate(mod, self.facts, self._postprocs)
                 if found is not None:
@@ -155,7 +138,6 @@ class Search:
                             imported.sch.trace)))
         elif plan.kind == policy.VARIANTS:
             (state,) = plan.kernels
-            state.variants_pending = False
             ctx = self._context(state)
             # The default (first) was measured in a defaults round.
             others = schedules.candidates(self.kernels[state.index].mod, self.facts, ctx.space_generator.postprocs)[1:]
@@ -163,9 +145,7 @@ class Search:
         else:
             (state,) = plan.kernels
             out = [Candidate(state, c) for c in (self._context(state).generate_measure_candidates() or [])]
-        if limit is not None:
-            out = out[:limit]     # a trial budget is a promise, not a hint
-        return out
+        return out if limit is None else out[:limit]
 
     def _measure(self, round_: list[Candidate]) -> None:
         from .measure import remove_artifact
@@ -203,9 +183,10 @@ class Search:
 
     # -- the loop -------------------------------------------------------------------------
     def run(self, *, max_trials: int | None = None, deadline: float | None = None, on_round=None,
-            stop_requested=None) -> None:
+            stop_requested=None) -> str:
         """Rounds until ``max_trials`` trials were measured, ``deadline`` (a
-        ``time.monotonic()`` value) passed, or every kernel is exhausted.
+        ``time.monotonic()`` value) passed, or every kernel is exhausted; returns which
+        (:func:`policy.stop_reason`, or :data:`policy.EXHAUSTED`).
 
         ``stop_requested()`` is checked between rounds; when it returns true the loop
         raises :class:`KeyboardInterrupt` (a round is never cut in half).
@@ -214,13 +195,12 @@ class Search:
             while True:
                 if stop_requested is not None and stop_requested():
                     raise KeyboardInterrupt
-                if max_trials is not None and self.trials_done >= max_trials:
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
-                progress = self.step(None if max_trials is None else max_trials - self.trials_done)
+                reason = policy.stop_reason(self.trials_done, max_trials, deadline, time.monotonic())
+                if reason is not None:
+                    return reason
+                progress = self.step(policy.round_limit(self.trials_done, max_trials))
                 if progress is None:
-                    break
+                    return policy.EXHAUSTED
                 if on_round is not None:
                     on_round(progress)
         finally:

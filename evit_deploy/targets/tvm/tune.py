@@ -24,10 +24,9 @@ from pathlib import Path
 from ...errors import BadInputError
 from ...progress import Reporter
 from .database import model_key, versions
+from .policy import trial_budget
 from .target_string import to_classic
 
-#: Trials per kernel when neither --trials nor --time-budget is given.
-DEFAULT_TRIALS_PER_KERNEL = 32
 #: Candidates built and measured together; small rounds let a small budget reach every task.
 TRIALS_PER_ROUND = 16
 
@@ -124,7 +123,7 @@ def tune(model: str = "m0", target: str | dict = "native", *, trials: int | None
     """Tune ``model``'s kernels at ``batch`` x 3 x ``img_size``² for ``target``.
 
     The budget is ``trials`` (measured candidates in this run) and/or ``time_budget``
-    (seconds or ``"30m"``); without either, :data:`DEFAULT_TRIALS_PER_KERNEL` per kernel.
+    (seconds or ``"30m"``); without either, :data:`.policy.DEFAULT_TRIALS_PER_KERNEL` per kernel.
     ``threads`` sets the target's ``num-cores``: kernels are tuned and measured for that
     many threads. With ``rpc_tracker`` (``HOST:PORT``) and ``rpc_key``, candidates are built
     here and timed on every device registered with the tracker under that key.
@@ -141,9 +140,7 @@ def tune(model: str = "m0", target: str | dict = "native", *, trials: int | None
     db = _open_database(request, reporter)
     model_name, shape, kernels = _model_kernels(request, reporter)
     key = model_key(model_name, shape, request.precision)
-    trials = request.trials
-    if trials is None and request.budget_s is None:
-        trials = DEFAULT_TRIALS_PER_KERNEL * len(kernels)
+    trials = trial_budget(request.trials, request.budget_s, len(kernels))
     with tuning_log(db.path, model_name) as (log, log_path):
         run = _TuningRun(db, key, model_name, shape, len(kernels), measured_on, log, log_path)
         try:
@@ -169,6 +166,7 @@ def tuning_request(model: str, target: str | dict, *, trials, time_budget, db_di
     """Check every argument of :func:`tune` (one-line errors) before any work."""
     from .. import get_target
     from .measure import parse_tracker
+    from .quantize import PRECISIONS, require_bf16
     from .target_string import resolve_target
 
     get_target("tvm").check_available()
@@ -185,13 +183,12 @@ def tuning_request(model: str, target: str | dict, *, trials, time_budget, db_di
         if rpc_tracker is None:
             raise BadInputError("--rpc-key needs --rpc-tracker HOST:PORT")
         rpc = parse_tracker(rpc_tracker, rpc_key)
-    if precision not in ("fp32", "bf16"):
+    if precision not in PRECISIONS:
         from ...errors import unknown_name
-        raise unknown_name("precision", precision, ["fp32", "bf16"])
+        raise unknown_name("precision", precision, list(PRECISIONS))
     canonical = resolve_target(target, threads=threads)
     if precision == "bf16":
-        from .schedules.gemm_bf16 import require
-        require(canonical)
+        require_bf16(canonical)
     other = None
     if start_from is not None:
         from .database import TuningDatabase
@@ -359,12 +356,7 @@ def _run(search, reporter: Reporter, model: str, trials, budget_s, deadline, log
         def first_ctrl_c():
             reporter.warn("stopping after the current round (Ctrl-C again to stop at once, losing that round)")
         with ctrl_c_between_rounds(first_ctrl_c) as stop_requested:
-            search.run(max_trials=trials, deadline=deadline, on_round=on_round, stop_requested=stop_requested)
-    if deadline is not None and time.monotonic() >= deadline:
-        return "time budget"
-    if trials is not None and search.trials_done >= trials:
-        return "trials"
-    return "all kernels exhausted"
+            return search.run(max_trials=trials, deadline=deadline, on_round=on_round, stop_requested=stop_requested)
 
 
 @contextmanager
