@@ -21,7 +21,7 @@ PACKAGE_DIR = Path(evit_deploy.__file__).parent
 COMMAND_MODULES = ("api", "cli", "bench", "backends", "profiler", "build", "evaluate")
 TARGET_CONTRACT = {"evit_deploy.targets", "evit_deploy.targets.base", "evit_deploy.targets.options",
                    "evit_deploy.targets.sessions"}
-BUILT_IN_TARGETS = ("onnx", "coreml", "openvino", "litert", "executorch")
+BUILT_IN_TARGETS = ("onnx", "coreml", "tvm", "openvino", "litert", "executorch")
 TARGET_ANATOMY = {"__init__.py", "convert.py", "quantize.py", "runtime.py"}
 
 
@@ -129,4 +129,4 @@ def test_every_built_in_target_has_the_same_anatomy():
     for name in BUILT_IN_TARGETS:
         files = {p.name for p in (PACKAGE_DIR / "targets" / name).glob("*.py")}
         assert TARGET_ANATOMY <= files, (name, sorted(TARGET_ANATOMY - files))
-        assert ("profile.py" in files) == targets[name].supports_profiling, name
+        assert ("profile.py" in files) == targets[name].supports_profiling(), name

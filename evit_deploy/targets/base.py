@@ -120,8 +120,6 @@ class Target:
     # Short flags `bench` and `profile` accept for this target's options, e.g. TVM's
     # {"--db": "db"}: `--db DIR` is `-O tvm.db=DIR`.
     option_shortcuts: ClassVar[dict[str, str]] = {}
-    # Whether profile_ops() can time this target's operators.
-    supports_profiling: ClassVar[bool] = False
     # The runtime's loaded artifact, "package.module:Class" (imported when first needed):
     # ``Class(path, threads=None)``, called with inputs by name, returns outputs by name, and
     # has the artifact's ``description``. A target that names one runs, opens sessions and
@@ -204,8 +202,13 @@ class Target:
                     blocks: dict[str, str]) -> list[OpTime]:
         """Per-operator times of ``iterations`` runs on ``inputs`` (after a warm-up);
         ``blocks`` maps PyTorch module paths to block kinds, for runtimes that keep them.
-        Only for targets with ``supports_profiling``."""
+        A target that can time its operators overrides this (:meth:`supports_profiling`)."""
         raise BadInputError(f"target '{self.name}' cannot report per-operator times")
+
+    @classmethod
+    def supports_profiling(cls) -> bool:
+        """Whether :meth:`profile_ops` can time this target's operators."""
+        return cls.profile_ops is not Target.profile_ops
 
     def run(self, path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the artifact with its own runtime on named inputs; outputs by name."""

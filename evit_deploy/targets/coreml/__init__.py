@@ -44,7 +44,6 @@ class CoreMLTarget(Target):
     suffixes = (".mlpackage",)
     requires = {"coremltools": "coremltools"}
     run_requires = {"coremltools": "coremltools"}
-    supports_dynamic_batch = False
     Options = CoreMLOptions
     session_class = f"{__name__}.runtime:Session"
 

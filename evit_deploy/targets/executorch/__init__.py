@@ -34,10 +34,8 @@ class ExecuTorchTarget(Target):
     requires = {"executorch": "executorch", "torch": "torch"}
     # executorch's Python runtime links libtorch and exchanges torch tensors.
     run_requires = {"executorch": "executorch", "torch": "torch"}
-    supports_dynamic_batch = False
     Options = ExecuTorchOptions
     benchmark_backend = "executorch"
-    supports_profiling = True        # ETDump, with XNNPACK's per-operator events
     session_class = f"{__name__}.runtime:Session"
 
     def export(self, traced, options: ExecuTorchOptions, path: Path, reporter) -> Artifact:

@@ -31,7 +31,6 @@ class LiteRTTarget(Target):
     suffixes = (".tflite",)
     requires = {"litert_torch": "litert-torch", "ai_edge_quantizer": "ai-edge-quantizer"}
     run_requires = {"ai_edge_litert": "ai-edge-litert"}
-    supports_dynamic_batch = False
     Options = LiteRTOptions
     benchmark_backend = "litert"
     session_class = f"{__name__}.runtime:Session"

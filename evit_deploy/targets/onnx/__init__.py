@@ -53,7 +53,6 @@ class OnnxTarget(Target):
     supports_dynamic_batch = True
     Options = OnnxOptions
     benchmark_backend = "onnxruntime"
-    supports_profiling = True
     session_class = f"{__name__}.runtime:OrtSession"
 
     def input_format(self, options: OnnxOptions) -> str:

@@ -51,7 +51,6 @@ class OpenVinoTarget(Target):
     supports_dynamic_batch = True
     Options = OpenVinoOptions
     benchmark_backend = "openvino"
-    supports_profiling = True
     session_class = f"{__name__}.runtime:LoadedModel"
 
     def validate(self, options: OpenVinoOptions) -> None:
