@@ -221,6 +221,23 @@ class Target:
         """Which engine :meth:`run` uses, for reports (e.g. "onnxruntime 1.32 (CPU)")."""
         return self.name
 
+    @classmethod
+    def can_tune(cls) -> bool:
+        """Whether :meth:`tuned_options` can make this target's artifacts faster with time."""
+        return cls.tuned_options is not Target.tuned_options
+
+    def tuned_options(self, model: str, options: dict, *, batch: int, threads: int, img_size: int, seconds: float,
+                      workdir: Path, reporter) -> dict:
+        """Options of an artifact made faster by spending ``seconds`` here (TVM: tuning its
+        kernels into a database under ``workdir``, which a later call continues);
+        ``evit-deploy optimize --tune`` calls it."""
+        raise BadInputError(f"target '{self.name}' has nothing to tune")
+
+    def rebuild_options(self, description: ModelDescription) -> dict:
+        """The options that make this artifact again on another machine (the ones it was
+        exported with; TVM names the CPU that ``native`` meant)."""
+        return dict(description.extra.get("options", {}))
+
     def artifact_files(self, path: Path) -> tuple[Path, ...]:
         """The files an artifact is made of (sidecars first): what a cached session of it
         depends on. Default: the file, or every file of a directory artifact."""

@@ -106,6 +106,21 @@ class TvmTarget(Target):
         from .convert import export
         return export(traced, options, self.database(options), path, reporter, target_name=self.name)
 
+    def tuned_options(self, model: str, options: dict, *, batch: int, threads: int, img_size: int, seconds: float,
+                      workdir: Path, reporter) -> dict:
+        from .tune import tune
+
+        parsed = self.parse_options(options)
+        target = self.resolved_target(parsed)
+        result = tune(model, {**target, "num-cores": threads}, time_budget=seconds, batch=batch, img_size=img_size,
+                      db_dir=Path(workdir) / f"tvm-{parsed.precision}-b{batch}-t{threads}", precision=parsed.precision,
+                      reporter=reporter)
+        return {"db": str(result.db_path), "tvm_target": result.target_string}
+
+    def rebuild_options(self, description: ModelDescription) -> dict:
+        # `native` is where it was compiled: elsewhere it would be another CPU.
+        return {**super().rebuild_options(description), "tvm_target": description.extra["tvm"]["target_string"]}
+
     def host_findings(self) -> list[Finding]:
         findings = []
         from ...hostinfo import package_version
