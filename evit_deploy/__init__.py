@@ -20,6 +20,7 @@ _API = {
     "load_device_profile": ("evit_deploy.device_profiles", "load_device_profile"),
     "list_device_profiles": ("evit_deploy.device_profiles", "list_device_profiles"),
     "plan_export": ("evit_deploy.plan", "plan_export"),
+    "optimize": ("evit_deploy.optimizer", "optimize"),
 }
 # Earlier names, kept so that existing code keeps working.
 _ALIASES = {"load_profile": _API["load_device_profile"], "list_profiles": _API["list_device_profiles"]}

@@ -11,6 +11,8 @@ from enum import Enum
 class Status(Enum):
     BUILT = "built"
     UP_TO_DATE = "up to date"
+    # from = "optimize.json" with a choice this CPU cannot verify exactly: verify it where it runs.
+    UNVERIFIED = "built, unverified here"
     FAILED_PARITY = "failed parity"
     FAILED_GATE = "failed gate"
     FAILED_EXPORT = "failed export"
@@ -51,6 +53,7 @@ class BuildRecord:
     files: list[dict] | None = None             # path, size and sha256 of each file
     zip: dict | None = None                     # a directory artifact as one file
     cpu: dict | None = None                     # which CPUs compute it as verified, and which did
+    chosen_by: dict | None = None               # from = "optimize.json": that file and where it chose
     seconds: float | None = None
 
     @property

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from ..cpufeatures import judge
 from ..errors import EvitError, ExportError, ParityError, first_line
 from ..fsutil import ensure_output_dir
 from ..hostinfo import package_versions
@@ -67,7 +68,8 @@ def build(path: str | os.PathLike, *, out: str | os.PathLike | None = None, jobs
             job = Job(key, index, weights, inputs_key(model, art, spec, weights, versions))
             old = previous.get((art.name, model.name))
             if old and old.inputs_sha256 == job.inputs_sha256 and files_intact(out_dir, old):
-                records[old.key] = dataclasses.replace(old, status=Status.UP_TO_DATE)
+                unverified = old.status is Status.UNVERIFIED      # still to be verified where it runs
+                records[old.key] = dataclasses.replace(old, status=old.status if unverified else Status.UP_TO_DATE)
             else:
                 pending.append(job)
     with reporter.task("build", total=len(pending)) as task:
@@ -125,7 +127,8 @@ def _build_one(spec: BuildFile, job: Job, out_dir: Path, reporter: Reporter, tra
     record = BuildRecord(art.name, model.name, art.target, art.profile, art.options,
                          job.weights_id.split(":")[0] if job.weights_id.startswith("random-init") else job.weights_id,
                          spec.seed if model.weights is None else None, art.batch, art.dynamic_batch,
-                         job.inputs_sha256, status=Status.FAILED_EXPORT)       # until finish() says
+                         job.inputs_sha256, status=Status.FAILED_EXPORT,       # until finish() says
+                         chosen_by=art.chosen_by)
     try:
         plan = plan_export(model.name, art.target, profile=art.profile, options=art.export_options(),
                            batch=art.batch, dynamic_batch=art.dynamic_batch, weights=model.weights, seed=spec.seed,
@@ -141,7 +144,14 @@ def _build_one(spec: BuildFile, job: Job, out_dir: Path, reporter: Reporter, tra
             for warning in traces[plan.trace_key].warnings:
                 reporter.warn(f"{model.key}: {warning}")
         target_dir = ensure_output_dir(out_dir / art.name)
-        result = export_traced(traces[plan.trace_key], plan, target_dir, images=spec.images, reporter=reporter)
+        verify = art.chosen_by is None or verifiable_here(plan)
+        result = export_traced(traces[plan.trace_key], plan, target_dir, verify=verify, images=spec.images,
+                               reporter=reporter)
+        if not verify:
+            reporter.warn(f"{art.name}/{model.key}: chosen on {art.chosen_by['cpu']}; this CPU cannot verify it "
+                          f"exactly: run `evit-deploy verify` on the CPU it was chosen for")
+            return finish(Status.UNVERIFIED, **artifact_files(result.artifact, out_dir),
+                          cpu=result.artifact.description.extra.get("cpu"))
         record = dataclasses.replace(record, parity=parity_summary(result.report))
         if art.gates:
             report = judge_gates(spec, art, result.artifact, traces[plan.trace_key].reference, reporter)
@@ -163,6 +173,11 @@ def _build_one(spec: BuildFile, job: Job, out_dir: Path, reporter: Reporter, tra
         raise
     except Exception as exc:  # a converter crash fails this artifact, not the build
         return finish(Status.FAILED_EXPORT, error=f"{type(exc).__name__}: {first_line(exc)}")
+
+
+def verifiable_here(plan) -> bool:
+    verdict = judge(plan.target.cpu_needs(plan.options))
+    return verdict.runs and verdict.exact
 
 
 def exit_status(result: BuildResult) -> EvitError | None:

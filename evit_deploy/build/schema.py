@@ -22,6 +22,11 @@ It lists models and the artifacts to make of them::
     [artifact.options]           # overrides the profile's options
     compress = "palettize8"
 
+    [[artifact]]
+    from = "optimize.json"       # exactly what `evit-deploy optimize` chose (its target,
+    models = ["m2"]              # options and batch), built on any machine; default models:
+                                 # those of the model it was chosen for
+
 Every problem of the file is reported at once, each with its file and line. Options are
 checked as the export will see them (:func:`~evit_deploy.plan.merge_options`); the ones a
 target declares as paths (:func:`~evit_deploy.targets.options.path_options`) are relative
@@ -48,7 +53,9 @@ MODEL_KEYS = {"weights": str, "img_size": int, "num_classes": int, "distillation
 #: Eval gates an artifact entry may set: fractions in [0, 1].
 GATES = ("min_top1_agreement", "max_top1_drop")
 ARTIFACT_KEYS = {"name": str, "target": str, "profile": str, "models": list, "options": dict,
-                 "batch": int, "dynamic_batch": bool, **{gate: float for gate in GATES}}
+                 "batch": int, "dynamic_batch": bool, "from": str, **{gate: float for gate in GATES}}
+#: What an entry ``from = "optimize.json"`` takes from that file, so may not set itself.
+CHOSEN_KEYS = ("target", "profile", "options", "batch", "dynamic_batch")
 
 
 @dataclass
@@ -71,6 +78,8 @@ class ArtifactEntry:
     gates: dict = field(default_factory=dict)     # GATES the entry sets
     # The options the target declares as paths, resolved relative to the build file.
     paths: dict[str, Path] = field(default_factory=dict)
+    # from = "optimize.json": that file, its SHA-256, and the choice it records.
+    chosen_by: dict | None = None
 
     def export_options(self) -> dict:
         """The entry's options as the export takes them: paths resolved."""
@@ -233,6 +242,17 @@ def _artifact(problems: _Problems, entry, i: int, models: dict[str, ModelEntry],
         problems.add(f"{where} must be a table")
         return None
     problems.check_keys(entry, ARTIFACT_KEYS, where, "artifact", i)
+    chosen_by = None
+    if isinstance(entry.get("from"), str):
+        chosen_by = _optimize_choice(problems, entry, where, i, base)
+        if chosen_by is None:
+            return None
+        entry = {**entry, **chosen_by["entry"]}
+        if "models" not in entry:
+            entry["models"] = [k for k, m in models.items() if m.name == chosen_by["model"]]
+            if not entry["models"]:
+                problems.add(f"{where}: {entry['from']} chose for model '{chosen_by['model']}', which no "
+                             f"[models.<name>] table defines", "from", "artifact", i)
     target, profile = entry.get("target"), entry.get("profile")
     options = _table(entry, "options", dict)
     if profile is not None:
@@ -273,7 +293,43 @@ def _artifact(problems: _Problems, entry, i: int, models: dict[str, ModelEntry],
             problems.add(f"{where}: {gate} is a fraction between 0 and 1, got {value}", gate, "artifact", i)
     return ArtifactEntry(entry.get("name") or profile or tgt.name, tgt.name, profile,
                          [m for m in names if m in models] if isinstance(names, list) else [],
-                         options, entry.get("batch"), entry.get("dynamic_batch", False), gates, paths)
+                         options, entry.get("batch"), entry.get("dynamic_batch", False), gates, paths,
+                         chosen_by and {k: v for k, v in chosen_by.items() if k != "entry"})
+
+
+def _optimize_choice(problems: _Problems, entry: dict, where: str, i: int, base: Path) -> dict | None:
+    """What the ``optimize.json`` an entry names chose: the target, options (paths relative
+    to that file) and batch of its winner, with where it was chosen."""
+    import json
+
+    from ..fsutil import sha256_file
+
+    path = Path(base, entry["from"])
+    for key in CHOSEN_KEYS:
+        if key in entry:
+            problems.add(f"{where}: '{key}' comes from {entry['from']}: remove it, or 'from'", key, "artifact", i)
+    try:
+        data = json.loads(path.read_text("utf-8"))
+        chosen = data["build_entry"]
+        model, cpu = data["model"], data.get("machine", {}).get("model")
+    except FileNotFoundError:
+        problems.add(f"{where}: {path} not found (write it with `evit-deploy optimize ... --out DIR`)", "from",
+                     "artifact", i)
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        problems.add(f"{where}: {path} is not an optimize.json ({type(exc).__name__}: {exc})", "from", "artifact", i)
+        return None
+    if not isinstance(chosen, dict):
+        problems.add(f"{where}: {path} records no winner: no candidate was right within its budget", "from",
+                     "artifact", i)
+        return None
+    options = dict(chosen.get("options") or {})
+    for key in path_options(get_target(chosen["target"]).Options) if chosen.get("target") else ():
+        if isinstance(options.get(key), str):          # relative to optimize.json, as the build file's are to it
+            options[key] = os.path.relpath(Path(path.parent, options[key]), base)
+    return {"file": str(path), "sha256": sha256_file(path), "model": model, "cpu": cpu, "winner": data.get("winner"),
+            "entry": {"name": entry.get("name") or chosen.get("name"), "target": chosen.get("target"),
+                      "options": options, "batch": chosen.get("batch")}}
 
 
 def _check_labelled(problems: _Problems, eval_images: Path | None, eval_labels: Path | None) -> None:

@@ -187,8 +187,10 @@ def optimize(model: str, out_dir, *, weights=None, images=None, labels=None, min
             task.update(advance=1)
     verified = [c for c in candidates if c.artifact and c.outcome is Outcome.NOT_TRIED]
     _evaluate(verified, chosen_images, budget, weights, cache, reporter)
-    survivors = [c for c in candidates if c.artifact and c.outcome is Outcome.NOT_TRIED]
-    _time(survivors, name, batch, threads, img_size, rounds, round_seconds, memory, objective, reporter)
+    # Timed too: what was right but outside the accuracy budget, so that the report shows
+    # what the budget cost.
+    timed = [c for c in candidates if c.artifact and (c.outcome is Outcome.NOT_TRIED or c.eval is not None)]
+    _time(timed, name, batch, threads, img_size, rounds, round_seconds, memory, objective, reporter)
     _choose(result, objective)
     result.warnings += _warnings(result, chosen_images)
     if result.winner:
@@ -459,9 +461,17 @@ def _choose(result: OptimizeResult, objective: str) -> None:
     ranked = sorted(timed, key=key)
     for i, c in enumerate(ranked):
         c.outcome = Outcome.CHOSEN if i == 0 else Outcome.RUNNER_UP if i == 1 else Outcome.ADMISSIBLE
+        if i:
+            c.reason = _slower(c, ranked[0], objective)
     if ranked:
         result.winner = ranked[0].backend
         result.runner_up = ranked[1].backend if len(ranked) > 1 else None
+
+
+def _slower(c: Candidate, winner: Candidate, objective: str) -> str:
+    if objective == "throughput":
+        return f"{c.images_per_s / winner.images_per_s:.2f}× the winner's throughput"
+    return f"{c.latency_ms['median'] / winner.latency_ms['median']:.2f}× the winner's latency"
 
 
 def _warnings(result: OptimizeResult, images) -> list[str]:
