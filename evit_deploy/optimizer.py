@@ -142,7 +142,7 @@ def optimize(model: str, out_dir, *, weights=None, images=None, labels=None, min
     defaults to 16 for the throughput objective and 1 for latency. ``time_budget`` is
     seconds or ``"20m"``: what was not tried when it ran out is listed.
     """
-    from .api import cpu_needs, export_plan
+    from .api import cpu_needs
     from .evaluate import eval_images
     from .hostinfo import cpu_info, package_versions
     from .plan import plan_export, resolve_model_name
@@ -177,13 +177,15 @@ def optimize(model: str, out_dir, *, weights=None, images=None, labels=None, min
     versions = result.machine["versions"]
 
     tried = [c for c in candidates if c.outcome is Outcome.NOT_TRIED]
+    traces: dict = {}                      # one trace per input format, shared by the exports
     with reporter.task("export and verify", total=len(tried)) as task:
         for c in tried:
             if deadline is not None and time.monotonic() > deadline and c.backend != BASELINE:
                 c.reason = "the time budget ran out before it was tried"
                 task.update(advance=1)
                 continue
-            _export(c, name, plan_args, cache, versions, export_plan, plan_export)
+            task.update(description=f"export and verify {c.backend}")
+            _export(c, name, plan_args, cache, versions, traces)
             task.update(advance=1)
     verified = [c for c in candidates if c.artifact and c.outcome is Outcome.NOT_TRIED]
     _evaluate(verified, chosen_images, budget, weights, cache, reporter)
@@ -301,8 +303,10 @@ def _export_key(c: Candidate, name: str, plan_args: dict, versions: dict, path_v
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _export(c: Candidate, name: str, plan_args: dict, cache: Path, versions: dict, export_plan, plan_export) -> None:
+def _export(c: Candidate, name: str, plan_args: dict, cache: Path, versions: dict, traces: dict) -> None:
     """Export and verify ``c`` into the cache (or take what an earlier run left there)."""
+    from .api import export_traced
+    from .plan import plan_export, trace_plan
     from .targets.options import path_options
 
     try:
@@ -324,7 +328,9 @@ def _export(c: Candidate, name: str, plan_args: dict, cache: Path, versions: dic
     start = time.perf_counter()
     saved: dict = {"export_seconds": None, "artifact": None}
     try:
-        done = export_plan(plan, folder, reporter=QuietReporter())
+        if plan.trace_key not in traces:
+            traces[plan.trace_key] = trace_plan(plan)
+        done = export_traced(traces[plan.trace_key], plan, folder, reporter=QuietReporter())
         tgt = plan.target
         files = tgt.artifact_files(done.artifact.path)
         saved.update(artifact=done.artifact.path.name, parity=_parity(done.report),

@@ -160,3 +160,23 @@ def test_a_build_entry_from_optimize_takes_nothing_else(tmp_path):
     message = str(found.value)
     assert "b.toml:5: [[artifact]] #1: 'target' comes from optimize.json" in message
     assert "records no winner" in message and "missing.json not found" in message
+
+
+def test_tune_adds_a_tuned_variant_with_its_share_of_the_budget(monkeypatch, with_test_targets, tmp_path):
+    from evit_deploy import optimize
+    from optimize_targets import SlowOnnx
+
+    asked = []
+
+    def tuned_options(self, model, options, *, seconds, workdir, **settings):
+        asked.append((model, seconds, workdir))
+        return {"opset": 19}                     # what tuning found: another export of the same model
+
+    monkeypatch.setattr(SlowOnnx, "tuned_options", tuned_options)      # which makes it a target that tunes
+    result = optimize(TINY_ATTENTION, tmp_path / "out", batch=2, targets=["slow"], tune=True, time_budget="10m",
+                      **FAST)
+    tuned = result.candidate("slow-ort@tuned")
+    assert tuned.options == {"precision": "fp32", "opset": 19} and tuned.parity["passed"] and tuned.images_per_s
+    ((model, seconds, workdir),) = asked
+    assert seconds == pytest.approx(0.4 * 600) and workdir.is_relative_to(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "optimize.json").read_text())["winner"] == "onnxruntime"
