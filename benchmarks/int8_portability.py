@@ -52,7 +52,7 @@ def u8u8(fp32: Path, out: Path, calibration, spec) -> Path:
         quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from evit_deploy.targets.onnx_int8 import op_types_to_quantize
+    from evit_deploy.targets.onnx.quantize import op_types_to_quantize
 
     class Reader(CalibrationDataReader):
         def __init__(self):

@@ -102,6 +102,14 @@ def calibration_set(spec: Preprocessing, directory=None, *, seed: int = 0,
     return CalibrationSet(images, tuple(p.relative_to(root).as_posix() for p in paths), str(directory))
 
 
+def for_export(spec: Preprocessing, directory, reporter) -> CalibrationSet:
+    """The set an int8 export calibrates on: the images in ``directory``, or the default
+    set, of which :data:`DEFAULT_WARNING` warns ``reporter``."""
+    if directory is None:
+        reporter.warn(DEFAULT_WARNING)
+    return calibration_set(spec, directory)
+
+
 def _default_set(spec: Preprocessing, seed: int) -> CalibrationSet:
     """The bundled photos, then seeded crops of them (a random part of 30-100% of each
     side, mirrored half of the time) resized and cropped like any input."""

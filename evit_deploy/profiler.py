@@ -207,7 +207,7 @@ def profile(model: str, backend: str = "torch", *, batch: int = 16, threads: int
         with reporter.stage("profile", f"{name} torch"):
             ops = _torch_ops(net, x, iterations, threads)
         return summarise(ops, model=name, backend=backend, batch=batch, threads=threads, iterations=iterations)
-    if spec.is_torch or not spec.get_target().supports_profiling:
+    if spec.is_torch or not spec.get_target().supports_profiling():
         raise BadInputError(f"backend '{backend}' cannot report per-operator times")
     tgt = spec.get_target()
     with tempfile.TemporaryDirectory(prefix="evit-profile-") as tmp:

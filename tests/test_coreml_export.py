@@ -17,11 +17,12 @@ from evit_deploy import api
 from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, EXIT_PARITY_FAILED
 from evit_deploy.labels import imagenet_labels
 from evit_deploy.preprocess import IMAGENET_MEAN, IMAGENET_STD, sample_images
-from evit_deploy.targets.coreml import CoreMLTarget, numeric_outputs, runtime
-from evit_deploy.targets.coreml.blob import BlobFile
-from evit_deploy.targets.coreml.executor import Program
+from evit_deploy.targets.coreml import CoreMLTarget, runtime
 from evit_deploy.targets.coreml.metadata import DESCRIPTION_KEY
 from evit_deploy.targets.coreml.package import MODEL_FILE, package_files, read_spec
+from evit_deploy.targets.coreml.reference import Program
+from evit_deploy.targets.coreml.reference.blob import BlobFile
+from evit_deploy.targets.coreml.runtime import numeric_outputs
 
 SAMPLE = sample_images()
 
@@ -250,7 +251,7 @@ def test_unknown_op_is_a_one_line_error_naming_it(m0_coreml, tmp_path, cli):
 
 
 def test_export_refuses_a_program_the_executor_cannot_verify(tmp_path, cli, monkeypatch):
-    from evit_deploy.targets.coreml import ops
+    from evit_deploy.targets.coreml.reference import ops
 
     monkeypatch.delitem(ops.OPS, "clip")          # custom_models.mobile_cnn uses ReLU6
     code, _, err = cli("-q", "export", "--model", "custom_models:mobile_cnn", "--input-size", "96",

@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evit_deploy.targets.coreml.quiet_import import coremltools
-from evit_deploy.targets.coreml.blob import BlobFile, unpack_subbyte
-from evit_deploy.targets.coreml.executor import Program, ProgramError, UnsupportedOpError
-from evit_deploy.targets.coreml.ops import OPS, OpCall
 from evit_deploy.targets.coreml.package import write_package
+from evit_deploy.targets.coreml.quiet_import import coremltools
+from evit_deploy.targets.coreml.reference.blob import BlobFile, unpack_subbyte
+from evit_deploy.targets.coreml.reference.executor import Program, ProgramError, UnsupportedOpError
+from evit_deploy.targets.coreml.reference.ops import OPS, OpCall
 
 ct = coremltools()
 from coremltools.converters.mil import Builder as mb  # noqa: E402  (after the quiet import)
@@ -353,7 +353,7 @@ def test_quantize_dequantize_match_torch(tmp_path, dtype, per_channel):
 
 def _compressed_linear(tmp_path, mode: str, target):
     """A linear layer big enough to be compressed by the export's own pipeline."""
-    from evit_deploy.targets.coreml.compress import compression_pipeline
+    from evit_deploy.targets.coreml.quantize import compression_pipeline
 
     w = randn(64, 48)
     program = mb.program(input_specs=[mb.TensorSpec(shape=(2, 48), dtype=types.fp32)], opset_version=target)(
@@ -443,7 +443,7 @@ def test_fp16_program_is_rounded_after_every_op(tmp_path):
 def test_blob_file_reads_what_coremltools_writes(tmp_path, type_name, writer, dtype):
     from coremltools import libmilstoragepython
 
-    from evit_deploy.targets.coreml.blob import SUBBYTE_BITS
+    from evit_deploy.targets.coreml.reference.blob import SUBBYTE_BITS
 
     path = tmp_path / "weight.bin"
     blobs = libmilstoragepython._BlobStorageWriter(str(path))

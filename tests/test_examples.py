@@ -121,7 +121,7 @@ def test_kotlin_snippet_reads_what_the_android_exports_store(m0_onnx):
     """The names the Kotlin snippet looks up are the ones the LiteRT and ExecuTorch exports
     write, and the description keys it reads exist in a real description."""
     kotlin = (EXAMPLES / "android" / "ClassifyPhoto.kt").read_text()
-    from evit_deploy.targets.executorch.lower import DESCRIPTION_METHOD
+    from evit_deploy.targets.executorch.runtime import DESCRIPTION_METHOD
     from evit_deploy.targets.litert.flatbuffer import METADATA_NAME
 
     assert f'entry.name() == "{METADATA_NAME}"' in kotlin

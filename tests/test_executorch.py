@@ -46,7 +46,7 @@ def test_fp32_is_fully_delegated_verifies_and_carries_its_description(fp32, real
 def test_the_program_has_the_description_method(fp32):
     from executorch.runtime import Runtime
 
-    from evit_deploy.targets.executorch.lower import DESCRIPTION_METHOD
+    from evit_deploy.targets.executorch.runtime import DESCRIPTION_METHOD
 
     program = Runtime.get().load_program(fp32.artifact.path.read_bytes())
     assert program.method_names == {"forward", DESCRIPTION_METHOD}

@@ -4,7 +4,10 @@
 * a target module never imports the command layer (``api``, ``cli``, ``bench``,
   ``profiler``, ``build``, ``evaluate``): what a target needs from the core lives below it;
 * the core names no target module: it reaches targets through the registry
-  (``evit_deploy.targets``) and their contract (``evit_deploy.targets.base``) only.
+  (``evit_deploy.targets``) and their contract (``evit_deploy.targets.base``) only;
+* every built-in target package has the same anatomy: declarations (``__init__.py``),
+  ``convert.py``, ``quantize.py``, ``runtime.py``, and ``profile.py`` exactly when it can
+  time its operators.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ PACKAGE_DIR = Path(evit_deploy.__file__).parent
 COMMAND_MODULES = ("api", "cli", "bench", "backends", "profiler", "build", "evaluate")
 TARGET_CONTRACT = {"evit_deploy.targets", "evit_deploy.targets.base", "evit_deploy.targets.options",
                    "evit_deploy.targets.sessions"}
+BUILT_IN_TARGETS = ("onnx", "coreml", "tvm", "openvino", "litert", "executorch")
+TARGET_ANATOMY = {"__init__.py", "convert.py", "quantize.py", "runtime.py"}
 
 
 def _module_names() -> dict[str, Path]:
@@ -89,7 +94,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_import_reader_sees_what_it_must():
     # The rules below are only as good as the reader: check it on known imports.
-    assert "evit_deploy.targets.base" in GRAPH["evit_deploy.targets.onnx"]          # from .base import ...
+    assert "evit_deploy.targets.base" in GRAPH["evit_deploy.targets.onnx"]          # from ..base import ...
     assert "evit_deploy.targets.tvm.tune" in GRAPH["evit_deploy.targets.tvm.commands"]   # inside a function
     assert "evit_deploy.models.registry" in GRAPH["evit_deploy.plan"]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
@@ -115,3 +120,13 @@ def test_the_core_names_no_target():
     offending = {m: sorted(i for i in GRAPH[m] if i.startswith("evit_deploy.targets.") and i not in TARGET_CONTRACT)
                  for m in GRAPH if not m.startswith("evit_deploy.targets")}
     assert {m: i for m, i in offending.items() if i} == {}
+
+
+def test_every_built_in_target_has_the_same_anatomy():
+    from evit_deploy.targets import available_targets
+
+    targets = available_targets()
+    for name in BUILT_IN_TARGETS:
+        files = {p.name for p in (PACKAGE_DIR / "targets" / name).glob("*.py")}
+        assert TARGET_ANATOMY <= files, (name, sorted(TARGET_ANATOMY - files))
+        assert ("profile.py" in files) == targets[name].supports_profiling(), name

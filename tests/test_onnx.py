@@ -13,7 +13,7 @@ from conftest import cli_without_torch
 from evit_deploy import api
 from evit_deploy.errors import EXIT_PARITY_FAILED
 from evit_deploy.preprocess import sample_images
-from evit_deploy.targets.onnx import METADATA_KEY
+from evit_deploy.targets.onnx.runtime import METADATA_KEY
 
 SAMPLE = sample_images()
 

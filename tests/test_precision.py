@@ -187,7 +187,7 @@ def test_a_broken_int8_artifact_fails_verify(onnx_int8, tmp_path, cli):
 # -- Core ML W8A8 --------------------------------------------------------------------------
 
 def test_coreml_w8a8_verifies_through_the_reference_executor(tmp_path, checkpoint):
-    from evit_deploy.targets.coreml.executor import Program
+    from evit_deploy.targets.coreml.reference import Program
 
     weights = checkpoint("m0", seed=1, recipe="realistic", img_size=SIZE)
     calib = _image_dir(tmp_path / "calib", sample_images()[:2])

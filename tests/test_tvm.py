@@ -359,17 +359,19 @@ def test_export_applies_the_database_and_passes_parity(tuned_library):
 
 
 def test_a_loaded_library_is_reused_until_either_of_its_files_changes(tuned_library, tmp_path):
-    from evit_deploy.targets.tvm.runtime import SESSIONS, sidecar_path
+    from evit_deploy.targets.tvm.runtime import sidecar_path
+
+    sessions = TvmTarget().sessions()
 
     lib = tmp_path / tuned_library.artifact.path.name
     for f in TvmTarget().artifact_files(tuned_library.artifact.path):
         shutil.copy(f, tmp_path / f.name)
     assert TvmTarget().artifact_files(lib) == (sidecar_path(lib), lib)
-    first = SESSIONS.cached(lib)
-    assert SESSIONS.cached(lib) is first
+    first = sessions.cached(lib)
+    assert sessions.cached(lib) is first
     side = sidecar_path(lib)
     os.utime(side, ns=(side.stat().st_atime_ns, side.stat().st_mtime_ns + 10**9))    # the description rewritten
-    assert SESSIONS.cached(lib) is not first
+    assert sessions.cached(lib) is not first
 
 
 def test_profile_times_every_kernel_call(tuned_library):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +27,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..cpufeatures import INT8_KERNELS, CpuNeeds
+from ..cpufeatures import INT8_KERNELS, CpuNeeds, check_int8_kernels, int8_cpu_needs
 from ..description import ModelDescription
 from ..errors import BadInputError, MissingDependencyError, first_line
+from ..native_output import captured
 from .options import PRECISION, option_fields, parse_options
-from .sessions import package_files
+from .sessions import SessionCache, package_files
+
+#: One cache of loaded artifacts per target class (see :meth:`Target.sessions`).
+_session_caches: dict[type, SessionCache] = {}
 
 
 @dataclass(frozen=True)
@@ -95,8 +100,9 @@ def missing_modules(needed: dict[str, str]) -> dict[str, str]:
 
 
 class Target:
-    """Base class of export targets. Subclasses set the class attributes and override
-    :meth:`export`, :meth:`run` and :meth:`read_description`."""
+    """Base class of export targets. Subclasses set the class attributes, override
+    :meth:`export`, and name a :attr:`session_class` or override :meth:`run` and
+    :meth:`read_description`."""
 
     name: ClassVar[str]
     produces: ClassVar[str]                       # "ONNX model (.onnx)"
@@ -114,13 +120,25 @@ class Target:
     # Short flags `bench` and `profile` accept for this target's options, e.g. TVM's
     # {"--db": "db"}: `--db DIR` is `-O tvm.db=DIR`.
     option_shortcuts: ClassVar[dict[str, str]] = {}
-    # Whether profile_ops() can time this target's operators.
-    supports_profiling: ClassVar[bool] = False
+    # The runtime's loaded artifact, "package.module:Class" (imported when first needed):
+    # ``Class(path, threads=None)``, called with inputs by name, returns outputs by name, and
+    # has the artifact's ``description``. A target that names one runs, opens sessions and
+    # reads descriptions through one cache of them (:meth:`sessions`).
+    session_class: ClassVar[str | None] = None
 
     # -- what the framework asks of a target ------------------------------------------------
     def validate(self, options) -> None:
         """Check options against the world before the (slow) trace: files they name, a
-        database's target, ... Raises :class:`BadInputError`; changes nothing."""
+        database's target, ... Raises :class:`BadInputError`; changes nothing. Here: the
+        shared options of :mod:`.options`, for any target that declares them (a target
+        with checks of its own calls ``super().validate``)."""
+        precision = getattr(options, PRECISION, None) or "fp32"
+        if hasattr(options, "calibration"):
+            from ..calibration import check_request
+
+            check_request(precision, options.calibration, target=self.name)
+        if hasattr(options, "int8_kernels"):
+            check_int8_kernels(precision, options.int8_kernels, target=self.name)
 
     def input_format(self, options) -> str:
         """The input format to trace the model with (see preprocess.INPUT_FORMATS)."""
@@ -142,7 +160,10 @@ class Target:
     def cpu_needs(self, options) -> CpuNeeds:
         """What an artifact exported with these options needs of the CPU it runs on: the
         instruction sets its code is compiled for, and what its kernels need to compute as
-        verified. Runtimes that choose kernels by CPUID at load time need nothing."""
+        verified. Runtimes that choose kernels by CPUID at load time need nothing; a target
+        with the ``int8_kernels`` option runs u8×s8 kernels (:func:`int8_cpu_needs`)."""
+        if hasattr(options, "int8_kernels"):
+            return int8_cpu_needs(getattr(options, PRECISION, None) or "fp32", options.int8_kernels)
         return CpuNeeds()
 
     def default_batch(self, options, model: str) -> tuple[int, str] | None:
@@ -181,19 +202,41 @@ class Target:
                     blocks: dict[str, str]) -> list[OpTime]:
         """Per-operator times of ``iterations`` runs on ``inputs`` (after a warm-up);
         ``blocks`` maps PyTorch module paths to block kinds, for runtimes that keep them.
-        Only for targets with ``supports_profiling``."""
+        A target that can time its operators overrides this (:meth:`supports_profiling`)."""
         raise BadInputError(f"target '{self.name}' cannot report per-operator times")
 
-    def run(self, path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # pragma: no cover
-        """Run the artifact with its own runtime on named inputs; outputs by name."""
-        raise NotImplementedError
+    @classmethod
+    def supports_profiling(cls) -> bool:
+        """Whether :meth:`profile_ops` can time this target's operators."""
+        return cls.profile_ops is not Target.profile_ops
 
-    def read_description(self, path: Path) -> ModelDescription:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def run(self, path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the artifact with its own runtime on named inputs; outputs by name."""
+        return self.sessions().cached(path)(inputs)
+
+    def read_description(self, path: Path) -> ModelDescription:
+        return self.sessions().cached(path).description
 
     def runtime_name(self, path: Path) -> str:
         """Which engine :meth:`run` uses, for reports (e.g. "onnxruntime 1.32 (CPU)")."""
         return self.name
+
+    @classmethod
+    def can_tune(cls) -> bool:
+        """Whether :meth:`tuned_options` can make this target's artifacts faster with time."""
+        return cls.tuned_options is not Target.tuned_options
+
+    def tuned_options(self, model: str, options: dict, *, batch: int, threads: int, img_size: int, seconds: float,
+                      workdir: Path, reporter) -> dict:
+        """Options of an artifact made faster by spending ``seconds`` here (TVM: tuning its
+        kernels into a database under ``workdir``, which a later call continues);
+        ``evit-deploy optimize --tune`` calls it."""
+        raise BadInputError(f"target '{self.name}' has nothing to tune")
+
+    def rebuild_options(self, description: ModelDescription) -> dict:
+        """The options that make this artifact again on another machine (the ones it was
+        exported with; TVM names the CPU that ``native`` meant)."""
+        return dict(description.extra.get("options", {}))
 
     def artifact_files(self, path: Path) -> tuple[Path, ...]:
         """The files an artifact is made of (sidecars first): what a cached session of it
@@ -204,8 +247,19 @@ class Target:
         return any(str(path).endswith(s) for s in self.suffixes)
 
     def diagnose(self) -> list[Finding]:
-        """Whether this target can work here, and why not. Targets add their own facts
-        (known-bad package versions, which runtime will run artifacts, ...)."""
+        """Whether this target can work here, and why not: its packages, then, once they
+        import, what :meth:`host_findings` adds."""
+        findings = self._package_findings()
+        if any(f.level == "error" for f in findings):
+            return findings
+        return [*findings, *self.host_findings()]
+
+    def host_findings(self) -> list[Finding]:
+        """What ``doctor`` should say about this target here once its packages import:
+        the versions that convert and run, which runtime runs artifacts, known-bad versions."""
+        return []
+
+    def _package_findings(self) -> list[Finding]:
         missing = self.missing_packages()
         if missing:
             return [Finding("error", f"missing Python packages: {', '.join(sorted(set(missing.values())))}",
@@ -213,17 +267,33 @@ class Target:
         findings = []
         for module in {**self.requires, **self.run_requires}:
             try:
-                importlib.import_module(module)
+                # Converters announce, as they import, the native parts and CUDA kernels
+                # they cannot load here: nothing for doctor's reader to act on.
+                with warnings.catch_warnings(), captured():
+                    warnings.simplefilter("ignore")
+                    importlib.import_module(module)
             except Exception as exc:  # installed but broken: report, do not crash doctor
                 findings.append(Finding("error", f"'{module}' is installed but fails to import: "
                                                  f"{type(exc).__name__}: {first_line(exc)}",
                                         f"reinstall it: pip install --force-reinstall {self.requires.get(module) or self.run_requires[module]}"))
         return findings or [Finding("ok", "required packages import")]
 
+    def sessions(self) -> SessionCache:
+        """This target's loaded artifacts (of its :attr:`session_class`), reused while the
+        files of an artifact (:meth:`artifact_files`) are unchanged."""
+        if self.session_class is None:
+            raise NotImplementedError(f"target '{self.name}' names no session_class")
+        cache = _session_caches.get(type(self))
+        if cache is None:
+            cache = _session_caches[type(self)] = SessionCache(self.session_class, files=self.artifact_files)
+        return cache
+
     def open_session(self, path: Path, threads: int | None = None):
         """A callable ``inputs -> outputs`` with the artifact loaded once, for repeated runs
         (benchmarks, servers). ``threads`` caps the runtime's intra-op threads."""
-        return lambda inputs: self.run(path, inputs)
+        if self.session_class is None:
+            return lambda inputs: self.run(path, inputs)
+        return self.sessions().open(path, threads)
 
     def parity_extras(self, path: Path, report) -> dict:
         """Target-specific facts to add to a parity report (e.g. fp16 drift)."""

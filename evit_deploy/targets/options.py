@@ -11,6 +11,7 @@ and its contents count in the rebuild key, without guessing from the value.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import field
 from typing import Any
@@ -201,3 +202,30 @@ def options_to_dict(options) -> dict:
 def path_options(options_cls) -> tuple[str, ...]:
     """The names of the options whose values name files or directories."""
     return tuple(f.name for f in option_fields(options_cls) if f.metadata.get("path"))
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|min|s|sec)?", re.IGNORECASE)
+
+
+def parse_duration(value) -> float:
+    """Seconds from ``90``, ``"90s"``, ``"30m"``, ``"1h30m"`` or ``"1.5h"``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        pos, seconds = 0, 0.0
+        units = {"h": 3600, "m": 60, "min": 60, "s": 1, "sec": 1, None: 1}
+        if not text:
+            raise BadInputError("empty time budget: write e.g. 30m, 1h or 90s")
+        while pos < len(text):
+            match = _DURATION.match(text, pos)
+            if not match or match.end() == pos:
+                raise BadInputError(f"time budget must look like 30m, 1h30m or 90s, got '{value}'")
+            number, unit = match.groups()
+            if unit is None and match.end() != len(text):
+                raise BadInputError(f"time budget must look like 30m, 1h30m or 90s, got '{value}'")
+            seconds += float(number) * units[unit]
+            pos = match.end()
+    if seconds <= 0:
+        raise BadInputError(f"time budget must be positive, got '{value}'")
+    return seconds

@@ -1,9 +1,10 @@
 """From a ``torch.export`` program to a saved ML program package.
 
 Steps: add a softmax output when the model is a classifier with labels; convert the
-program to MIL with the image (or tensor) input; optionally compress the weights; add
-the classifier op; then write the spec with the metadata Xcode shows and the model's
-description, byte-reproducibly.
+program to MIL with the image (or tensor) input; optionally quantize or compress it
+(:mod:`.quantize`); add the classifier op; then write the spec with the metadata Xcode
+shows and the model's description, byte-reproducibly, and check that the reference
+executor can run what was written (:mod:`.reference`: it verifies the package off macOS).
 
 The image input carries the only scale Core ML's image inputs have (1/255); the
 per-channel ImageNet mean/std is the traced ``InputAdapter``, inside the program.
@@ -22,9 +23,8 @@ from ... import calibration as calib
 from ...description import ModelDescription
 from ...errors import BadInputError, EvitError, ExportError, first_line
 from . import package, quantize
-from .quiet_import import coremltools
-from .compress import compression_pipeline
 from .metadata import LABEL_OUTPUT, PROBABILITIES_OUTPUT, artifact_description, set_metadata
+from .quiet_import import coremltools
 
 _PROBABILITIES_VAR = "probabilities"       # the softmax output before the classifier takes it over
 
@@ -38,6 +38,23 @@ class Converted:
     weight_file: Path | None        # in the converter's temporary package
     description: ModelDescription
     keepalive: object               # the MLModel owning weight_file's temporary directory
+
+
+def export(traced, options, path: Path, reporter) -> tuple[ModelDescription, tuple[Path, ...]]:
+    """Write the package at ``path`` as ``options`` ask (and its .zip beside it with
+    ``zip``): the description it holds, and its sidecars."""
+    from .reference import UnsupportedOpError, check_supported
+
+    converted = convert(traced, options, reporter)
+    write(converted, path)
+    try:
+        check_supported(package.read_spec(path), path.name)     # not the staging directory
+    except UnsupportedOpError as exc:
+        raise ExportError(f"the package cannot be verified: {exc}") from None
+    sidecars = ()
+    if options.zip:
+        sidecars = (package.zip_package(path, path.with_name(path.name + ".zip")),)
+    return converted.description, sidecars
 
 
 def is_classifier(description: ModelDescription) -> bool:
@@ -71,9 +88,7 @@ def convert(traced, options, reporter) -> Converted:
                                     uncompressed_weights_bytes=0)
     calibration = None
     if options.precision == "int8":
-        if options.calibration is None:
-            reporter.warn(calib.DEFAULT_WARNING)
-        calibration = calib.calibration_set(desc.preprocessing, options.calibration)
+        calibration = calib.for_export(desc.preprocessing, options.calibration, reporter)
 
     def to_mil():
         return ct.convert(program.run_decompositions({}), inputs=inputs, outputs=outputs,
@@ -96,7 +111,7 @@ def convert(traced, options, reporter) -> Converted:
                                                  description=packaged)
                 pipeline = quantize.w8a8_pipeline(ranges)
             else:
-                pipeline = compression_pipeline(options.compress) or ct.PassPipeline.EMPTY
+                pipeline = quantize.compression_pipeline(options.compress) or ct.PassPipeline.EMPTY
             mlmodel = ct.convert(
                 mil, convert_to="mlprogram", minimum_deployment_target=target, compute_precision=precision,
                 pass_pipeline=pipeline,

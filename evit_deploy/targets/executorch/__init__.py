@@ -1,8 +1,9 @@
 """ExecuTorch target: a ``.pte`` program with the XNNPACK delegate, for Android and iOS apps.
 
-Export lowers the shared ``torch.export`` trace (:mod:`.lower`) and stores the evit-deploy
-description in the program itself, as a constant method. ``run`` and ``verify`` use
-ExecuTorch's Python runtime (:mod:`.runtime`), which needs torch.
+Export lowers the shared ``torch.export`` trace (:mod:`.convert`; int8 and fp16 programs:
+:mod:`.quantize`) and stores the evit-deploy description in the program itself, as a
+constant method. ``run`` and ``verify`` use ExecuTorch's Python runtime (:mod:`.runtime`),
+which needs torch; ``profile`` reads its ETDump (:mod:`.profile`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ... import calibration as calib
 from ...description import ModelDescription
-from ...fsutil import atomic_path
 from ..base import Artifact, Finding, OpTime, Target
 from ..options import calibration_option, precision_option
-from ..sessions import SessionCache
 
 
 @dataclass
@@ -36,39 +34,14 @@ class ExecuTorchTarget(Target):
     requires = {"executorch": "executorch", "torch": "torch"}
     # executorch's Python runtime links libtorch and exchanges torch tensors.
     run_requires = {"executorch": "executorch", "torch": "torch"}
-    supports_dynamic_batch = False
     Options = ExecuTorchOptions
     benchmark_backend = "executorch"
-    supports_profiling = True        # ETDump, with XNNPACK's per-operator events
-
-    def validate(self, options: ExecuTorchOptions) -> None:
-        calib.check_request(options.precision, options.calibration, target=self.name)
+    session_class = f"{__name__}.runtime:Session"
 
     def export(self, traced, options: ExecuTorchOptions, path: Path, reporter) -> Artifact:
-        from .lower import lower, to_pte
+        from .convert import export
 
-        if options.precision == "int8" and options.calibration is None:
-            reporter.warn(calib.DEFAULT_WARNING)
-        edge, delegated, facts, desc = lower(traced, options.precision, options.calibration)
-        extra = {"delegation": delegated, **({options.precision: facts} if facts else {})}
-        desc = desc.with_extra(executorch=extra)
-        if not delegated["fully_delegated"]:
-            left = ", ".join(f"{n} {k}" for k, n in delegated["ops_outside_xnnpack"].items())
-            reporter.warn(f"not every operator is delegated to XNNPACK: {left} run on ExecuTorch's portable kernels")
-        data = to_pte(edge, desc)
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(data)
-        return Artifact(path, self.name, desc)
-
-    # -- reading and running ---------------------------------------------------------------
-    def read_description(self, path: Path) -> ModelDescription:
-        return _sessions.cached(path).description
-
-    def run(self, path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return _sessions.cached(path)(inputs)
-
-    def open_session(self, path: Path, threads: int | None = None):
-        return _sessions.open(path, threads)
+        return Artifact(path, self.name, export(traced, options, path, reporter))
 
     def profile_ops(self, path: Path, inputs: dict[str, np.ndarray], *, threads: int, iterations: int,
                     blocks: dict[str, str]) -> list[OpTime]:
@@ -77,30 +50,17 @@ class ExecuTorchTarget(Target):
         return profile_ops(path, inputs, threads=threads, iterations=iterations)
 
     def runtime_name(self, path: Path) -> str:
-        from importlib.metadata import version
+        from .runtime import runtime_name
 
-        from .runtime import default_threads
-
-        return f"ExecuTorch {version('executorch')} runtime (XNNPACK, {default_threads()} threads)"
+        return runtime_name()
 
     def health(self, path: Path, description: ModelDescription) -> list[Finding]:
-        found = description.extra.get("executorch", {}).get("delegation")
-        if not found:
-            return []
-        if found["fully_delegated"]:
-            return [Finding("ok", f"XNNPACK runs every operator ({found['xnnpack_delegate_calls']} delegate call)")]
-        left = ", ".join(f"{n} {k}" for k, n in found["ops_outside_xnnpack"].items())
-        return [Finding("warning", f"operators outside XNNPACK: {left}")]
+        from .runtime import health
 
-    def diagnose(self) -> list[Finding]:
-        findings = super().diagnose()
-        if any(f.level == "error" for f in findings):
-            return findings
+        return health(description)
+
+    def host_findings(self) -> list[Finding]:
         from importlib.metadata import version
 
-        return [*findings, Finding("ok", f"executorch {version('executorch')}: exports here; running a .pte from "
-                                         "Python needs torch (its runtime binding links libtorch)")]
-
-
-#: Loaded models, reused while the file is unchanged.
-_sessions = SessionCache(f"{__package__}.runtime:Session")
+        return [Finding("ok", f"executorch {version('executorch')}: exports here; running a .pte from Python "
+                              "needs torch (its runtime binding links libtorch)")]

@@ -20,11 +20,31 @@ import numpy as np
 from ...description import ModelDescription
 from ...errors import BadInputError, first_line
 from ...native_output import captured
-from .lower import DESCRIPTION_METHOD
+from ..base import Finding
+
+#: The program's constant method that returns the description's JSON.
+DESCRIPTION_METHOD = "evit_deploy_description"
 
 
 def default_threads() -> int:
     return os.cpu_count() or 1
+
+
+def runtime_name() -> str:
+    from importlib.metadata import version
+
+    return f"ExecuTorch {version('executorch')} runtime (XNNPACK, {default_threads()} threads)"
+
+
+def health(description: ModelDescription) -> list[Finding]:
+    """Whether XNNPACK runs every operator, as the export recorded it."""
+    found = description.extra.get("executorch", {}).get("delegation")
+    if not found:
+        return []
+    if found["fully_delegated"]:
+        return [Finding("ok", f"XNNPACK runs every operator ({found['xnnpack_delegate_calls']} delegate call)")]
+    left = ", ".join(f"{n} {k}" for k, n in found["ops_outside_xnnpack"].items())
+    return [Finding("warning", f"operators outside XNNPACK: {left}")]
 
 
 #: Incremented at each resize of the pool: methods loaded before it must be loaded again.

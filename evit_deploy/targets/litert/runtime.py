@@ -1,4 +1,5 @@
-"""Running a ``.tflite`` with ai-edge-litert's Interpreter (torch-free, TensorFlow-free).
+"""Running a ``.tflite`` with ai-edge-litert's Interpreter (torch-free, TensorFlow-free),
+and reading its description (:mod:`.flatbuffer`).
 
 The Interpreter is the runtime an Android app embeds; by default it hands every operator
 the XNNPACK delegate accepts to XNNPACK, as on the phone. Inputs and outputs are
@@ -23,14 +24,31 @@ from pathlib import Path
 
 import numpy as np
 
+from ...description import ModelDescription
 from ...errors import BadInputError, first_line
 from ...native_output import captured
+from ..base import Finding
+from . import flatbuffer
 
 DELEGATE_NODE = "DELEGATE"
 
 
 def default_threads() -> int:
     return os.cpu_count() or 1
+
+
+def runtime_name() -> str:
+    from importlib.metadata import version
+
+    return f"ai-edge-litert {version('ai-edge-litert')} Interpreter (XNNPACK, {default_threads()} threads)"
+
+
+def read_description(path: Path) -> ModelDescription:
+    """The description in the file's metadata, read without loading the model."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"artifact not found: {path}")
+    return flatbuffer.read_description(path.read_bytes(), str(path))
 
 
 class Session:
@@ -137,3 +155,13 @@ def delegation(session: Session) -> Delegation:
     partitions = sum(1 for n in running if n["op_name"] == DELEGATE_NODE)
     model_ops = sum(1 for n in nodes if n["op_name"] != DELEGATE_NODE)
     return Delegation(partitions, model_ops - sum(outside.values()), dict(sorted(outside.items())))
+
+
+def health(session: Session) -> list[Finding]:
+    """Whether XNNPACK runs every operator of the loaded model, and which it leaves out."""
+    found = delegation(session)
+    if not found.outside:
+        return [Finding("ok", f"XNNPACK runs every operator ({found.partitions} partition)")]
+    left = ", ".join(f"{n} {k}" for k, n in found.outside.items())
+    return [Finding("warning", f"{sum(found.outside.values())} of {found.total_ops} operators outside "
+                               f"XNNPACK ({left})")]

@@ -3,7 +3,8 @@
 ``export`` converts the shared ``torch.export`` trace with ``openvino.convert_model``
 (:mod:`.convert`), quantizes it with NNCF for int8 (:mod:`.quantize`) and stores the
 description in the IR's rt_info, so ``run``, ``verify`` and an application need only the
-two files. Running an artifact needs ``openvino`` and numpy only (:mod:`.runtime`).
+two files. Running an artifact needs ``openvino`` and numpy only (:mod:`.runtime`);
+``profile`` reads the plug-in's performance counters (:mod:`.profile`).
 
 Precisions (``--precision``):
 
@@ -26,14 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ... import calibration as calib
 from ...description import ModelDescription
-from ...cpufeatures import CpuNeeds, check_int8_kernels, int8_cpu_needs
 from ..base import Artifact, Finding, OpTime, Target
 from ..options import calibration_option, int8_kernels_option, precision_option
-
-#: --precision -> (INFERENCE_PRECISION_HINT, weights as stored)
-PRECISIONS = {"fp32": ("f32", "f32"), "fp16": ("f32", "f16"), "bf16": ("bf16", "f32"), "int8": ("f32", "int8")}
 
 
 @dataclass
@@ -55,93 +51,58 @@ class OpenVinoTarget(Target):
     supports_dynamic_batch = True
     Options = OpenVinoOptions
     benchmark_backend = "openvino"
-    supports_profiling = True
+    session_class = f"{__name__}.runtime:LoadedModel"
 
     def validate(self, options: OpenVinoOptions) -> None:
-        from .runtime import require_precision
+        from .runtime import PRECISIONS, require_precision
 
-        calib.check_request(options.precision, options.calibration, target=self.name)
-        check_int8_kernels(options.precision, options.int8_kernels, target=self.name)
+        super().validate(options)
         require_precision(PRECISIONS[options.precision][0])
 
-    def cpu_needs(self, options: OpenVinoOptions) -> CpuNeeds:
-        return int8_cpu_needs(options.precision, options.int8_kernels)
+    def artifact_files(self, path: Path) -> tuple[Path, ...]:
+        from .runtime import artifact_files
+
+        return artifact_files(path)
 
     def export(self, traced, options: OpenVinoOptions, path: Path, reporter) -> Artifact:
-        from .convert import convert, save, set_description
-        from .runtime import import_openvino
+        from .convert import export
 
-        ov = import_openvino()
-        inference_precision, weights = PRECISIONS[options.precision]
-        desc = traced.description
-        model, paths = convert(traced)
-        info = {"inference_precision": inference_precision, "weights": weights,
-                "openvino_version": ov.__version__}
-        if options.precision == "int8":
-            from .quantize import quantize
+        desc, (weights, xml) = export(traced, options, path, reporter)
+        return Artifact(xml, self.name, desc, sidecars=(weights,))
 
-            if options.calibration is None:
-                reporter.warn(calib.DEFAULT_WARNING)
-            calibration = calib.calibration_set(desc.preprocessing, options.calibration)
-            model, facts = quantize(model, desc, calibration, options.int8_kernels, reporter)
-            desc = desc.with_extra(int8=facts)
-        desc = desc.with_extra(openvino=info)
-        set_description(model, desc, inference_precision, paths)
-        xml, weights_file = save(model, path, compress_to_fp16=options.precision == "fp16")
-        return Artifact(xml, self.name, desc, sidecars=(weights_file,))
-
-    # -- reading and running (torch-free) ----------------------------------------------------
     def read_description(self, path: Path) -> ModelDescription:
         from .runtime import read_description
-        return read_description(path)
+
+        return read_description(path)       # the IR read, not compiled
 
     def run(self, path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .runtime import cached_model
-        return cached_model(path).run_named(inputs)
+        return self.sessions().cached(path).run_named(inputs)
 
     def open_session(self, path: Path, threads: int | None = None):
-        from .runtime import load
-        return load(path, threads=threads).run_named
+        return self.sessions().open(path, threads).run_named
 
     def runtime_name(self, path: Path) -> str:
-        from .runtime import inference_precision_of, read_model, runtime_name
-        return runtime_name(inference_precision_of(read_model(path), Path(path)))
+        from .runtime import runtime_name
+
+        return runtime_name(path)
 
     def parity_extras(self, path: Path, report) -> dict:
-        from .runtime import bin_path, cached_model, import_openvino
+        from .runtime import parity_extras
 
-        import_openvino()
-        import openvino.properties.hint as hints
-
-        loaded = cached_model(path)
-        return {"inference_precision": loaded.property(hints.inference_precision).get_type_name(),
-                "weights_bytes": bin_path(path).stat().st_size}
+        return parity_extras(self.sessions().cached(path))
 
     def profile_ops(self, path: Path, inputs: dict[str, np.ndarray], *, threads: int, iterations: int,
                     blocks: dict[str, str]) -> list[OpTime]:
         from .profile import profile_ops
+
         return profile_ops(path, inputs, threads=threads, iterations=iterations, blocks=blocks)
 
     def health(self, path: Path, description: ModelDescription) -> list[Finding]:
-        from .runtime import cpu_capabilities
+        from .runtime import health
 
-        precision = description.extra.get("openvino", {}).get("inference_precision", "f32")
-        if precision == "bf16" and "BF16" not in cpu_capabilities():
-            return [Finding("error", "exported for bf16 inference, which this CPU does not have",
-                            "export --precision fp32 for it")]
-        return []
+        return health(description)
 
-    def diagnose(self) -> list[Finding]:
-        findings = super().diagnose()
-        if any(f.level == "error" for f in findings):
-            return findings
-        from .runtime import cpu_capabilities, import_openvino
+    def host_findings(self) -> list[Finding]:
+        from .runtime import host_findings
 
-        ov = import_openvino()
-        capabilities = cpu_capabilities()
-        findings.append(Finding("ok", f"OpenVINO {ov.__version__.split('-')[0]} CPU plug-in, "
-                                      f"OPTIMIZATION_CAPABILITIES: {', '.join(capabilities)}"))
-        if "BF16" not in capabilities:
-            findings.append(Finding("warning", "this CPU has no BF16 capability: --precision bf16 is refused here",
-                                    "export fp32 or int8 on this machine, bf16 on a CPU with AVX512_BF16 or AMX"))
-        return findings
+        return host_findings()

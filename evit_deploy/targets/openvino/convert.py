@@ -6,7 +6,8 @@ because no library does it for us:
 * the IR's input and output get the description's names (the program's placeholder is
   ``x``, its output ``linear:0``), and a fixed-batch IR gets its static shape (the
   converter reports ``[?,3,?,?]`` although the trace's reshapes are fixed);
-* the evit-deploy description goes into the IR's ``rt_info`` (see :mod:`.runtime`);
+* the evit-deploy description goes into the IR's ``rt_info`` (see :mod:`.runtime`), with
+  what int8 quantization (:mod:`.quantize`) did;
 * the operations' PyTorch modules are recorded (``profile`` attributes time to blocks
   through them): the converter names each operation after the FX node it came from, so
   the program is decoded here as the converter would decode it, and its node names are
@@ -23,18 +24,37 @@ import re
 import tempfile
 from pathlib import Path
 
+from ... import calibration as calib
 from ...description import ModelDescription
 from ...errors import ExportError
 from ...native_output import quiet_loggers
-from .runtime import DESCRIPTION, INFERENCE_PRECISION, MODULE_PATHS, RT_KEY, bin_path, first_line
+from .quantize import quantize
+from .runtime import (DESCRIPTION, INFERENCE_PRECISION, MODULE_PATHS, PRECISIONS, RT_KEY, bin_path, first_line,
+                      import_openvino)
+
+
+def export(traced, options, path: Path, reporter) -> tuple[ModelDescription, tuple[Path, Path]]:
+    """Write the IR at ``path`` (and its .bin) as ``options`` ask: the description it
+    holds, and its two files, weights first."""
+    ov = import_openvino()
+    inference_precision, weights = PRECISIONS[options.precision]
+    desc = traced.description
+    model, paths = convert(traced)
+    info = {"inference_precision": inference_precision, "weights": weights, "openvino_version": ov.__version__}
+    if options.precision == "int8":
+        calibration = calib.for_export(desc.preprocessing, options.calibration, reporter)
+        model, facts = quantize(model, desc, calibration, options.int8_kernels, reporter)
+        desc = desc.with_extra(int8=facts)
+    desc = desc.with_extra(openvino=info)
+    set_description(model, desc, inference_precision, paths)
+    xml, weights_file = save(model, path, compress_to_fp16=options.precision == "fp16")
+    return desc, (weights_file, xml)
 
 
 def convert(traced):
     """The trace's program as an ``openvino.Model`` with the description's names and shape,
     and the PyTorch module each of its operations came from (operation name -> module path,
     for ``profile``)."""
-    from .runtime import import_openvino
-
     ov = import_openvino()
     desc: ModelDescription = traced.description
     try:
@@ -122,8 +142,6 @@ def save(model, xml: Path, *, compress_to_fp16: bool) -> tuple[Path, Path]:
     ``save_model`` transforms the graph as it writes (and names the nodes it makes
     automatically), so the saved IR is read back, given stable names and serialized as is:
     the same export gives the same bytes."""
-    from .runtime import import_openvino
-
     ov = import_openvino()
     xml = Path(xml)
     weights = bin_path(xml)

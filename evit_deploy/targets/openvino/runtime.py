@@ -21,9 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ...description import ModelDescription
 from ... import errors
+from ...description import ModelDescription
 from ...errors import BadInputError
+from ..base import Finding
+
+#: --precision -> (INFERENCE_PRECISION_HINT, weights as stored)
+PRECISIONS = {"fp32": ("f32", "f32"), "fp16": ("f32", "f16"), "bf16": ("bf16", "f32"), "int8": ("f32", "int8")}
 
 #: Where the description lives in the IR's rt_info.
 RT_KEY = "evit_deploy"
@@ -39,6 +43,11 @@ DEVICE = "CPU"
 def bin_path(xml: Path) -> Path:
     """The weights file OpenVINO reads beside ``xml``."""
     return Path(xml).with_suffix(".bin")
+
+
+def artifact_files(xml: Path) -> tuple[Path, Path]:
+    """The two files of an IR, weights first (what a compiled model depends on)."""
+    return bin_path(xml), Path(xml)
 
 
 def import_openvino():
@@ -152,7 +161,7 @@ class LoadedModel:
         self.model = model = read_model(self.path)
         self.description = description_of(model, self.path)
         self.inference_precision = inference_precision_of(model, self.path)
-        require_precision(self.inference_precision, what=f"{self.path.name} (exported for bf16 inference)")
+        self._require_precision()
         try:
             self.compiled = _core().compile_model(model, DEVICE, compile_config(
                 self.inference_precision, threads=threads, profile=profile))
@@ -161,7 +170,11 @@ class LoadedModel:
         self.output_names = [o.get_any_name() for o in self.compiled.outputs]
         self.request = self.compiled.create_infer_request()
 
+    def _require_precision(self) -> None:
+        require_precision(self.inference_precision, what=f"{self.path.name} (exported for bf16 inference)")
+
     def run_named(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._require_precision()       # on every run, not only when compiled: the answer is the host's
         results = self.request.infer(inputs)
         # The request's output tensors are reused by the next call: copy them out.
         return {name: np.array(results[i], copy=True) for i, name in enumerate(self.output_names)}
@@ -177,28 +190,39 @@ def load(xml: Path, *, threads: int | None = None, profile: bool = False) -> Loa
     return LoadedModel(xml, threads=threads, profile=profile)
 
 
-def cached_model(xml: Path) -> LoadedModel:
-    """A compiled model reused while neither file changes (verify reads the description
-    and then runs the same IR on several batches)."""
-    xml = Path(xml)
-    if not xml.is_file():
-        raise BadInputError(f"artifact not found: {xml}")
-    weights = bin_path(xml)
-    stamp = weights.stat().st_mtime_ns if weights.is_file() else None
-    model = _cached(str(xml.resolve()), xml.stat().st_mtime_ns, stamp)
-    # Asked on every use, not only when first compiled: the answer is the host's.
-    require_precision(model.inference_precision, what=f"{xml.name} (exported for bf16 inference)")
-    return model
-
-
-@lru_cache(maxsize=2)
-def _cached(xml: str, xml_mtime: int, bin_mtime: int | None) -> LoadedModel:
-    return LoadedModel(Path(xml))
-
-
-def runtime_name(inference_precision: str = "f32") -> str:
+def runtime_name(xml: Path) -> str:
     ov = import_openvino()
-    return f"OpenVINO {ov.__version__.split('-')[0]} (CPU, {inference_precision})"
+    return f"OpenVINO {ov.__version__.split('-')[0]} (CPU, {inference_precision_of(read_model(xml), Path(xml))})"
+
+
+def parity_extras(model: LoadedModel) -> dict:
+    """What a parity report adds for an IR: the precision the plug-in computed in, the
+    size of the weights."""
+    import_openvino()
+    import openvino.properties.hint as hints
+
+    return {"inference_precision": model.property(hints.inference_precision).get_type_name(),
+            "weights_bytes": bin_path(model.path).stat().st_size}
+
+
+def health(description: ModelDescription) -> list[Finding]:
+    precision = description.extra.get("openvino", {}).get("inference_precision", "f32")
+    if precision == "bf16" and "BF16" not in cpu_capabilities():
+        return [Finding("error", "exported for bf16 inference, which this CPU does not have",
+                        "export --precision fp32 for it")]
+    return []
+
+
+def host_findings() -> list[Finding]:
+    """The plug-in's version and what this CPU offers it (bf16 or not)."""
+    ov = import_openvino()
+    capabilities = cpu_capabilities()
+    findings = [Finding("ok", f"OpenVINO {ov.__version__.split('-')[0]} CPU plug-in, "
+                              f"OPTIMIZATION_CAPABILITIES: {', '.join(capabilities)}")]
+    if "BF16" not in capabilities:
+        findings.append(Finding("warning", "this CPU has no BF16 capability: --precision bf16 is refused here",
+                                "export fp32 or int8 on this machine, bf16 on a CPU with AVX512_BF16 or AMX"))
+    return findings
 
 
 def first_line(exc: Exception) -> str:

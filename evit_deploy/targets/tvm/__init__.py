@@ -55,7 +55,6 @@ class TvmTarget(Target):
     suffixes = (".so",)
     requires = {"tvm": "apache-tvm", "tvm_ffi": "apache-tvm-ffi"}
     run_requires = {"tvm": "apache-tvm", "tvm_ffi": "apache-tvm-ffi"}
-    supports_dynamic_batch = False
     benchmark_backend = "tvm"
     reproducible = False
     reproducibility_note = ("the library is compiled from the schedules in the tuning database, so it is "
@@ -63,9 +62,9 @@ class TvmTarget(Target):
                             "target and the TVM version; tuning itself measures wall-clock time and is not "
                             "repeatable, and LLVM output is not guaranteed byte-identical")
     Options = TvmOptions
+    session_class = f"{__name__}.runtime:Session"
 
     option_shortcuts = {"--db": "db"}
-    supports_profiling = True
 
     @classmethod
     def commands(cls) -> list[Command]:
@@ -107,10 +106,23 @@ class TvmTarget(Target):
         from .convert import export
         return export(traced, options, self.database(options), path, reporter, target_name=self.name)
 
-    def diagnose(self) -> list[Finding]:
-        findings = super().diagnose()
-        if any(f.level == "error" for f in findings):
-            return findings
+    def tuned_options(self, model: str, options: dict, *, batch: int, threads: int, img_size: int, seconds: float,
+                      workdir: Path, reporter) -> dict:
+        from .tune import tune
+
+        parsed = self.parse_options(options)
+        target = self.resolved_target(parsed)
+        result = tune(model, {**target, "num-cores": threads}, time_budget=seconds, batch=batch, img_size=img_size,
+                      db_dir=Path(workdir) / f"tvm-{parsed.precision}-b{batch}-t{threads}", precision=parsed.precision,
+                      reporter=reporter)
+        return {"db": str(result.db_path), "tvm_target": result.target_string}
+
+    def rebuild_options(self, description: ModelDescription) -> dict:
+        # `native` is where it was compiled: elsewhere it would be another CPU.
+        return {**super().rebuild_options(description), "tvm_target": description.extra["tvm"]["target_string"]}
+
+    def host_findings(self) -> list[Finding]:
+        findings = []
         from ...hostinfo import package_version
         from .target_string import resolve_target, to_classic
 
@@ -162,14 +174,6 @@ class TvmTarget(Target):
     def read_description(self, path: Path) -> ModelDescription:
         from .runtime import read_description
         return read_description(path)
-
-    def run(self, path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .runtime import SESSIONS
-        return SESSIONS.cached(path).run_named(inputs)
-
-    def open_session(self, path: Path, threads: int | None = None):
-        from .runtime import SESSIONS
-        return SESSIONS.open(path, threads=threads).run_named
 
     def artifact_files(self, path: Path) -> tuple[Path, ...]:
         from .runtime import artifact_files

@@ -25,7 +25,6 @@ from ...cpufeatures import CpuNeeds, needs_of, require_runnable
 from ...description import ModelDescription
 from ...errors import BadInputError, first_line
 from ...hostinfo import usable_cpus
-from ..sessions import SessionCache
 
 SIDECAR_SUFFIX = ".tvm.json"
 
@@ -156,9 +155,12 @@ def load(library: str | os.PathLike, *, threads: int | None = None) -> CompiledM
     return CompiledModel(library, threads=threads)
 
 
-#: Loaded libraries, reused while both files are unchanged (verify and run read the
-#: description and then run the same library).
-SESSIONS = SessionCache(load, files=artifact_files)
+class Session(CompiledModel):
+    """A loaded library as the target runs it: ``session({name: array}) -> {name: array}``
+    (applications call :class:`CompiledModel` on a batch)."""
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.run_named(inputs)
 
 
 def describe_runtime(description: ModelDescription) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import threading
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from ...errors import BadInputError
 from ...progress import Reporter
+from ..options import parse_duration
 from .database import model_key, versions
 from .policy import trial_budget
 from .target_string import to_classic
@@ -86,33 +86,6 @@ class TuneRequest:
     trials_per_round: int
     start_from: object | None = None     # database.TuningDatabase to take a head start from
     precision: str = "fp32"
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|min|s|sec)?", re.IGNORECASE)
-
-
-def parse_duration(value) -> float:
-    """Seconds from ``90``, ``"90s"``, ``"30m"``, ``"1h30m"`` or ``"1.5h"``."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        text = str(value).strip().lower().replace(" ", "")
-        pos, seconds = 0, 0.0
-        units = {"h": 3600, "m": 60, "min": 60, "s": 1, "sec": 1, None: 1}
-        if not text:
-            raise BadInputError("empty time budget: write e.g. 30m, 1h or 90s")
-        while pos < len(text):
-            match = _DURATION.match(text, pos)
-            if not match or match.end() == pos:
-                raise BadInputError(f"time budget must look like 30m, 1h30m or 90s, got '{value}'")
-            number, unit = match.groups()
-            if unit is None and match.end() != len(text):
-                raise BadInputError(f"time budget must look like 30m, 1h30m or 90s, got '{value}'")
-            seconds += float(number) * units[unit]
-            pos = match.end()
-    if seconds <= 0:
-        raise BadInputError(f"time budget must be positive, got '{value}'")
-    return seconds
 
 
 def tune(model: str = "m0", target: str | dict = "native", *, trials: int | None = None,

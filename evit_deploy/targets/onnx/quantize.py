@@ -1,11 +1,14 @@
-"""int8 ONNX models with onnxruntime's own quantizer (``onnxruntime.quantization``).
+"""The ONNX target's reduced precisions, by onnxruntime's own tools: fp16
+(``onnxruntime.transformers.float16``, fp32 inputs and outputs) and int8
+(``onnxruntime.quantization``).
 
-Static quantization (the default) writes a QDQ model: int8 weights per output channel,
-activations quantized with ranges calibrated on images (:mod:`evit_deploy.calibration`).
-onnxruntime's CPU provider fuses each QuantizeLinear/DequantizeLinear pair around a
-convolution into one integer kernel. Dynamic quantization stores int8 weights and measures
-activation ranges on every batch at run time: no calibration (its speed is not measured
-here; onnxruntime runs its convolutions as ConvInteger).
+For int8, static quantization (the default) writes a QDQ model: int8 weights per output
+channel, activations quantized with ranges calibrated on images
+(:mod:`evit_deploy.calibration`). onnxruntime's CPU provider fuses each
+QuantizeLinear/DequantizeLinear pair around a convolution into one integer kernel.
+Dynamic quantization stores int8 weights and measures activation ranges on every batch
+at run time: no calibration (its speed is not measured here; onnxruntime runs its
+convolutions as ConvInteger).
 
 The recipe was chosen by measuring on onnxruntime's CPU provider (README, "Reduced
 precision"; ``benchmarks/onnx_int8_recipe.py`` repeats the measurement):
@@ -35,12 +38,34 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from ..calibration import CalibrationSet
-from ..errors import ExportError, first_line
-from ..native_output import quiet_loggers
+from ... import calibration as calib
+from ...calibration import CalibrationSet
+from ...description import ModelDescription
+from ...errors import ExportError, first_line
+from ...native_output import quiet_loggers
 
 #: Operator types kept in float: quantizing them made the model slower (see above).
 KEEP_FLOAT = ("MatMul", "Softmax", "Mul", "Sigmoid")
+
+
+def fp16(proto):
+    """An fp16 copy of the fp32 ``proto`` (weights and compute; fp32 inputs and outputs).
+    Its input casts come last in the node list: the caller sorts the graph."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True)
+
+
+def int8(proto, desc: ModelDescription, options, reporter) -> tuple[object, ModelDescription]:
+    """The int8 copy ``options`` ask for (calibrated on their images, for static
+    quantization) and the description with the facts of its quantization."""
+    calibration = None
+    if options.quantization == "static":
+        calibration = calib.for_export(desc.preprocessing, options.calibration, reporter)
+    proto, facts = quantize(proto, mode=options.quantization, kernels=options.int8_kernels,
+                            calibration=calibration, input_name=desc.input.name,
+                            input_format=desc.input_format, preprocessing=desc.preprocessing, batch=desc.batch)
+    return proto, desc.with_extra(int8=facts)
 
 
 def op_types_to_quantize(proto) -> list[str]:

@@ -7,41 +7,50 @@
 * ``to_edge_transform_and_lower`` with the ``XnnpackPartitioner`` then hands every
   operator XNNPACK supports to the delegate; :func:`delegation` counts what is left
   outside (run by ExecuTorch's portable kernels).
-* int8: PyTorch 2 export quantization with ExecuTorch's ``XNNPACKQuantizer`` (static,
-  int8 per-channel symmetric weights, int8 activations calibrated on
-  :mod:`evit_deploy.calibration` images). The program keeps float32 input and output;
-  quantize and dequantize run inside the delegate.
-* fp16: the deploy model in half precision, exported again with a float16 input and
-  output (weights, activations and XNNPACK's arithmetic in fp16), so that XNNPACK runs
-  the whole program: ExecuTorch 1.5.1's XNNPACK partitioner takes ``_to_dim_order_copy``
-  only when it keeps the dtype ("dtype conversion ... is not supported",
-  ``ToDimOrderCopyConfig``), so float32 ends would leave two casts to the portable
-  kernels. The app converts the image to float16 and reads float16 logits (as a LiteRT
-  int8 app quantizes its input); the description's tensor types say so and ``run`` and
-  ``verify`` convert.
+* int8 and fp16 programs come from :mod:`.quantize`.
 * The description goes into the program as a *constant method* (ExecuTorch's way of
   storing configuration in a ``.pte``: a method that returns the value), named
-  :data:`DESCRIPTION_METHOD`.
+  :data:`.runtime.DESCRIPTION_METHOD`.
 """
 
 from __future__ import annotations
 
 import collections
 import copy
-import dataclasses
+from pathlib import Path
 
 from ... import calibration as calib
 from ...description import ModelDescription
 from ...errors import ExportError, first_line
+from ...fsutil import atomic_path
 from ...native_output import captured
+from . import quantize
+from .runtime import DESCRIPTION_METHOD
 
-DESCRIPTION_METHOD = "evit_deploy_description"
 DELEGATE_CALL = "executorch_call_delegate"
 
 
-def lower(traced, precision: str, calibration_dir):
+def export(traced, options, path: Path, reporter) -> ModelDescription:
+    """Write the ``.pte`` at ``path`` as ``options`` ask; the description it holds."""
+    calibration = None
+    if options.precision == "int8":
+        calibration = calib.for_export(traced.description.preprocessing, options.calibration, reporter)
+    edge, delegated, facts, desc = lower(traced, options.precision, calibration)
+    extra = {"delegation": delegated, **({options.precision: facts} if facts else {})}
+    desc = desc.with_extra(executorch=extra)
+    if not delegated["fully_delegated"]:
+        left = ", ".join(f"{n} {k}" for k, n in delegated["ops_outside_xnnpack"].items())
+        reporter.warn(f"not every operator is delegated to XNNPACK: {left} run on ExecuTorch's portable kernels")
+    data = to_pte(edge, desc)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return desc
+
+
+def lower(traced, precision: str, calibration):
     """(edge program manager, delegation facts, precision facts, the program's description:
-    the trace's, with the tensor types the program takes and returns)."""
+    the trace's, with the tensor types the program takes and returns); ``calibration``:
+    the images of an int8 program."""
     import torch
     # Importing ExecuTorch imports torchao, which announces the CUDA kernels it cannot load
     # on a CPU build: nothing for the user to act on.
@@ -54,9 +63,9 @@ def lower(traced, precision: str, calibration_dir):
     program, description = traced.program, traced.description
     with torch.no_grad():
         if precision == "int8":
-            program, facts = _int8(traced, calibration_dir)
+            program, facts = quantize.int8(traced, calibration)
         elif precision == "fp16":
-            program, facts, description = _fp16(traced)
+            program, facts, description = quantize.fp16(traced)
         try:
             # A copy: the trace is shared with the other targets of a build. The int8
             # weights' dequantize must stay: folded, the weights would be fp32 again and
@@ -119,49 +128,3 @@ def to_pte(edge, description: ModelDescription) -> bytes:
         return bytes(final.to_executorch().buffer)
     except Exception as exc:
         raise ExportError(f"ExecuTorch could not emit the program: {first_line(exc)}") from exc
-
-
-def _int8(traced, calibration_dir):
-    import torch
-    with captured():            # torchao's announcements, as in lower()
-        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
-                                                                             get_symmetric_quantization_config)
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    description = traced.description
-    images = calib.calibration_set(description.preprocessing, calibration_dir)
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    try:
-        prepared = prepare_pt2e(traced.program.module(), quantizer)
-        for batch in images.batches(description.preprocessing, description.input_format, description.batch):
-            prepared(torch.from_numpy(batch))
-        quantized = convert_pt2e(prepared)
-        program = torch.export.export(quantized, (traced.example_input(),))
-    except Exception as exc:
-        raise ExportError(f"pt2e int8 quantization failed: {first_line(exc)}") from exc
-    facts = {"scheme": "PT2E static (ExecuTorch's XNNPACKQuantizer)",
-             "weights": "int8 per channel, symmetric",
-             "activations": "int8 per tensor (affine), ranges observed on the calibration images",
-             "io": "float32 (quantize/dequantize inside the program)",
-             "calibration": images.describe()}
-    return program, facts
-
-
-def _fp16(traced):
-    """(fp16 program, facts, the description with float16 input and output)."""
-    import torch
-
-    deploy = copy.deepcopy(traced.deploy).half().eval()
-    try:
-        program = torch.export.export(deploy, (traced.example_input().to(torch.float16),))
-    except Exception as exc:
-        raise ExportError(f"the fp16 model does not export: {first_line(exc)}") from exc
-    desc = traced.description
-    desc = dataclasses.replace(desc, inputs=_half(desc.inputs), outputs=_half(desc.outputs))
-    return program, {"compute": "fp16 (weights and activations, XNNPACK fp16 kernels)",
-                     "io": "float16 input and output (the app converts)"}, desc
-
-
-def _half(tensors):
-    return tuple(dataclasses.replace(t, dtype="float16") for t in tensors)
-

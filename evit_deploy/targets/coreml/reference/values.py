@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..package import resolve_program_file
 from .blob import NUMPY_TYPES, SUBBYTE_BITS, BlobFile, unpack_subbyte
-from .package import resolve_program_file
 
 #: MIL proto DataType names -> the type names ML programs use (and blob.NUMPY_TYPES keys).
 _PROTO_TYPE_NAMES = {"BOOL": "bool", "STRING": "string", "FLOAT16": "fp16", "FLOAT32": "fp32",
@@ -46,7 +46,7 @@ class TensorInfo:
 
 
 def type_name(data_type: int) -> str:
-    from .quiet_import import proto
+    from ..quiet_import import proto
 
     _, MIL_pb2 = proto()
     return _PROTO_TYPE_NAMES.get(MIL_pb2.DataType.Name(data_type), MIL_pb2.DataType.Name(data_type).lower())

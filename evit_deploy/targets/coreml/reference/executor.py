@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import BadInputError
+from ....errors import BadInputError
+from ..package import model_file, read_spec
 from .ops import OPS, OpCall
-from .package import model_file, read_spec
 from .values import TensorInfo, ValueDecoder, tensor_info
 
 FUNCTION = "main"
