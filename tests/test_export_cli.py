@@ -55,6 +55,31 @@ def test_profile_is_a_deprecated_alias_of_device(cli, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_verify_takes_its_tolerance_from_parity(m0_onnx, tmp_path, cli):
+    """With overrides or without, ``verify`` starts from parity's tolerance for the
+    artifact's precision: a precision parity has none for is parity's one-line error (exit
+    2), not an fp32 tolerance quietly applied."""
+    from evit_deploy.parity import default_tolerance
+
+    model = onnx.load(m0_onnx)
+    for prop in model.metadata_props:
+        if prop.key == "evit_deploy.description":
+            desc = json.loads(prop.value)
+            desc["extra"]["precision"] = "int3"
+            prop.value = json.dumps(desc)
+    odd = tmp_path / m0_onnx.name
+    onnx.save(model, odd)
+    with pytest.raises(Exception) as raised:
+        default_tolerance("int3")
+    for overrides in ([], ["--max-rel", "0.5"], ["--top1", "none"]):
+        code, _, err = cli("verify", odd, *overrides)
+        assert code == EXIT_BAD_INPUT and err.strip() == f"error: {raised.value}", (overrides, err)
+    code, out, err = cli("verify", m0_onnx, "--min-cosine", "0.5", "--json", "-")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["passed"] and report["tolerance"]["min_cosine"] == 0.5
+
+
 def test_any_torch_module_through_the_same_pipeline(cli, tmp_path):
     code, out, err = cli("export", "--model", "custom_models:mobile_cnn", "--input-size", "160",
                          "-t", "onnx", "--out", tmp_path, "--json", tmp_path / "r.json")
