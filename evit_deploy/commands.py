@@ -5,6 +5,10 @@ function declaring its parameters as Typer does and returning a result
 ``reporter`` (its progress display), ``quiet`` (``--quiet``) and ``shortcuts`` (the short
 flags targets declare for their options, as ``{(target, option): value}``).
 
+A new command is one function here under ``@command()`` returning
+``Output(data for --json, console.<its renderer>(...))``, and that renderer in
+:mod:`evit_deploy.console`; the CLI registers it in the order of this file.
+
 Heavy libraries are imported inside the commands that need them: ``run`` on an ONNX or
 TVM artifact never imports torch.
 """

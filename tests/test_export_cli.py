@@ -41,7 +41,7 @@ def test_target_options_from_the_command_line_and_devices(tmp_path, cli):
 
 def test_profile_is_a_deprecated_alias_of_device(cli, tmp_path):
     """``export --profile`` and ``profile=`` (kept for one release) name a device, with a
-    warning; both names at once is an error. Checked through plans that stop before tracing."""
+    warning; both names at once is an error."""
     code, _, err = cli("export", "m0", "--profile", "onnx-cpu", "-t", "tvm", "--out", tmp_path)
     assert code == EXIT_BAD_INPUT and "device 'onnx-cpu' is for target 'onnx', not 'tvm'" in err
     assert "--profile is deprecated" in err and "use --device" in err
@@ -53,6 +53,11 @@ def test_profile_is_a_deprecated_alias_of_device(cli, tmp_path):
         plan = plan_export("m0", profile="onnx-cpu")
     assert plan.device == "onnx-cpu" and plan.target.name == "onnx" and plan.options.opset == 18
     assert not list(tmp_path.iterdir())
+    code, out, err = cli("-q", "export", "m0", "--img-size", "64", "--profile", "onnx-cpu", "--no-verify",
+                         "--out", tmp_path / "old")
+    assert code == 0 and "--profile is deprecated" in err, err
+    meta = {p.key: p.value for p in onnx.load(out.strip().splitlines()[-1]).metadata_props}
+    assert json.loads(meta["evit_deploy.description"])["extra"]["profile"] == "onnx-cpu"
 
 
 def test_verify_takes_its_tolerance_from_parity(m0_onnx, tmp_path, cli):
@@ -72,7 +77,7 @@ def test_verify_takes_its_tolerance_from_parity(m0_onnx, tmp_path, cli):
     with pytest.raises(Exception) as raised:
         default_tolerance("int3")
     for overrides in ([], ["--max-rel", "0.5"], ["--top1", "none"]):
-        code, _, err = cli("verify", odd, *overrides)
+        code, _, err = cli("-q", "verify", odd, *overrides)
         assert code == EXIT_BAD_INPUT and err.strip() == f"error: {raised.value}", (overrides, err)
     code, out, err = cli("verify", m0_onnx, "--min-cosine", "0.5", "--json", "-")
     assert code == 0, err
