@@ -30,7 +30,7 @@ import sys
 import warnings
 from pathlib import Path
 
-PAPER_PROFILE = "xeon-e5-2690v4"
+PAPER_DEVICE = "xeon-e5-2690v4"
 DEFAULTS_GOAL = 0.7             # x onnxruntime, no tuning
 TUNED_GOAL = 1.2                # x onnxruntime at batch 16, one thread
 TUNED_GOAL_OTHER_SHAPES = 1.0   # x onnxruntime at batch 1 or with more threads
@@ -38,10 +38,10 @@ PEERS = ("openvino", "openvino:bf16")    # what a server team would use instead,
 
 
 def paper_ratios() -> dict[str, float]:
-    """The paper's TVM/PyTorch throughput ratio per model (from the Xeon profile)."""
-    from evit_deploy.device_profiles import load_device_profile
+    """The paper's TVM/PyTorch throughput ratio per model (from the Xeon device file)."""
+    from evit_deploy.devices import load_device
 
-    paper = load_device_profile(PAPER_PROFILE).paper
+    paper = load_device(PAPER_DEVICE).paper
     return {m: paper["throughput_tvm_ips"][m] / paper["throughput_ips"][m] for m in paper["throughput_ips"]}
 
 

@@ -1,4 +1,4 @@
-"""evit-deploy: EfficientViT from PyTorch to ONNX, Core ML and TVM, with proven parity.
+"""evit-deploy: EfficientViT M0-M5 to ONNX, Core ML, TVM, OpenVINO, LiteRT and ExecuTorch, with proven parity.
 
 The public API is importable from here; torch is only imported when a function that
 needs it is first used, so ``evit_deploy.run`` on an ONNX artifact stays torch-free.
@@ -17,13 +17,14 @@ _API = {
     "model_info": ("evit_deploy.api", "model_info"),
     "models_overview": ("evit_deploy.api", "models_overview"),
     "list_targets": ("evit_deploy.targets", "list_targets"),
-    "load_device_profile": ("evit_deploy.device_profiles", "load_device_profile"),
-    "list_device_profiles": ("evit_deploy.device_profiles", "list_device_profiles"),
+    "load_device": ("evit_deploy.devices", "load_device"),
+    "list_devices": ("evit_deploy.devices", "list_devices"),
     "plan_export": ("evit_deploy.plan", "plan_export"),
     "optimize": ("evit_deploy.optimizer", "optimize"),
 }
-# Earlier names, kept so that existing code keeps working.
-_ALIASES = {"load_profile": _API["load_device_profile"], "list_profiles": _API["list_device_profiles"]}
+# Earlier names, kept so that existing code keeps working (the device ones for one release).
+_ALIASES = {"load_device_profile": _API["load_device"], "list_device_profiles": _API["list_devices"],
+            "load_profile": _API["load_device"], "list_profiles": _API["list_devices"]}
 
 __all__ = ["__version__", *_API]
 

@@ -21,7 +21,7 @@ from .fsutil import ensure_output_dir, output_error, publish, remove, write_json
 from .parity import ParityReport, Tolerance, verify_outputs
 from .preprocess import preprocess_file
 from .progress import Reporter
-from .plan import ExportPlan, plan_export, trace_plan
+from .plan import ExportPlan, device_argument, plan_export, trace_plan
 from .targets import Artifact, target_for_artifact
 
 @dataclass
@@ -32,21 +32,23 @@ class ExportResult:
 
 
 def export(model: str = "m0", target: str | None = "onnx", *, out_dir: str | Path = ".",
-           weights=None, options=None, profile: str | None = None, cli_args: list[str] | None = None,
+           weights=None, options=None, device: str | None = None, cli_args: list[str] | None = None,
            batch: int | None = None, dynamic_batch: bool = False, img_size: int = 224, num_classes: int = 1000,
            distillation: bool = False, input_size: tuple[int, int] | None = None, seed: int = 0,
            task: str = "classification", neck: str = "maskrcnn",
            verify: bool = True, images=None, tolerance: Tolerance | None = None,
-           reporter: Reporter | None = None) -> ExportResult:
+           reporter: Reporter | None = None, profile: str | None = None) -> ExportResult:
     """Trace ``model``, export it for ``target`` into ``out_dir`` and prove parity.
 
     The artifact appears under its final name only after it passed parity (or with
     ``verify=False``). On a parity failure the files are kept in
     ``<out_dir>/<name>.rejected/`` with the report, and :class:`ParityError` is raised.
     ``batch=None`` is the target's choice (a TVM export takes the batch its tuning database
-    was made for), else 1. See :func:`~evit_deploy.plan.plan_export` for the options.
+    was made for), else 1. See :func:`~evit_deploy.plan.plan_export` for the options;
+    ``profile`` is the deprecated name of ``device``.
     """
-    plan = plan_export(model, target, options=options, profile=profile, cli_args=cli_args, batch=batch,
+    device = device_argument(device, profile)
+    plan = plan_export(model, target, options=options, device=device, cli_args=cli_args, batch=batch,
                        dynamic_batch=dynamic_batch, weights=weights, img_size=img_size, num_classes=num_classes,
                        distillation=distillation, input_size=input_size, task=task, neck=neck, seed=seed)
     return export_plan(plan, out_dir, verify=verify, images=images, tolerance=tolerance, reporter=reporter)
@@ -76,7 +78,8 @@ def export_traced(traced, plan: ExportPlan, out_dir: Path, *, verify: bool = Tru
     description = traced.description.with_extra(
         target=tgt.name, precision=plan.precision, options=plan.options_dict(),
         cpu=needs.to_dict(),
-        **({"profile": plan.profile} if plan.profile else {}))
+        # Stored under its earlier name: artifacts already made carry it so.
+        **({"profile": plan.device} if plan.device else {}))
     traced = dataclasses.replace(traced, description=description)
     final = out_dir / tgt.artifact_name(description, opts)
     staging = out_dir / f".evit-staging-{uuid.uuid4().hex[:12]}"
@@ -220,6 +223,10 @@ def evaluate(artifacts, *, images=None, labels=None, weights=None, reporter: Rep
 class Prediction:
     source: str
     top: list[tuple[int, str, float]]       # (class index, label, probability)
+
+    def to_dict(self) -> dict:
+        return {"input": self.source,
+                "top": [{"index": i, "label": label, "probability": p} for i, label, p in self.top]}
 
 
 @dataclass

@@ -1,7 +1,10 @@
-"""Rich rendering for people: progress of stages and tasks, and result tables."""
+"""Rich rendering for people: progress of stages and tasks, result tables, and the output
+of a command (its JSON, its tables, its warnings)."""
 
 from __future__ import annotations
 
+import json
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -169,3 +172,171 @@ def eval_table(result) -> Table:
     title = (f"{len(images.paths)} images from {images.source}; labels: {images.labels_source or 'none'}. "
              f"Against the fp32 PyTorch model; max logit error relative to its largest logit.")
     return table(title, columns, rows, justify_right=set(range(2, len(columns))))
+
+
+def show(result, json_out: str | None) -> None:
+    """What every command does with its result (a :class:`~evit_deploy.targets.CommandResult`):
+    its data to ``--json FILE`` (``-``: stdout, which then carries nothing else), its
+    tables for people, its warnings on stderr; then the error it holds, if any, is raised.
+    A table that is a ``str`` is printed as plain text: a path a script reads must not wrap."""
+    if json_out is not None and result.data is not None:
+        text = json.dumps(result.data, indent=2, default=str) + "\n"
+        if json_out == "-":
+            sys.stdout.write(text)
+        else:
+            from .fsutil import write_text_atomic
+            write_text_atomic(json_out, text)
+    if json_out != "-":
+        for item in result.tables:
+            if isinstance(item, str):
+                print(item)
+            else:
+                out.print(item)
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {warning}")
+    error = getattr(result, "error", None)
+    if error is not None:
+        raise error
+
+
+def models_table(rows: list[dict]) -> Table:
+    return table("EfficientViT family (params after BN folding, MACs at 224×224, counted on our model)",
+                 ["model", "resolution", "params (M)", "MACs (M)", "paper top-1 (%)"],
+                 [[r["model"], r["resolution"], f"{r['params_m']:.2f}", f"{r['macs_m']:.1f}",
+                   f"{r['paper_top1']:.1f}"] for r in rows], justify_right={1, 2, 3, 4})
+
+
+def info_tables(data: dict, img_size: int) -> list[Table]:
+    """The stages of one model, then its counts before and after BN folding."""
+    u, f = data["unfused"], data["fused"]
+    return [table(f"{data['display_name']} at {img_size}×{img_size} (patch 16, key dim 16)",
+                  ["stage", "resolution", "dim", "depth", "heads", "Q kernels", "window"],
+                  [[s["stage"], s["resolution"], s["embed_dim"], s["depth"], s["heads"],
+                    ",".join(map(str, s["kernels"])), f"{s['window']}×{s['window']}"] for s in data["stages"]],
+                  justify_right={2, 3, 4}),
+            table(None, ["", "params", "conv", "linear", "batchnorm", "MACs"],
+                  [["unfused", f"{u['params'] / 1e6:.3f} M", u["conv"], u["linear"], u["batchnorm"], ""],
+                   ["BN folded", f"{f['params'] / 1e6:.3f} M", f["conv"], f["linear"], f["batchnorm"],
+                    f"{data['macs'] / 1e6:.1f} M"]], justify_right={1, 2, 3, 4, 5})]
+
+
+def run_table(result) -> Table:
+    """A classifier's top-k, or for other models each output's shape and range."""
+    title = f"{result.description.display_name} — {result.runtime}"
+    if result.predictions:
+        return predictions_table(result.predictions, title=title)
+    docs = {s.name: s.doc for s in result.description.outputs}
+    return table(title, ["output", "shape", "min", "mean", "max", ""],
+                 [[name, "×".join(map(str, v.shape)), f"{v.min():.4g}", f"{v.mean():.4g}", f"{v.max():.4g}",
+                   docs.get(name, "")] for name, v in result.outputs.items()], justify_right={2, 3, 4})
+
+
+def targets_table(infos) -> Table:
+    rows = []
+    for i in infos:
+        status = "[green]ready[/]" if i.usable else (
+            f"[red]broken: {i.error}[/]" if i.error else f"[yellow]pip install {' '.join(i.missing)}[/]")
+        rows.append([i.name, i.produces, " ".join(i.precisions), ", ".join(i.requires), status, i.source])
+    return table("Export targets", ["target", "produces", "--precision", "needs", "status", "entry point"], rows)
+
+
+def devices_table(devices) -> Table:
+    return table("Devices", ["device", "target", "options", "description"],
+                 [[d.name, d.target, " ".join(f"{k}={v}" for k, v in d.options.items()), d.description]
+                  for d in devices])
+
+
+def bench_tables(result) -> list:
+    """Throughput per model and backend beside the paper's, then each rejected backend."""
+    from .models.registry import resolve_name
+
+    s = result.settings
+    backends = s["backends"]
+    rows = []
+    for model in dict.fromkeys(r.model for r in result.records):
+        spec = resolve_name(model)
+        recs = {r.backend: r for r in result.records if r.model == model}
+        cells = []
+        for b in backends:
+            r = recs[b]
+            if r.rejected:
+                cells.append("[red]rejected[/] (below)")
+                continue
+            ratio = "" if b == s["baseline"] or r.ratio_to_baseline is None else \
+                f" ({(r.ratio_to_baseline - 1) * 100:+.1f}%)"
+            flag = " [yellow]noisy[/]" if r.noisy else ""
+            notes = "".join(f" [red]({note})[/]" for note in r.notes)
+            cells.append(f"{r.images_per_s:.0f}{ratio}{flag}{notes}")
+        paper = spec.paper
+        rows.append([spec.short_name.upper(), f"{paper.top1:.1f}", *cells,
+                     f"{paper.cpu_torch_ips:.0f} → {paper.cpu_tvm_ips:.0f} "
+                     f"({(paper.cpu_tvm_ips / paper.cpu_torch_ips - 1) * 100:+.1f}%)"])
+        mem = [f"{recs[b].peak_rss_mb:.0f} MB" if recs[b].peak_rss_mb else "" for b in backends]
+        if any(mem):
+            rows.append(["  peak RSS", "", *mem, ""])
+    title = (f"Throughput (images/s), batch {s['batch']}, {s['threads']} thread(s), BN folded, fp32 unless the "
+             f"backend names a precision; ratios vs {s['baseline']} — {result.host['model']}")
+    rejected = [Text.from_markup(f"[red]rejected[/] {r.model} {r.backend}: {r.rejected}")
+                for r in result.records if r.rejected]
+    return [table(title, ["model", "paper top-1", *backends, "paper Xeon E5-2690 v4: torch → TVM"], rows,
+                  justify_right=set(range(1, len(backends) + 2))), *rejected]
+
+
+def profile_tables(results) -> list[Table]:
+    """Per backend: time by operator category, then by block where the runtime keeps blocks."""
+    tables = []
+    for r in results:
+        tables.append(table(f"{r.model} on {r.backend}: {r.total_ms:.1f} ms per batch of {r.batch}, "
+                            f"{r.memory_bound_share * 100:.0f}% memory-bound",
+                            ["operator category", "bound", "ms", "share"],
+                            [[c["category"], c["bound"], f"{c['ms']:.2f}", f"{c['share'] * 100:.1f}%"]
+                             for c in r.by_category], justify_right={2, 3}))
+        if r.by_block:
+            tables.append(table(None, ["block", "ms", "share", "memory-bound within block"],
+                                [[b["block"], f"{b['ms']:.2f}", f"{b['share'] * 100:.1f}%",
+                                  "" if b["memory_bound_share"] is None else f"{b['memory_bound_share'] * 100:.0f}%"]
+                                 for b in r.by_block], justify_right={1, 2, 3}))
+    return tables
+
+
+#: How a build status shows, by its text (this module sits below the build package).
+_BUILD_STYLES = {"built": "green", "up to date": "dim"}
+
+
+def build_table(result, file: Path) -> Table:
+    rows = []
+    for r in result.records:
+        parity = r.parity or {}
+        worst = max((o["max_rel"] for o in parity.get("outputs", []) if isinstance(o["max_rel"], float)),
+                    default=None)
+        style = "red" if r.status.failed else _BUILD_STYLES.get(r.status.value, "green")
+        status = f"[{style}]{r.status.value}[/]"
+        rows.append([f"{r.artifact}/{r.model.rsplit('_', 1)[-1]}", r.target, status,
+                     f"{r.size / 1e6:.1f} MB" if r.size is not None else "",
+                     f"{worst:.1e}" if worst is not None else "", parity.get("precision", ""),
+                     (r.error or "")[:80]])
+    return table(f"Build of {file} → {result.manifest}", ["artifact", "target", "status", "size",
+                                                          "max rel err", "precision", "error"], rows)
+
+
+def doctor_tables(report) -> list[Table]:
+    """Host, packages, each target's findings, and the verdict on each artifact given."""
+    host = report.host
+    rows = []
+    for t in report.targets:
+        for i, f in enumerate(t.findings):
+            mark = {"ok": "[green]ok[/]", "warning": "[yellow]warning[/]", "error": "[red]error[/]"}[f.level]
+            rows.append([t.name if i == 0 else "", "[green]usable[/]" if t.usable and i == 0 else
+                         ("[red]unusable[/]" if i == 0 else ""), mark, f.message, f.advice])
+    tables = [table("Host", ["", ""], [["CPU", host["model"]],
+                                       ["cores", f"{host['usable_cores']} usable of {host['logical_cores']} logical"],
+                                       ["vector extensions", " ".join(host["vector_extensions"]) or "none found"],
+                                       ["OS", host["os"]]]),
+              table("Packages", ["package", "version"],
+                    [[k, v or "[yellow]not installed[/]"] for k, v in report.versions.items()]),
+              table("Targets", ["target", "status", "", "finding", "advice"], rows)]
+    if report.artifacts:
+        tables.append(table("Artifacts on this CPU", ["artifact", "target", "", "verdict"],
+                            [[a.path, a.target, "[green]ok[/]" if a.as_verified else "[red]no[/]", a.verdict]
+                             for a in report.artifacts]))
+    return tables

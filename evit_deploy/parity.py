@@ -367,15 +367,26 @@ def compare(exact: dict[str, np.ndarray], fp32: list[dict[str, np.ndarray]], out
     return metrics, results
 
 
+def precision_of(description: ModelDescription) -> str:
+    """The precision class an artifact was exported in (fp32 for artifacts that predate it)."""
+    return description.extra.get("precision", "fp32")
+
+
+def default_tolerance(of: ModelDescription | str) -> Tolerance:
+    """The tolerance a parity check applies by default to an artifact (its description) or
+    a precision class; overrides go on top (:meth:`Tolerance.override`)."""
+    precision = of if isinstance(of, str) else precision_of(of)
+    if precision not in TOLERANCES:
+        raise BadInputError(f"no default tolerance for precision '{precision}'; pass one explicitly")
+    return TOLERANCES[precision]
+
+
 def verify_outputs(*, target, path, description: ModelDescription, reference, artifact: str,
                    precision: str | None = None, tolerance: Tolerance | None = None,
                    images_dir=None, noise: int = 4, seed: int = 0) -> ParityReport:
     """Run an artifact and its reference on the parity inputs and judge the difference."""
-    precision = precision or description.extra.get("precision", "fp32")
-    if tolerance is None:
-        if precision not in TOLERANCES:
-            raise BadInputError(f"no default tolerance for precision '{precision}'; pass one explicitly")
-        tolerance = TOLERANCES[precision]
+    precision = precision or precision_of(description)
+    tolerance = tolerance or default_tolerance(precision)
     inputs = sample_inputs(description.preprocessing, images_dir=images_dir, noise=noise, seed=seed)
     images = np.stack([p.image for p in inputs])
     exact, fp32, how = exact_and_noise(reference, to_input(images, description.preprocessing, "normalized"))

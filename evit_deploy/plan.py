@@ -1,7 +1,7 @@
 """The export plan: every decision about an export, made once, before anything is traced.
 
 ``export``, ``build``, ``bench`` and ``profile`` all make artifacts. Each of them used to
-resolve the target, merge the device profile's options with the user's, pick the batch
+resolve the target, merge the device's options with the user's, pick the batch
 and the input format on its own, and one of them forgot to ask the target for its batch
 (a build file's TVM library ignored the batch its tuning database was made for). Now
 they all call :func:`plan_export` and trace what it decided (:func:`trace_plan`).
@@ -12,6 +12,7 @@ Torch-free until :func:`trace_plan`.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +42,7 @@ class ExportPlan:
     request: ModelRequest
     target: Target
     options: object                         # the target's Options dataclass, validated
-    profile: str | None                     # device profile the options started from
+    device: str | None                      # the device whose options the options started from
     batch: int
     dynamic_batch: bool
     input_format: str                       # what the trace takes (preprocess.INPUT_FORMATS)
@@ -67,21 +68,34 @@ def resolve_model_name(model: str) -> str:
     return str(model) if is_custom(model) else resolve_name(model).name
 
 
-def merge_options(target: str | None, options=None, *, profile: str | None = None,
-                  cli_args: list[str] | None = None, source: str = "options") -> tuple[Target, object, str | None]:
-    """(target, validated options, profile name): the profile's options, then ``options``
+def device_argument(device: str | None, profile: str | None) -> str | None:
+    """``device=``, or ``profile=``, its name before devices were called devices (accepted
+    for one release)."""
+    if profile is None:
+        return device
+    if device is not None:
+        raise BadInputError("give the device once: device= (profile= is its deprecated alias)")
+    warnings.warn("profile= is deprecated: use device=", DeprecationWarning, stacklevel=3)
+    return profile
+
+
+def merge_options(target: str | None, options=None, *, device: str | None = None,
+                  cli_args: list[str] | None = None, source: str = "options",
+                  profile: str | None = None) -> tuple[Target, object, str | None]:
+    """(target, validated options, device name): the device's options, then ``options``
     (a mapping or the target's Options dataclass), then ``cli_args`` (``--flag value``).
     ``source`` names where the options come from in error messages."""
+    device = device_argument(device, profile)
     values: dict = {}
-    if profile is not None:
-        from .device_profiles import load_device_profile
-        prof = load_device_profile(profile)
-        if target is not None and target != prof.target:
-            raise BadInputError(f"profile '{prof.name}' is for target '{prof.target}', not '{target}'")
-        target = prof.target
-        values.update(prof.options)
+    if device is not None:
+        from .devices import load_device
+        found = load_device(device)
+        if target is not None and target != found.target:
+            raise BadInputError(f"device '{found.name}' is for target '{found.target}', not '{target}'")
+        target = found.target
+        values.update(found.options)
     if target is None:
-        raise BadInputError("no target given: pass --target NAME or --profile NAME")
+        raise BadInputError("no target given: pass --target NAME or --device NAME")
     tgt = get_target(target)
     if dataclasses.is_dataclass(options) and not isinstance(options, type):
         values.update(options_to_dict(options))
@@ -89,22 +103,23 @@ def merge_options(target: str | None, options=None, *, profile: str | None = Non
         values.update(options or {})
     if cli_args:
         values.update(parse_cli_values(tgt.Options, cli_args, target=tgt.name))
-    return tgt, tgt.parse_options(values, source=source), (profile and Path(profile).stem)
+    return tgt, tgt.parse_options(values, source=source), (device and Path(device).stem)
 
 
-def plan_export(model: str, target: str | None = None, *, options=None, profile: str | None = None,
+def plan_export(model: str, target: str | None = None, *, options=None, device: str | None = None,
                 cli_args: list[str] | None = None, batch: int | None = None, dynamic_batch: bool = False,
                 weights=None, img_size: int = 224, num_classes: int = 1000, distillation: bool = False,
                 input_size: tuple[int, int] | None = None, task: str = "classification",
-                neck: str = "maskrcnn", seed: int = 0) -> ExportPlan:
+                neck: str = "maskrcnn", seed: int = 0, profile: str | None = None) -> ExportPlan:
     """Decide everything about an export; raise :class:`BadInputError` (or
     :class:`MissingDependencyError`) for anything wrong with the request, before any work.
 
     ``batch=None`` is the target's choice (a TVM export takes the batch its tuning
-    database was made for), else 1.
+    database was made for), else 1. ``profile`` is the deprecated name of ``device``.
     """
     name = resolve_model_name(model)
-    tgt, opts, profile_name = merge_options(target, options, profile=profile, cli_args=cli_args)
+    tgt, opts, device_name = merge_options(target, options, device=device_argument(device, profile),
+                                           cli_args=cli_args)
     tgt.check_available()
     tgt.validate(opts)
     if dynamic_batch and not tgt.supports_dynamic_batch:
@@ -120,7 +135,7 @@ def plan_export(model: str, target: str | None = None, *, options=None, profile:
     if batch < 1:
         raise BadInputError(f"batch must be at least 1, got {batch}")
     request = ModelRequest(name, weights, img_size, num_classes, distillation, input_size, task, neck, seed)
-    return ExportPlan(request, tgt, opts, profile_name, batch, dynamic_batch, tgt.input_format(opts),
+    return ExportPlan(request, tgt, opts, device_name, batch, dynamic_batch, tgt.input_format(opts),
                       tgt.precision(opts), tuple(notes))
 
 

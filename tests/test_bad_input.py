@@ -31,7 +31,7 @@ def _one_line(err: str) -> bool:
     (["export", "m0", "-t", "onnx", "--opset", "99"], "unknown value for options: option 'opset' of target 'onnx'"),
     (["export", "m0", "-t", "onnx", "--fp61"], "unknown option for target 'onnx' '--fp61' (did you mean '--fp16'?)"),
     (["export", "m0", "-t", "onnx", "--img-size", "200"], "multiple of 16"),
-    (["export", "m0", "--profile", "iphone-x"], "unknown profile"),
+    (["export", "m0", "--device", "iphone-x"], "unknown device"),
     (["export", "m0", "-t", "onnx", "--weights", "/nope.pth"], "checkpoint not found"),
     (["run", "/nope.onnx", "x.jpg"], "artifact not found"),
     (["info", "m7"], "did you mean"),

@@ -31,7 +31,7 @@ ONNX_BUILD = textwrap.dedent("""\
     img_size = 64
 
     [[artifact]]
-    profile = "onnx-cpu"
+    device = "onnx-cpu"
     models = ["m0", "m1"]
 
     [[artifact]]
@@ -161,7 +161,7 @@ def test_every_problem_is_reported_before_any_work(tmp_path):
     for expected in ("bad.toml:2: unknown key 'outt' in [build] (did you mean 'out'?)",
                      "bad.toml:5: weights file not found", "bad.toml:6: img_size must be a positive multiple of 16",
                      "bad.toml:8: unknown model 'm9'", "bad.toml:11: [[artifact]] #1: unknown target 'onnxx'",
-                     "bad.toml:14: [[artifact]] #2: unknown profile 'iphone-x'",
+                     "bad.toml:14: [[artifact]] #2: unknown device 'iphone-x'",
                      "bad.toml:18: [[artifact]] #3: model 'm3' is not defined",
                      "bad.toml:16: unknown value for [[artifact]] #3: option 'opset' of target 'onnx'"):
         assert expected in message, expected
@@ -288,7 +288,7 @@ def test_artifact_entries_and_their_defaults(tmp_path):
         [models.m1]
         img_size = 64
         [[artifact]]
-        profile = "onnx-cpu"
+        device = "onnx-cpu"
         [[artifact]]
         name = "int8"
         target = "onnx"
@@ -303,12 +303,20 @@ def test_artifact_entries_and_their_defaults(tmp_path):
     assert {k: (m.name, m.weights, m.options) for k, m in spec.models.items()} == {
         "m0": ("efficientvit_m0", None, {}), "m1": ("efficientvit_m1", None, {"img_size": 64})}
     first, second = spec.artifacts
-    assert (first.name, first.target, first.profile, first.models, first.batch) == \
+    assert (first.name, first.target, first.device, first.models, first.batch) == \
         ("onnx-cpu", "onnx", "onnx-cpu", ["m0", "m1"], None)
     assert (second.name, second.models, second.batch, second.gates) == ("int8", ["m1"], 4, {"min_top1_agreement": 1.0})
     # A declared path that does not exist is still relative to the build file (the target
     # says it is missing when the artifact is planned), and counts by name only.
     assert second.paths == {"calibration": tmp_path / "calib"}
+
+
+def test_profile_is_the_earlier_name_of_device(tmp_path):
+    """``profile = "..."`` (accepted for one release) reads as ``device``; the bad build
+    file above checks that its problems point at its line."""
+    spec = load_build_file(_write(tmp_path, '[models.m0]\n[[artifact]]\nprofile = "onnx-cpu"\n'))
+    [entry] = spec.artifacts
+    assert (entry.name, entry.target, entry.device) == ("onnx-cpu", "onnx", "onnx-cpu")
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -318,8 +326,10 @@ def test_artifact_entries_and_their_defaults(tmp_path):
      "evit-deploy.toml:4: 'dynamic_batch' in [[artifact]] #1 must be a bool"),
     ('[models.m0]\n[[artifact]]\ntarget = "tvm"\ndynamic_batch = true\n',
      "evit-deploy.toml:4: [[artifact]] #1: target 'tvm' does not support dynamic_batch"),
-    ('[models.m0]\n[[artifact]]\nprofile = "onnx-cpu"\ntarget = "tvm"\n',
-     "evit-deploy.toml:4: [[artifact]] #1: profile 'onnx-cpu' is for target 'onnx', not 'tvm'"),
+    ('[models.m0]\n[[artifact]]\ndevice = "onnx-cpu"\ntarget = "tvm"\n',
+     "evit-deploy.toml:4: [[artifact]] #1: device 'onnx-cpu' is for target 'onnx', not 'tvm'"),
+    ('[models.m0]\n[[artifact]]\ndevice = "onnx-cpu"\nprofile = "onnx-cpu"\n',
+     "evit-deploy.toml:4: [[artifact]] #1: give 'device' once ('profile' is its earlier name)"),
     ('[models.m0]\n[[artifact]]\ntarget = "onnx"\n[[artifact]]\ntarget = "onnx"\n',
      "two [[artifact]] entries named 'onnx' build model 'm0'"),
     ('[models.m0]\n', "no [[artifact]] entries: nothing to build"),
@@ -353,7 +363,7 @@ def test_records_serialise_to_the_manifest_format():
 def test_the_schema_is_torch_free(tmp_path):
     from conftest import run_python
 
-    path = _write(tmp_path, '[models.m0]\n[[artifact]]\ntarget = "tvm"\n[[artifact]]\nprofile = "onnx-cpu"\n')
+    path = _write(tmp_path, '[models.m0]\n[[artifact]]\ntarget = "tvm"\n[[artifact]]\ndevice = "onnx-cpu"\n')
     proc = run_python("import sys; sys.modules['torch'] = None\n"
                       "from evit_deploy.build import load_build_file\n"
                       f"print(len(load_build_file({str(path)!r}).artifacts))")

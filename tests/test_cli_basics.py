@@ -1,4 +1,4 @@
-"""The model-family commands, profiles, labels and preprocessing."""
+"""The model-family commands, devices, labels, preprocessing, and the CLI's machinery."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from conftest import cli_without_torch
+from conftest import cli_without_torch, run_python
 from evit_deploy.errors import BadInputError
 from evit_deploy.labels import imagenet_labels
 from evit_deploy.preprocess import Preprocessing, resize_crop, sample_images, to_input
-from evit_deploy.device_profiles import list_device_profiles, load_device_profile
+from evit_deploy.devices import list_devices, load_device
 
 SAMPLE = sample_images()
 
@@ -86,10 +86,10 @@ def test_preprocessing_matches_the_standard_transform():
     assert np.allclose(x[0], manual.transpose(2, 0, 1), atol=1e-6)
 
 
-def test_builtin_profiles_load():
-    names = {p.name for p in list_device_profiles()}
+def test_builtin_devices_load():
+    names = {p.name for p in list_devices()}
     assert {"onnx-cpu"} <= names
-    onnx_cpu = load_device_profile("onnx-cpu")
+    onnx_cpu = load_device("onnx-cpu")
     assert onnx_cpu.target == "onnx" and onnx_cpu.options["opset"] == 18
 
 
@@ -105,25 +105,54 @@ def test_builtin_profiles_load():
     ('target = "onnx"\n', "missing required key 'name'"),
     ('name = "p"\ntarget = onnx\n', "invalid TOML"),
 ])
-def test_profile_validation(tmp_path, text, message):
+def test_device_validation(tmp_path, text, message):
     path = tmp_path / "p.toml"
     path.write_text(text)
     with pytest.raises(BadInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load_device_profile(path)
+        load_device(path)
 
 
-def test_profiles_and_targets_commands(cli):
-    code, out, _ = cli("profiles", "--json", "-")
+def test_devices_and_targets_commands(cli):
+    code, out, _ = cli("devices", "--json", "-")
     assert code == 0 and "onnx-cpu" in {p["name"] for p in json.loads(out)}
+    code, out, _ = cli("devices")
+    assert code == 0 and "iphone11-a13" in out
     code, out, _ = cli("targets", "--json", "-")
     assert code == 0
     onnx_target = next(t for t in json.loads(out) if t["name"] == "onnx")
     assert onnx_target["usable"] and "onnxruntime" in onnx_target["requires"]
 
 
+def test_profiles_is_a_deprecated_alias_of_devices(cli):
+    code, out, err = cli("profiles", "--json", "-")
+    assert code == 0 and json.loads(out) == json.loads(cli("devices", "--json", "-")[1])
+    assert "'profiles' is deprecated" in err and "evit-deploy devices" in err
+    code, out, _ = cli("--help")
+    assert code == 0 and "Deprecated alias of `devices`" in out
+
+
+def test_target_commands_are_loaded_when_called_or_listed():
+    """Registering the CLI and running a built-in command import no target's command code;
+    ``--help`` lists them and calling one works."""
+    proc = run_python(
+        "import sys\n"
+        "from evit_deploy.cli import invoke\n"
+        "loaded = lambda: 'evit_deploy.targets.tvm.commands' in sys.modules\n"
+        "assert invoke(['targets', '--json', '-']) == 0 and not loaded()\n"
+        "assert invoke(['tune', '--help']) == 0 and loaded()\n"
+        "assert invoke(['tune', 'm0', '--tvm-target', 'llvm -mcpu=nonsense-cpu']) == 2\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "--tvm-target" in proc.stdout and "nonsense-cpu" in proc.stderr
+
+
+def test_version(cli):
+    code, out, _ = cli("--version")
+    assert code == 0 and out.strip().startswith("evit-deploy ")
+
+
 def test_help_shows_every_option_text_in_full(cli, monkeypatch):
     """Rich reads "[word]" in a help text as markup and drops it ("Static batch size ."):
-    every option's help must reach the terminal as written."""
+    every option's help must reach the terminal as written (the targets' commands too)."""
     import typer
 
     from evit_deploy.cli import app
@@ -131,7 +160,10 @@ def test_help_shows_every_option_text_in_full(cli, monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")
     group = typer.main.get_command(app)
     checked = 0
-    for name, command in group.commands.items():
+    with typer.Context(group) as ctx:
+        commands = {name: group.get_command(ctx, name) for name in group.list_commands(ctx)}
+    assert "tune" in commands
+    for name, command in commands.items():
         code, out, _ = cli(name, "--help")
         assert code == 0
         shown = " ".join(out.replace("│", " ").split())

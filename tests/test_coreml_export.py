@@ -323,7 +323,7 @@ def test_tensor_input_batch_and_several_outputs(tmp_path):
 
 def test_profile_iphone11_a13(tmp_path, cli):
     # What the profile sets does not depend on the model or its size: M0 at 64x64.
-    code, out, err = cli("export", "m0", "--img-size", "64", "--profile", "iphone11-a13", "--out", tmp_path,
+    code, out, err = cli("export", "m0", "--img-size", "64", "--device", "iphone11-a13", "--out", tmp_path,
                          "--json", tmp_path / "r.json")
     assert code == 0, err
     artifact = Path(out.strip().splitlines()[-1])

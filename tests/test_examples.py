@@ -64,12 +64,12 @@ def test_build_file_is_valid_and_lists_the_release():
     assert targets == {"ios": "coreml", "android-litert": "litert", "android-executorch": "executorch",
                        "server-onnx": "onnx", "server-openvino": "openvino", "server-tvm": "tvm"}
     tvm = next(a for a in spec.artifacts if a.target == "tvm")
-    _, options, _ = merge_options(tvm.target, tvm.options, profile=tvm.profile)    # as the export sees them
+    _, options, _ = merge_options(tvm.target, tvm.options, device=tvm.device)    # as the export sees them
     assert tvm.batch == 16 and "broadwell" in options.tvm_target
     # The tuning command in the file's comment makes a database for exactly that target.
     text = (EXAMPLES / "evit-deploy.toml").read_text()
     command = re.search(r"evit-deploy tune .*", text).group(0)
-    target = shlex.split(command)[shlex.split(command).index("--target") + 1]
+    target = shlex.split(command)[shlex.split(command).index("--tvm-target") + 1]
     from evit_deploy.targets.tvm.target_string import resolve_target
     assert resolve_target(target) == resolve_target(options.tvm_target)
 
@@ -136,11 +136,11 @@ def test_kotlin_snippet_reads_what_the_android_exports_store(m0_onnx):
     assert 'd.dtype == "float16"' in kotlin
 
 
-def test_build_file_android_artifacts_use_the_android_profiles():
+def test_build_file_android_artifacts_use_the_android_devices():
     from evit_deploy.build import load_build_file
-    from evit_deploy.device_profiles import load_device_profile
+    from evit_deploy.devices import load_device
 
     spec = load_build_file(EXAMPLES / "evit-deploy.toml")
-    profiles = {a.name: a.profile for a in spec.artifacts}
-    assert load_device_profile(profiles["android-litert"]).options == {"precision": "fp32"}
-    assert load_device_profile(profiles["android-executorch"]).options == {"precision": "fp16"}
+    devices = {a.name: a.device for a in spec.artifacts}
+    assert load_device(devices["android-litert"]).options == {"precision": "fp32"}
+    assert load_device(devices["android-executorch"]).options == {"precision": "fp16"}

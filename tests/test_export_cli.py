@@ -25,18 +25,64 @@ def test_export_cli_prints_stages_and_the_artifact(tmp_path, cli):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["efficientvit_m0.onnx", "r.json"]
 
 
-def test_target_options_from_the_command_line_and_profiles(tmp_path, cli):
+def test_target_options_from_the_command_line_and_devices(tmp_path, cli):
     code, _, _ = cli("-q", "export", "m0", "-t", "onnx", "--out", tmp_path, "--opset", "20", "--fp16")
     assert code == 0
     model = onnx.load(tmp_path / "efficientvit_m0_fp16.onnx")        # precisions of a model sit side by side
     assert model.opset_import[0].version == 20
     desc = json.loads({p.key: p.value for p in model.metadata_props}["evit_deploy.description"])
     assert desc["extra"]["precision"] == "fp16" and desc["extra"]["options"]["opset"] == 20
-    code, _, _ = cli("-q", "export", "m0", "--profile", "onnx-cpu", "--out", tmp_path / "p", "--no-verify")
+    code, _, _ = cli("-q", "export", "m0", "--device", "onnx-cpu", "--out", tmp_path / "p", "--no-verify")
     assert code == 0
     desc = json.loads({p.key: p.value for p in onnx.load(tmp_path / "p" / "efficientvit_m0.onnx").metadata_props}
                       ["evit_deploy.description"])
-    assert desc["extra"]["profile"] == "onnx-cpu"
+    assert desc["extra"]["profile"] == "onnx-cpu"      # the stored key keeps its earlier name
+
+
+def test_profile_is_a_deprecated_alias_of_device(cli, tmp_path):
+    """``export --profile`` and ``profile=`` (kept for one release) name a device, with a
+    warning; both names at once is an error."""
+    code, _, err = cli("export", "m0", "--profile", "onnx-cpu", "-t", "tvm", "--out", tmp_path)
+    assert code == EXIT_BAD_INPUT and "device 'onnx-cpu' is for target 'onnx', not 'tvm'" in err
+    assert "--profile is deprecated" in err and "use --device" in err
+    code, _, err = cli("export", "m0", "--profile", "onnx-cpu", "--device", "onnx-cpu", "--out", tmp_path)
+    assert code == EXIT_BAD_INPUT and "give --device once" in err
+    from evit_deploy.plan import plan_export
+
+    with pytest.warns(DeprecationWarning, match="use device="):
+        plan = plan_export("m0", profile="onnx-cpu")
+    assert plan.device == "onnx-cpu" and plan.target.name == "onnx" and plan.options.opset == 18
+    assert not list(tmp_path.iterdir())
+    code, out, err = cli("-q", "export", "m0", "--img-size", "64", "--profile", "onnx-cpu", "--no-verify",
+                         "--out", tmp_path / "old")
+    assert code == 0 and "--profile is deprecated" in err, err
+    meta = {p.key: p.value for p in onnx.load(out.strip().splitlines()[-1]).metadata_props}
+    assert json.loads(meta["evit_deploy.description"])["extra"]["profile"] == "onnx-cpu"
+
+
+def test_verify_takes_its_tolerance_from_parity(m0_onnx, tmp_path, cli):
+    """With overrides or without, ``verify`` starts from parity's tolerance for the
+    artifact's precision: a precision parity has none for is parity's one-line error (exit
+    2), not an fp32 tolerance quietly applied."""
+    from evit_deploy.parity import default_tolerance
+
+    model = onnx.load(m0_onnx)
+    for prop in model.metadata_props:
+        if prop.key == "evit_deploy.description":
+            desc = json.loads(prop.value)
+            desc["extra"]["precision"] = "int3"
+            prop.value = json.dumps(desc)
+    odd = tmp_path / m0_onnx.name
+    onnx.save(model, odd)
+    with pytest.raises(Exception) as raised:
+        default_tolerance("int3")
+    for overrides in ([], ["--max-rel", "0.5"], ["--top1", "none"]):
+        code, _, err = cli("-q", "verify", odd, *overrides)
+        assert code == EXIT_BAD_INPUT and err.strip() == f"error: {raised.value}", (overrides, err)
+    code, out, err = cli("verify", m0_onnx, "--min-cosine", "0.5", "--json", "-")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["passed"] and report["tolerance"]["min_cosine"] == 0.5
 
 
 def test_any_torch_module_through_the_same_pipeline(cli, tmp_path):

@@ -1,7 +1,7 @@
 """The package's layers, read from its import statements (function-level ones included):
 
 * no import cycle anywhere in ``evit_deploy``;
-* a target module never imports the command layer (``api``, ``cli``, ``bench``,
+* a target module never imports the command layer (``api``, ``cli``, ``commands``, ``bench``,
   ``profiler``, ``build``, ``evaluate``): what a target needs from the core lives below it;
 * the core names no target module: it reaches targets through the registry
   (``evit_deploy.targets``) and their contract (``evit_deploy.targets.base``) only;
@@ -18,7 +18,7 @@ from pathlib import Path
 import evit_deploy
 
 PACKAGE_DIR = Path(evit_deploy.__file__).parent
-COMMAND_MODULES = ("api", "cli", "bench", "backends", "profiler", "build", "evaluate")
+COMMAND_MODULES = ("api", "cli", "commands", "bench", "backends", "profiler", "build", "evaluate")
 TARGET_CONTRACT = {"evit_deploy.targets", "evit_deploy.targets.base", "evit_deploy.targets.options",
                    "evit_deploy.targets.sessions"}
 BUILT_IN_TARGETS = ("onnx", "coreml", "tvm", "openvino", "litert", "executorch")

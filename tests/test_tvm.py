@@ -605,9 +605,9 @@ def test_parse_duration(text, seconds):
 
 
 def test_profile_targets_the_papers_xeon():
-    from evit_deploy.device_profiles import load_device_profile
+    from evit_deploy.devices import load_device
 
-    profile = load_device_profile("xeon-e5-2690v4")
+    profile = load_device("xeon-e5-2690v4")
     assert profile.target == "tvm"
     target = resolve_target(profile.options["tvm_target"])
     assert target["mcpu"] == "broadwell" and target["num-cores"] == 14 == profile.device["cores"]

@@ -12,8 +12,9 @@ from .schema import ArtifactEntry, BuildFile, ModelEntry
 def inputs_key(model: ModelEntry, art: ArtifactEntry, build: BuildFile, weights_id: str, versions: dict) -> str:
     # The files and directories that options declared as paths name count by content.
     files = {key: tree_sha256(path) for key, path in art.paths.items() if path.exists()}
+    # "profile": the device's earlier name, kept so that an upgrade does not rebuild everything.
     record = {"model": model.name, "model_options": model.options, "weights": weights_id,
-              "target": art.target, "profile": art.profile, "options": art.options, "files": files,
+              "target": art.target, "profile": art.device, "options": art.options, "files": files,
               "batch": art.batch, "dynamic_batch": art.dynamic_batch, "seed": build.seed,
               "images": tree_sha256(build.images) if build.images else None, "versions": versions}
     if art.gates:

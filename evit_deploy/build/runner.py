@@ -124,13 +124,13 @@ def _build_one(spec: BuildFile, job: Job, out_dir: Path, reporter: Reporter, tra
     def finish(status: Status, **fields) -> BuildRecord:
         return dataclasses.replace(record, status=status, seconds=round(time.perf_counter() - start, 1), **fields)
 
-    record = BuildRecord(art.name, model.name, art.target, art.profile, art.options,
+    record = BuildRecord(art.name, model.name, art.target, art.device, art.options,
                          job.weights_id.split(":")[0] if job.weights_id.startswith("random-init") else job.weights_id,
                          spec.seed if model.weights is None else None, art.batch, art.dynamic_batch,
                          job.inputs_sha256, status=Status.FAILED_EXPORT,       # until finish() says
                          chosen_by=art.chosen_by)
     try:
-        plan = plan_export(model.name, art.target, profile=art.profile, options=art.export_options(),
+        plan = plan_export(model.name, art.target, device=art.device, options=art.export_options(),
                            batch=art.batch, dynamic_batch=art.dynamic_batch, weights=model.weights, seed=spec.seed,
                            **model.options)
         record = dataclasses.replace(

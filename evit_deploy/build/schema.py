@@ -14,12 +14,12 @@ It lists models and the artifacts to make of them::
                                               # or absent for seeded synthetic weights
 
     [[artifact]]
-    name = "ios"                 # output subdirectory (default: the profile or target)
-    profile = "iphone11-a13"     # or: target = "coreml"
+    name = "ios"                 # output subdirectory (default: the device or target)
+    device = "iphone11-a13"      # or: target = "coreml" ('profile', the earlier name, is accepted)
     models = ["m2"]              # default: every model
     min_top1_agreement = 0.99    # optional eval gates: top-1 agreement with fp32 PyTorch,
     max_top1_drop = 0.005        # and (labelled images) the top-1 accuracy it may lose
-    [artifact.options]           # overrides the profile's options
+    [artifact.options]           # overrides the device's options
     compress = "palettize8"
 
     [[artifact]]
@@ -52,10 +52,11 @@ BUILD_KEYS = {"out": str, "images": str, "seed": int, "eval_images": str, "eval_
 MODEL_KEYS = {"weights": str, "img_size": int, "num_classes": int, "distillation": bool}
 #: Eval gates an artifact entry may set: fractions in [0, 1].
 GATES = ("min_top1_agreement", "max_top1_drop")
-ARTIFACT_KEYS = {"name": str, "target": str, "profile": str, "models": list, "options": dict,
+#: ``profile`` is the earlier name of ``device``, accepted for one release.
+ARTIFACT_KEYS = {"name": str, "target": str, "device": str, "profile": str, "models": list, "options": dict,
                  "batch": int, "dynamic_batch": bool, "from": str, **{gate: float for gate in GATES}}
 #: What an entry ``from = "optimize.json"`` takes from that file, so may not set itself.
-CHOSEN_KEYS = ("target", "profile", "options", "batch", "dynamic_batch")
+CHOSEN_KEYS = ("target", "device", "profile", "options", "batch", "dynamic_batch")
 
 
 @dataclass
@@ -70,9 +71,9 @@ class ModelEntry:
 class ArtifactEntry:
     name: str
     target: str
-    profile: str | None
+    device: str | None
     models: list[str]             # keys of [models]
-    options: dict                 # the entry's own, as written (the profile's come first, see plan.merge_options)
+    options: dict                 # the entry's own, as written (the device's come first, see plan.merge_options)
     batch: int | None = None      # None: the target's choice (plan.plan_export)
     dynamic_batch: bool = False
     gates: dict = field(default_factory=dict)     # GATES the entry sets
@@ -235,7 +236,7 @@ def _artifacts(problems: _Problems, raw: list, models: dict[str, ModelEntry], ba
 
 def _artifact(problems: _Problems, entry, i: int, models: dict[str, ModelEntry], base: Path) -> ArtifactEntry | None:
     """The ``i``-th ``[[artifact]]`` entry, or None when it names no usable target."""
-    from ..device_profiles import load_device_profile
+    from ..devices import load_device
 
     where = f"[[artifact]] #{i + 1}"
     if not isinstance(entry, dict):
@@ -253,21 +254,25 @@ def _artifact(problems: _Problems, entry, i: int, models: dict[str, ModelEntry],
             if not entry["models"]:
                 problems.add(f"{where}: {entry['from']} chose for model '{chosen_by['model']}', which no "
                              f"[models.<name>] table defines", "from", "artifact", i)
-    target, profile = entry.get("target"), entry.get("profile")
+    device_key = "profile" if "profile" in entry else "device"
+    if "profile" in entry and "device" in entry:
+        problems.add(f"{where}: give 'device' once ('profile' is its earlier name)", "profile", "artifact", i)
+        return None
+    target, device = entry.get("target"), entry.get(device_key)
     options = _table(entry, "options", dict)
-    if profile is not None:
+    if device is not None:
         try:
-            prof = load_device_profile(profile)
+            found = load_device(device)
         except BadInputError as exc:
-            problems.add(f"{where}: {exc}", "profile", "artifact", i)
+            problems.add(f"{where}: {exc}", device_key, "artifact", i)
             return None
-        if target is not None and target != prof.target:
-            problems.add(f"{where}: profile '{profile}' is for target '{prof.target}', not '{target}'",
+        if target is not None and target != found.target:
+            problems.add(f"{where}: device '{device}' is for target '{found.target}', not '{target}'",
                          "target", "artifact", i)
             return None
-        target = prof.target
+        target = found.target
     if target is None:
-        problems.add(f"{where} needs 'target' or 'profile'", None, "artifact", i)
+        problems.add(f"{where} needs 'target' or 'device'", None, "artifact", i)
         return None
     try:
         tgt = get_target(target)
@@ -278,7 +283,7 @@ def _artifact(problems: _Problems, entry, i: int, models: dict[str, ModelEntry],
     paths = {key: Path(base, value) for key, value in options.items()
              if key.replace("-", "_") in declared and isinstance(value, str) and value}
     try:
-        merge_options(target, _with_paths(options, paths), profile=profile, source=where)  # as the export sees them
+        merge_options(target, _with_paths(options, paths), device=device, source=where)  # as the export sees them
     except BadInputError as exc:
         problems.add(str(exc), None, "artifact", i)
     if entry.get("dynamic_batch") and not tgt.supports_dynamic_batch:
@@ -291,7 +296,7 @@ def _artifact(problems: _Problems, entry, i: int, models: dict[str, ModelEntry],
     for gate, value in gates.items():
         if not 0.0 <= value <= 1.0:
             problems.add(f"{where}: {gate} is a fraction between 0 and 1, got {value}", gate, "artifact", i)
-    return ArtifactEntry(entry.get("name") or profile or tgt.name, tgt.name, profile,
+    return ArtifactEntry(entry.get("name") or device or tgt.name, tgt.name, device,
                          [m for m in names if m in models] if isinstance(names, list) else [],
                          options, entry.get("batch"), entry.get("dynamic_batch", False), gates, paths,
                          chosen_by and {k: v for k, v in chosen_by.items() if k != "entry"})

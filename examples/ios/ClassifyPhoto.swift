@@ -7,7 +7,7 @@ import Vision
 
 func classify(_ image: CGImage, completion: @escaping ([(label: String, confidence: Float)]) -> Void) throws {
     let configuration = MLModelConfiguration()
-    configuration.computeUnits = .cpuAndNeuralEngine           // what the iphone11-a13 profile targets
+    configuration.computeUnits = .cpuAndNeuralEngine           // what the iphone11-a13 device targets
     let model = try VNCoreMLModel(for: EfficientViT_M2(configuration: configuration).model)
 
     let request = VNCoreMLRequest(model: model) { request, _ in

@@ -1,10 +1,8 @@
-"""Device profiles: declarative descriptions of deployment devices (TOML).
+"""Devices: declarative descriptions of what artifacts are deployed on (TOML).
 
-("Profile" alone is the ``profile`` command, which times operators.)
-
-The repository's ``targets/`` directory is shipped inside the package as
-``evit_deploy.target_profiles``. A profile names a target, the export options that suit the
-device, facts about the device, and the paper's figures for it where there are some::
+The repository's ``devices/`` directory is shipped inside the package as
+``evit_deploy.device_files``. A device file names a target, the export options that suit
+the device, facts about it, and the paper's figures for it where there are some::
 
     name = "iphone11-a13"
     description = "..."
@@ -30,7 +28,7 @@ PAPER_KEYS = {"latency_ms", "throughput_ips", "throughput_tvm_ips", "batch", "th
 
 
 @dataclass(frozen=True)
-class DeviceProfile:
+class Device:
     name: str
     description: str
     target: str
@@ -39,36 +37,40 @@ class DeviceProfile:
     paper: dict = field(default_factory=dict)
     path: Path | None = None
 
+    def to_dict(self) -> dict:
+        return {"name": self.name, "target": self.target, "description": self.description,
+                "options": self.options, "device": self.device, "paper": self.paper}
 
-def device_profile_dir() -> Path:
-    return Path(str(resources.files("evit_deploy.target_profiles")))
+
+def device_dir() -> Path:
+    return Path(str(resources.files("evit_deploy.device_files")))
 
 
-def list_device_profiles() -> list[DeviceProfile]:
-    return [load_device_profile(p) for p in sorted(device_profile_dir().glob("*.toml"))]
+def list_devices() -> list[Device]:
+    return [load_device(p) for p in sorted(device_dir().glob("*.toml"))]
 
 
 def _type_name(tp) -> str:
     return " or ".join(t.__name__ for t in tp) if isinstance(tp, tuple) else tp.__name__
 
 
-def load_device_profile(name_or_path: str | Path) -> DeviceProfile:
-    """A built-in profile by name (``iphone11-a13``) or a TOML file by path, validated."""
+def load_device(name_or_path: str | Path) -> Device:
+    """A built-in device by name (``iphone11-a13``) or a TOML file by path, validated."""
     path = Path(name_or_path)
     if path.suffix != ".toml":
-        path = device_profile_dir() / f"{name_or_path}.toml"
+        path = device_dir() / f"{name_or_path}.toml"
         if not path.is_file():
-            raise unknown_name("profile", str(name_or_path), [p.stem for p in sorted(device_profile_dir().glob("*.toml"))])
+            raise unknown_name("device", str(name_or_path), [p.stem for p in sorted(device_dir().glob("*.toml"))])
     elif not path.is_file():
-        raise BadInputError(f"profile not found: {path}")
+        raise BadInputError(f"device file not found: {path}")
     try:
         data = tomllib.loads(path.read_text("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise BadInputError(f"{path}: invalid TOML: {exc}") from None
-    return validate_device_profile(data, path)
+    return validate_device(data, path)
 
 
-def validate_device_profile(data: dict, path: Path) -> DeviceProfile:
+def validate_device(data: dict, path: Path) -> Device:
     problems = []
     for key, value in data.items():
         if key not in TOP_LEVEL:
@@ -97,8 +99,8 @@ def validate_device_profile(data: dict, path: Path) -> DeviceProfile:
         raise BadInputError(f"{path}: {exc}") from None
     options = data.get("options", {})
     target_cls.parse_options(options, source=str(path))    # raises on unknown keys / bad values
-    return DeviceProfile(data["name"], data.get("description", ""), data["target"], dict(options),
-                   dict(data.get("device", {})), dict(data.get("paper", {})), path)
+    return Device(data["name"], data.get("description", ""), data["target"], dict(options),
+                  dict(data.get("device", {})), dict(data.get("paper", {})), path)
 
 
 def _paper_problems(paper) -> list[str]:

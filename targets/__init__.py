@@ -1,1 +1,0 @@
-"""Device profiles (TOML); installed as the evit_deploy.target_profiles package data."""
