@@ -370,6 +370,54 @@ def profile_command(model: str = typer.Argument(..., help="m0 … m5"),
     return Output([r.to_dict() for r in results], profile_tables(results))
 
 
+@command(json_help="Also write optimize.json's record to FILE ('-': stdout).")
+def optimize(model: str = typer.Argument(..., help="m0 … m5, or package.module:factory"),
+             out: Path = typer.Option(..., "--out", "-o", help="Output directory: the winner, optimize.json, "
+                                      "optimize.png, and a cache a rerun reuses."),
+             weights: Optional[str] = typer.Option(None, "--weights", "-w", help="Checkpoint (default: synthetic)."),
+             images: Optional[Path] = typer.Option(None, "--images", help="Images agreement is measured on (default: "
+                                                   "the bundled photos); DIR/<synset>/… gives labels."),
+             labels: Optional[Path] = typer.Option(None, "--labels", help="Labels file for --images."),
+             min_top1_agreement: Optional[float] = typer.Option(None, "--min-top1-agreement",
+                                                                help="Top-1 agreement with fp32 a candidate must keep "
+                                                                     "(default 0.99)."),
+             max_top1_drop: Optional[float] = typer.Option(None, "--max-top1-drop",
+                                                           help="Top-1 accuracy a candidate may lose, in points "
+                                                                "(0.5 = half a point); needs labelled images."),
+             batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Default 16 (throughput), 1 (latency)."),
+             threads: int = typer.Option(1, "--threads", min=1),
+             img_size: int = typer.Option(224, "--img-size"),
+             input_size: Optional[str] = typer.Option(None, "--input-size", help="HxW or N (a --model "
+                                                      "package.module:factory needs it)."),
+             targets: Optional[str] = typer.Option(None, "--targets", help="Comma-separated (default: all)."),
+             precisions: Optional[str] = typer.Option(None, "--precisions", help="Comma-separated (default: all)."),
+             time_budget: Optional[str] = typer.Option(None, "--time-budget", help="e.g. 20m: what was not tried by "
+                                                       "then is listed."),
+             tune: bool = typer.Option(False, "--tune", help="Also tune what can be tuned (TVM), for part of the "
+                                       "budget."),
+             objective: str = typer.Option("throughput", "--objective", help="throughput or latency."),
+             rounds: int = typer.Option(5, "--rounds", min=1, help="Interleaved timing rounds."),
+             *, reporter):
+    """The fastest artifact that is right on this machine, chosen by measurement within an
+    accuracy budget."""
+    from .console import optimize_tables
+    from .errors import ParityError
+    from .optimizer import optimize as run_optimize
+
+    result = run_optimize(model, out, weights=weights, images=images, labels=labels,
+                          min_top1_agreement=min_top1_agreement,
+                          max_top1_drop=None if max_top1_drop is None else max_top1_drop / 100, batch=batch,
+                          threads=threads, img_size=img_size, input_size=_size(input_size), targets=_names(targets), precisions=_names(precisions),
+                          time_budget=time_budget, tune=tune, objective=objective, rounds=rounds, reporter=reporter)
+    error = None if result.winner else ParityError(f"no candidate is right within the budget "
+                                                    f"({result.settings['budget_text']}): see {out}/optimize.json")
+    return Output(result.to_dict(), optimize_tables(result), result.warnings, error=error)
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
 # -- build / doctor ------------------------------------------------------------------------
 
 @command(json_help="Also write the manifest to FILE ('-': stdout).")

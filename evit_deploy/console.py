@@ -300,7 +300,7 @@ def profile_tables(results) -> list[Table]:
 
 
 #: How a build status shows, by its text (this module sits below the build package).
-_BUILD_STYLES = {"built": "green", "up to date": "dim"}
+_BUILD_STYLES = {"built": "green", "up to date": "dim", "built, unverified here": "yellow"}
 
 
 def build_table(result, file: Path) -> Table:
@@ -340,3 +340,32 @@ def doctor_tables(report) -> list[Table]:
                             [[a.path, a.target, "[green]ok[/]" if a.as_verified else "[red]no[/]", a.verdict]
                              for a in report.artifacts]))
     return tables
+
+
+_OUTCOME_STYLES = {"chosen": "bold green", "runner-up": "green", "admissible": "", "dropped": "red",
+                   "refused": "dim", "not tried": "yellow"}
+
+
+def optimize_tables(result) -> list:
+    """Every candidate: outcome, speed against the baseline, agreement, size; why the others
+    lost; the build entry that rebuilds the winner."""
+    from .optimizer import build_toml
+
+    s = result.settings
+    rows = []
+    order = list(_OUTCOME_STYLES)
+    for c in sorted(result.candidates, key=lambda c: (order.index(c.outcome.value), -(c.images_per_s or 0))):
+        style = _OUTCOME_STYLES[c.outcome.value]
+        speed = f"{c.images_per_s:.0f}" if c.images_per_s else ""
+        ratio = f"{c.ratio_to_baseline:.2f}×" if c.ratio_to_baseline else ""
+        agreement = f"{c.eval['top1_agreement']:.3f}" if c.eval else ""
+        rows.append([c.backend, f"[{style}]{c.outcome.value}[/]" if style else c.outcome.value, speed,
+                     ratio + (" [yellow]noisy[/]" if c.noisy else ""), agreement,
+                     f"{c.bytes / 1e6:.1f} MB" if c.bytes else "", (c.reason or "")[:90]])
+    title = (f"optimize {result.model}: batch {s['batch']}, {s['threads']} thread(s), {s['objective']}; "
+             f"{s['budget_text']}; ratios vs {s['baseline']} fp32 — {result.machine['model']}")
+    found = [table(title, ["candidate", "outcome", "images/s", "× baseline", "top-1 agr.", "size", "why"], rows,
+                   justify_right={2, 3, 4, 5})]
+    if result.build_entry:
+        found.append(f"Winner: {result.artifact}\nTo rebuild it in CI (build file):\n" + build_toml(result.build_entry))
+    return found

@@ -43,6 +43,8 @@ DEFAULT_MIN_AGREEMENT = 0.99
 #: With --tune, the share of --time-budget given to tuning (10 minutes without a budget).
 TUNE_SHARE, TUNE_SECONDS = 0.4, 600.0
 OBJECTIVES = ("throughput", "latency")
+#: How many of the fastest candidates are timed again, head to head, before the choice.
+FINALISTS = 3
 
 
 class Outcome(Enum):
@@ -145,7 +147,7 @@ def optimize(model: str, out_dir, *, weights=None, images=None, labels=None, min
     from .api import cpu_needs
     from .evaluate import eval_images
     from .hostinfo import cpu_info, package_versions
-    from .plan import plan_export, resolve_model_name
+    from .plan import plan_export, resolve_model_name, trace_plan
     from .cpufeatures import host_cpu
 
     reporter = reporter or Reporter()
@@ -178,6 +180,9 @@ def optimize(model: str, out_dir, *, weights=None, images=None, labels=None, min
 
     tried = [c for c in candidates if c.outcome is Outcome.NOT_TRIED]
     traces: dict = {}                      # one trace per input format, shared by the exports
+    with reporter.stage("trace", name):    # the baseline's: what fails here is bad input, refused before any work
+        baseline = plan_export(name, "onnx", options=candidates[0].options, **plan_args)
+        traces[baseline.trace_key] = trace_plan(baseline)
     with reporter.task("export and verify", total=len(tried)) as task:
         for c in tried:
             if deadline is not None and time.monotonic() > deadline and c.backend != BASELINE:
@@ -193,6 +198,9 @@ def optimize(model: str, out_dir, *, weights=None, images=None, labels=None, min
     # what the budget cost.
     timed = [c for c in candidates if c.artifact and (c.outcome is Outcome.NOT_TRIED or c.eval is not None)]
     _time(timed, name, batch, threads, img_size, rounds, round_seconds, memory, objective, reporter)
+    finalists = _finalists(candidates, objective)
+    if len(finalists) > 2:     # the fastest few again, head to head, with twice the rounds: the choice is among them
+        _time(finalists, name, batch, threads, img_size, 2 * rounds, round_seconds, False, objective, reporter)
     _choose(result, objective)
     result.warnings += _warnings(result, chosen_images)
     if result.winner:
@@ -420,7 +428,8 @@ def _time(candidates: list[Candidate], name: str, batch: int, threads: int, img_
         try:
             start = time.perf_counter()
             session = tgt.open_session(path, threads=threads)
-            c.load_seconds = round(time.perf_counter() - start, 3)
+            if c.load_seconds is None:        # the first load (a second one finds the session cached)
+                c.load_seconds = round(time.perf_counter() - start, 3)
             inputs = random_inputs(tgt.read_description(path), batch)
             session(inputs)
         except (KeyboardInterrupt, SystemExit):
@@ -458,13 +467,23 @@ def _time(candidates: list[Candidate], name: str, batch: int, threads: int, img_
             c.ratio_to_baseline = c.images_per_s / base
 
 
+def _finalists(candidates: list[Candidate], objective: str, count: int = FINALISTS) -> list[Candidate]:
+    """The ``count`` fastest admissible candidates, and the baseline (for the ratios)."""
+    timed = sorted((c for c in candidates if c.outcome is Outcome.NOT_TRIED and c.images_per_s is not None),
+                   key=_speed_key(objective))
+    return list({c.backend: c for c in [*timed[:count], *(c for c in timed if c.backend == BASELINE)]}.values())
+
+
+def _speed_key(objective: str):
+    return (lambda c: -c.images_per_s) if objective == "throughput" else (lambda c: c.latency_ms["median"])
+
+
 def _choose(result: OptimizeResult, objective: str) -> None:
     timed = [c for c in result.candidates if c.outcome is Outcome.NOT_TRIED and c.images_per_s is not None]
     untried = [c for c in result.candidates if c.outcome is Outcome.NOT_TRIED and c.images_per_s is None]
     for c in untried:
         c.reason = c.reason or "not timed"
-    key = (lambda c: -c.images_per_s) if objective == "throughput" else (lambda c: c.latency_ms["median"])
-    ranked = sorted(timed, key=key)
+    ranked = sorted(timed, key=_speed_key(objective))
     for i, c in enumerate(ranked):
         c.outcome = Outcome.CHOSEN if i == 0 else Outcome.RUNNER_UP if i == 1 else Outcome.ADMISSIBLE
         if i:

@@ -18,7 +18,7 @@ from pathlib import Path
 import evit_deploy
 
 PACKAGE_DIR = Path(evit_deploy.__file__).parent
-COMMAND_MODULES = ("api", "cli", "commands", "bench", "backends", "profiler", "build", "evaluate")
+COMMAND_MODULES = ("api", "cli", "commands", "bench", "backends", "profiler", "build", "evaluate", "optimizer")
 TARGET_CONTRACT = {"evit_deploy.targets", "evit_deploy.targets.base", "evit_deploy.targets.options",
                    "evit_deploy.targets.sessions"}
 BUILT_IN_TARGETS = ("onnx", "coreml", "tvm", "openvino", "litert", "executorch")

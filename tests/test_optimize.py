@@ -180,3 +180,16 @@ def test_tune_adds_a_tuned_variant_with_its_share_of_the_budget(monkeypatch, wit
     ((model, seconds, workdir),) = asked
     assert seconds == pytest.approx(0.4 * 600) and workdir.is_relative_to(tmp_path / "out")
     assert json.loads((tmp_path / "out" / "optimize.json").read_text())["winner"] == "onnxruntime"
+
+
+def test_the_command_shows_a_table_writes_json_and_refuses_bad_input_in_one_line(cli, tmp_path):
+    code, out, err = cli("optimize", TINY_ATTENTION, "--input-size", SMALL, "--batch", 2, "--targets", "onnx",
+                         "--precisions", "fp32", "--rounds", 1, "--out", tmp_path / "out", "--json",
+                         tmp_path / "o.json")
+    assert code == 0, err
+    assert "chosen" in out and "onnxruntime" in out and 'from = "optimize.json"' in out
+    assert json.loads((tmp_path / "o.json").read_text())["winner"] == "onnxruntime"
+    for bad, message in ((["--max-top1-drop", "0.5"], "needs labelled images"), ([], "needs --input-size")):
+        code, out, err = cli("optimize", TINY_ATTENTION, "--out", tmp_path / "bad", *bad)
+        assert code == 2 and message in err and "Traceback" not in err, err
+        assert [line for line in err.splitlines() if line.startswith("error:")] == [err.splitlines()[-1]], err
