@@ -26,15 +26,33 @@ def _python_processes() -> dict[int, list[str]]:
     return found
 
 
+def _xdist_worker(config) -> bool:
+    """Whether this process is a pytest-xdist worker (``-n N``)."""
+    return hasattr(config, "workerinput")
+
+
+def pytest_configure(config):
+    # xdist workers share the machine: each runtime gets its share of the cores, not all
+    # of them (the variables reach the runtimes these processes and their children load).
+    if _xdist_worker(config):
+        share = str(max(1, (os.cpu_count() or 1) // int(config.workerinput["workercount"])))
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ.setdefault(name, share)
+
+
 def pytest_sessionstart(session):
     session.config._python_before = set(_python_processes())
 
 
 def pytest_sessionfinish(session, exitstatus):
     """Nothing the tests started may outlive them: a worker of TVM's tuner or RPC server
-    left running is an orphan of this interpreter (checked for the whole suite)."""
+    left running is an orphan of this interpreter (checked for the whole suite). Under
+    xdist the controller checks, once the workers are gone: a worker sees the other
+    worker and its children, which are not orphans."""
     import time
 
+    if _xdist_worker(session.config):
+        return
     before = getattr(session.config, "_python_before", set())
     for _ in range(20):           # killed processes take a moment to go
         left = {pid: cmd for pid, cmd in _python_processes().items() if pid not in before}
@@ -165,9 +183,51 @@ def export_once(tmp_path_factory, model: str, target: str, **kwargs):
 TINY_ATTENTION = "custom_models:tiny_attention"
 
 
-def export_tiny_attention(tmp_path_factory, target: str, precision: str, calibration: Path | None = None):
-    options = {"precision": precision, **({"calibration": str(calibration)} if calibration else {})}
-    return export_once(tmp_path_factory, TINY_ATTENTION, target, input_size=(SMALL, SMALL), options=options)
+#: Options a precision needs beyond itself, by target (Core ML's W8A8 needs iOS 17).
+PRECISION_NEEDS = {("coreml", "int8"): {"minimum_deployment_target": "iOS17"}}
+
+
+def tiny_options(target: str, precision: str, calibration: Path | None = None) -> dict:
+    """The export options of TINY_ATTENTION in ``precision`` (int8: calibrated on ``calibration``)."""
+    options = {"precision": precision, **PRECISION_NEEDS.get((target, precision), {})}
+    if precision == "int8" and calibration is not None:
+        options["calibration"] = str(calibration)
+    return options
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, calibration_photos):
+    """``tiny_export(target, precision)``: the export of TINY_ATTENTION at SMALL x SMALL, made
+    once per session and shared by the contract suite (tests/contract) and the target files.
+    A precision this CPU cannot verify is skipped with the reason; a failed export fails
+    every test that asks for it without being tried again."""
+    from evit_deploy import api
+    from evit_deploy.cpufeatures import judge
+    from evit_deploy.errors import BadInputError
+    from evit_deploy.plan import plan_export
+
+    made: dict[tuple[str, str], object] = {}
+
+    def get(target: str, precision: str):
+        key = (target, precision)
+        if key not in made:
+            try:
+                plan = plan_export(TINY_ATTENTION, target, options=tiny_options(target, precision, calibration_photos),
+                                   input_size=(SMALL, SMALL))
+                verdict = judge(plan.target.cpu_needs(plan.options))
+                if not (verdict.runs and verdict.exact):
+                    made[key] = pytest.skip.Exception(f"{target} {precision}: {verdict.summary()}")
+                else:
+                    made[key] = api.export_plan(plan, tmp_path_factory.mktemp(f"{target}-{precision}"))
+            except BadInputError as exc:
+                # bf16 needs the CPU's bf16 instructions: the targets refuse it at planning.
+                made[key] = pytest.skip.Exception(f"{target} {precision}: {exc}") if precision == "bf16" else exc
+            except Exception as exc:  # noqa: BLE001 - re-raised in every test that asks
+                made[key] = exc
+        if isinstance(made[key], BaseException):
+            raise made[key]
+        return made[key]
+    return get
 
 
 def reduced_precision_description(result, precision: str):

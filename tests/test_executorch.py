@@ -1,6 +1,7 @@
 """ExecuTorch target: an fp32 export of a realistic M0 at 64x64 (fully delegated to
 XNNPACK, the description in the program, verification that fails on a damaged weight)
-and fp16 and int8 exports of a tiny attention model."""
+and the fp16 and int8 exports of the tiny attention model. What every target does
+(truncated files, atomic writes, bad input) is tests/contract/."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SMALL, export_once, export_tiny_attention, reduced_precision_description
+from conftest import SMALL, export_once, reduced_precision_description
 from evit_deploy import api
-from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_PARITY_FAILED
+from evit_deploy.errors import EXIT_PARITY_FAILED
 from evit_deploy.models.checkpoint import sha256_file
 from evit_deploy.preprocess import sample_images
 
@@ -23,11 +24,10 @@ def fp32(tmp_path_factory, realistic_m0):
     return export_once(tmp_path_factory, "m0", "executorch", weights=realistic_m0, img_size=SMALL)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, calibration_photos):
-    """{precision: export} of the tiny attention model in fp16 and int8."""
-    return {"fp16": export_tiny_attention(tmp_path_factory, "executorch", "fp16"),
-            "int8": export_tiny_attention(tmp_path_factory, "executorch", "int8", calibration_photos)}
+@pytest.fixture
+def tiny(tiny_export):
+    """{precision: export} of the tiny attention model in fp16 and int8 (shared with tests/contract)."""
+    return {"fp16": tiny_export("executorch", "fp16"), "int8": tiny_export("executorch", "int8")}
 
 
 def test_fp32_is_fully_delegated_verifies_and_carries_its_description(fp32, realistic_m0):
@@ -101,10 +101,6 @@ def test_verify_fails_on_a_damaged_file(fp32, realistic_m0, tmp_path, cli):
     code, out, err = cli("verify", bad, "--weights", weights, "--json", "-")
     assert code == EXIT_PARITY_FAILED, err
     assert not json.loads(out)["passed"] and "parity FAILED" in err and "Traceback" not in err
-    truncated = tmp_path / "truncated.pte"
-    truncated.write_bytes(good.read_bytes()[:4096])
-    code, _, err = cli("verify", truncated, "--weights", weights)
-    assert code == EXIT_BAD_INPUT and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_sessions_keep_their_thread_counts(fp32):

@@ -1,7 +1,8 @@
 """LiteRT target: an fp32 export of a realistic M0 at 64x64 (fully delegated to XNNPACK,
-the description in the file's metadata, verification that fails on a damaged file,
-torch-free running) and an int8 export of a tiny attention model (int8 input and output,
-fully delegated too)."""
+the description in the file's metadata, verification that fails on a damaged weight) and
+the int8 export of the tiny attention model (int8 input and output, fully delegated too).
+What every target does (truncated files, torch-free running, bench backends) is
+tests/contract/."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SMALL, export_once, export_tiny_attention, reduced_precision_description, run_python
+from conftest import SMALL, export_once, reduced_precision_description
 from evit_deploy import api
-from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_PARITY_FAILED
+from evit_deploy.errors import EXIT_PARITY_FAILED
 from evit_deploy.models.checkpoint import sha256_file
 from evit_deploy.preprocess import sample_images
 
@@ -24,10 +25,10 @@ def fp32(tmp_path_factory, realistic_m0):
     return export_once(tmp_path_factory, "m0", "litert", weights=realistic_m0, img_size=SMALL)
 
 
-@pytest.fixture(scope="module")
-def int8(tmp_path_factory, calibration_photos):
-    """An int8 export of the tiny attention model."""
-    return export_tiny_attention(tmp_path_factory, "litert", "int8", calibration_photos)
+@pytest.fixture
+def int8(tiny_export):
+    """The int8 export of the tiny attention model (shared with tests/contract)."""
+    return tiny_export("litert", "int8")
 
 
 def test_fp32_verifies_and_the_file_carries_its_description(fp32, realistic_m0):
@@ -102,33 +103,3 @@ def test_verify_fails_on_a_damaged_file(fp32, realistic_m0, tmp_path, cli):
     code, out, err = cli("verify", bad, "--weights", weights, "--json", "-")
     assert code == EXIT_PARITY_FAILED, err
     assert not json.loads(out)["passed"] and "parity FAILED" in err and "Traceback" not in err
-    truncated = tmp_path / "truncated.tflite"
-    truncated.write_bytes(good.read_bytes()[:4096])
-    code, _, err = cli("verify", truncated, "--weights", weights)
-    assert code == EXIT_BAD_INPUT and "Traceback" not in err and len(err.strip().splitlines()) == 1
-
-
-def test_run_needs_no_torch(fp32, int8):
-    """fp32 and int8 artifacts run where `import torch` fails, int8 quantization of the
-    input included, and give what they give in this process."""
-    paths = [str(fp32.artifact.path), str(int8.artifact.path)]
-    code = ("import sys, json; sys.modules['torch'] = None\n"
-            "from evit_deploy import api\n"
-            f"results = [api.run(p, {json.dumps([str(s) for s in SAMPLE])}) for p in {json.dumps(paths)}]\n"
-            "assert 'xdsl' not in sys.modules\n"
-            "print(json.dumps([r.outputs['logits'].tolist() for r in results]))\n")
-    proc = run_python(code)
-    assert proc.returncode == 0, proc.stderr
-    outside = json.loads(proc.stdout.strip().splitlines()[-1])
-    for path, logits in zip(paths, outside):
-        inside = list(api.run(path, SAMPLE).outputs.values())[0]
-        np.testing.assert_array_equal(np.asarray(logits, np.float32), inside)
-
-
-def test_bench_knows_the_litert_backends():
-    from evit_deploy.bench import parse_backends
-    from evit_deploy.errors import BadInputError
-
-    assert parse_backends("litert,litert:int8,litert:fp16") == ["litert", "litert:int8", "litert:fp16"]
-    with pytest.raises(BadInputError, match="does not support precision 'bf16'"):
-        parse_backends("litert:bf16")

@@ -168,10 +168,14 @@ def test_the_report_gives_the_exact_answer_figures(realistic_m0, cli):
 
 @pytest.mark.parametrize("target,options", [("coreml", {"precision": "fp32"}), ("tvm", {})], ids=["coreml", "tvm"])
 def test_fp32_core_ml_and_tvm_exports_of_a_realistic_checkpoint_pass(target, options, tmp_path, checkpoint):
-    """M0, seed 1; ONNX: realistic_m0 above and test_onnx.py (M0 and the M5 that made the
-    former rule fail). The family (M0-M5, every fp32 target, any seeds) is judged by the
-    same rule in benchmarks/parity_noise.py, which exits 1 if any export fails it."""
+    """M0, seed 1, at 64x64 (the rule does not depend on the resolution; every target's
+    fp32 parity on the tiny attention model: tests/contract); ONNX: realistic_m0 above and
+    test_onnx.py (M0 and the M5 that made the former rule fail). The family (M0-M5, every
+    fp32 target, any seeds) is judged by the same rule in benchmarks/parity_noise.py,
+    which exits 1 if any export fails it."""
+    from conftest import SMALL
+
     pytest.importorskip("coremltools" if target == "coreml" else "tvm")
-    weights = checkpoint("m0", seed=1, recipe="realistic")
-    result = api.export("m0", target, out_dir=tmp_path, weights=weights, options=options)
+    weights = checkpoint("m0", seed=1, recipe="realistic", img_size=SMALL)
+    result = api.export("m0", target, out_dir=tmp_path, weights=weights, img_size=SMALL, options=options)
     assert result.report.passed and result.report.precision == "fp32", result.report.summary()

@@ -204,7 +204,7 @@ def path_options(options_cls) -> tuple[str, ...]:
     return tuple(f.name for f in option_fields(options_cls) if f.metadata.get("path"))
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|min|s|sec)?", re.IGNORECASE)
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|min|m|sec|s)?", re.IGNORECASE)
 
 
 def parse_duration(value) -> float:

@@ -102,6 +102,7 @@ class CompiledModel:
         self.threads = threads or default_threads(self.description)
         # Before the library is mapped: code for instructions this CPU lacks kills the process.
         require_runnable(needs_of(self.description), str(self.path))
+        check_complete(self.path)
         try:
             lib = tvm.runtime.load_module(str(self.path))
         except Exception as exc:  # TVM raises its own error types
@@ -148,6 +149,31 @@ class CompiledModel:
             raise BadInputError(f"{self.path.name} takes input '{name}', got {', '.join(inputs) or 'none'}")
         outs = [o.numpy() for o in self.run_device(self.to_device(inputs[name]))]
         return dict(zip(self.output_names, outs))
+
+
+def check_complete(library: Path) -> None:
+    """Refuse an ELF library shorter than its headers say (a copy cut short): the loader
+    would map it past its end, and the first access there kills the process (SIGBUS)."""
+    import struct
+
+    data = library.read_bytes()
+    if data[:4] != b"\x7fELF":
+        return                              # not ELF: the loader says what is wrong with it
+    wide, order = data[4:5] == b"\x02", "<" if data[5:6] == b"\x01" else ">"
+    try:
+        if wide:
+            phoff, shoff = struct.unpack_from(order + "QQ", data, 0x20)
+            phsize, phnum, shsize, shnum = struct.unpack_from(order + "HHHH", data, 0x36)
+            segments = [struct.unpack_from(order + "Q16xQ", data, phoff + i * phsize + 8) for i in range(phnum)]
+        else:
+            phoff, shoff = struct.unpack_from(order + "II", data, 0x1C)
+            phsize, phnum, shsize, shnum = struct.unpack_from(order + "HHHH", data, 0x2A)
+            segments = [struct.unpack_from(order + "I8xI", data, phoff + i * phsize + 4) for i in range(phnum)]
+    except struct.error:
+        segments, shoff, shnum, shsize = [(len(data) + 1, 0)], 0, 0, 0
+    needed = max([shoff + shnum * shsize, *(offset + size for offset, size in segments)])
+    if needed > len(data):
+        raise BadInputError(f"{library} is cut short ({len(data)} of {needed} bytes): not a complete TVM library")
 
 
 def load(library: str | os.PathLike, *, threads: int | None = None) -> CompiledModel:
