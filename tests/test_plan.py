@@ -18,7 +18,7 @@ def test_defaults_of_a_plan():
     assert (plan.target.name, plan.batch, plan.dynamic_batch, plan.input_format, plan.precision) == \
         ("onnx", 1, False, "normalized", "fp32")
     assert plan.options == get_target("onnx").parse_options({}) and plan.notes == ()
-    assert plan.options_dict()["opset"] == 18 and plan.profile is None
+    assert plan.options_dict()["opset"] == 18 and plan.device is None
 
 
 @pytest.mark.parametrize("target,options,precision,input_format", [
@@ -35,8 +35,8 @@ def test_the_target_decides_precision_class_and_input_format(target, options, pr
 
 
 def test_options_merge_in_order_and_come_back_validated():
-    target, options, profile = merge_options("onnx", {"opset": 19, "precision": "fp16"}, cli_args=["--opset", "20"])
-    assert target.name == "onnx" and (options.opset, options.precision) == (20, "fp16") and profile is None
+    target, options, device = merge_options("onnx", {"opset": 19, "precision": "fp16"}, cli_args=["--opset", "20"])
+    assert target.name == "onnx" and (options.opset, options.precision) == (20, "fp16") and device is None
     # A validated Options dataclass is accepted as it is.
     again = plan_export("m0", "onnx", options=options)
     assert again.options == options
