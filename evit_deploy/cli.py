@@ -95,12 +95,14 @@ def models(json_out: Optional[str] = typer.Option(None, "--json", help="Write JS
 @app.command()
 def info(model: str = typer.Argument(..., help="m0 … m5"),
          img_size: int = typer.Option(224, "--img-size", help="Input resolution (multiple of 16)."),
+         weights: Optional[str] = typer.Option(None, "--weights", help="A checkpoint: show the model it holds "
+                                               "(a pruned one's widths)."),
          json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout).")):
     """Architecture summary of one model: stages, widths, heads, kernels, windows, counts."""
     from . import api
     from .console import table
 
-    data = api.model_info(model, img_size=img_size)
+    data = api.model_info(model, img_size=img_size, weights=weights)
     _write_json(json_out, data)
     if json_out == "-":
         return
@@ -114,6 +116,9 @@ def info(model: str = typer.Argument(..., help="m0 … m5"),
                  [["unfused", f"{u['params'] / 1e6:.3f} M", u["conv"], u["linear"], u["batchnorm"], ""],
                   ["BN folded", f"{f['params'] / 1e6:.3f} M", f["conv"], f["linear"], f["batchnorm"],
                    f"{data['macs'] / 1e6:.1f} M"]], justify_right={1, 2, 3, 4, 5}))
+    if data["widths"]:
+        from .pruning.commands import widths_table
+        _print(widths_table(data["widths"]))
 
 
 @app.command()
@@ -639,6 +644,55 @@ def _add_target_commands() -> None:
 
 
 _add_target_commands()
+
+
+# -- pruning (evit_deploy/pruning/commands.py) ---------------------------------------------
+
+def _pruning_command(function, render):
+    """Register a pruning command: ``function`` returns the result dict, ``render`` draws it."""
+    def run(json_out: Optional[str] = None, **kwargs):
+        result = function(reporter=_reporter(), **kwargs)
+        _write_json(json_out, result)
+        if json_out != "-":
+            for renderable in render(result):
+                _print(renderable)
+    return run
+
+
+@app.command("importance")
+def importance_cli(model: str = typer.Argument(..., help="m0 … m5"),
+                   weights: str = typer.Option(..., "--weights", help="The checkpoint to score."),
+                   images: str = typer.Option(..., "--images", help="A folder of images (searched recursively)."),
+                   labels: Optional[str] = typer.Option(None, "--labels", help="A labels file (else: the model's "
+                                                        "own top-1)."),
+                   keep_macs: Optional[float] = typer.Option(None, "--keep-macs", help="Budget shown: share of MACs "
+                                                             "to keep (default 0.7)."),
+                   keep_params: Optional[float] = typer.Option(None, "--keep-params", help="... of parameters."),
+                   plot: Optional[str] = typer.Option(None, "--plot", help="Write the Fig. 5 chart (PNG)."),
+                   json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout).")):
+    """Taylor importance of every prunable channel group (heads' Q/K and V, FFNs, patch merging)."""
+    from .pruning.commands import importance_command, render_importance
+    _pruning_command(importance_command, render_importance)(
+        model=model, weights=weights, images=images, labels=labels, keep_macs=keep_macs, keep_params=keep_params,
+        plot=plot, json_out=json_out)
+
+
+@app.command("prune")
+def prune_cli(model: str = typer.Argument(..., help="m0 … m5"),
+              weights: str = typer.Option(..., "--weights", help="The checkpoint to prune."),
+              images: str = typer.Option(..., "--images", help="A folder of images (searched recursively)."),
+              out: str = typer.Option(..., "--out", help="The pruned checkpoint to write (.pth)."),
+              keep_macs: Optional[float] = typer.Option(None, "--keep-macs", help="Share of MACs to keep, e.g. 0.7."),
+              keep_params: Optional[float] = typer.Option(None, "--keep-params", help="Share of parameters to keep."),
+              labels: Optional[str] = typer.Option(None, "--labels", help="A labels file for the importance."),
+              finetune_steps: int = typer.Option(0, "--finetune-steps", help="Distillation steps from the unpruned "
+                                                 "model on the images."),
+              json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout).")):
+    """Taylor-prune a checkpoint to a MAC/parameter budget; the file records its widths."""
+    from .pruning.commands import prune_command, render_prune
+    _pruning_command(prune_command, render_prune)(
+        model=model, weights=weights, images=images, out=out, labels=labels, keep_macs=keep_macs,
+        keep_params=keep_params, finetune_steps=finetune_steps, json_out=json_out)
 
 
 # -- entry point ---------------------------------------------------------------------------
