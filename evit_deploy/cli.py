@@ -669,12 +669,13 @@ def importance_cli(model: str = typer.Argument(..., help="m0 … m5"),
                                                              "to keep (default 0.7)."),
                    keep_params: Optional[float] = typer.Option(None, "--keep-params", help="... of parameters."),
                    plot: Optional[str] = typer.Option(None, "--plot", help="Write the Fig. 5 chart (PNG)."),
+                   img_size: int = typer.Option(224, "--img-size", help="Input resolution (multiple of 16)."),
                    json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout).")):
     """Taylor importance of every prunable channel group (heads' Q/K and V, FFNs, patch merging)."""
     from .pruning.commands import importance_command, render_importance
     _pruning_command(importance_command, render_importance)(
         model=model, weights=weights, images=images, labels=labels, keep_macs=keep_macs, keep_params=keep_params,
-        plot=plot, json_out=json_out)
+        plot=plot, img_size=img_size, json_out=json_out)
 
 
 @app.command("prune")
@@ -687,12 +688,13 @@ def prune_cli(model: str = typer.Argument(..., help="m0 … m5"),
               labels: Optional[str] = typer.Option(None, "--labels", help="A labels file for the importance."),
               finetune_steps: int = typer.Option(0, "--finetune-steps", help="Distillation steps from the unpruned "
                                                  "model on the images."),
+              img_size: int = typer.Option(224, "--img-size", help="Input resolution (multiple of 16)."),
               json_out: Optional[str] = typer.Option(None, "--json", help="Write JSON to FILE ('-': stdout).")):
     """Taylor-prune a checkpoint to a MAC/parameter budget; the file records its widths."""
     from .pruning.commands import prune_command, render_prune
     _pruning_command(prune_command, render_prune)(
         model=model, weights=weights, images=images, out=out, labels=labels, keep_macs=keep_macs,
-        keep_params=keep_params, finetune_steps=finetune_steps, json_out=json_out)
+        keep_params=keep_params, finetune_steps=finetune_steps, img_size=img_size, json_out=json_out)
 
 
 # -- entry point ---------------------------------------------------------------------------

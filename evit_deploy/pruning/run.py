@@ -35,6 +35,7 @@ class ImportanceResult:
 class PruneResult:
     model: str
     source_sha256: str | None
+    loss: str                          # what the importance was measured on
     path: str
     sha256: str
     keep_macs: float | None
@@ -184,7 +185,7 @@ def prune(model: str, weights, images, out, *, labels=None, keep_macs: float | N
         path = write_checkpoint(out, pruned, name)
     macs, params = size_of(net)
     pruned_macs, pruned_params = size_of(pruned)
-    return PruneResult(name, sha, str(path), sha256_file(path), keep_macs, keep_params, macs, params,
+    return PruneResult(name, sha, _loss_name(y), str(path), sha256_file(path), keep_macs, keep_params, macs, params,
                        pruned_macs, pruned_params, pruned.config.widths_dict(),
                        fig5(model_widths(net), model_widths(pruned), _embed_dims(net)), finetune_steps,
                        before, after, losses)
