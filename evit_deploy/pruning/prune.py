@@ -107,26 +107,38 @@ def agreement(student: EfficientViT, teacher: EfficientViT, images: torch.Tensor
 
 
 def distill(student: EfficientViT, teacher: EfficientViT, images: torch.Tensor, steps: int, *,
-            batch: int = 8, lr: float = 1e-4, reporter: Reporter | None = None) -> list[float]:
+            batch: int = 8, lr: float = 1e-5, reporter: Reporter | None = None) -> list[float]:
     """Recover ``student`` by ``steps`` AdamW steps on the KL divergence to ``teacher``'s
     predictions over ``images`` (no labels needed). BatchNorm statistics stay frozen
-    (eval mode): a handful of images would make poor ones. Returns the loss per step."""
+    (eval mode): a handful of images would make poor ones. On so few images a step can
+    overshoot, so the student keeps the weights with the lowest loss over all the images
+    (possibly its own). Returns that loss before the first step and after each."""
     reporter = reporter or Reporter()
     student.eval()
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
     with torch.no_grad():
         targets = F.log_softmax(teacher(images), 1)
-    losses = []
     gen = torch.Generator().manual_seed(0)
+
+    def loss_on(pick):
+        return F.kl_div(F.log_softmax(student(images[pick]), 1), targets[pick], log_target=True,
+                        reduction="batchmean")
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            return float(loss_on(torch.arange(len(images))))
+
+    losses = [full_loss()]
+    best = {k: v.clone() for k, v in student.state_dict().items()}
     with torch.enable_grad(), reporter.task("distillation", total=steps) as task:
         for _ in range(steps):
-            pick = torch.randperm(len(images), generator=gen)[:batch]
-            loss = F.kl_div(F.log_softmax(student(images[pick]), 1), targets[pick], log_target=True,
-                            reduction="batchmean")
+            loss = loss_on(torch.randperm(len(images), generator=gen)[:batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(full_loss())
+            if losses[-1] < min(losses[:-1]):
+                best = {k: v.clone() for k, v in student.state_dict().items()}
             task.update(advance=1)
-    student.eval()
+    student.load_state_dict(best)
     return losses

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from ..errors import BadInputError
 from ..progress import Reporter
@@ -49,7 +48,7 @@ class PruneResult:
     finetune_steps: int
     agreement: float                   # top-1 agreement with the unpruned model on the images, after pruning
     agreement_finetuned: float | None  # ... and after distillation
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)   # KL to the unpruned model: before distillation, after each step
 
     def to_dict(self) -> dict:
         return asdict(self)
