@@ -81,7 +81,7 @@ def test_removing_channels_equals_zeroing_them(m0):
     assert float((ours - zeroed).abs().max()) < 1e-5 * scale
     assert float((zeroed - original).abs().max()) > 0.1 * scale      # the test removes something
     attn = pruned.blocks1[0].mixer.m.attn
-    assert all(q < 16 for q in attn.qk_dims) and attn.cascaded_splits == (1, 2, 3)
+    assert all(q < 16 for q in attn.qk_dims) and attn.read_runs[0] is None and all(attn.read_runs[1:])
     # A pruned model prunes again: indices are relative to its current widths.
     again = _random_kept(pruned, 4)
     twice = remove_channels(pruned, again)

@@ -49,7 +49,8 @@ class EfficientViTConfig:
     # Subsampling between stages: stage i+1 starts with a PatchMerging of stride 2.
     down_ops: tuple[tuple, ...] = field(default=(("subsample", 2), ("subsample", 2), ("",)))
     # Pruned widths as sorted (module path, width) pairs: an FFN or a patch merging (path
-    # of the module) -> hidden width; a CascadedGroupAttention -> ((qk, v), ...) per head.
+    # of the module) -> hidden width; a CascadedGroupAttention -> (qk, v, *reads) per head,
+    # ``reads`` the channels of its split a head reads when not all (see the class).
     # Empty: the released widths.
     widths: tuple[tuple[str, object], ...] = ()
 
@@ -61,7 +62,7 @@ class EfficientViTConfig:
     def with_widths(self, widths: dict) -> "EfficientViTConfig":
         """This architecture with the given per-module widths (see ``widths``)."""
         def frozen(value):
-            return int(value) if isinstance(value, int) else tuple((int(q), int(v)) for q, v in value)
+            return int(value) if isinstance(value, int) else tuple(tuple(int(n) for n in head) for head in value)
         return replace(self, widths=tuple(sorted((str(k), frozen(v)) for k, v in widths.items())))
 
     def widths_dict(self) -> dict:
@@ -192,10 +193,11 @@ class CascadedGroupAttention(nn.Module):
     Head ``i`` sees its own channel split plus the output of head ``i-1``; its query goes
     through a depthwise conv with kernel ``kernels[i]``.
 
-    ``head_widths`` gives each head's (Q/K dim, V dim) when pruned. A head whose
-    predecessor's V lost channels sees only the matching channels of its own split (the
-    kept ones are listed in the ``cascade_index{i}`` buffer): the V channel and the split
-    channel it is added to are one structural unit.
+    ``head_widths`` gives each head's (Q/K dim, V dim, *reads) when pruned. A head whose
+    predecessor's V lost channels reads only the matching channels of its own split
+    (``reads``, ascending): the V channel and the split channel it is added to are one
+    structural unit. They are taken as contiguous slices, which every target converts
+    (Core ML's reference executor, for one, has no gather).
     """
 
     def __init__(self, dim, key_dim, num_heads, attn_ratio, resolution, kernels, head_widths=None):
@@ -210,9 +212,12 @@ class CascadedGroupAttention(nn.Module):
         head_widths = tuple(head_widths) if head_widths else ((key_dim, self.d),) * num_heads
         if len(head_widths) != num_heads:
             raise ValueError(f"{len(head_widths)} head widths for {num_heads} heads")
-        self.qk_dims = tuple(q for q, _ in head_widths)
-        self.v_dims = tuple(v for _, v in head_widths)
+        self.qk_dims = tuple(h[0] for h in head_widths)
+        self.v_dims = tuple(h[1] for h in head_widths)
+        self.reads = tuple(tuple(h[2:]) or tuple(range(split)) for h in head_widths)
         in_dims = (split, *self.v_dims[:-1])
+        if any(len(self.reads[i]) != in_dims[i] or max(self.reads[i]) >= split for i in range(num_heads)):
+            raise ValueError("a head must read as many split channels as the previous head's V dim")
         self.qkvs = nn.ModuleList(
             ConvNorm(in_dims[i], self.qk_dims[i] * 2 + self.v_dims[i]) for i in range(num_heads))
         self.dws = nn.ModuleList(
@@ -222,9 +227,8 @@ class CascadedGroupAttention(nn.Module):
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, num_offsets))
         # Persistent: the released checkpoints contain it, so strict loading expects it.
         self.register_buffer("attention_bias_idxs", idxs, persistent=True)
-        self.cascaded_splits = tuple(i for i in range(1, num_heads) if in_dims[i] != split)
-        for i in self.cascaded_splits:
-            self.register_buffer(f"cascade_index{i}", torch.arange(in_dims[i]), persistent=True)
+        # Per head, the (start, stop) runs of the split channels it reads, when not all.
+        self.read_runs = tuple(_runs(r) if len(r) != split else None for r in self.reads)
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -240,8 +244,8 @@ class CascadedGroupAttention(nn.Module):
         feat = None
         for i, qkv in enumerate(self.qkvs):
             part = x[:, i * c:(i + 1) * c]
-            if i in self.cascaded_splits:
-                part = part.index_select(1, getattr(self, f"cascade_index{i}"))
+            if self.read_runs[i] is not None:
+                part = torch.cat([part[:, a:b] for a, b in self.read_runs[i]], 1)
             feat = part if i == 0 else feat + part
             feat = qkv(feat)
             kd = self.qk_dims[i]
@@ -253,6 +257,17 @@ class CascadedGroupAttention(nn.Module):
             feat = torch.bmm(v, attn.transpose(1, 2)).view(B, self.v_dims[i], H, W)
             feats_out.append(feat)
         return self.proj(torch.cat(feats_out, 1))
+
+
+def _runs(channels) -> tuple[tuple[int, int], ...]:
+    """Ascending channel indices as (start, stop) runs of consecutive ones."""
+    runs = []
+    for c in channels:
+        if runs and runs[-1][1] == c:
+            runs[-1][1] = c + 1
+        else:
+            runs.append([c, c + 1])
+    return tuple((a, b) for a, b in runs)
 
 
 class LocalWindowAttention(nn.Module):

@@ -34,8 +34,8 @@ def widths_table(widths: dict):
         if isinstance(width, int):
             rows.append([module, "hidden", str(width)])
         else:
-            rows.append([module, "Q/K per head", ",".join(str(q) for q, _ in width)])
-            rows.append([module, "V per head", ",".join(str(v) for _, v in width)])
+            rows.append([module, "Q/K per head", ",".join(str(h[0]) for h in width)])
+            rows.append([module, "V per head", ",".join(str(h[1]) for h in width)])
     return table("pruned widths", ["module", "", "channels"], rows)
 
 

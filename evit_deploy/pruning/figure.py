@@ -16,9 +16,9 @@ def block_ratios(widths: dict, embed_dims: dict[str, int]) -> dict[str, dict[str
     ratios = {}
     for block, dim in embed_dims.items():
         heads = widths[f"{block}.mixer.m.attn"]
-        qk = sum(q for q, _ in heads)
+        qk = sum(h[0] for h in heads)
         ffn = (widths[f"{block}.ffn0.m"] + widths[f"{block}.ffn1.m"]) / 2
-        ratios[block] = {"Q": qk / dim, "K": qk / dim, "V": sum(v for _, v in heads) / dim, "FFN": ffn / dim}
+        ratios[block] = {"Q": qk / dim, "K": qk / dim, "V": sum(h[1] for h in heads) / dim, "FFN": ffn / dim}
     return ratios
 
 

@@ -79,7 +79,9 @@ def model_widths(model: EfficientViT) -> dict:
         elif isinstance(module, PatchMerging):
             widths[path] = module.conv1.c.out_channels
         elif isinstance(module, CascadedGroupAttention):
-            widths[path] = tuple(zip(module.qk_dims, module.v_dims))
+            split = module.qkvs[0].c.in_channels
+            widths[path] = tuple((q, v, *(r if len(r) != split else ())) for q, v, r in
+                                 zip(module.qk_dims, module.v_dims, module.reads))
     return widths
 
 
@@ -138,7 +140,7 @@ def _remove_head_channels(state, widths, attn: CascadedGroupAttention, p: str, g
     # (and V of neighbouring heads) can be removed one group after the other.
     i = group.head
     heads = [list(h) for h in widths[p]]
-    qk, v = heads[i]
+    qk, v = heads[i][:2]
     if group.kind == "qk":
         rows = torch.cat([idx, qk + idx, 2 * qk + torch.arange(v)])
         _rows(state, f"{p}.qkvs.{i}", rows)
@@ -153,9 +155,7 @@ def _remove_head_channels(state, widths, attn: CascadedGroupAttention, p: str, g
         if i + 1 < attn.num_heads:
             _columns(state, f"{p}.qkvs.{i + 1}.c.weight", idx)
             split = attn.qkvs[0].c.in_channels
-            key = f"{p}.cascade_index{i + 1}"
-            index = state.pop(key, torch.arange(split))[idx]
-            if len(index) != split:
-                state[key] = index
+            reads = heads[i + 1][2:] or list(range(split))
+            heads[i + 1][2:] = [reads[j] for j in idx.tolist()] if len(idx) != split else []
         heads[i][1] = len(idx)
     widths[p] = tuple(tuple(h) for h in heads)

@@ -27,15 +27,22 @@ def _size(model: EfficientViT, kept: dict[str, int]) -> tuple[int, int]:
     from .groups import model_widths
 
     widths = model_widths(model)
+    modules = dict(model.named_modules())
     for key, count in kept.items():
         module, kind = key.split(":")
         if kind in ("ffn", "expansion"):
             widths[module] = count
+            continue
+        head = int(kind[2:] if kind.startswith("qk") else kind[1:])
+        heads = [list(h) for h in widths[module]]
+        if kind.startswith("qk"):
+            heads[head][0] = count
         else:
-            head = int(kind[2:] if kind.startswith("qk") else kind[1:])
-            heads = [list(h) for h in widths[module]]
-            heads[head][0 if kind.startswith("qk") else 1] = count
-            widths[module] = tuple(tuple(h) for h in heads)
+            heads[head][1] = count
+            split = modules[module].qkvs[0].c.in_channels
+            if head + 1 < len(heads):     # which split channels the next head reads does not change the size
+                heads[head + 1][2:] = list(range(count)) if count != split else []
+        widths[module] = tuple(tuple(h) for h in heads)
     size = model.img_size or 224
     with torch.random.fork_rng(devices=[]):     # initialisation must not move the caller's RNG
         shape = EfficientViT(model.config.with_widths(widths), img_size=model.img_size,
