@@ -314,13 +314,14 @@ def models_overview() -> list[dict]:
     return rows
 
 
-def model_info(name: str, *, img_size: int = 224) -> dict:
-    """Architecture summary of one member: stages, widths, heads, kernels, windows and counts."""
+def model_info(name: str, *, img_size: int = 224, weights=None) -> dict:
+    """Architecture summary of one member: stages, widths, heads, kernels, windows and counts;
+    with ``weights``, of the model they hold (a pruned checkpoint's ``widths`` per module)."""
     from .models import create_model, resolve_name
     from .models.counting import count_layers, count_macs, count_parameters
 
     spec = resolve_name(name)
-    model = create_model(spec.name, img_size=img_size)
+    model = create_model(spec.name, weights, img_size=img_size)
     stages = []
     for i, blocks in enumerate([model.blocks1, model.blocks2, model.blocks3]):
         attn = [m for m in blocks.modules() if type(m).__name__ == "LocalWindowAttention"]
@@ -336,7 +337,33 @@ def model_info(name: str, *, img_size: int = 224) -> dict:
     fused = {"params": count_parameters(model), **count_layers(model)}
     return {"model": spec.name, "display_name": spec.display_name, "img_size": img_size,
             "patch_size": 16, "key_dim": 16, "stages": stages, "macs": count_macs(model, (img_size, img_size)),
-            "unfused": unfused, "fused": fused, "paper": dataclasses.asdict(spec.paper)}
+            "unfused": unfused, "fused": fused, "paper": dataclasses.asdict(spec.paper),
+            "widths": model.config.widths_dict()}
+
+
+def importance(model: str, weights, images, *, labels=None, keep_macs: float | None = None,
+               keep_params: float | None = None, img_size: int = 224, plot=None,
+               reporter: Reporter | None = None):
+    """First-order Taylor importance of every prunable channel group of ``model`` loaded
+    from ``weights``, over the images below ``images`` (cross-entropy against ``labels``, a
+    labels file, else against the model's own top-1), and the widths a pruning to the
+    budget would leave (supplementary Fig. 5; a PNG at ``plot``). See
+    :func:`evit_deploy.pruning.run.importance`."""
+    from .pruning.run import importance as run
+    return run(model, weights, images, labels=labels, keep_macs=keep_macs, keep_params=keep_params,
+               img_size=img_size, plot=plot, reporter=reporter)
+
+
+def prune(model: str, weights, images, out, *, labels=None, keep_macs: float | None = None,
+          keep_params: float | None = None, finetune_steps: int = 0, img_size: int = 224,
+          reporter: Reporter | None = None):
+    """Taylor-prune ``model`` to ``keep_macs`` of its MACs (and/or ``keep_params`` of its
+    parameters), optionally distil it from the unpruned model on the same images, and
+    write the checkpoint ``out``, which records its widths (``--weights out`` alone
+    rebuilds it). See :func:`evit_deploy.pruning.run.prune`."""
+    from .pruning.run import prune as run
+    return run(model, weights, images, out, labels=labels, keep_macs=keep_macs, keep_params=keep_params,
+               finetune_steps=finetune_steps, img_size=img_size, reporter=reporter)
 
 
 def predict(model: str, images, *, weights=None, top: int = 5, img_size: int = 224,

@@ -86,12 +86,14 @@ def models():
 
 @command()
 def info(model: str = typer.Argument(..., help="m0 … m5"),
-         img_size: int = typer.Option(224, "--img-size", help="Input resolution (multiple of 16).")):
+         img_size: int = typer.Option(224, "--img-size", help="Input resolution (multiple of 16)."),
+         weights: Optional[str] = typer.Option(None, "--weights", help="A checkpoint: show the model it holds "
+                                               "(a pruned one's widths).")):
     """Architecture summary of one model: stages, widths, heads, kernels, windows, counts."""
     from . import api
     from .console import info_tables
 
-    data = api.model_info(model, img_size=img_size)
+    data = api.model_info(model, img_size=img_size, weights=weights)
     return Output(data, info_tables(data, img_size))
 
 
@@ -416,6 +418,50 @@ def optimize(model: str = typer.Argument(..., help="m0 … m5, or package.module
 
 def _names(text: str | None) -> list[str] | None:
     return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
+# -- pruning -------------------------------------------------------------------------------
+
+@command()
+def importance(model: str = typer.Argument(..., help="m0 … m5"),
+               weights: str = typer.Option(..., "--weights", help="The checkpoint to score."),
+               images: str = typer.Option(..., "--images", help="A folder of images (searched recursively)."),
+               labels: Optional[str] = typer.Option(None, "--labels", help="A labels file (else: the model's own "
+                                                    "top-1)."),
+               keep_macs: Optional[float] = typer.Option(None, "--keep-macs", help="Budget shown: share of MACs to "
+                                                         "keep (default 0.7)."),
+               keep_params: Optional[float] = typer.Option(None, "--keep-params", help="... of parameters."),
+               plot: Optional[str] = typer.Option(None, "--plot", help="Write the Fig. 5 chart (PNG)."),
+               img_size: int = typer.Option(224, "--img-size", help="Input resolution (multiple of 16)."),
+               *, reporter):
+    """Taylor importance of every prunable channel group (heads' Q/K and V, FFNs, patch merging)."""
+    from . import api
+    from .console import importance_tables
+
+    result = api.importance(model, weights, images, labels=labels, keep_macs=keep_macs, keep_params=keep_params,
+                            plot=plot, img_size=img_size, reporter=reporter).to_dict()
+    return Output(result, importance_tables(result))
+
+
+@command()
+def prune(model: str = typer.Argument(..., help="m0 … m5"),
+          weights: str = typer.Option(..., "--weights", help="The checkpoint to prune."),
+          images: str = typer.Option(..., "--images", help="A folder of images (searched recursively)."),
+          out: Path = typer.Option(..., "--out", help="The pruned checkpoint to write (.pth)."),
+          keep_macs: Optional[float] = typer.Option(None, "--keep-macs", help="Share of MACs to keep, e.g. 0.7."),
+          keep_params: Optional[float] = typer.Option(None, "--keep-params", help="Share of parameters to keep."),
+          labels: Optional[str] = typer.Option(None, "--labels", help="A labels file for the importance."),
+          finetune_steps: int = typer.Option(0, "--finetune-steps", help="Distillation steps from the unpruned "
+                                             "model on the images."),
+          img_size: int = typer.Option(224, "--img-size", help="Input resolution (multiple of 16)."),
+          *, reporter):
+    """Taylor-prune a checkpoint to a MAC/parameter budget; the file records its widths."""
+    from . import api
+    from .console import prune_tables
+
+    result = api.prune(model, weights, images, out, labels=labels, keep_macs=keep_macs, keep_params=keep_params,
+                       finetune_steps=finetune_steps, img_size=img_size, reporter=reporter).to_dict()
+    return Output(result, prune_tables(result))
 
 
 # -- build / doctor ------------------------------------------------------------------------

@@ -217,7 +217,8 @@ def info_tables(data: dict, img_size: int) -> list[Table]:
             table(None, ["", "params", "conv", "linear", "batchnorm", "MACs"],
                   [["unfused", f"{u['params'] / 1e6:.3f} M", u["conv"], u["linear"], u["batchnorm"], ""],
                    ["BN folded", f"{f['params'] / 1e6:.3f} M", f["conv"], f["linear"], f["batchnorm"],
-                    f"{data['macs'] / 1e6:.1f} M"]], justify_right={1, 2, 3, 4, 5})]
+                    f"{data['macs'] / 1e6:.1f} M"]], justify_right={1, 2, 3, 4, 5}),
+            *([widths_table(data["widths"])] if data.get("widths") else [])]
 
 
 def run_table(result) -> Table:
@@ -369,3 +370,56 @@ def optimize_tables(result) -> list:
     if result.build_entry:
         found.append(f"Winner: {result.artifact}\nTo rebuild it in CI (build file):\n" + build_toml(result.build_entry))
     return found
+
+
+# -- pruning -------------------------------------------------------------------------------
+
+def widths_table(widths: dict) -> Table:
+    """A pruned model's widths per module (``evit-deploy info --weights``)."""
+    rows = []
+    for module, width in widths.items():
+        if isinstance(width, int):
+            rows.append([module, "hidden", str(width)])
+        else:
+            rows.append([module, "Q/K per head", ",".join(str(h[0]) for h in width)])
+            rows.append([module, "V per head", ",".join(str(h[1]) for h in width)])
+    return table("pruned widths", ["module", "", "channels"], rows)
+
+
+def _fig5_table(rows: list[dict]) -> Table:
+    parts = ("Q", "K", "V", "FFN")
+    return table("channels / embed dim per block (supplementary Fig. 5): original → pruned",
+                 ["block", "dim", *parts],
+                 [[r["block"], r["embed_dim"], *(f"{r['original'][p]:.2f} → {r['pruned'][p]:.2f}" for p in parts)]
+                  for r in rows], justify_right={1})
+
+
+def importance_tables(result: dict) -> list:
+    """Renderables: groups by importance share, then the Fig. 5 ratios."""
+    rows = [[g["block"], g["group"], g["channels"], g["kept"], f"{g['importance']:.3g}", f"{100 * g['share']:.2f}"]
+            for g in result["groups"]]
+    budget = " and ".join(f"{v:g} of the {k}" for k, v in (("MACs", result["keep_macs"]),
+                                                            ("parameters", result["keep_params"])) if v is not None)
+    groups = table(f"{result['model']}: Taylor importance over {result['images']} images ({result['loss']}); "
+                   f"kept at {budget}", ["block", "group", "channels", "kept", "importance", "share (%)"],
+                   rows, justify_right={2, 3, 4, 5})
+    summary = (f"MACs {result['macs'] / 1e6:.1f} M → {result['planned_macs'] / 1e6:.1f} M, "
+               f"params {result['params'] / 1e6:.2f} M → {result['planned_params'] / 1e6:.2f} M"
+               + (f"; chart: {result['plot']}" if result.get("plot") else ""))
+    return [groups, _fig5_table(result["fig5"]), summary]
+
+
+def prune_tables(result: dict) -> list:
+    def ratio(a, b):
+        return f"{b / a:.3f}"
+
+    rows = [["MACs", f"{result['macs'] / 1e6:.1f} M", f"{result['pruned_macs'] / 1e6:.1f} M",
+             ratio(result["macs"], result["pruned_macs"])],
+            ["parameters", f"{result['params'] / 1e6:.3f} M", f"{result['pruned_params'] / 1e6:.3f} M",
+             ratio(result["params"], result["pruned_params"])]]
+    agree = f"top-1 agreement with the unpruned model: {100 * result['agreement']:.1f}%"
+    if result["agreement_finetuned"] is not None:
+        agree += (f", {100 * result['agreement_finetuned']:.1f}% after {result['finetune_steps']} "
+                  f"distillation steps")
+    return [table(f"{result['model']} pruned → {result['path']}", ["", "original", "pruned", "ratio"], rows,
+                  justify_right={1, 2, 3}), _fig5_table(result["fig5"]), agree]

@@ -59,6 +59,13 @@ def official_weights_path(spec: ModelSpec, *, download: bool = True) -> Path:
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict, str]:
     """The raw tensors of a checkpoint file and the file's SHA-256, without trusting it."""
+    state, sha, _ = read_checkpoint(path)
+    return state, sha
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict, str, dict | None]:
+    """:func:`read_state_dict`, and the architecture the file records (a pruned
+    checkpoint's ``{"model": name, "widths": {...}}``; None for a released-width one)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -67,7 +74,43 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict, str]:
         obj = _read_safetensors(path)
     else:
         obj = _read_torch(path)
-    return _unwrap(obj, path), sha
+    architecture = obj.get(ARCHITECTURE_KEY) if isinstance(obj, Mapping) else None
+    if architecture is not None and not (isinstance(architecture, Mapping) and isinstance(
+            architecture.get("model"), str) and isinstance(architecture.get("widths"), Mapping)):
+        raise CheckpointError(f"{path}: its '{ARCHITECTURE_KEY}' entry is not {{'model': NAME, 'widths': {{...}}}}")
+    return _unwrap(obj, path), sha, architecture
+
+
+#: Where a pruned checkpoint records its architecture, beside ``model`` (the state dict).
+ARCHITECTURE_KEY = "architecture"
+
+
+def config_for(spec: ModelSpec, architecture: Mapping | None, source: str) -> EfficientViTConfig:
+    """The configuration of family member ``spec`` with the widths ``architecture`` records
+    (see :func:`read_checkpoint`); a checkpoint pruned from another member is refused."""
+    config = EfficientViTConfig.from_spec(spec)
+    if architecture is None:
+        return config
+    if architecture["model"] != spec.name:
+        raise CheckpointError(f"{source} is a pruned {architecture['model']} checkpoint, not {spec.name}")
+    try:
+        config = config.with_widths(dict(architecture["widths"]))
+        with torch.device("meta"):
+            EfficientViT(config)        # every width names a module and fits it
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{source}: its recorded widths do not fit {spec.name} ({first_line(exc)})") from None
+    return config
+
+
+def write_checkpoint(path: str | os.PathLike, model: EfficientViT, name: str) -> Path:
+    """Save ``model`` (family member ``name``) atomically, with its widths when pruned, so
+    that the file alone rebuilds it."""
+    payload = {"model": model.state_dict()}
+    if model.config.widths:
+        payload[ARCHITECTURE_KEY] = {"model": name, "widths": model.config.widths_dict()}
+    with atomic_path(Path(path)) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -260,6 +303,12 @@ def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, *, name: st
     """Load a checkpoint file into ``model`` (the family member ``name``, strictly) and
     describe what was loaded."""
     raw, sha = read_state_dict(path)
+    return load_state_dict(model, raw, sha, Path(path), name=name)
+
+
+def load_state_dict(model: torch.nn.Module, raw: Mapping[str, torch.Tensor], sha: str, path: Path, *,
+                    name: str | None = None) -> Checkpoint:
+    """:func:`load_checkpoint` for a file already read (:func:`read_checkpoint`)."""
     layout = "timm" if is_timm_layout(raw) else "official"
     state_dict = timm_to_official(raw) if layout == "timm" else raw
     fitted = fit_state_dict(model, state_dict, str(path), name=name)

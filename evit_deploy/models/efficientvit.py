@@ -16,12 +16,17 @@ Differences from the reference implementation, all behaviour-preserving:
 * attention heads take their channels by slicing and multiply with ``torch.bmm``
   (the reference uses ``chunk``, ``split`` and ``@``): the same arithmetic, but a trace
   that export delegates (ExecuTorch's XNNPACK) take whole.
+
+A configuration may also carry per-module widths (``EfficientViTConfig.widths``), which is
+how a structurally pruned model (:mod:`evit_deploy.pruning`) is expressed: per attention
+head its Q/K and V dims, per FFN its hidden width, per patch merging its expansion width.
+Without them every module has the released width and parameter shapes.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -43,11 +48,26 @@ class EfficientViTConfig:
     patch_size: int = 16
     # Subsampling between stages: stage i+1 starts with a PatchMerging of stride 2.
     down_ops: tuple[tuple, ...] = field(default=(("subsample", 2), ("subsample", 2), ("",)))
+    # Pruned widths as sorted (module path, width) pairs: an FFN or a patch merging (path
+    # of the module) -> hidden width; a CascadedGroupAttention -> (qk, v, *reads) per head,
+    # ``reads`` the channels of its split a head reads when not all (see the class).
+    # Empty: the released widths.
+    widths: tuple[tuple[str, object], ...] = ()
 
     @classmethod
     def from_spec(cls, spec) -> "EfficientViTConfig":
         """The configuration of a family member (a :class:`~.registry.ModelSpec`)."""
         return cls(embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads, kernels=spec.kernels)
+
+    def with_widths(self, widths: dict) -> "EfficientViTConfig":
+        """This architecture with the given per-module widths (see ``widths``)."""
+        def frozen(value):
+            return int(value) if isinstance(value, int) else tuple(tuple(int(n) for n in head) for head in value)
+        return replace(self, widths=tuple(sorted((str(k), frozen(v)) for k, v in widths.items())))
+
+    def widths_dict(self) -> dict:
+        """``widths`` as a JSON-ready mapping."""
+        return {k: v if isinstance(v, int) else [list(h) for h in v] for k, v in self.widths}
 
 
 def _make_divisible(value: float, divisor: int = 8) -> int:
@@ -111,9 +131,10 @@ class NormLinear(nn.Sequential):
 class SqueezeExcite(nn.Module):
     """Channel gating with a ReLU bottleneck and a sigmoid gate (timm's ``SEModule``)."""
 
-    def __init__(self, channels: int, rd_ratio: float = 0.25):
+    def __init__(self, channels: int, rd_ratio: float = 0.25, reduced: int | None = None):
         super().__init__()
-        reduced = _make_divisible(channels * rd_ratio)
+        # A pruned patch merging keeps the bottleneck width of the original one.
+        reduced = reduced if reduced is not None else _make_divisible(channels * rd_ratio)
         self.fc1 = nn.Conv2d(channels, reduced, 1, bias=True)
         self.act = nn.ReLU()
         self.fc2 = nn.Conv2d(reduced, channels, 1, bias=True)
@@ -171,25 +192,43 @@ class CascadedGroupAttention(nn.Module):
 
     Head ``i`` sees its own channel split plus the output of head ``i-1``; its query goes
     through a depthwise conv with kernel ``kernels[i]``.
+
+    ``head_widths`` gives each head's (Q/K dim, V dim, *reads) when pruned. A head whose
+    predecessor's V lost channels reads only the matching channels of its own split
+    (``reads``, ascending): the V channel and the split channel it is added to are one
+    structural unit. They are taken as contiguous slices, which every target converts
+    (Core ML's reference executor, for one, has no gather).
     """
 
-    def __init__(self, dim, key_dim, num_heads, attn_ratio, resolution, kernels):
+    def __init__(self, dim, key_dim, num_heads, attn_ratio, resolution, kernels, head_widths=None):
         super().__init__()
         self.num_heads = num_heads
+        # The scale of the trained model, whatever the heads' pruned Q/K widths.
         self.scale = key_dim ** -0.5
         self.key_dim = key_dim
         self.d = int(attn_ratio * key_dim)
         self.resolution = resolution
+        split = dim // num_heads
+        head_widths = tuple(head_widths) if head_widths else ((key_dim, self.d),) * num_heads
+        if len(head_widths) != num_heads:
+            raise ValueError(f"{len(head_widths)} head widths for {num_heads} heads")
+        self.qk_dims = tuple(h[0] for h in head_widths)
+        self.v_dims = tuple(h[1] for h in head_widths)
+        self.reads = tuple(tuple(h[2:]) or tuple(range(split)) for h in head_widths)
+        in_dims = (split, *self.v_dims[:-1])
+        if any(len(self.reads[i]) != in_dims[i] or max(self.reads[i]) >= split for i in range(num_heads)):
+            raise ValueError("a head must read as many split channels as the previous head's V dim")
         self.qkvs = nn.ModuleList(
-            ConvNorm(dim // num_heads, key_dim * 2 + self.d) for _ in range(num_heads))
+            ConvNorm(in_dims[i], self.qk_dims[i] * 2 + self.v_dims[i]) for i in range(num_heads))
         self.dws = nn.ModuleList(
-            ConvNorm(key_dim, key_dim, kernels[i], 1, kernels[i] // 2, groups=key_dim)
-            for i in range(num_heads))
-        self.proj = nn.Sequential(nn.ReLU(), ConvNorm(self.d * num_heads, dim, bn_weight_init=0.0))
+            ConvNorm(q, q, kernels[i], 1, kernels[i] // 2, groups=q) for i, q in enumerate(self.qk_dims))
+        self.proj = nn.Sequential(nn.ReLU(), ConvNorm(sum(self.v_dims), dim, bn_weight_init=0.0))
         idxs, num_offsets = relative_position_index(resolution)
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, num_offsets))
         # Persistent: the released checkpoints contain it, so strict loading expects it.
         self.register_buffer("attention_bias_idxs", idxs, persistent=True)
+        # Per head, the (start, stop) runs of the split channels it reads, when not all.
+        self.read_runs = tuple(_runs(r) if len(r) != split else None for r in self.reads)
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -200,21 +239,35 @@ class CascadedGroupAttention(nn.Module):
         # do, but trace to slice and bmm only: `@` on 3-D tensors decomposes into
         # expand + view + bmm and chunk/split into split_with_sizes, which delegates such
         # as ExecuTorch's XNNPACK leave to slower portable kernels.
-        c, kd = C // self.num_heads, self.key_dim
+        c = C // self.num_heads
         feats_out = []
         feat = None
         for i, qkv in enumerate(self.qkvs):
             part = x[:, i * c:(i + 1) * c]
+            if self.read_runs[i] is not None:
+                part = torch.cat([part[:, a:b] for a, b in self.read_runs[i]], 1)
             feat = part if i == 0 else feat + part
             feat = qkv(feat)
+            kd = self.qk_dims[i]
             q, k, v = feat[:, :kd], feat[:, kd:2 * kd], feat[:, 2 * kd:]
             q = self.dws[i](q)
             q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)
             attn = torch.bmm(q.transpose(1, 2), k) * self.scale + biases[i]
             attn = attn.softmax(dim=-1)
-            feat = torch.bmm(v, attn.transpose(1, 2)).view(B, self.d, H, W)
+            feat = torch.bmm(v, attn.transpose(1, 2)).view(B, self.v_dims[i], H, W)
             feats_out.append(feat)
         return self.proj(torch.cat(feats_out, 1))
+
+
+def _runs(channels) -> tuple[tuple[int, int], ...]:
+    """Ascending channel indices as (start, stop) runs of consecutive ones."""
+    runs = []
+    for c in channels:
+        if runs and runs[-1][1] == c:
+            runs[-1][1] = c + 1
+        else:
+            runs.append([c, c + 1])
+    return tuple((a, b) for a, b in runs)
 
 
 class LocalWindowAttention(nn.Module):
@@ -226,7 +279,7 @@ class LocalWindowAttention(nn.Module):
     """
 
     def __init__(self, dim, key_dim, num_heads, attn_ratio, resolution, window_resolution,
-                 kernels):
+                 kernels, head_widths=None):
         super().__init__()
         self.dim = dim
         self.num_heads = num_heads
@@ -235,7 +288,7 @@ class LocalWindowAttention(nn.Module):
         # is 4x4, so its window and bias table are 4x4, as in the released weights).
         self.window_resolution = min(window_resolution, resolution) if resolution else window_resolution
         self.attn = CascadedGroupAttention(dim, key_dim, num_heads, attn_ratio,
-                                           self.window_resolution, kernels)
+                                           self.window_resolution, kernels, head_widths)
         # Zero padding is the model's semantics. Synthetic-weight BN calibration switches to
         # edge replication, so that padded tokens do not masquerade as data in the statistics.
         self.pad_mode = "constant"
@@ -266,14 +319,16 @@ class EfficientViTBlock(nn.Module):
     """Sandwich block: depthwise residual, FFN, window attention, depthwise residual, FFN."""
 
     def __init__(self, dim, key_dim, num_heads, attn_ratio, resolution, window_resolution,
-                 kernels):
+                 kernels, widths=None):
         super().__init__()
+        widths = widths or _Widths(None, "")
         self.dw0 = Residual(ConvNorm(dim, dim, 3, 1, 1, groups=dim, bn_weight_init=0.0))
-        self.ffn0 = Residual(FFN(dim, dim * 2))
+        self.ffn0 = Residual(FFN(dim, widths.get("ffn0.m", dim * 2)))
         self.mixer = Residual(LocalWindowAttention(dim, key_dim, num_heads, attn_ratio,
-                                                   resolution, window_resolution, kernels))
+                                                   resolution, window_resolution, kernels,
+                                                   widths.get("mixer.m.attn", None)))
         self.dw1 = Residual(ConvNorm(dim, dim, 3, 1, 1, groups=dim, bn_weight_init=0.0))
-        self.ffn1 = Residual(FFN(dim, dim * 2))
+        self.ffn1 = Residual(FFN(dim, widths.get("ffn1.m", dim * 2)))
 
     def forward(self, x):
         return self.ffn1(self.dw1(self.mixer(self.ffn0(self.dw0(x)))))
@@ -282,22 +337,39 @@ class EfficientViTBlock(nn.Module):
 class PatchMerging(nn.Module):
     """Stride-2 subsampling: pointwise expand, depthwise stride-2, squeeze-excite, project."""
 
-    def __init__(self, dim: int, out_dim: int):
+    def __init__(self, dim: int, out_dim: int, hidden: int | None = None):
         super().__init__()
-        hidden = dim * 4
+        hidden = hidden or dim * 4
         self.conv1 = ConvNorm(dim, hidden, 1, 1, 0)
         self.act = nn.ReLU()
         self.conv2 = ConvNorm(hidden, hidden, 3, 2, 1, groups=hidden)
-        self.se = SqueezeExcite(hidden, 0.25)
+        self.se = SqueezeExcite(hidden, 0.25, reduced=_make_divisible(dim * 4 * 0.25))
         self.conv3 = ConvNorm(hidden, out_dim, 1, 1, 0)
 
     def forward(self, x):
         return self.conv3(self.se(self.act(self.conv2(self.act(self.conv1(x))))))
 
 
-def _residual_dw_ffn(dim: int) -> nn.Sequential:
+def _residual_dw_ffn(dim: int, widths: "_Widths") -> nn.Sequential:
     return nn.Sequential(Residual(ConvNorm(dim, dim, 3, 1, 1, groups=dim)),
-                         Residual(FFN(dim, dim * 2)))
+                         Residual(FFN(dim, widths.get("1.m", dim * 2))))
+
+
+class _Widths:
+    """The pruned widths of the modules under one block path, consumed as modules are built
+    (what remains afterwards names no module of this architecture)."""
+
+    def __init__(self, pending: dict | None, path: str):
+        self.pending, self.path = pending, path
+
+    def under(self, path: str) -> "_Widths":
+        return _Widths(self.pending, path)
+
+    def get(self, name: str, default):
+        """The width of the module ``name`` below this path ("": the module at the path)."""
+        if self.pending is None:
+            return default
+        return self.pending.pop(f"{self.path}.{name}" if name else self.path, default)
 
 
 class EfficientViT(nn.Module):
@@ -328,21 +400,28 @@ class EfficientViT(nn.Module):
         resolution = img_size // config.patch_size if img_size is not None else None
         attn_ratio = [ed[i] / (config.key_dim[i] * config.num_heads[i]) for i in range(3)]
         stages: list[list[nn.Module]] = [[], [], []]
+        widths = _Widths(dict(config.widths), "")
+
+        def at(stage: int) -> _Widths:     # the widths of the next module of a stage
+            return widths.under(f"blocks{stage + 1}.{len(stages[stage])}")
+
         self.feature_resolutions: list[int | None] = []
         for i in range(3):
             for _ in range(config.depth[i]):
                 stages[i].append(EfficientViTBlock(ed[i], config.key_dim[i], config.num_heads[i],
                                                    attn_ratio[i], resolution,
-                                                   config.window_size[i], config.kernels))
+                                                   config.window_size[i], config.kernels, at(i)))
             self.feature_resolutions.append(resolution)
             op = config.down_ops[i]
             if op[0] == "subsample":
                 nxt = stages[i + 1]
-                nxt.append(_residual_dw_ffn(ed[i]))
-                nxt.append(PatchMerging(ed[i], ed[i + 1]))
+                nxt.append(_residual_dw_ffn(ed[i], at(i + 1)))
+                nxt.append(PatchMerging(ed[i], ed[i + 1], at(i + 1).get("", None)))
                 if resolution is not None:
                     resolution = (resolution - 1) // op[1] + 1
-                nxt.append(_residual_dw_ffn(ed[i + 1]))
+                nxt.append(_residual_dw_ffn(ed[i + 1], at(i + 1)))
+        if widths.pending:
+            raise ValueError(f"widths for modules this architecture does not have: {', '.join(sorted(widths.pending))}")
         self.blocks1 = nn.Sequential(*stages[0])
         self.blocks2 = nn.Sequential(*stages[1])
         self.blocks3 = nn.Sequential(*stages[2])

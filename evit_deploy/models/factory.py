@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import (fit_state_dict, is_timm_layout, load_checkpoint, official_weights_path, read_state_dict,
-                         timm_to_official)
+from .checkpoint import (config_for, fit_state_dict, is_timm_layout, load_state_dict, official_weights_path,
+                         read_checkpoint, read_state_dict, timm_to_official)
 from .efficientvit import EfficientViT, EfficientViTConfig
 from .fuse import fuse as fuse_bn
 from .synthetic import DEFAULT_SEED, randomize_weights
@@ -30,14 +30,15 @@ class Provenance:
 
 
 def build_model(name: str, *, num_classes: int = 1000, img_size: int | None = 224,
-                distillation: bool = False) -> EfficientViT:
-    """An untrained family member (default initialisation, global RNG), in train mode."""
+                distillation: bool = False, config: EfficientViTConfig | None = None) -> EfficientViT:
+    """An untrained family member (default initialisation, global RNG), in train mode;
+    ``config`` gives it pruned widths (see :func:`.checkpoint.config_for`)."""
     spec = resolve_name(name)
     if img_size is not None and (img_size <= 0 or img_size % 16):
         raise BadInputError(f"img_size must be a positive multiple of 16, got {img_size}")
     if num_classes < 0:
         raise BadInputError(f"num_classes must be 0 (no head) or more, got {num_classes}")
-    return EfficientViT(EfficientViTConfig.from_spec(spec), img_size=img_size, num_classes=num_classes,
+    return EfficientViT(config or EfficientViTConfig.from_spec(spec), img_size=img_size, num_classes=num_classes,
                         distillation=distillation)
 
 
@@ -114,23 +115,28 @@ def load_model(name: str, weights: str | os.PathLike | Mapping | None = None, *,
         raise BadInputError(f"unknown task '{task}'; valid: classification, detection")
     spec = resolve_name(name)
     detection = task == "detection"
+    file = weights is not None and not isinstance(weights, Mapping) and str(weights) != RANDOM
+    if file and str(weights) == "official":
+        weights = official_weights_path(spec)
+    config = None
+    if file and not detection:
+        # Read first: a pruned checkpoint says which widths to build.
+        raw, sha, architecture = read_checkpoint(Path(weights))
+        config = config_for(spec, architecture, str(weights))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = (build_detector(name, neck=neck) if detection else
-                 build_model(name, num_classes=num_classes, img_size=img_size, distillation=distillation))
-    sha, neck_pretrained = None, None
+                 build_model(name, num_classes=num_classes, img_size=img_size, distillation=distillation,
+                             config=config))
+    sha, neck_pretrained = (sha if config is not None else None), None
     if str(weights) == RANDOM and not isinstance(weights, Mapping):
         randomize_weights(model, seed, img_size)
+    elif isinstance(weights, Mapping):
+        model.load_state_dict(fit_state_dict(model, weights, "state dict", name=spec.name), strict=True)
+    elif detection and weights is not None:
+        sha, neck_pretrained = load_detector_weights(model, Path(weights), name=spec.name)
     elif weights is not None:
-        if isinstance(weights, Mapping):
-            model.load_state_dict(fit_state_dict(model, weights, "state dict", name=spec.name), strict=True)
-        else:
-            if str(weights) == "official":
-                weights = official_weights_path(spec)
-            if detection:
-                sha, neck_pretrained = load_detector_weights(model, Path(weights), name=spec.name)
-            else:
-                sha = load_checkpoint(model, Path(weights), name=spec.name).sha256
+        load_state_dict(model, raw, sha, Path(weights), name=spec.name)
     init_seed = seed if weights is None or str(weights) == RANDOM or detection else None
     model.eval()
     if fuse:
