@@ -100,6 +100,22 @@ def _torch_runner(model_name: str, backend: str, batch: int, img_size: int, weig
     return run
 
 
+def _model_entry(model: str, weights: dict) -> tuple[str, str, object]:
+    """(label, family member, weights) of a model argument: ``m4``, or a checkpoint file
+    that records its architecture (a pruned one: label ``efficientvit_m4@<file stem>``)."""
+    path = Path(model)
+    if path.suffix in (".pth", ".pt", ".safetensors") and path.is_file():
+        from .models.checkpoint import read_checkpoint
+
+        architecture = read_checkpoint(path)[2]
+        if architecture is None:
+            raise BadInputError(f"{path} records no architecture: give the model's name and the file as its "
+                                f"weights")
+        return f"{architecture['model']}@{path.stem}", architecture["model"], str(path)
+    name = resolve_name(model).name
+    return name, name, weights.get(name)
+
+
 def prepare(model_name: str, backend: BackendSpec, *, batch: int, threads: int, img_size: int = 224, weights=None,
             workdir: Path, reporter: Reporter | None = None) -> Prepared:
     if backend.is_torch:
@@ -179,20 +195,21 @@ def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 
         raise BadInputError("batch, threads and rounds must be at least 1")
     specs = backend_specs(backends or [*TORCH_BACKENDS, "onnxruntime"], target_options)
     backends = [spec.name for spec in specs]
-    names = [resolve_name(m).name for m in models]
+    entries = [_model_entry(m, weights or {}) for m in models]
+    names = [label for label, _, _ in entries]
     records: list[BenchRecord] = []
     failures: list[EvitError] = []
     with contextlib.ExitStack() as stack:
         workdir = Path(artifacts_dir) if artifacts_dir is not None else \
             Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="evit-bench-")))
-        for model in names:
+        for model, family, model_weights in entries:
             prepared = {}
             for spec in specs:
                 backend = spec.name
                 try:
                     with reporter.stage("prepare", f"{model} {backend}"):
-                        prepared[backend] = prepare(model, spec, batch=batch, threads=threads, img_size=img_size,
-                                                    weights=(weights or {}).get(model), workdir=workdir / model,
+                        prepared[backend] = prepare(family, spec, batch=batch, threads=threads, img_size=img_size,
+                                                    weights=model_weights, workdir=workdir / model.replace("@", "-"),
                                                     reporter=QuietReporter())
                 except (KeyboardInterrupt, SystemExit):
                     raise
@@ -214,8 +231,8 @@ def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 
                 for spec in specs:
                     if spec.name in prepared:
                         with reporter.stage("memory", f"{model} {spec.name}"):
-                            peaks[spec.name] = peak_rss_mb(model, spec, prepared[spec.name], batch=batch,
-                                                           threads=threads, img_size=img_size)
+                            peaks[spec.name] = peak_rss_mb(family, spec, prepared[spec.name], batch=batch,
+                                                           threads=threads, img_size=img_size, weights=model_weights)
             for backend in prepared:
                 lat = [x for round_ in samples[backend] for x in round_]
                 summary = _summarise(lat)
@@ -251,14 +268,15 @@ def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 
 # -- memory --------------------------------------------------------------------------------
 
 def peak_rss_mb(model: str, backend: BackendSpec, prepared: Prepared, *, batch: int, threads: int,
-                img_size: int) -> float | None:
+                img_size: int, weights=None) -> float | None:
     """Peak resident memory of a fresh process that loads the backend and runs it.
 
     Measured apart from the timing process, whose own peak covers every backend at once;
     artifact backends load only their runtime (no torch), as an application would.
     """
     spec = {"model": model, "runtime": backend.runtime, "target": backend.target, "artifact": prepared.artifact,
-            "batch": batch, "threads": threads, "img_size": img_size}
+            "batch": batch, "threads": threads, "img_size": img_size,
+            "weights": str(weights) if isinstance(weights, (str, Path)) else None}
     proc = subprocess.run([sys.executable, "-m", "evit_deploy.bench", json.dumps(spec)], capture_output=True,
                           text=True, timeout=600)
     if proc.returncode != 0:
@@ -270,7 +288,8 @@ def _memory_probe(spec: dict) -> float:
     import resource
 
     if spec["artifact"] is None:
-        run = _torch_runner(spec["model"], spec["runtime"], spec["batch"], spec["img_size"], None, spec["threads"])
+        run = _torch_runner(spec["model"], spec["runtime"], spec["batch"], spec["img_size"], spec.get("weights"),
+                            spec["threads"])
     else:
         from .targets import get_target
         tgt = get_target(spec["target"])
@@ -310,7 +329,8 @@ def plot(result: BenchResult, path: str | os.PathLike) -> Path:
                 ax.annotate(f"{(rec.ratio_to_baseline - 1) * 100:+.0f}%", (bar.get_x() + bar.get_width() / 2,
                             bar.get_height()), ha="center", va="bottom", fontsize=7)
     ax.set_xticks([x + width * (len(backends) - 1) / 2 for x in range(len(models))])
-    ax.set_xticklabels([resolve_name(m).display_name for m in models])
+    ax.set_xticklabels([resolve_name(m.split("@")[0]).display_name + (f" ({m.split('@')[1]})" if "@" in m else "")
+                        for m in models])
     ax.set_ylabel("images / s")
     s = result.settings
     ax.set_title(f"Throughput, batch {s['batch']}, {s['threads']} thread(s) — {result.host['model']}", fontsize=9)

@@ -313,7 +313,7 @@ def _target_options(pairs: list[str] | None, shortcuts: dict | None) -> dict:
 
 
 @command(json_help="Write records to FILE ('-': stdout).")
-def bench(models: list[str] = typer.Argument(..., help="m0 … m5"),
+def bench(models: list[str] = typer.Argument(..., help="m0 … m5, or a checkpoint that records its architecture (a pruned one)"),
           backends: str = typer.Option("torch,torch-jit,onnxruntime", "--backends", "-b",
                                        help="Comma-separated, or 'all' (torch, torch-jit, and each target's runtime); "
                                             "RUNTIME:PRECISION (onnxruntime:int8) times that precision; "

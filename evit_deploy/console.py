@@ -255,7 +255,7 @@ def bench_tables(result) -> list:
     backends = s["backends"]
     rows = []
     for model in dict.fromkeys(r.model for r in result.records):
-        spec = resolve_name(model)
+        spec = resolve_name(model.split("@")[0])          # efficientvit_m4@pruned: a checkpoint of M4's family
         recs = {r.backend: r for r in result.records if r.model == model}
         cells = []
         for b in backends:
@@ -269,7 +269,8 @@ def bench_tables(result) -> list:
             notes = "".join(f" [red]({note})[/]" for note in r.notes)
             cells.append(f"{r.images_per_s:.0f}{ratio}{flag}{notes}")
         paper = spec.paper
-        rows.append([spec.short_name.upper(), f"{paper.top1:.1f}", *cells,
+        label = spec.short_name.upper() + (f" ({model.split('@')[1]})" if "@" in model else "")
+        rows.append([label, f"{paper.top1:.1f}", *cells,
                      f"{paper.cpu_torch_ips:.0f} → {paper.cpu_tvm_ips:.0f} "
                      f"({(paper.cpu_tvm_ips / paper.cpu_torch_ips - 1) * 100:+.1f}%)"])
         mem = [f"{recs[b].peak_rss_mb:.0f} MB" if recs[b].peak_rss_mb else "" for b in backends]
