@@ -475,7 +475,10 @@ def _finalists(candidates: list[Candidate], objective: str, count: int = FINALIS
 
 
 def _speed_key(objective: str):
-    return (lambda c: -c.images_per_s) if objective == "throughput" else (lambda c: c.latency_ms["median"])
+    """Fastest first, by the ratio to the baseline timed in the same run (the finalists are
+    timed twice, and a machine's speed drifts between runs); at one batch, the images/s
+    and the latency order are the same."""
+    return lambda c: -(c.ratio_to_baseline or c.images_per_s)
 
 
 def _choose(result: OptimizeResult, objective: str) -> None:
@@ -494,9 +497,11 @@ def _choose(result: OptimizeResult, objective: str) -> None:
 
 
 def _slower(c: Candidate, winner: Candidate, objective: str) -> str:
+    speed = (c.ratio_to_baseline / winner.ratio_to_baseline if c.ratio_to_baseline and winner.ratio_to_baseline
+             else c.images_per_s / winner.images_per_s)
     if objective == "throughput":
-        return f"{c.images_per_s / winner.images_per_s:.2f}× the winner's throughput"
-    return f"{c.latency_ms['median'] / winner.latency_ms['median']:.2f}× the winner's latency"
+        return f"{speed:.2f}× the winner's throughput"
+    return f"{1 / speed:.2f}× the winner's latency"
 
 
 def _warnings(result: OptimizeResult, images) -> list[str]:

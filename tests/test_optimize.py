@@ -59,8 +59,8 @@ def test_damaged_and_slow_candidates_are_never_chosen_and_say_why(with_test_targ
     winner = result.candidate(result.winner)
     assert result.winner not in ("wrong-scale-ort", "swapped-top-ort:int8", "slow-ort")
     assert winner.outcome is Outcome.CHOSEN
-    assert winner.images_per_s == max(c.images_per_s for c in result.candidates
-                                      if c.outcome in (Outcome.CHOSEN, Outcome.RUNNER_UP, Outcome.ADMISSIBLE))
+    assert winner.ratio_to_baseline == max(c.ratio_to_baseline for c in result.candidates
+                                           if c.outcome in (Outcome.CHOSEN, Outcome.RUNNER_UP, Outcome.ADMISSIBLE))
     # What it wrote: the winner with its description, optimize.json, the chart.
     out = tmp_path / "out"
     saved = json.loads((out / "optimize.json").read_text())
