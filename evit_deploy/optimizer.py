@@ -144,7 +144,6 @@ def optimize(model: str, out_dir, *, weights=None, images=None, labels=None, min
     defaults to 16 for the throughput objective and 1 for latency. ``time_budget`` is
     seconds or ``"20m"``: what was not tried when it ran out is listed.
     """
-    from .api import cpu_needs
     from .evaluate import eval_images
     from .hostinfo import cpu_info, package_versions
     from .plan import plan_export, resolve_model_name, trace_plan
@@ -167,7 +166,7 @@ def optimize(model: str, out_dir, *, weights=None, images=None, labels=None, min
     out = ensure_output_dir(out_dir)
     cache = out / CACHE_DIR
     plan_args = {"batch": batch, "weights": weights, "img_size": img_size, "input_size": input_size, "seed": seed}
-    candidates = _candidates(name, targets, precisions, plan_args, cpu_needs, plan_export)
+    candidates = _candidates(name, targets, precisions, plan_args)
     if tune:
         _add_tuned(candidates, name, plan_args, threads, _tuning_seconds(seconds), cache, reporter)
     settings = {"batch": batch, "threads": threads, "img_size": img_size, "input_size": input_size,
@@ -235,9 +234,11 @@ def _tuning_seconds(budget_s: float | None) -> float:
     return TUNE_SHARE * budget_s if budget_s is not None else TUNE_SECONDS
 
 
-def _candidates(name: str, targets, precisions, plan_args: dict, cpu_needs, plan_export) -> list[Candidate]:
+def _candidates(name: str, targets, precisions, plan_args: dict) -> list[Candidate]:
     """Every target × precision, each refused with its reason or left to try; the
     baseline (onnxruntime fp32) first, whatever ``targets`` says."""
+    from .api import cpu_needs
+    from .plan import plan_export
     from .targets import available_targets
     from .errors import unknown_name
 
