@@ -3,9 +3,9 @@
 The paper's protocol (supplementary Table 3) by default: BN folded, fp32, batch 16, one
 thread, warm-up before timing. Backends (:mod:`evit_deploy.backends`: PyTorch itself and
 each target's runtime, in any precision the target exports, and variants with options of
-their own) are timed in one process, interleaved in repeated rounds (the order rotating
-each round) so that machine drift hits all of them alike; results are medians with their
-spread, and each backend's ratio to PyTorch.
+their own) are timed in one process, every model on every backend interleaved in repeated
+rounds (the order rotating each round) so that machine drift hits all of them alike;
+results are medians with their spread, and each backend's ratio to PyTorch.
 """
 
 from __future__ import annotations
@@ -202,15 +202,15 @@ def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 
     with contextlib.ExitStack() as stack:
         workdir = Path(artifacts_dir) if artifacts_dir is not None else \
             Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="evit-bench-")))
+        prepared: dict[tuple[str, str], Prepared] = {}
         for model, family, model_weights in entries:
-            prepared = {}
             for spec in specs:
                 backend = spec.name
                 try:
                     with reporter.stage("prepare", f"{model} {backend}"):
-                        prepared[backend] = prepare(family, spec, batch=batch, threads=threads, img_size=img_size,
-                                                    weights=model_weights, workdir=workdir / model.replace("@", "-"),
-                                                    reporter=QuietReporter())
+                        prepared[model, backend] = prepare(
+                            family, spec, batch=batch, threads=threads, img_size=img_size, weights=model_weights,
+                            workdir=workdir / model.replace("@", "-"), reporter=QuietReporter())
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except Exception as exc:  # one backend's failure is a row of the result, not the end of it
@@ -219,29 +219,33 @@ def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 
                     records.append(BenchRecord.rejection(model, backend, batch, threads, reason))
                     failures.append(exc if isinstance(exc, EvitError) else EvitError(reason))
                     continue
-                for note in prepared[backend].notes:
+                for note in prepared[model, backend].notes:
                     reporter.warn(f"{model} {backend}: {note}")
-            if not prepared:
-                continue
-            with reporter.task(f"timing {model}", total=rounds * len(prepared)) as task:
-                samples = time_interleaved({b: p.run for b, p in prepared.items()}, rounds=rounds,
+        # Every model on every backend in one interleaved run: a ratio between two models
+        # (a pruned one and its original) is as fair as one between two backends.
+        samples = {}
+        if prepared:
+            with reporter.task("timing", total=rounds * len(prepared)) as task:
+                samples = time_interleaved({key: p.run for key, p in prepared.items()}, rounds=rounds,
                                            round_seconds=round_seconds, warmup_seconds=warmup_seconds, task=task)
-            peaks = {}
-            if memory:
-                for spec in specs:
-                    if spec.name in prepared:
-                        with reporter.stage("memory", f"{model} {spec.name}"):
-                            peaks[spec.name] = peak_rss_mb(family, spec, prepared[spec.name], batch=batch,
-                                                           threads=threads, img_size=img_size, weights=model_weights)
-            for backend in prepared:
-                lat = [x for round_ in samples[backend] for x in round_]
-                summary = _summarise(lat)
-                round_medians = [statistics.median(r) for r in samples[backend]]
+        for model, family, model_weights in entries:
+            for spec in specs:
+                if (model, spec.name) not in prepared:
+                    continue
+                peak = None
+                if memory:
+                    with reporter.stage("memory", f"{model} {spec.name}"):
+                        peak = peak_rss_mb(family, spec, prepared[model, spec.name], batch=batch, threads=threads,
+                                           img_size=img_size, weights=model_weights)
+                rounds_ = samples[model, spec.name]
+                summary = _summarise([x for round_ in rounds_ for x in round_])
+                round_medians = [statistics.median(r) for r in rounds_]
                 spread = (summary["p90"] - summary["p10"]) / summary["median"]
                 drift = (max(round_medians) - min(round_medians)) / statistics.median(round_medians)
-                records.append(BenchRecord(model, backend, batch, threads, batch / (summary["median"] / 1000.0),
-                                           summary, len(lat), rounds, spread > NOISY_SPREAD or drift > NOISY_SPREAD,
-                                           peaks.get(backend), notes=prepared[backend].notes))
+                records.append(BenchRecord(model, spec.name, batch, threads, batch / (summary["median"] / 1000.0),
+                                           summary, sum(map(len, rounds_)), rounds,
+                                           spread > NOISY_SPREAD or drift > NOISY_SPREAD, peak,
+                                           notes=prepared[model, spec.name].notes))
     if all(r.rejected for r in records):
         raise failures[0]
     order = {b: i for i, b in enumerate(backends)}

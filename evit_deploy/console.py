@@ -267,10 +267,16 @@ def bench_tables(result) -> list:
                 f" ({(r.ratio_to_baseline - 1) * 100:+.1f}%)"
             flag = " [yellow]noisy[/]" if r.noisy else ""
             notes = "".join(f" [red]({note})[/]" for note in r.notes)
-            cells.append(f"{r.images_per_s:.0f}{ratio}{flag}{notes}")
+            # A checkpoint of a family member (a pruned M4) beside that member: its speed-up.
+            original = next((o for o in result.records if o.model == model.split("@")[0] and o.backend == b
+                             and o.images_per_s), None) if "@" in model else None
+            versus = f", {r.images_per_s / original.images_per_s:.2f}× {spec.short_name.upper()}" if original else ""
+            cells.append(f"{r.images_per_s:.0f}{ratio}{versus}{flag}{notes}")
         paper = spec.paper
         label = spec.short_name.upper() + (f" ({model.split('@')[1]})" if "@" in model else "")
-        rows.append([label, f"{paper.top1:.1f}", *cells,
+        # The paper's figures are the unpruned member's: not a checkpoint's of other widths.
+        rows.append([label, "—", *cells, "—"] if "@" in model else
+                    [label, f"{paper.top1:.1f}", *cells,
                      f"{paper.cpu_torch_ips:.0f} → {paper.cpu_tvm_ips:.0f} "
                      f"({(paper.cpu_tvm_ips / paper.cpu_torch_ips - 1) * 100:+.1f}%)"])
         mem = [f"{recs[b].peak_rss_mb:.0f} MB" if recs[b].peak_rss_mb else "" for b in backends]

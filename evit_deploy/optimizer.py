@@ -389,7 +389,8 @@ def _evaluate(candidates: list[Candidate], images, budget: Budget, weights, cach
     from .targets import get_target
     from .trace import build_reference
 
-    images_key = hashlib.sha256(json.dumps([str(p) for p in images.paths] + [tree_sha256(p) for p in images.paths]
+    # Keyed on the images' names and bytes, not where they lie: a moved folder is the same set.
+    images_key = hashlib.sha256(json.dumps([p.name for p in images.paths] + [tree_sha256(p) for p in images.paths]
                                            + [list(images.labels or ())]).encode()).hexdigest()[:16]
     pending, reference = [], None
     for c in candidates:

@@ -16,7 +16,7 @@ pytest.importorskip("openvino")
 
 from conftest import save_checkpoint  # noqa: E402
 from evit_deploy import api  # noqa: E402
-from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_PARITY_FAILED  # noqa: E402
+from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_PARITY_FAILED, BadInputError  # noqa: E402
 from evit_deploy.preprocess import sample_images  # noqa: E402
 from evit_deploy.targets import get_target  # noqa: E402
 from evit_deploy.targets.openvino import runtime  # noqa: E402
@@ -169,6 +169,16 @@ def test_bf16_is_refused_on_a_cpu_without_it(m0_ir, tmp_path, cli, monkeypatch):
     code, _, err = cli("run", xml, SAMPLE[0])
     assert code == EXIT_BAD_INPUT and "exported for bf16 inference" in err and len(err.strip().splitlines()) == 1
     assert not any(p.suffix == ".xml" for p in tmp_path.iterdir())
+
+
+def test_bf16_capability_follows_the_cpu_flags_played(monkeypatch):
+    # Asking about another CPU (EVIT_DEPLOY_CPU_FLAGS) must not answer with this host's BF16.
+    monkeypatch.setenv("EVIT_DEPLOY_CPU_FLAGS", "avx2 fma")
+    assert "BF16" not in runtime.cpu_capabilities() and "FP32" in runtime.cpu_capabilities()
+    with pytest.raises(BadInputError, match="include BF16"):
+        runtime.require_precision("bf16")
+    monkeypatch.setenv("EVIT_DEPLOY_CPU_FLAGS", "avx2 fma avx512f avx512_bf16")
+    assert "BF16" in runtime.cpu_capabilities()
 
 
 @pytest.mark.skipif("BF16" not in runtime.cpu_capabilities(), reason="this CPU has no BF16")

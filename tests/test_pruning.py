@@ -192,11 +192,14 @@ def test_pruned_checkpoint_is_enough_for_info_and_export(cli, photos, realistic_
     assert json.loads((tmp_path / "export.json").read_text())["passed"] is True
     # bench takes the file as a model of its own, beside the unpruned one.
     code, stdout, stderr = cli("bench", "m0", out, "--backends", "onnxruntime", "--batch", 2, "--img-size", SMALL,
-                               "--rounds", 1, "--round-seconds", 0.05, "--no-memory", "--json", "-")
+                               "--rounds", 1, "--round-seconds", 0.05, "--no-memory", "--json", tmp_path / "b.json")
     assert code == 0, stderr
-    timed = {r["model"]: r for r in json.loads(stdout)["records"]}
+    timed = {r["model"]: r for r in json.loads((tmp_path / "b.json").read_text())["records"]}
     assert set(timed) == {"efficientvit_m0", "efficientvit_m0@pruned"}
     assert all(r["images_per_s"] and not r["rejected"] for r in timed.values())
+    # The table gives the pruned model's speed-up over M0 timed in the same run.
+    speedup = timed["efficientvit_m0@pruned"]["images_per_s"] / timed["efficientvit_m0"]["images_per_s"]
+    assert f"{speedup:.2f}× M0" in stdout.replace("\n", " "), stdout
 
 
 def test_bad_input(cli, checkpoint, photos, tmp_path, m0):

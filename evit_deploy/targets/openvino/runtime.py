@@ -16,12 +16,14 @@ exported for: ``f32`` unless the IR records ``bf16``.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from ... import errors
+from ...cpufeatures import FLAGS_ENV, host_features
 from ...description import ModelDescription
 from ...errors import BadInputError
 from ..base import Finding
@@ -72,10 +74,18 @@ def _host_capabilities() -> tuple[str, ...]:
     return tuple(_core().get_property(DEVICE, props.device.capabilities))
 
 
+#: The CPU flags with which OpenVINO's CPU plug-in computes in bf16.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
 def cpu_capabilities() -> tuple[str, ...]:
     """The CPU plug-in's OPTIMIZATION_CAPABILITIES here (``BF16``, ``FP32``, ``INT8``, ...).
-    The one place the host is asked: tests replace it to play another CPU."""
-    return _host_capabilities()
+    With ``$EVIT_DEPLOY_CPU_FLAGS`` (playing another CPU), BF16 follows those flags."""
+    capabilities = _host_capabilities()
+    if os.environ.get(FLAGS_ENV) is None:
+        return capabilities
+    bf16 = ("BF16",) if host_features() & set(BF16_FLAGS) else ()
+    return tuple(c for c in capabilities if c != "BF16") + bf16
 
 
 def require_precision(inference_precision: str, capabilities: tuple[str, ...] | None = None, *,
