@@ -40,21 +40,6 @@ def pytest_configure(config):
             os.environ.setdefault(name, share)
 
 
-# The slowest files first, as `--durations` measured them on two cores. With
-# `--dist loadfile --no-loadscope-reorder` (pyproject), xdist hands files to the workers in
-# collection order as they free up: longest first, so no slow file starts while the other
-# worker is left with nothing to do.
-SLOWEST_FILES = ("test_tvm.py", "test_onnx.py", "test_export_cli.py", "test_bench_profile.py",
-                 "test_cpu_portability.py", "test_build.py", "test_detection.py", "test_pruning.py",
-                 "test_precision.py", "test_executorch.py", "test_coreml_export.py", "test_eval.py",
-                 "test_optimize.py", "test_target_contract.py", "test_tvm_schedules.py", "test_parity.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: a file's own order stays
-
-
 def pytest_sessionstart(session):
     session.config._python_before = set(_python_processes())
 
