@@ -355,7 +355,7 @@ def importance(model: str, weights, images, *, labels=None, keep_macs: float | N
 
 
 def prune(model: str, weights, images, out, *, labels=None, keep_macs: float | None = None,
-          keep_params: float | None = None, finetune_steps: int = 0, img_size: int = 224,
+          keep_params: float | None = None, finetune_steps: int = 0, img_size: int = 224, multiple_of: int = 8,
           reporter: Reporter | None = None):
     """Taylor-prune ``model`` to ``keep_macs`` of its MACs (and/or ``keep_params`` of its
     parameters), optionally distil it from the unpruned model on the same images, and
@@ -363,7 +363,7 @@ def prune(model: str, weights, images, out, *, labels=None, keep_macs: float | N
     rebuilds it). See :func:`evit_deploy.pruning.run.prune`."""
     from .pruning.run import prune as run
     return run(model, weights, images, out, labels=labels, keep_macs=keep_macs, keep_params=keep_params,
-               finetune_steps=finetune_steps, img_size=img_size, reporter=reporter)
+               finetune_steps=finetune_steps, img_size=img_size, multiple_of=multiple_of, reporter=reporter)
 
 
 def predict(model: str, images, *, weights=None, top: int = 5, img_size: int = 224,

@@ -454,13 +454,17 @@ def prune(model: str = typer.Argument(..., help="m0 … m5"),
           finetune_steps: int = typer.Option(0, "--finetune-steps", help="Distillation steps from the unpruned "
                                              "model on the images."),
           img_size: int = typer.Option(224, "--img-size", help="Input resolution (multiple of 16)."),
+          multiple_of: int = typer.Option(8, "--multiple-of", help="Every group keeps a multiple of N channels "
+                                          "(or all): onnxruntime's blocked convolutions need 8 (AVX2) or 16 "
+                                          "(AVX-512); 1: no rounding."),
           *, reporter):
     """Taylor-prune a checkpoint to a MAC/parameter budget; the file records its widths."""
     from . import api
     from .console import prune_tables
 
     result = api.prune(model, weights, images, out, labels=labels, keep_macs=keep_macs, keep_params=keep_params,
-                       finetune_steps=finetune_steps, img_size=img_size, reporter=reporter).to_dict()
+                       finetune_steps=finetune_steps, img_size=img_size, multiple_of=multiple_of,
+                       reporter=reporter).to_dict()
     return Output(result, prune_tables(result))
 
 

@@ -56,9 +56,12 @@ def size_of(model: EfficientViT) -> tuple[int, int]:
 
 
 def plan(model: EfficientViT, importance: list[GroupImportance], *, keep_macs: float | None = None,
-         keep_params: float | None = None) -> dict[str, list[int]]:
+         keep_params: float | None = None, multiple: int = 1) -> dict[str, list[int]]:
     """The channels to keep per group (by :attr:`Group.key`) so that the model has at most
-    ``keep_macs`` of its MACs and ``keep_params`` of its parameters."""
+    ``keep_macs`` of its MACs and ``keep_params`` of its parameters. With ``multiple`` > 1,
+    each group keeps a multiple of it (or all its channels): onnxruntime's blocked (NCHWc)
+    convolutions take only channel counts that are multiples of their block (8 with AVX2,
+    16 with AVX-512) and run the others through a slower path."""
     macs, params = size_of(model)
     order = []           # (normalised score, group key, channel), removable channels only
     for item in importance:
@@ -73,7 +76,7 @@ def plan(model: EfficientViT, importance: list[GroupImportance], *, keep_macs: f
         counts = dict(widths)
         for _, key, _ in order[:removed]:
             counts[key] -= 1
-        return counts
+        return {key: min(widths[key], -(-count // multiple) * multiple) for key, count in counts.items()}
 
     def excess(removed: int) -> float:
         """How far above the budget (> 0) or within it (<= 0) removing ``removed`` leaves the model."""
@@ -100,10 +103,11 @@ def plan(model: EfficientViT, importance: list[GroupImportance], *, keep_macs: f
         else:
             low, e_low = mid, e_mid
         bisect = not bisect and (high - low) * 2 > width
-    low = high
+    counts = kept_widths(high)
     removed: dict[str, set[int]] = {}
-    for _, key, channel in order[:low]:
-        removed.setdefault(key, set()).add(channel)
+    for _, key, channel in order:           # each group loses its least important channels
+        if widths[key] - len(removed.get(key, ())) > counts[key]:
+            removed.setdefault(key, set()).add(channel)
     return {key: [c for c in range(widths[key]) if c not in removed.get(key, ())] for key in widths}
 
 

@@ -131,11 +131,11 @@ def importance(model: str, weights, images, *, labels=None, keep_macs: float | N
     return result
 
 
-def _plan(net, scores, keep_macs, keep_params):
+def _plan(net, scores, keep_macs, keep_params, multiple: int = 1):
     from .prune import plan
 
     try:
-        return plan(net, scores, keep_macs=keep_macs, keep_params=keep_params)
+        return plan(net, scores, keep_macs=keep_macs, keep_params=keep_params, multiple=multiple)
     except ValueError as exc:
         raise BadInputError(f"cannot prune to {_budget_text(keep_macs, keep_params)}: {exc}") from None
 
@@ -156,12 +156,13 @@ def net_name(model: str) -> str:
 
 
 def prune(model: str, weights, images, out, *, labels=None, keep_macs: float | None = None,
-          keep_params: float | None = None, finetune_steps: int = 0, img_size: int = 224,
+          keep_params: float | None = None, finetune_steps: int = 0, img_size: int = 224, multiple_of: int = 8,
           reporter: Reporter | None = None) -> PruneResult:
     """Prune ``model`` (from ``weights``) to the budget by Taylor importance over the images
     below ``images``, recover by ``finetune_steps`` of distillation from the unpruned model
     on the same images, and write the checkpoint ``out`` (it records its widths, so that
-    ``--weights out`` alone rebuilds the model)."""
+    ``--weights out`` alone rebuilds the model). ``multiple_of``: every group keeps a
+    multiple of that many channels (or all of them), for the runtimes' blocked kernels."""
     from ..fsutil import sha256_file
     from ..models.checkpoint import write_checkpoint
     from .figure import fig5
@@ -172,10 +173,12 @@ def prune(model: str, weights, images, out, *, labels=None, keep_macs: float | N
     keep_macs, keep_params = check_budget(keep_macs, keep_params)
     if finetune_steps < 0:
         raise BadInputError(f"--finetune-steps must be 0 or more, got {finetune_steps}")
+    if multiple_of < 1:
+        raise BadInputError(f"--multiple-of must be 1 or more, got {multiple_of}")
     reporter = reporter or Reporter()
     net, sha, x, y = _load(model, weights, images, labels, img_size)
     scores = taylor_importance(net, x, y, reporter=reporter)
-    pruned = remove_channels(net, _plan(net, scores, keep_macs, keep_params))
+    pruned = remove_channels(net, _plan(net, scores, keep_macs, keep_params, multiple_of))
     before = agreement(pruned, net, x)
     losses = distill(pruned, net, x, finetune_steps, reporter=reporter) if finetune_steps else []
     after = agreement(pruned, net, x) if finetune_steps else None
