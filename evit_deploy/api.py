@@ -342,7 +342,7 @@ def model_info(name: str, *, img_size: int = 224, weights=None) -> dict:
 
 
 def importance(model: str, weights, images, *, labels=None, keep_macs: float | None = None,
-               keep_params: float | None = None, img_size: int = 224, plot=None,
+               keep_params: float | None = None, img_size: int = 224, plot=None, multiple_of: int = 8,
                reporter: Reporter | None = None):
     """First-order Taylor importance of every prunable channel group of ``model`` loaded
     from ``weights``, over the images below ``images`` (cross-entropy against ``labels``, a
@@ -351,7 +351,7 @@ def importance(model: str, weights, images, *, labels=None, keep_macs: float | N
     :func:`evit_deploy.pruning.run.importance`."""
     from .pruning.run import importance as run
     return run(model, weights, images, labels=labels, keep_macs=keep_macs, keep_params=keep_params,
-               img_size=img_size, plot=plot, reporter=reporter)
+               img_size=img_size, plot=plot, multiple_of=multiple_of, reporter=reporter)
 
 
 def prune(model: str, weights, images, out, *, labels=None, keep_macs: float | None = None,

@@ -433,13 +433,15 @@ def importance(model: str = typer.Argument(..., help="m0 … m5"),
                keep_params: Optional[float] = typer.Option(None, "--keep-params", help="... of parameters."),
                plot: Optional[str] = typer.Option(None, "--plot", help="Write the Fig. 5 chart (PNG)."),
                img_size: int = typer.Option(224, "--img-size", help="Input resolution (multiple of 16)."),
+               multiple_of: int = typer.Option(8, "--multiple-of", help="As prune's: every group keeps a multiple "
+                                               "of N channels (or all)."),
                *, reporter):
     """Taylor importance of every prunable channel group (heads' Q/K and V, FFNs, patch merging)."""
     from . import api
     from .console import importance_tables
 
     result = api.importance(model, weights, images, labels=labels, keep_macs=keep_macs, keep_params=keep_params,
-                            plot=plot, img_size=img_size, reporter=reporter).to_dict()
+                            plot=plot, img_size=img_size, multiple_of=multiple_of, reporter=reporter).to_dict()
     return Output(result, importance_tables(result))
 
 

@@ -179,6 +179,8 @@ def test_importance_records_and_fig5(m0, photos, tmp_path):
     assert (tmp_path / "fig5.png").read_bytes()[:4] == b"\x89PNG"
     assert abs(sum(g["share"] for g in data["groups"]) - 1) < 1e-9
     assert data["planned_macs"] <= 0.7 * data["macs"] < data["planned_macs"] * 1.02
+    # The widths prune would keep: multiples of 8 (its default), or a group's every channel.
+    assert all(g["kept"] % 8 == 0 or g["kept"] == g["channels"] for g in data["groups"])
     spec = resolve_name("m0")
     blocks = {r["block"]: r for r in data["fig5"]}
     assert len(blocks) == sum(spec.depth)
@@ -239,6 +241,8 @@ def test_bad_input(cli, checkpoint, photos, tmp_path, m0):
         (["prune", "m0", "--weights", m0_file, "--images", empty, "--keep-macs", "0.7"], "no images"),
         (["prune", "m0", "--weights", m0_file, "--images", photos, "--keep-macs", "0"], "--keep-macs"),
         (["prune", "m0", "--weights", m0_file, "--images", photos, "--keep-macs", "1.5"], "--keep-macs"),
+        (["prune", "m0", "--weights", m0_file, "--images", photos, "--keep-macs", "0.7", "--multiple-of", "0"],
+         "--multiple-of"),
         (["prune", "m0", "--weights", m0_file, "--images", photos], "budget"),
         (["importance", "m0", "--weights", m0_file, "--images", photos, "--keep-params", "-1"], "--keep-params"),
     ]

@@ -105,10 +105,11 @@ def _embed_dims(net) -> dict[str, int]:
 
 def importance(model: str, weights, images, *, labels=None, keep_macs: float | None = None,
                keep_params: float | None = None, img_size: int = 224, plot: str | os.PathLike | None = None,
-               reporter: Reporter | None = None) -> ImportanceResult:
+               multiple_of: int = 8, reporter: Reporter | None = None) -> ImportanceResult:
     """Taylor importance of every prunable group of ``model`` (loaded from ``weights``) over
     the images below ``images`` (labelled by the ``labels`` file, if any), and which
-    channels a pruning to the budget (default ``keep_macs=0.7``) would keep."""
+    channels a pruning to the budget (default ``keep_macs=0.7``) would keep, as
+    :func:`prune` with the same ``multiple_of`` keeps them."""
     from .figure import fig5, plot_fig5
     from .groups import model_widths
     from .groups import remove_channels
@@ -118,7 +119,7 @@ def importance(model: str, weights, images, *, labels=None, keep_macs: float | N
     keep_macs, keep_params = check_budget(keep_macs, keep_params, default_macs=0.7)
     net, sha, x, y = _load(model, weights, images, labels, img_size)
     scores = taylor_importance(net, x, y, reporter=reporter)
-    kept = _plan(net, scores, keep_macs, keep_params)
+    kept = _plan(net, scores, keep_macs, keep_params, _check_multiple(multiple_of))
     pruned = remove_channels(net, kept)
     macs, params = size_of(net)
     planned_macs, planned_params = size_of(pruned)
@@ -129,6 +130,12 @@ def importance(model: str, weights, images, *, labels=None, keep_macs: float | N
         title = f"{result.model}: channels / embed dim, original and at {_budget_text(keep_macs, keep_params)}"
         result.plot = str(plot_fig5(rows, plot, title))
     return result
+
+
+def _check_multiple(multiple_of: int) -> int:
+    if multiple_of < 1:
+        raise BadInputError(f"--multiple-of must be 1 or more, got {multiple_of}")
+    return multiple_of
 
 
 def _plan(net, scores, keep_macs, keep_params, multiple: int = 1):
@@ -173,8 +180,7 @@ def prune(model: str, weights, images, out, *, labels=None, keep_macs: float | N
     keep_macs, keep_params = check_budget(keep_macs, keep_params)
     if finetune_steps < 0:
         raise BadInputError(f"--finetune-steps must be 0 or more, got {finetune_steps}")
-    if multiple_of < 1:
-        raise BadInputError(f"--multiple-of must be 1 or more, got {multiple_of}")
+    _check_multiple(multiple_of)
     reporter = reporter or Reporter()
     net, sha, x, y = _load(model, weights, images, labels, img_size)
     scores = taylor_importance(net, x, y, reporter=reporter)
