@@ -134,13 +134,17 @@ def cpu_model() -> str:
     return _cpuinfo()[0] or platform.processor() or platform.machine()
 
 
+def played_flags() -> frozenset[str] | None:
+    """The flags of ``$EVIT_DEPLOY_CPU_FLAGS`` when it is set (playing another CPU), else None."""
+    override = os.environ.get(FLAGS_ENV)
+    return None if override is None else frozenset(override.replace(",", " ").split())
+
+
 def host_features() -> frozenset[str] | None:
     """This CPU's feature flags (``/proc/cpuinfo`` names), ``$EVIT_DEPLOY_CPU_FLAGS`` if
     set, or None where they cannot be read."""
-    override = os.environ.get(FLAGS_ENV)
-    if override is not None:
-        return frozenset(override.replace(",", " ").split())
-    return cpu_flags()
+    played = played_flags()
+    return played if played is not None else cpu_flags()
 
 
 def host_cpu() -> dict:

@@ -138,7 +138,7 @@ def _check_multiple(multiple_of: int) -> int:
     return multiple_of
 
 
-def _plan(net, scores, keep_macs, keep_params, multiple: int = 1):
+def _plan(net, scores, keep_macs, keep_params, multiple: int):
     from .prune import plan
 
     try:

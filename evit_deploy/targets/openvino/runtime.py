@@ -16,14 +16,13 @@ exported for: ``f32`` unless the IR records ``bf16``.
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from ... import errors
-from ...cpufeatures import FLAGS_ENV, host_features
+from ...cpufeatures import played_flags
 from ...description import ModelDescription
 from ...errors import BadInputError
 from ..base import Finding
@@ -82,9 +81,10 @@ def cpu_capabilities() -> tuple[str, ...]:
     """The CPU plug-in's OPTIMIZATION_CAPABILITIES here (``BF16``, ``FP32``, ``INT8``, ...).
     With ``$EVIT_DEPLOY_CPU_FLAGS`` (playing another CPU), BF16 follows those flags."""
     capabilities = _host_capabilities()
-    if os.environ.get(FLAGS_ENV) is None:
+    played = played_flags()
+    if played is None:
         return capabilities
-    bf16 = ("BF16",) if host_features() & set(BF16_FLAGS) else ()
+    bf16 = ("BF16",) if played & set(BF16_FLAGS) else ()
     return tuple(c for c in capabilities if c != "BF16") + bf16
 
 
