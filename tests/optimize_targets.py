@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from evit_deploy.targets.onnx import OnnxTarget
-from evit_deploy.targets.onnx.runtime import OrtSession
+from evit_deploy.targets.onnx.runtime import Session
 
 
 def _edit_initializers(path, edit) -> None:
@@ -89,7 +89,7 @@ class SwappedTopOnnx(OnnxTarget):
         return artifact
 
 
-class SlowSession(OrtSession):
+class SlowSession(Session):
     def __call__(self, inputs):
         time.sleep(0.02)
         return super().__call__(inputs)

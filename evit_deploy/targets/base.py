@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,31 +101,48 @@ def missing_modules(needed: dict[str, str]) -> dict[str, str]:
 
 
 class Target:
-    """Base class of export targets. Subclasses set the class attributes, override
-    :meth:`export`, and name a :attr:`session_class` or override :meth:`run` and
-    :meth:`read_description`."""
+    """Base class of export targets. A target package (``targets/<name>/``) sets the class
+    attributes in its ``__init__``; by default :meth:`export` is its ``convert.export`` and
+    its artifacts are loaded by its ``runtime.Session`` (:attr:`session_class`)."""
 
     name: ClassVar[str]
     produces: ClassVar[str]                       # "ONNX model (.onnx)"
     suffixes: ClassVar[tuple[str, ...]]           # artifact file/directory suffixes it reads
     requires: ClassVar[dict[str, str]] = {}       # import name -> pip package, for export
-    run_requires: ClassVar[dict[str, str]] = {}   # import name -> pip package, for run
+    run_requires: ClassVar[dict[str, str]] = {}   # import name -> pip package, for run (default: requires)
     supports_dynamic_batch: ClassVar[bool] = False
     Options: ClassVar[type] = None                # a dataclass built with option()
     # Whether two exports from the same inputs give byte-identical files; if not, the
     # note says what determines the artifact (recorded in build manifests).
     reproducible: ClassVar[bool] = True
     reproducibility_note: ClassVar[str] = ""
-    # The name `evit-deploy bench --backends` knows this target's runtime by, if any.
+    # The name `evit-deploy bench --backends` knows this target's runtime by (default: the
+    # target's name; None: no runtime to time here).
     benchmark_backend: ClassVar[str | None] = None
     # Short flags `bench` and `profile` accept for this target's options, e.g. TVM's
     # {"--db": "db"}: `--db DIR` is `-O tvm.db=DIR`.
     option_shortcuts: ClassVar[dict[str, str]] = {}
     # The runtime's loaded artifact, "package.module:Class" (imported when first needed):
     # ``Class(path, threads=None)``, called with inputs by name, returns outputs by name, and
-    # has the artifact's ``description``. A target that names one runs, opens sessions and
-    # reads descriptions through one cache of them (:meth:`sessions`).
+    # has the artifact's ``description``. A target runs, opens sessions and reads
+    # descriptions through one cache of them (:meth:`sessions`). Default for a target
+    # package: its ``runtime:Session``.
     session_class: ClassVar[str | None] = None
+    # The package a target class is declared in (its convert.py, runtime.py, ...); a
+    # subclass declared in a plain module (a test's variant) inherits its parent's.
+    package: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        declared = cls.__dict__
+        if "name" in declared and "benchmark_backend" not in declared:
+            cls.benchmark_backend = cls.name
+        if "requires" in declared and "run_requires" not in declared:
+            cls.run_requires = cls.requires
+        if hasattr(sys.modules.get(cls.__module__), "__path__"):
+            cls.package = cls.__module__
+            if "session_class" not in declared:
+                cls.session_class = f"{cls.package}.runtime:Session"
 
     # -- what the framework asks of a target ------------------------------------------------
     def validate(self, options) -> None:
@@ -183,10 +201,16 @@ class Target:
             suffix += f"_{options.int8_kernels}"
         return suffix
 
-    def export(self, traced, options, path: Path, reporter) -> Artifact:  # pragma: no cover - abstract
+    def export(self, traced, options, path: Path, reporter) -> Artifact:
         """Write the artifact at ``path`` (and any sidecars next to it); warnings for the
-        person exporting go to ``reporter`` (a :class:`~evit_deploy.progress.Reporter`)."""
-        raise NotImplementedError
+        person exporting go to ``reporter`` (a :class:`~evit_deploy.progress.Reporter`).
+        Default: the package's ``convert.export(traced, options, path, reporter)``, which
+        returns the description, or the description and the sidecar files."""
+        if self.package is None:
+            raise NotImplementedError(f"target '{self.name}' has no package with a convert module")
+        made = importlib.import_module(f"{self.package}.convert").export(traced, options, path, reporter)
+        description, sidecars = made if isinstance(made, tuple) else (made, ())
+        return Artifact(path, self.name, description, tuple(sidecars))
 
     @classmethod
     def commands(cls) -> list[Command]:

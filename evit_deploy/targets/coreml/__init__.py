@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...description import ModelDescription
-from ..base import Artifact, Finding, Target
+from ..base import Finding, Target
 from ..options import calibration_option, option, precision_option
 from .convert import DEPLOYMENT_TARGETS
 from .quantize import COMPRESS_MODES
@@ -43,9 +43,8 @@ class CoreMLTarget(Target):
     produces = "Core ML ML program (.mlpackage); verified by a numpy reference executor off macOS"
     suffixes = (".mlpackage",)
     requires = {"coremltools": "coremltools"}
-    run_requires = {"coremltools": "coremltools"}
+    benchmark_backend = None        # Core ML runs on Apple devices alone
     Options = CoreMLOptions
-    session_class = f"{__name__}.runtime:Session"
 
     def input_format(self, options: CoreMLOptions) -> str:
         # The program holds the per-channel normalisation; the image input's 1/255 scale
@@ -70,12 +69,6 @@ class CoreMLTarget(Target):
         # fp16 is Core ML's default precision; int8 is W8A8 (weight-only int8 is --compress int8).
         return {"fp16": "", "fp32": "-fp32", "int8": "-w8a8"}[options.precision] + \
             (f"-{options.compress}" if options.compress != "none" else "")
-
-    def export(self, traced, options: CoreMLOptions, path: Path, reporter) -> Artifact:
-        from .convert import export
-
-        description, sidecars = export(traced, options, path, reporter)
-        return Artifact(path, self.name, description, sidecars)
 
     def runtime_name(self, path: Path) -> str:
         from .runtime import runtime_name

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ...description import ModelDescription
-from ..base import Artifact, Finding, OpTime, Target
+from ..base import Finding, OpTime, Target
 from ..options import calibration_option, precision_option
 
 
@@ -31,17 +31,9 @@ class ExecuTorchTarget(Target):
     name = "executorch"
     produces = "ExecuTorch program (.pte) with the XNNPACK delegate, run by ExecuTorch's runtime"
     suffixes = (".pte",)
+    # torch to run too: executorch's Python runtime links libtorch and exchanges torch tensors.
     requires = {"executorch": "executorch", "torch": "torch"}
-    # executorch's Python runtime links libtorch and exchanges torch tensors.
-    run_requires = {"executorch": "executorch", "torch": "torch"}
     Options = ExecuTorchOptions
-    benchmark_backend = "executorch"
-    session_class = f"{__name__}.runtime:Session"
-
-    def export(self, traced, options: ExecuTorchOptions, path: Path, reporter) -> Artifact:
-        from .convert import export
-
-        return Artifact(path, self.name, export(traced, options, path, reporter))
 
     def profile_ops(self, path: Path, inputs: dict[str, np.ndarray], *, threads: int, iterations: int,
                     blocks: dict[str, str]) -> list[OpTime]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...description import ModelDescription
-from ..base import Artifact, Finding, Target
+from ..base import Finding, Target
 from ..options import calibration_option, precision_option
 
 
@@ -32,13 +32,6 @@ class LiteRTTarget(Target):
     requires = {"litert_torch": "litert-torch", "ai_edge_quantizer": "ai-edge-quantizer"}
     run_requires = {"ai_edge_litert": "ai-edge-litert"}
     Options = LiteRTOptions
-    benchmark_backend = "litert"
-    session_class = f"{__name__}.runtime:Session"
-
-    def export(self, traced, options: LiteRTOptions, path: Path, reporter) -> Artifact:
-        from .convert import export
-
-        return Artifact(path, self.name, export(traced, options, path, reporter))
 
     def read_description(self, path: Path) -> ModelDescription:
         from .runtime import read_description

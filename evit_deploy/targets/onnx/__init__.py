@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import BadInputError
-from ..base import Artifact, OpTime, Target
+from ..base import OpTime, Target
 from ..options import calibration_option, int8_kernels_option, option, precision_option
 
 
@@ -48,12 +48,11 @@ class OnnxTarget(Target):
     name = "onnx"
     produces = "ONNX model (.onnx), run by onnxruntime"
     suffixes = (".onnx",)
-    requires = {"onnx": "onnx", "onnxscript": "onnxscript"}
+    requires = {"onnx": "onnx", "onnxscript": "onnxscript", "onnx_ir": "onnx-ir"}
     run_requires = {"onnxruntime": "onnxruntime"}
     supports_dynamic_batch = True
     Options = OnnxOptions
     benchmark_backend = "onnxruntime"
-    session_class = f"{__name__}.runtime:OrtSession"
 
     def input_format(self, options: OnnxOptions) -> str:
         return "normalized" if options.bake_preprocessing == "none" else options.bake_preprocessing
@@ -69,11 +68,6 @@ class OnnxTarget(Target):
     def variant(self, options: OnnxOptions) -> str:
         dynamic = options.precision == "int8" and options.quantization == "dynamic"
         return super().variant(options) + ("_dynamic" if dynamic else "")
-
-    def export(self, traced, options: OnnxOptions, path: Path, reporter) -> Artifact:
-        from .convert import export
-
-        return Artifact(path, self.name, export(traced, options, path, reporter))
 
     def profile_ops(self, path: Path, inputs: dict[str, np.ndarray], *, threads: int, iterations: int,
                     blocks: dict[str, str]) -> list[OpTime]:

@@ -1,9 +1,10 @@
 """From the shared ``torch.export`` trace to an ``.onnx`` file (export side: needs torch).
 
-``torch.onnx.export`` (dynamo) converts the trace; :mod:`.quantize` makes its fp16 or int8
-copy; then the graph is made smaller and machine-independent (shared initializers, no
-stack traces), the description goes into the model's metadata (:data:`.runtime.METADATA_KEY`),
-and the model is checked and written with deterministic serialisation.
+``torch.onnx.export`` (dynamo) converts the trace and :func:`tidy` folds its constants;
+:mod:`.quantize` makes its fp16 or int8 copy; then the graph is made smaller and
+machine-independent (shared initializers, no stack traces), the description goes into the
+model's metadata (:data:`.runtime.METADATA_KEY`), and the model is checked and written with
+deterministic serialisation.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def export(traced, options, path: Path, reporter) -> ModelDescription:
         program = torch.onnx.export(
             traced.program, (traced.example_input(),), dynamo=True, verbose=False,
             opset_version=options.opset, input_names=[desc.input.name],
-            output_names=[o.name for o in desc.outputs], optimize=True, external_data=False)
+            output_names=[o.name for o in desc.outputs], optimize=False, external_data=False)
+        tidy(program.model)
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed: {first_line(exc)}") from exc
     proto = program.model_proto
@@ -54,6 +56,23 @@ def export(traced, options, path: Path, reporter) -> ModelDescription:
     # same bytes (onnx.save does not promise that).
     path.write_bytes(proto.SerializeToString(deterministic=True))
     return desc
+
+
+def tidy(model) -> None:
+    """What ``torch.onnx.export(optimize=True)`` does to the graph (onnxscript's optimizer),
+    but for its pattern rewriter: constants folded and lifted to initializers, common
+    subexpressions merged, unused nodes removed, in place on the exporter's ``onnx_ir``
+    model. The rewriter finds nothing to rewrite in a BN-folded EfficientViT (the same
+    nodes, the same outputs) and is the slowest part of an export."""
+    import onnx_ir
+    from onnx_ir.passes import common
+    from onnxscript import optimizer
+
+    optimizer.fold_constants(model)
+    onnx_ir.passes.Sequential(
+        common.RemoveUnusedNodesPass(), common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.DeduplicateInitializersPass(), common.CommonSubexpressionEliminationPass(),
+        common.RemoveUnusedNodesPass())(model)
 
 
 def dedupe_initializers(graph) -> int:

@@ -16,7 +16,7 @@ from ...errors import BadInputError, first_line
 METADATA_KEY = "evit_deploy.description"
 
 
-class OrtSession:
+class Session:
     """An onnxruntime CPU session: ``session(inputs) -> outputs`` by name. With ``threads``,
     sequential execution on that many intra-op threads (benchmarks); without, onnxruntime's
     defaults (run, verify)."""

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ...description import ModelDescription
-from ..base import Artifact, Finding, OpTime, Target
+from ..base import Finding, OpTime, Target
 from ..options import calibration_option, int8_kernels_option, precision_option
 
 
@@ -50,8 +50,6 @@ class OpenVinoTarget(Target):
     run_requires = {"openvino": "openvino"}
     supports_dynamic_batch = True
     Options = OpenVinoOptions
-    benchmark_backend = "openvino"
-    session_class = f"{__name__}.runtime:LoadedModel"
 
     def validate(self, options: OpenVinoOptions) -> None:
         from .runtime import PRECISIONS, require_precision
@@ -63,12 +61,6 @@ class OpenVinoTarget(Target):
         from .runtime import artifact_files
 
         return artifact_files(path)
-
-    def export(self, traced, options: OpenVinoOptions, path: Path, reporter) -> Artifact:
-        from .convert import export
-
-        desc, (weights, xml) = export(traced, options, path, reporter)
-        return Artifact(xml, self.name, desc, sidecars=(weights,))
 
     def read_description(self, path: Path) -> ModelDescription:
         from .runtime import read_description

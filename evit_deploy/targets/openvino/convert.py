@@ -33,9 +33,9 @@ from .runtime import (DESCRIPTION, INFERENCE_PRECISION, MODULE_PATHS, PRECISIONS
                       import_openvino)
 
 
-def export(traced, options, path: Path, reporter) -> tuple[ModelDescription, tuple[Path, Path]]:
+def export(traced, options, path: Path, reporter) -> tuple[ModelDescription, tuple[Path]]:
     """Write the IR at ``path`` (and its .bin) as ``options`` ask: the description it
-    holds, and its two files, weights first."""
+    holds, and the weights file beside it."""
     ov = import_openvino()
     inference_precision, weights = PRECISIONS[options.precision]
     desc = traced.description
@@ -47,8 +47,8 @@ def export(traced, options, path: Path, reporter) -> tuple[ModelDescription, tup
         desc = desc.with_extra(int8=facts)
     desc = desc.with_extra(openvino=info)
     set_description(model, desc, inference_precision, paths)
-    xml, weights_file = save(model, path, compress_to_fp16=options.precision == "fp16")
-    return desc, (weights_file, xml)
+    _, weights_file = save(model, path, compress_to_fp16=options.precision == "fp16")
+    return desc, (weights_file,)
 
 
 def convert(traced):

@@ -163,7 +163,7 @@ def compile_config(inference_precision: str, *, threads: int | None = None, prof
     return config
 
 
-class LoadedModel:
+class Session:
     """A compiled IR and its description; ``run_named`` maps input names to outputs."""
 
     def __init__(self, xml: Path, *, threads: int | None = None, profile: bool = False):
@@ -196,8 +196,8 @@ class LoadedModel:
         return self.compiled.get_property(key)
 
 
-def load(xml: Path, *, threads: int | None = None, profile: bool = False) -> LoadedModel:
-    return LoadedModel(xml, threads=threads, profile=profile)
+def load(xml: Path, *, threads: int | None = None, profile: bool = False) -> Session:
+    return Session(xml, threads=threads, profile=profile)
 
 
 def runtime_name(xml: Path) -> str:
@@ -205,7 +205,7 @@ def runtime_name(xml: Path) -> str:
     return f"OpenVINO {ov.__version__.split('-')[0]} (CPU, {inference_precision_of(read_model(xml), Path(xml))})"
 
 
-def parity_extras(model: LoadedModel) -> dict:
+def parity_extras(model: Session) -> dict:
     """What a parity report adds for an IR: the precision the plug-in computed in, the
     size of the weights."""
     import_openvino()

@@ -54,15 +54,12 @@ class TvmTarget(Target):
     produces = "shared library (.so) + description (.tvm.json), run by the TVM runtime"
     suffixes = (".so",)
     requires = {"tvm": "apache-tvm", "tvm_ffi": "apache-tvm-ffi"}
-    run_requires = {"tvm": "apache-tvm", "tvm_ffi": "apache-tvm-ffi"}
-    benchmark_backend = "tvm"
     reproducible = False
     reproducibility_note = ("the library is compiled from the schedules in the tuning database, so it is "
                             "determined by the database (its record count is in the description), the TVM "
                             "target and the TVM version; tuning itself measures wall-clock time and is not "
                             "repeatable, and LLVM output is not guaranteed byte-identical")
     Options = TvmOptions
-    session_class = f"{__name__}.runtime:Session"
 
     option_shortcuts = {"--db": "db"}
 
