@@ -10,6 +10,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from conftest import SMALL
 from evit_deploy import api
 from evit_deploy.preprocess import sample_images
 from evit_deploy.targets.onnx.runtime import METADATA_KEY
@@ -72,26 +73,27 @@ def test_fp16_has_fp16_weights_and_fp32_io(tiny_export):
 
 @pytest.mark.parametrize("fmt,dtype", [("uint8", np.uint8), ("float01", np.float32)])
 def test_baked_preprocessing_takes_raw_rgb(tmp_path, fmt, dtype):
-    result = api.export("m0", "onnx", out_dir=tmp_path, options={"bake_preprocessing": fmt}, dynamic_batch=True)
+    result = api.export("m0", "onnx", out_dir=tmp_path, options={"bake_preprocessing": fmt}, dynamic_batch=True,
+                        img_size=SMALL)
     assert result.report.passed
     model = onnx.load(result.artifact.path)
     elem = model.graph.input[0].type.tensor_type.elem_type
     assert elem == (onnx.TensorProto.UINT8 if dtype is np.uint8 else onnx.TensorProto.FLOAT)
     # Same predictions as the normalised-input model on the same photos.
     run = api.run(result.artifact.path, SAMPLE)
-    preds = api.predict("m0", SAMPLE)
+    preds = api.predict("m0", SAMPLE, img_size=SMALL)
     assert [p.top[0][0] for p in run.predictions] == [p.top[0][0] for p in preds]
 
 
-def test_dynamic_and_static_batches(tmp_path, m0_onnx):
-    static = api.export("m0", "onnx", out_dir=tmp_path / "b3", batch=3)
+def test_dynamic_and_static_batches(tmp_path):
+    static = api.export("m0", "onnx", out_dir=tmp_path / "b3", batch=3, img_size=SMALL)
     assert static.report.passed
     model = onnx.load(static.artifact.path)
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 3
     # five inputs through a batch-3 artifact: padded and trimmed
     result = api.run(static.artifact.path, SAMPLE + SAMPLE[:1])
     assert result.outputs["logits"].shape == (5, 1000)
-    dynamic = api.export("m0", "onnx", out_dir=tmp_path / "dyn", dynamic_batch=True)
+    dynamic = api.export("m0", "onnx", out_dir=tmp_path / "dyn", dynamic_batch=True, img_size=SMALL)
     assert dynamic.report.passed
     assert dynamic.artifact.description.batch is None
 
@@ -112,13 +114,13 @@ def test_run_accepts_npy_tensors(m0_onnx, tmp_path, cli):
 
 
 def test_verify_rebuilds_the_reference_from_a_checkpoint(tmp_path, checkpoint, cli):
-    weights = checkpoint("m0", seed=21)
-    artifact = api.export("m0", "onnx", out_dir=tmp_path, weights=weights).artifact.path
+    weights = checkpoint("m0", seed=21, img_size=SMALL)
+    artifact = api.export("m0", "onnx", out_dir=tmp_path, weights=weights, img_size=SMALL).artifact.path
     code, _, err = cli("verify", artifact)
     assert code == 2 and "pass that file with --weights" in err
     code, _, _ = cli("verify", artifact, "--weights", weights)
     assert code == 0
-    other = checkpoint("m0", seed=22)
+    other = checkpoint("m0", seed=22, img_size=SMALL)
     code, _, err = cli("verify", artifact, "--weights", other)
     assert code == 2 and "is not the checkpoint this artifact was built from" in err
 
@@ -127,7 +129,7 @@ def test_a_model_without_head_outputs_features_not_classes(tmp_path, cli):
     """num_classes=0 (timm's way to ask for a feature extractor): the artifact's output is
     the pooled feature vector, named and documented so, with no labels to mistake it for
     class probabilities."""
-    code, _, err = cli("export", "m0", "-t", "onnx", "--num-classes", 0, "--out", tmp_path)
+    code, _, err = cli("export", "m0", "-t", "onnx", "--num-classes", 0, "--img-size", SMALL, "--out", tmp_path)
     assert code == 0, err
     path = tmp_path / "efficientvit_m0.onnx"
     description = api.inspect_artifact(path)[1]
