@@ -2,41 +2,22 @@
 
 NNCF inserts FakeQuantize operations (int8 weights per output channel, activations with
 ranges measured on the calibration images of :mod:`evit_deploy.calibration`) that
-OpenVINO's CPU plug-in runs as integer kernels. Two of NNCF's defaults are changed, as
-measured (largest error relative to the output scale on the four photos, against the
-fp32 model, default calibration set):
-
-==============================  ====================  =============  ==============
-recipe                          M0 64x64, default     M0 64x64,      M4 224x224,
-                                synthetic weights     realistic      realistic
-==============================  ====================  =============  ==============
-NNCF defaults                   0.38 (cosine 0.83)    0.15           0.052
-MinMax activation ranges        0.29 (0.82)           --             --
-no bias correction              0.47 (0.84)           --             --
-**MinMax, no bias correction**  **0.17 (0.94)**       **0.074**      **0.060**
-==============================  ====================  =============  ==============
+OpenVINO's CPU plug-in runs as integer kernels. Two of NNCF's defaults are changed because
+they measured worse here (the README's OpenVINO section has the figures):
 
 * activation ranges are the minimum and maximum seen on the calibration images (NNCF's
   default averages each image's range, which clips what the other images reach);
 * no bias correction: NNCF's fast bias correction shifts each layer's bias to undo the
-  quantization error measured on the calibration images, and made the result worse here.
+  quantization error measured on the calibration images, and made the result worse.
 
-And the overflow fix follows ``--int8-kernels``: ``portable`` (the default) gives every
+The overflow fix follows ``--int8-kernels``: ``portable`` (the default) gives every
 convolution and matrix product 7-bit weights (``OverflowFix.ENABLE``; NNCF's default only
 does the first layer), so that oneDNN's u8×s8 kernels on x86 CPUs without VNNI, which add
 pairs of products in int16, cannot saturate; ``vnni`` keeps 8 bits (``DISABLE``) for CPUs
 with VNNI or AMX. Depthwise convolutions keep 8-bit weights either way: NNCF leaves them
 out of the fix, and oneDNN's int8 depthwise kernel widens both operands to 32 bits before
-it multiplies (``vpmovsxbd``, ``vpmulld`` in ``jit_uni_x8s8s32x_dw_conv``). Measured in
-``benchmarks/int8_portability.py``: the same speed as 8 bits; on an AVX2 CPU the 8-bit IR
-failed parity with the default synthetic weights (cosine 0.39) where this one passes.
-
-The preset (PERFORMANCE: symmetric activations), the model type and ignored scopes stay
-NNCF's. On the default synthetic M0, with NNCF's other defaults, the TRANSFORMER model
-type, the MIXED preset (asymmetric activations) and leaving the attention's MatMul and
-Softmax (and the squeeze-excitation's Multiply and Sigmoid) in float gave 0.37-0.48;
-MIXED with MinMax ranges and no bias correction gave 0.19 (cosine 0.96), 0.075 and 0.049
-for the three columns above: no better.
+it multiplies (``vpmovsxbd``, ``vpmulld`` in ``jit_uni_x8s8s32x_dw_conv``). The preset,
+the model type and ignored scopes stay NNCF's (the alternatives measured no better).
 
 NNCF reports progress with its own bars on stdout and logs on its own logger; both would
 mix into evit-deploy's output (``--json -`` writes to stdout), so they are held back while
