@@ -130,3 +130,37 @@ def test_every_built_in_target_has_the_same_anatomy():
         files = {p.name for p in (PACKAGE_DIR / "targets" / name).glob("*.py")}
         assert TARGET_ANATOMY <= files, (name, sorted(TARGET_ANATOMY - files))
         assert ("profile.py" in files) == targets[name].supports_profiling(), name
+
+
+def test_the_anatomy_gives_each_target_its_export_and_its_sessions():
+    """A target package needs no export method or session class of its own: the base
+    class takes them from its convert.py and runtime.py. A variant declared in a plain
+    module keeps its parent's package; a target in a plain module has none."""
+    import importlib
+
+    from evit_deploy.targets import available_targets
+    from evit_deploy.targets.base import Target
+    from evit_deploy.targets.onnx import OnnxTarget
+
+    targets = available_targets()
+    for name in BUILT_IN_TARGETS:
+        cls = targets[name]
+        assert cls.package == f"evit_deploy.targets.{name}", name
+        module, _, attr = cls.session_class.partition(":")
+        assert (module, attr) == (f"{cls.package}.runtime", "Session"), name
+        assert isinstance(getattr(importlib.import_module(module), attr), type), name
+        convert = importlib.import_module(f"{cls.package}.convert")
+        assert callable(convert.export), name
+
+    class Variant(OnnxTarget):
+        name = "variant"
+
+    class Standalone(Target):
+        name = "standalone"
+        requires = {"numpy": "numpy"}
+
+    assert Variant.package == OnnxTarget.package and Variant.session_class == OnnxTarget.session_class
+    assert Variant.benchmark_backend == "variant"
+    assert Standalone.package is None and Standalone.session_class is None
+    assert Standalone.run_requires == {"numpy": "numpy"} and Standalone.benchmark_backend == "standalone"
+    assert targets["onnx"].benchmark_backend == "onnxruntime" and targets["coreml"].benchmark_backend is None
