@@ -245,6 +245,7 @@ def test_bad_input(cli, checkpoint, photos, tmp_path, m0):
          "--multiple-of"),
         (["prune", "m0", "--weights", m0_file, "--images", photos], "budget"),
         (["importance", "m0", "--weights", m0_file, "--images", photos, "--keep-params", "-1"], "--keep-params"),
+        (["importance", "m0", "--weights", m0_file, "--images", photos, "--multiple-of", "0"], "--multiple-of"),
     ]
     for args, message in cases:
         code, _, stderr = cli(*args, "--out", tmp_path / "never.pth") if args[0] == "prune" else cli(*args)

@@ -117,9 +117,10 @@ def importance(model: str, weights, images, *, labels=None, keep_macs: float | N
     from .prune import size_of
 
     keep_macs, keep_params = check_budget(keep_macs, keep_params, default_macs=0.7)
+    _check_multiple(multiple_of)
     net, sha, x, y = _load(model, weights, images, labels, img_size)
     scores = taylor_importance(net, x, y, reporter=reporter)
-    kept = _plan(net, scores, keep_macs, keep_params, _check_multiple(multiple_of))
+    kept = _plan(net, scores, keep_macs, keep_params, multiple_of)
     pruned = remove_channels(net, kept)
     macs, params = size_of(net)
     planned_macs, planned_params = size_of(pruned)
@@ -132,10 +133,10 @@ def importance(model: str, weights, images, *, labels=None, keep_macs: float | N
     return result
 
 
-def _check_multiple(multiple_of: int) -> int:
+def _check_multiple(multiple_of: int) -> None:
+    """Refuse a ``--multiple-of`` below 1 before any model is loaded."""
     if multiple_of < 1:
         raise BadInputError(f"--multiple-of must be 1 or more, got {multiple_of}")
-    return multiple_of
 
 
 def _plan(net, scores, keep_macs, keep_params, multiple: int):
