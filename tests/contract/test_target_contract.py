@@ -4,10 +4,10 @@ Each (target, precision) exports the tiny attention model once per session
 (``tiny_export`` in tests/conftest.py); every check here reads that one artifact:
 it is written under its name and passed parity; its description reads back as the plan
 that made it; it runs where torch cannot be imported if the target promises that; a copy
-whose description names other weights fails ``verify``, a truncated copy fails with a
-one-line error and never kills the process; a failure while exporting leaves nothing
-under the final name; bad input gets its exit code. What only one target does is tested
-in its own file (tests/test_<target>.py).
+whose description names other weights fails ``verify``; a copy cut short, or whose
+largest file holds other data, fails with a one-line error and never kills the process;
+a failure while exporting leaves nothing under the final name; bad input gets its exit
+code. What only one target does is tested in its own file (tests/test_<target>.py).
 """
 
 from __future__ import annotations
@@ -196,39 +196,50 @@ def test_runs_without_torch(case, exported, runs_without_torch):
         np.testing.assert_array_equal(outside[name], inside[name])
 
 
+#: Ways an artifact's largest file gets damaged: cut short (an interrupted copy), or
+#: replaced by binary data of another kind under its name (a renamed file, a proxy's reply).
+DAMAGES = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "foreign": lambda data: np.random.default_rng(0).bytes(len(data)),
+}
+
+
 @pytest.fixture(scope="session")
-def truncated_verifies(request, tiny_export, tmp_path_factory):
-    """``verify`` of a truncated copy of every artifact of the session, in one process: a
-    native reader that dies of a signal on a damaged file shows as the process's exit."""
-    folder = tmp_path_factory.mktemp("truncated")
-    cases = _cases_of(request.session, "test_a_truncated_copy_fails_verify_with_one_line")
+def damaged_verifies(request, tiny_export, tmp_path_factory):
+    """``verify`` of each damaged copy (:data:`DAMAGES`) of every artifact of the session,
+    in one process: a native reader that dies of a signal on a damaged file shows as the
+    process's exit."""
+    folder = tmp_path_factory.mktemp("damaged")
+    cases = list(dict.fromkeys(_cases_of(request.session, "test_a_damaged_copy_fails_verify_with_one_line")))
     for target, precision in cases:
         try:
             artifact = tiny_export(target, precision).artifact
         except BaseException:
             continue
-        copy = copy_artifact(artifact, folder / f"{target}-{precision}")
-        largest = max(files_of(copy), key=lambda f: f.stat().st_size)
-        largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])
-    body = """
+        for damage, damaged in DAMAGES.items():
+            copy = copy_artifact(artifact, folder / f"{target}-{precision}" / damage)
+            largest = max(files_of(copy), key=lambda f: f.stat().st_size)
+            largest.write_bytes(damaged(largest.read_bytes()))
+    body = f"""
 import contextlib, io, pathlib
 from evit_deploy.cli import invoke
-folder = pathlib.Path(key)
-copy = folder / pathlib.Path(path).name
-err = io.StringIO()
-print(json.dumps({"key": key, "started": True}), flush=True)
-with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-    code = invoke(["-q", "verify", str(copy)])
-print(json.dumps({"key": key, "code": code, "err": err.getvalue()}))
+for damage in {list(DAMAGES)!r}:
+    copy = pathlib.Path(key) / damage / pathlib.Path(path).name
+    err = io.StringIO()
+    print(json.dumps({{"key": f"{{key}}/{{damage}}", "started": True}}), flush=True)
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = invoke(["-q", "verify", str(copy)])
+    print(json.dumps({{"key": f"{{key}}/{{damage}}", "code": code, "err": err.getvalue()}}), flush=True)
 """
     return _in_one_process(cases, tiny_export, folder, body, without_torch=False)
 
 
-def test_a_truncated_copy_fails_verify_with_one_line(case, exported, truncated_verifies):
-    key = "-".join(case)
-    entry = truncated_verifies["results"].get(key)
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_copy_fails_verify_with_one_line(case, damage, exported, damaged_verifies):
+    key = f"{'-'.join(case)}/{damage}"
+    entry = damaged_verifies["results"].get(key)
     assert entry is not None and "code" in entry, \
-        f"the process died (exit {truncated_verifies['returncode']}): {truncated_verifies['stderr']}"
+        f"the process died (exit {damaged_verifies['returncode']}) at {key}: {damaged_verifies['stderr']}"
     assert entry["code"] in (EXIT_BAD_INPUT, EXIT_PARITY_FAILED), entry
     # One line says what is wrong (the process may have printed a library's warning before).
     errors = [line for line in entry["err"].splitlines() if line.startswith("error: ")]

@@ -65,6 +65,16 @@ def pool_with(threads: int) -> int:
     return _pool_generation
 
 
+def check_identifier(data: bytes, source: str) -> None:
+    """Refuse bytes that are not an ExecuTorch program before the runtime reads them: a
+    flatbuffer names its schema in bytes 4-8 (``ET12``), and the runtime, rejecting
+    another identifier, logs those bytes as text, which aborts the process when they are
+    not UTF-8."""
+    identifier = data[4:8]
+    if not (identifier[:2] == b"ET" and identifier[2:].isdigit()):
+        raise BadInputError(f"{source} is not an ExecuTorch program (no 'ET' schema identifier at byte 4)")
+
+
 def load_program(path: Path, *, etdump: bool = False):
     import warnings
 
@@ -75,9 +85,11 @@ def load_program(path: Path, *, etdump: bool = False):
         from executorch.runtime import Runtime
 
         runtime = Runtime.get()
+    data = Path(path).read_bytes()
+    check_identifier(data, str(path))
     try:
         with captured():
-            return runtime.load_program(Path(path).read_bytes(), enable_etdump=etdump)
+            return runtime.load_program(data, enable_etdump=etdump)
     except Exception as exc:   # the runtime raises RuntimeError with its error code
         raise BadInputError(f"{path} is not a loadable ExecuTorch program: {first_line(exc)}") from None
 

@@ -21,7 +21,7 @@ import collections
 import numpy as np
 
 from ...description import ModelDescription
-from ...errors import BadInputError, ExportError
+from ...errors import BadInputError, ExportError, first_line
 
 METADATA_NAME = "evit_deploy.description"
 
@@ -63,7 +63,7 @@ def add_description(data: bytes, description: ModelDescription, *, input_names: 
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
-def metadata(data: bytes) -> dict[str, bytes]:
+def metadata(data: bytes, source: str = "the model") -> dict[str, bytes]:
     """Every metadata entry of a model, name -> contents, read without unpacking it."""
     fb = _schema()
     try:
@@ -80,12 +80,12 @@ def metadata(data: bytes) -> dict[str, bytes]:
                 raw = buffer.DataAsNumpy().tobytes() if buffer.DataLength() else b""
             found[_text(entry.Name())] = raw
     except Exception as exc:   # flatbuffers raises struct/index errors on damaged files
-        raise BadInputError(f"not a readable TFLite model: {type(exc).__name__}: {exc}") from None
+        raise BadInputError(f"{source} is not a readable TFLite model ({type(exc).__name__}: {first_line(exc)})") from None
     return found
 
 
 def read_description(data: bytes, source: str) -> ModelDescription:
-    entries = metadata(data)
+    entries = metadata(data, source)
     if METADATA_NAME not in entries:
         raise BadInputError(f"{source} was not made by evit-deploy (no '{METADATA_NAME}' metadata entry)")
     try:
