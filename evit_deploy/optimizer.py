@@ -239,13 +239,17 @@ def _candidates(name: str, targets, precisions, plan_args: dict) -> list[Candida
     baseline (onnxruntime fp32) first, whatever ``targets`` says."""
     from .api import cpu_needs
     from .plan import plan_export
-    from .targets import available_targets
     from .errors import unknown_name
+    from .targets import available_targets
+    from .targets.options import PRECISIONS
 
     registered = available_targets()
     for t in targets or ():
         if t not in registered:
             raise unknown_name("target", t, list(registered))
+    for p in precisions or ():
+        if p not in PRECISIONS:
+            raise unknown_name("precision", p, list(PRECISIONS))
     runtimes = {target: runtime for runtime, target in target_backends().items()}
     found = [Candidate(BASELINE, "onnx", "fp32", {"precision": "fp32"})]
     for target, cls in registered.items():
