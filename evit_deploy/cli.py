@@ -57,6 +57,10 @@ def _target_commands() -> dict:
     return found
 
 
+#: Command parameters that name a file the command writes.
+OUTPUT_FILES = ("plot", "save_outputs")
+
+
 def add_command(to: typer.Typer, function, *, name: str | None, json_help: str, **settings) -> None:
     """Add a command function to ``to`` (see :mod:`evit_deploy.commands`): its parameters,
     ``--json``, and the targets' short option flags if it takes ``shortcuts``; the
@@ -76,8 +80,13 @@ def add_command(to: typer.Typer, function, *, name: str | None, json_help: str, 
 
     def run(**kwargs):
         from .console import show
+        from .fsutil import ensure_output_file
 
         json_out = kwargs.pop("json_out")
+        # Files the command writes at the end: refused now, not after the work.
+        for path in (json_out, *(kwargs.get(name) for name in OUTPUT_FILES)):
+            if path is not None and str(path) != "-":
+                ensure_output_file(path)
         values = {shortcuts[key]: kwargs.pop(key) for key in shortcuts}
         if "shortcuts" in takes:
             kwargs["shortcuts"] = {k: v for k, v in values.items() if v is not None}

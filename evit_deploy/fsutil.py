@@ -21,9 +21,13 @@ _OUTPUT_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "permission de
                   errno.EEXIST: "exists and is not a directory"}
 
 
-def output_error(exc: OSError, path: os.PathLike | str) -> OutputError | None:
-    """An :class:`OutputError` for OS errors that mean "cannot write here", else None."""
+def output_error(exc: OSError, path: os.PathLike | str, *, creating: bool = False) -> OutputError | None:
+    """An :class:`OutputError` for OS errors that mean "cannot write here", else None.
+    ``creating``: ``exc`` came from creating ``path`` or a file in it, where "no such file"
+    means the location takes no new entries (a pseudo file system such as /proc)."""
     reason = _OUTPUT_ERRNOS.get(exc.errno)
+    if reason is None and creating and exc.errno == errno.ENOENT:
+        reason = "nothing can be created there" if Path(path).parent.exists() else "its directory does not exist"
     return OutputError(f"cannot write {path}: {reason}") if reason else None
 
 
@@ -38,7 +42,17 @@ def ensure_output_dir(path: os.PathLike | str) -> Path:
         probe.touch()
         probe.unlink()
     except OSError as exc:
-        raise output_error(exc, path) or exc from None
+        raise output_error(exc, path, creating=True) or exc from None
+    return path
+
+
+def ensure_output_file(path: os.PathLike | str) -> Path:
+    """Check, before the work that produces it, that the file ``path`` can be written:
+    not a directory, its directory created if needed and writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a directory")
+    ensure_output_dir(path.parent)
     return path
 
 
@@ -89,7 +103,7 @@ def atomic_path(final: os.PathLike | str) -> Iterator[Path]:
         publish(tmp, final)
     except OSError as exc:
         remove(tmp)
-        raise output_error(exc, final) or exc from None
+        raise output_error(exc, final, creating=exc.filename == str(tmp)) or exc from None
     except BaseException:
         remove(tmp)
         raise

@@ -94,6 +94,34 @@ def test_unwritable_output_location(cli, tmp_path):
     assert code == EXIT_OUTPUT_ERROR and "cannot write" in err
 
 
+@pytest.mark.parametrize("place, reason", [
+    ("under-a-file", "exists and is not a directory"),
+    ("a-directory", "it is a directory"),
+    ("proc", "nothing can be created there"),      # a pseudo file system: "no such file" on create
+])
+@pytest.mark.parametrize("command", ["bench --json", "bench --plot", "run --save-outputs", "prune --out"])
+def test_an_output_file_that_cannot_be_written_is_refused_before_the_work(cli, tmp_path, monkeypatch, command,
+                                                                           place, reason):
+    import evit_deploy.bench
+    import evit_deploy.pruning.run
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    path = {"under-a-file": blocker / "out.json", "a-directory": tmp_path,
+            "proc": Path("/proc/evit-deploy-test/out.json")}[place]
+
+    def work(*args, **kwargs):
+        raise AssertionError("the work started")
+    monkeypatch.setattr(evit_deploy.bench, "bench", work)
+    monkeypatch.setattr(evit_deploy.pruning.run, "_load", work)
+    name, flag = command.split()
+    args = {"bench": ["bench", "m0", "--backends", "onnxruntime"], "run": ["run", "/nope.onnx", "x.jpg"],
+            "prune": ["prune", "m0", "--weights", "w.pth", "--images", "photos", "--keep-macs", "0.7"]}[name]
+    code, _, err = cli(*args, flag, path)
+    assert code == EXIT_OUTPUT_ERROR and _one_line(err) and reason in err, err
+    assert not blocker.with_name("out.json").exists() and blocker.read_text() == "x"
+
+
 def test_parity_failure_leaves_no_valid_looking_artifact(cli, tmp_path, monkeypatch):
     real_export = OnnxTarget.export
 

@@ -108,8 +108,8 @@ def write_checkpoint(path: str | os.PathLike, model: EfficientViT, name: str) ->
     payload = {"model": model.state_dict()}
     if model.config.widths:
         payload[ARCHITECTURE_KEY] = {"model": name, "widths": model.config.widths_dict()}
-    with atomic_path(Path(path)) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:   # open: an OSError, not torch's RuntimeError
+        torch.save(payload, f)
     return Path(path)
 
 
