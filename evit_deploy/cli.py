@@ -19,6 +19,7 @@ import typer
 from . import __version__
 from .commands import BUILT_IN
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EvitError, first_line
+from .progress import catch_ctrl_c
 
 _state = {"debug": False, "quiet": False}
 
@@ -147,7 +148,8 @@ def invoke(argv: list[str]) -> int:
     try:
         # Standalone mode: Typer prints usage errors itself and exits 2, and turns
         # Ctrl-C into exit code 130; our own errors propagate to the handlers below.
-        command.main(args=argv, prog_name="evit-deploy", standalone_mode=True)
+        with catch_ctrl_c():
+            command.main(args=argv, prog_name="evit-deploy", standalone_mode=True)
         return 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_INTERNAL)

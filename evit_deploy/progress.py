@@ -12,6 +12,45 @@ from contextlib import contextmanager
 
 log = logging.getLogger("evit_deploy")
 
+#: Whether Ctrl-C was pressed during the command (:func:`catch_ctrl_c`).
+_ctrl_c = False
+
+
+def on_ctrl_c(signum, frame) -> None:
+    """SIGINT handler of the CLI: raise KeyboardInterrupt, and remember it."""
+    global _ctrl_c
+    _ctrl_c = True
+    raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    """Raise KeyboardInterrupt again if Ctrl-C was pressed and the work went on: raised
+    while Python runs a finalizer or weakref callback it is only reported ("Exception
+    ignored in ..."), and a library may turn it into an error of its own that drops one
+    candidate or artifact. Every stage and progress update checks."""
+    if _ctrl_c:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def catch_ctrl_c():
+    """Within the block, SIGINT goes through :func:`on_ctrl_c` (main thread only; the
+    previous handler is restored after)."""
+    import signal
+    import threading
+
+    global _ctrl_c
+    _ctrl_c = False
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _ctrl_c = False
+
 
 class Task:
     """A counted piece of work (e.g. tuning trials); ``update`` is cheap to call often."""
@@ -24,6 +63,7 @@ class Task:
 
     def update(self, *, advance: float = 0, completed: float | None = None,
                description: str | None = None, total: float | None = None, **fields) -> None:
+        raise_if_interrupted()
         self.completed = completed if completed is not None else self.completed + advance
         if description is not None:
             self.description = description
@@ -40,11 +80,13 @@ class Reporter:
     @contextmanager
     def stage(self, name: str, detail: str = ""):
         """Time a named stage (trace, export, verify, ...)."""
+        raise_if_interrupted()
         start = time.perf_counter()
         self.stage_started(name, detail)
         ok = False
         try:
             yield
+            raise_if_interrupted()
             ok = True
         finally:
             elapsed = time.perf_counter() - start

@@ -160,6 +160,37 @@ def test_interrupted_export_keeps_the_previous_artifact(cli, tmp_path, m0_onnx, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["efficientvit_m0.onnx"]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")    # the swallowed Ctrl-C
+def test_a_ctrl_c_that_a_finalizer_swallowed_still_stops_the_command(cli, tmp_path, monkeypatch):
+    """Ctrl-C arriving while Python runs a weakref callback (a garbage collection inside
+    a converter) raises KeyboardInterrupt there, where Python only reports it: the
+    command must stop at its next stage all the same, not finish its work."""
+    import os
+    import signal
+    import weakref
+
+    real_export = OnnxTarget.export
+
+    def collected_during_a_ctrl_c(self, traced, options, path, reporter):
+        class Garbage:
+            pass
+        garbage = Garbage()
+
+        def pressed():
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(1000))           # Python runs the handler here, inside the callback
+        weakref.finalize(garbage, pressed)
+        del garbage
+        return real_export(self, traced, options, path, reporter)
+
+    monkeypatch.setattr(OnnxTarget, "export", collected_during_a_ctrl_c)
+    before = signal.getsignal(signal.SIGINT)
+    code, _, err = cli("export", "m0", "-t", "onnx", "--img-size", "64", "--out", tmp_path)
+    assert code == EXIT_INTERRUPTED and "interrupted" in err, err
+    assert not list(tmp_path.iterdir())
+    assert signal.getsignal(signal.SIGINT) is before      # the command's handler is gone
+
+
 def test_checkpoint_of_the_wrong_model(cli, tmp_path, checkpoint):
     out = tmp_path / "out"
     code, _, err = cli("export", "m2", "-t", "onnx", "--out", out, "--weights", checkpoint("m4"))
