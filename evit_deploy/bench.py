@@ -28,7 +28,7 @@ from .backends import parse_backends  # noqa: F401  (bench.parse_backends, befor
 from .errors import BadInputError, EvitError
 from .hostinfo import cpu_info, package_versions
 from .models.registry import resolve_name
-from .progress import QuietReporter, Reporter
+from .progress import QuietReporter, Reporter, raise_if_interrupted
 
 BASELINE = "torch-jit"          # the paper's PyTorch protocol: fused and jit-traced
 NOISY_SPREAD = 0.15             # (p90 - p10) / median above this is flagged as noisy
@@ -214,6 +214,7 @@ def bench(models: list[str], backends: list[str] | None = None, *, batch: int = 
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except Exception as exc:  # one backend's failure is a row of the result, not the end of it
+                    raise_if_interrupted()
                     reason = rejection_reason(exc, files_kept=artifacts_dir is not None)
                     reporter.warn(f"{model} {backend}: rejected: {reason}")
                     records.append(BenchRecord.rejection(model, backend, batch, threads, reason))

@@ -32,7 +32,7 @@ from pathlib import Path
 from .backends import BackendSpec, random_inputs, target_backends
 from .errors import BadInputError, EvitError, ParityError, first_line
 from .fsutil import ensure_output_dir, publish, remove, sha256_file, temp_sibling, tree_sha256, write_json_atomic
-from .progress import QuietReporter, Reporter
+from .progress import QuietReporter, Reporter, raise_if_interrupted
 
 RESULT_FILE = "optimize.json"
 CHART_FILE = "optimize.png"
@@ -350,10 +350,13 @@ def _export(c: Candidate, name: str, plan_args: dict, cache: Path, versions: dic
                      files={f.relative_to(folder).as_posix(): tree_sha256(f) for f in files},
                      bytes=sum(_size(f) for f in files))
     except ParityError as exc:
+        raise_if_interrupted()        # Ctrl-C in the form of a failure: not a verdict to keep
         saved.update(parity=_parity(exc.report), dropped=exc.report.summary() if exc.report else first_line(exc))
     except EvitError as exc:
+        raise_if_interrupted()
         saved.update(dropped=f"export failed: {first_line(exc)}")
     except Exception as exc:  # a converter's crash drops this candidate, not the run
+        raise_if_interrupted()
         saved.update(dropped=f"export failed: {type(exc).__name__}: {first_line(exc)}")
     saved["export_seconds"] = round(time.perf_counter() - start, 1)
     write_json_atomic(record_file, saved)
@@ -441,6 +444,7 @@ def _time(candidates: list[Candidate], name: str, batch: int, threads: int, img_
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # a runtime that fails is dropped, not timed
+            raise_if_interrupted()
             c.outcome, c.reason = Outcome.DROPPED, f"failed to run: {first_line(exc)}"
             continue
         runners[c.backend] = (lambda s=session, x=inputs: s(x))

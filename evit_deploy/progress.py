@@ -33,6 +33,18 @@ def raise_if_interrupted() -> None:
 
 
 @contextmanager
+def ctrl_c_wins():
+    """Within the block, an exception raised after Ctrl-C is the interrupt in another form
+    (TVM's runtime returns it as a RuntimeError, a converter as its own error): it leaves
+    as KeyboardInterrupt, not as the failure of one artifact or candidate."""
+    try:
+        yield
+    except Exception:
+        raise_if_interrupted()
+        raise
+
+
+@contextmanager
 def catch_ctrl_c():
     """Within the block, SIGINT goes through :func:`on_ctrl_c` (main thread only; the
     previous handler is restored after)."""
@@ -46,7 +58,8 @@ def catch_ctrl_c():
         return
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        yield
+        with ctrl_c_wins():
+            yield
     finally:
         signal.signal(signal.SIGINT, previous)
         _ctrl_c = False

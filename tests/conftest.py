@@ -242,3 +242,15 @@ def reduced_precision_description(result, precision: str):
     noise = max(r["fp32_noise"] for o in report.outputs for r in o.per_input)
     assert report.outputs[0].max_rel > 20 * noise, (report.outputs[0].max_rel, noise)
     return api.inspect_artifact(result.artifact.path)[1]
+
+
+def ctrl_c_as_runtime_error():
+    """What TVM's runtime does with a Ctrl-C that reaches it: a RuntimeError of its own."""
+    import os
+    import signal
+
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        sum(range(1000))                   # the handler runs here
+    except KeyboardInterrupt:
+        raise RuntimeError("RuntimeError") from None

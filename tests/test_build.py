@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ctrl_c_as_runtime_error
 from evit_deploy.build import load_build_file
 from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_PARITY_FAILED, BadInputError
 from evit_deploy.targets.onnx import OnnxTarget
@@ -201,7 +202,8 @@ def test_a_failing_artifact_fails_the_build_but_not_the_others(project, cli, mon
     assert not (project / "dist" / "onnx-fp16" / "efficientvit_m0_fp16.onnx").exists()
 
 
-def test_ctrl_c_mid_build_keeps_what_was_built(project, cli, monkeypatch):
+@pytest.mark.parametrize("ctrl_c", ["KeyboardInterrupt", "turned into a RuntimeError"])
+def test_ctrl_c_mid_build_keeps_what_was_built(project, cli, monkeypatch, ctrl_c):
     real_export = OnnxTarget.export
     calls = []
 
@@ -209,14 +211,18 @@ def test_ctrl_c_mid_build_keeps_what_was_built(project, cli, monkeypatch):
         calls.append(path)
         if len(calls) == 2:
             path.write_bytes(b"partial")
-            raise KeyboardInterrupt
+            if ctrl_c == "KeyboardInterrupt":
+                raise KeyboardInterrupt
+            ctrl_c_as_runtime_error()
         return real_export(self, traced, options, path, reporter)
 
     monkeypatch.setattr(OnnxTarget, "export", interrupt_second)
     code, _, err = cli("build", project / "evit-deploy.toml")
-    assert code == EXIT_INTERRUPTED and "interrupted" in err
+    assert code == EXIT_INTERRUPTED and "interrupted" in err, err
     manifest = _manifest(project / "dist")
+    # What was built is recorded; what was not is pending, not failed, and the verdict says so.
     assert [r["status"] for r in manifest["artifacts"]] == ["built"]
+    assert manifest["verdict"] == "incomplete" and len(manifest["pending"]) == 2
     built = project / "dist" / manifest["artifacts"][0]["path"]
     assert built.is_file()
     leftovers = [p for p in (project / "dist").rglob("*") if p.is_file() and p != built and p.name != "manifest.json"]

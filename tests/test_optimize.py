@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import SMALL, TINY_ATTENTION
+from conftest import SMALL, TINY_ATTENTION, ctrl_c_as_runtime_error
 from evit_deploy.errors import BadInputError
 from optimize_targets import TEST_TARGETS
 
@@ -195,3 +195,28 @@ def test_the_command_shows_a_table_writes_json_and_refuses_bad_input_in_one_line
         code, out, err = cli("optimize", TINY_ATTENTION, "--out", tmp_path / "bad", *bad)
         assert code == 2 and message in err and "Traceback" not in err, err
         assert [line for line in err.splitlines() if line.startswith("error:")] == [err.splitlines()[-1]], err
+
+
+def test_a_ctrl_c_during_an_export_is_not_remembered_as_a_failed_candidate(cli, tmp_path, monkeypatch):
+    """A Ctrl-C that a converter turns into an error of its own stops the run (exit 130);
+    the candidate is not cached as dropped, so the next run exports it."""
+    from evit_deploy.targets.onnx import OnnxTarget
+
+    real_export = OnnxTarget.export
+
+    def ctrl_c_in_fp16(self, traced, options, path, reporter):
+        if options.fp16 or options.precision == "fp16":
+            ctrl_c_as_runtime_error()
+        return real_export(self, traced, options, path, reporter)
+
+    args = ("optimize", TINY_ATTENTION, "--input-size", SMALL, "--batch", 2, "--targets", "onnx", "--precisions",
+            "fp32,fp16", "--rounds", 1, "--out", tmp_path / "out")
+    monkeypatch.setattr(OnnxTarget, "export", ctrl_c_in_fp16)
+    code, _, err = cli(*args)
+    assert code == 130 and "interrupted" in err, err
+    monkeypatch.setattr(OnnxTarget, "export", real_export)
+    code, _, err = cli(*args)
+    assert code == 0, err
+    fp16 = next(c for c in json.loads((tmp_path / "out" / "optimize.json").read_text())["candidates"]
+                if c["backend"] == "onnxruntime:fp16")
+    assert fp16["outcome"] != "dropped" and fp16["parity"]["passed"], fp16

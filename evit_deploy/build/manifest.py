@@ -17,7 +17,8 @@ from ..hostinfo import cpu_info
 from .record import BuildRecord
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+#: 2: ``verdict`` may be "incomplete", with the artifacts not built yet in ``pending``.
+MANIFEST_VERSION = 2
 
 
 def read_manifest(path: Path) -> dict[tuple[str, str], BuildRecord]:
@@ -38,16 +39,27 @@ def artifacts_sha256(records: Iterable[BuildRecord]) -> str:
     return hashlib.sha256(json.dumps(shipped).encode()).hexdigest()
 
 
-def manifest(build_file: Path, records: Iterable[BuildRecord], versions: dict) -> dict:
+def manifest(build_file: Path, records: Iterable[BuildRecord], versions: dict, pending: Iterable[str] = ()) -> dict:
+    """The manifest of ``records``; ``pending``: the artifacts ("name/model") the build has
+    still to make (written after each artifact, so that a build stopped half-way, by
+    Ctrl-C or a crash, says "incomplete" rather than passing on what it finished)."""
     body = sorted(records, key=lambda r: r.key)
-    verdict = "pass" if body and not any(r.status.failed for r in body) else "fail"
-    return {"manifest_version": MANIFEST_VERSION, "evit_deploy": __version__, "build_file": str(build_file),
-            "verdict": verdict, "artifacts_sha256": artifacts_sha256(body), "versions": versions,
-            "host": cpu_info(), "artifacts": [r.to_dict() for r in body]}
+    pending = sorted(pending)
+    if any(r.status.failed for r in body):
+        verdict = "fail"
+    else:
+        verdict = "incomplete" if pending else "pass" if body else "fail"
+    found = {"manifest_version": MANIFEST_VERSION, "evit_deploy": __version__, "build_file": str(build_file),
+             "verdict": verdict, "artifacts_sha256": artifacts_sha256(body), "versions": versions,
+             "host": cpu_info(), "artifacts": [r.to_dict() for r in body]}
+    if pending:
+        found["pending"] = pending
+    return found
 
 
-def write_manifest(path: Path, build_file: Path, records: Iterable[BuildRecord], versions: dict) -> Path:
-    return write_json_atomic(path, manifest(build_file, records, versions))
+def write_manifest(path: Path, build_file: Path, records: Iterable[BuildRecord], versions: dict,
+                   pending: Iterable[str] = ()) -> Path:
+    return write_json_atomic(path, manifest(build_file, records, versions, pending))
 
 
 def artifact_files(artifact, out_dir: Path) -> dict:

@@ -15,7 +15,7 @@ from ..errors import EvitError, ExportError, ParityError, first_line
 from ..fsutil import ensure_output_dir
 from ..hostinfo import package_versions
 from ..plan import plan_export, trace_plan
-from ..progress import Reporter
+from ..progress import Reporter, raise_if_interrupted
 from .gates import judge_gates, reject
 from .inputs import inputs_key, weights_id
 from .manifest import MANIFEST, artifact_files, files_intact, read_manifest, write_manifest
@@ -55,10 +55,12 @@ def build(path: str | os.PathLike, *, out: str | os.PathLike | None = None, jobs
     previous = read_manifest(manifest_path)
     versions = package_versions()
     records: dict[tuple[str, str], BuildRecord] = {}
+    waiting: dict[tuple[str, str], str] = {}       # not built yet: the manifest says so until they are
 
     def save(r: BuildRecord) -> None:
         records[r.key] = r
-        write_manifest(manifest_path, spec.path, records.values(), versions)
+        waiting.pop(r.key, None)
+        write_manifest(manifest_path, spec.path, records.values(), versions, pending=waiting.values())
 
     pending: list[Job] = []
     for index, art in enumerate(spec.artifacts):
@@ -72,6 +74,7 @@ def build(path: str | os.PathLike, *, out: str | os.PathLike | None = None, jobs
                 records[old.key] = dataclasses.replace(old, status=old.status if unverified else Status.UP_TO_DATE)
             else:
                 pending.append(job)
+                waiting[art.name, model.name] = f"{art.name}/{key}"
     with reporter.task("build", total=len(pending)) as task:
         if jobs > 1 and len(pending) > 1:
             _build_parallel(spec, pending, out_dir, jobs, save, task)
@@ -166,12 +169,15 @@ def _build_one(spec: BuildFile, job: Job, out_dir: Path, reporter: Reporter, tra
         return finish(Status.BUILT, **artifact_files(result.artifact, out_dir),
                       cpu={**result.artifact.description.extra.get("cpu", {}), "verified_on": result.report.cpu})
     except ParityError as exc:
+        raise_if_interrupted()        # Ctrl-C in the form of a failure: not this artifact's
         return finish(Status.FAILED_PARITY, error=str(exc), parity=parity_summary(exc.report))
     except EvitError as exc:
+        raise_if_interrupted()
         return finish(Status.FAILED_EXPORT, error=str(exc))
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # a converter crash fails this artifact, not the build
+        raise_if_interrupted()
         return finish(Status.FAILED_EXPORT, error=f"{type(exc).__name__}: {first_line(exc)}")
 
 
