@@ -77,6 +77,26 @@ def test_bare_and_safetensors_checkpoints(checkpoint):
         assert torch.equal(_outputs(loaded), _outputs(source)), layout
 
 
+@pytest.mark.parametrize("wrapped", [
+    lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},       # DataParallel / DDP
+    lambda sd: {"model_ema": {f"_orig_mod.{k}": v for k, v in sd.items()}},    # torch.compile
+    lambda sd: {"model": {f"module._orig_mod.{k}": v for k, v in sd.items()}},  # both
+])
+def test_checkpoints_of_wrapped_models_load(wrapped, tmp_path):
+    source = create_model("m0", "random", seed=5)
+    path = tmp_path / "wrapped.pth"
+    torch.save(wrapped(source.state_dict()), path)
+    assert torch.equal(_outputs(create_model("m0", path)), _outputs(source))
+
+
+def test_a_prefix_on_only_some_keys_is_not_stripped(tmp_path):
+    sd = create_model("m0", "random", seed=5).state_dict()
+    first = next(iter(sd))
+    torch.save({(f"module.{k}" if k == first else k): v for k, v in sd.items()}, tmp_path / "half.pth")
+    with pytest.raises(CheckpointError, match="module"):
+        create_model("m0", tmp_path / "half.pth")
+
+
 def test_wrong_model_lists_what_does_not_fit(checkpoint):
     path = checkpoint("m4")
     with pytest.raises(CheckpointError) as info:

@@ -179,7 +179,20 @@ def _unwrap(obj: object, path: Path) -> dict:
         kind = type(obj).__name__
         raise CheckpointError(f"{path} does not hold a state dict (found a {kind} without tensors "
                               f"under 'model', 'state_dict' or at the top level)")
-    return dict(obj)
+    return _without_wrapper_prefixes(dict(obj))
+
+
+#: Prefixes training wrappers put before every key: DataParallel / DistributedDataParallel
+#: (``module.``) and ``torch.compile`` (``_orig_mod.``).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _without_wrapper_prefixes(state_dict: dict) -> dict:
+    while True:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), None)
+        if prefix is None:
+            return state_dict
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
 
 
 def _is_state_dict(obj: Mapping) -> bool:
