@@ -165,11 +165,16 @@ def verify(artifact: str | Path, *, weights=None, images=None, tolerance: Tolera
     :class:`BadInputError`, since its verdict here would not be the one that holds where
     it ships; ``any_cpu`` checks what it computes here anyway.
     """
-    from .trace import build_reference
+    from .errors import CheckpointError
+    from .trace import build_reference, unused_weights
 
     reporter = reporter or Reporter()
     path = Path(artifact)
     tgt, description = inspect_artifact(path)
+    if (reason := unused_weights(description, weights)) is not None:
+        # Checked against its own weights it would pass, and say nothing of these.
+        raise CheckpointError(f"{path} cannot be verified against {weights}: {reason} (export it again with "
+                              f"--weights {weights})")
     verdict = judge(needs_of(description))
     if not verdict.exact:
         if not any_cpu:
@@ -194,7 +199,7 @@ def evaluate(artifacts, *, images=None, labels=None, weights=None, reporter: Rep
     """
     from .evaluate import Evaluated, check_classifier, eval_images
     from .evaluate import evaluate as run_evaluation
-    from .trace import build_reference
+    from .trace import build_reference, unused_weights
 
     reporter = reporter or Reporter()
     paths = [Path(a) for a in artifacts]
@@ -209,6 +214,8 @@ def evaluate(artifacts, *, images=None, labels=None, weights=None, reporter: Rep
         if not verdict.exact:
             reporter.warn(inexact_message(verdict, str(path)))
         check_classifier(path, description)
+        if (reason := unused_weights(description, weights)) is not None:
+            reporter.warn(f"{path} is compared with the model it was made from: {reason}")
         if chosen.labels is not None and len(description.labels) != 1000:
             raise BadInputError(f"the labels are ImageNet classes; {path} has {len(description.labels)} classes")
         key = (description.model, description.weights, description.seed, repr(sorted(description.model_options.items())))

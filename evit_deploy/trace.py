@@ -105,6 +105,16 @@ def _resolve_weights(description_weights: str, model: str, weights) -> str | Pat
     return weights
 
 
+def unused_weights(description: ModelDescription, weights) -> str | None:
+    """Why ``weights``, given for an artifact made without a checkpoint (synthetic weights
+    or a custom model's factory), do not describe it; None when they may."""
+    if weights is None or description.weights not in (RANDOM_INIT, FACTORY_WEIGHTS):
+        return None
+    made_from = (f"synthetic weights (random-init, seed {description.seed})" if description.weights == RANDOM_INIT
+                 else f"the model its factory {description.model} returns")
+    return f"it was made from {made_from}, not from {weights}"
+
+
 def build_reference(description: ModelDescription, weights=None) -> nn.Module:
     """Rebuild an artifact's PyTorch reference (unfused, fp32, eval) from its description."""
     options = dict(description.model_options)

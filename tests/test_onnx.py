@@ -125,6 +125,17 @@ def test_verify_rebuilds_the_reference_from_a_checkpoint(tmp_path, checkpoint, c
     assert code == 2 and "is not the checkpoint this artifact was built from" in err
 
 
+def test_verify_against_a_checkpoint_refuses_an_artifact_made_from_synthetic_weights(tmp_path, checkpoint, cli):
+    """Exported without --weights by mistake: checked against its own synthetic weights it
+    would pass, and say nothing of the checkpoint the user named."""
+    artifact = api.export("m0", "onnx", out_dir=tmp_path, img_size=SMALL).artifact.path
+    weights = checkpoint("m0", seed=21, img_size=SMALL)
+    code, _, err = cli("verify", artifact, "--weights", weights)
+    assert code == 2 and "made from synthetic weights (random-init, seed 0)" in err and "Traceback" not in err
+    code, _, err = cli("eval", artifact, "--weights", weights)
+    assert code == 0 and "compared with the model it was made from" in err
+
+
 def test_a_model_without_head_outputs_features_not_classes(tmp_path, cli):
     """num_classes=0 (timm's way to ask for a feature extractor): the artifact's output is
     the pooled feature vector, named and documented so, with no labels to mistake it for
