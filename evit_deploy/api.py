@@ -16,7 +16,7 @@ import numpy as np
 
 from .cpufeatures import CpuNeeds, inexact_message, judge, needs_of, require_runnable
 from .description import ModelDescription
-from .errors import BadInputError, ParityError
+from .errors import BadInputError, EvitError, ParityError, first_line
 from .fsutil import ensure_output_dir, output_error, publish, remove, write_json_atomic
 from .parity import ParityReport, Tolerance, verify_outputs
 from .preprocess import preprocess_file
@@ -296,7 +296,12 @@ def run(artifact: str | Path, inputs, *, top: int = 5) -> RunResult:
     verdict = judge(needs_of(description))
     warnings = [] if verdict.exact else [inexact_message(verdict, str(path))]
     x, sources = load_inputs(inputs, description)
-    outputs = tgt.run_batched(path, x, description)
+    try:
+        outputs = tgt.run_batched(path, x, description)
+    except EvitError:
+        raise
+    except Exception as exc:  # the runtime refused the artifact: it does not match its description
+        raise BadInputError(f"{path} failed to run: {first_line(exc)}") from None
     predictions = []
     first = outputs[description.outputs[0].name]
     if description.labels is not None and first.ndim == 2:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from PIL import Image
 
 from evit_deploy import api
 from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, BadInputError
@@ -380,6 +381,25 @@ def test_a_loaded_library_is_reused_until_either_of_its_files_changes(tuned_libr
     side = sidecar_path(lib)
     os.utime(side, ns=(side.stat().st_atime_ns, side.stat().st_mtime_ns + 10**9))    # the description rewritten
     assert sessions.cached(lib) is not first
+
+
+def test_a_library_with_another_librarys_description_fails_to_run_in_one_line(tuned_library, tmp_path, cli):
+    """The two files of an export come apart and are paired wrongly (here: a description
+    that says another input size): the runtime's refusal is the artifact's fault, not a bug."""
+    for f in TvmTarget().artifact_files(tuned_library.artifact.path):
+        shutil.copy(f, tmp_path / f.name)
+    side = tmp_path / "efficientvit_m0.tvm.json"
+    description = json.loads(side.read_text())
+    size = description["inputs"][0]["shape"][-1] + 16
+    description["inputs"][0]["shape"][-2:] = [size, size]
+    description["preprocessing"].update(height=size, width=size)
+    description["model_options"]["img_size"] = size
+    side.write_text(json.dumps(description))
+    image = tmp_path / "grey.png"
+    Image.new("RGB", (40, 40), (128, 128, 128)).save(image)
+    code, _, err = cli("run", tmp_path / "efficientvit_m0.so", image)
+    assert code == 2 and "failed to run" in err and "internal error" not in err, err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [err.strip().splitlines()[-1]]
 
 
 def test_profile_times_every_kernel_call(tuned_library):
