@@ -9,9 +9,10 @@ __version__ = "0.1.0"
 _API = {
     "create_model": ("evit_deploy.models.factory", "create_model"),
     "list_models": ("evit_deploy.models.registry", "list_models"),
-    "trace": ("evit_deploy.trace", "trace"),
+    "trace": ("evit_deploy.tracing", "trace"),
     "export": ("evit_deploy.api", "export"),
     "verify": ("evit_deploy.api", "verify"),
+    "evaluate": ("evit_deploy.api", "evaluate"),
     "run": ("evit_deploy.api", "run"),
     "predict": ("evit_deploy.api", "predict"),
     "model_info": ("evit_deploy.api", "model_info"),

@@ -166,7 +166,7 @@ def verify(artifact: str | Path, *, weights=None, images=None, tolerance: Tolera
     it ships; ``any_cpu`` checks what it computes here anyway.
     """
     from .errors import CheckpointError
-    from .trace import build_reference, unused_weights
+    from .tracing import build_reference, unused_weights
 
     reporter = reporter or Reporter()
     path = Path(artifact)
@@ -195,14 +195,14 @@ def evaluate(artifacts, *, images=None, labels=None, weights=None, reporter: Rep
     logit error, and with labels (synset folders or a labels file) top-1/top-5 accuracy.
 
     ``weights`` is the checkpoint the artifacts were made from (they must share it, or be
-    made from synthetic weights). Returns an :class:`~evit_deploy.evaluate.EvalResult`.
+    made from synthetic weights). Returns an :class:`~evit_deploy.evaluation.EvalResult`.
     """
-    from .evaluate import Evaluated, check_classifier, eval_images
-    from .evaluate import evaluate as run_evaluation
-    from .trace import build_reference, unused_weights
+    from .evaluation import Evaluated, check_classifier, eval_images
+    from .evaluation import evaluate as run_evaluation
+    from .tracing import build_reference, unused_weights
 
     reporter = reporter or Reporter()
-    paths = [Path(a) for a in artifacts]
+    paths = file_list(artifacts)
     if not paths:
         raise BadInputError("no artifacts given")
     chosen = eval_images(images, labels)
@@ -260,12 +260,19 @@ def top_k(logits: np.ndarray, labels, k: int, sources: list[str]) -> list[Predic
     return preds
 
 
+def file_list(paths) -> list[Path]:
+    """``paths`` as a list of paths: one path (a string or ``Path``) or any iterable of them."""
+    import os
+
+    return [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
+
+
 def load_inputs(paths, description: ModelDescription) -> tuple[np.ndarray, list[str]]:
     """Images (preprocessed as the description says) and ``.npy`` tensors, stacked, with
     the source of each item."""
     arrays, sources = [], []
     spec = description.input
-    for p in map(Path, paths):
+    for p in file_list(paths):
         if p.suffix == ".npy":
             try:
                 arr = np.load(p, allow_pickle=False)
@@ -393,7 +400,7 @@ def predict(model: str, images, *, weights=None, top: int = 5, img_size: int = 2
     net = create_model(model, "random" if weights is None else weights, img_size=img_size,
                        distillation=distillation, seed=seed)
     spec = Preprocessing.for_size(img_size)
-    paths = [Path(p) for p in images]
+    paths = file_list(images)
     if not paths:
         raise BadInputError("no images given")
     x = np.concatenate([preprocess_file(p, spec) for p in paths])

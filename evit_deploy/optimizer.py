@@ -6,7 +6,7 @@ the reason), and so is what a target makes faster with time when asked (``--tune
 target's :meth:`~evit_deploy.targets.base.Target.tuned_options`, TVM's tuned kernels);
 onnxruntime fp32 is the baseline. Each candidate is exported and verified here in its
 parity class, evaluated against the fp32 PyTorch model on the images
-(:mod:`evit_deploy.evaluate`), and the survivors are timed with ``bench``'s protocol,
+(:mod:`evit_deploy.evaluation`), and the survivors are timed with ``bench``'s protocol,
 interleaved with the baseline in one process, so that every ratio comes from one run. The
 fastest candidate within the budget wins; one that fails parity or the budget, or fails
 to run, is never chosen, and the report says why.
@@ -144,7 +144,7 @@ def optimize(model: str, out_dir, *, weights=None, images=None, labels=None, min
     defaults to 16 for the throughput objective and 1 for latency. ``time_budget`` is
     seconds or ``"20m"``: what was not tried when it ran out is listed.
     """
-    from .evaluate import eval_images
+    from .evaluation import eval_images
     from .hostinfo import cpu_info, package_versions
     from .plan import plan_export, resolve_model_name, trace_plan
     from .cpufeatures import host_cpu
@@ -153,7 +153,7 @@ def optimize(model: str, out_dir, *, weights=None, images=None, labels=None, min
     started = time.monotonic()
     if objective not in OBJECTIVES:
         raise BadInputError(f"--objective must be throughput or latency, got '{objective}'")
-    batch = batch or (16 if objective == "throughput" else 1)
+    batch = (16 if objective == "throughput" else 1) if batch is None else batch
     if batch < 1 or threads < 1 or rounds < 1:
         raise BadInputError("batch, threads and rounds must be at least 1")
     budget = _budget(min_top1_agreement, max_top1_drop)
@@ -392,9 +392,9 @@ def _size(path: Path) -> int:
 
 def _evaluate(candidates: list[Candidate], images, budget: Budget, weights, cache: Path, reporter: Reporter) -> None:
     """Top-1 agreement (and accuracy) of each against the fp32 model; outside the budget: dropped."""
-    from .evaluate import Evaluated, evaluate
+    from .evaluation import Evaluated, evaluate
     from .targets import get_target
-    from .trace import build_reference
+    from .tracing import build_reference
 
     # Keyed on the images' names and bytes, not where they lie: a moved folder is the same set.
     images_key = hashlib.sha256(json.dumps([p.name for p in images.paths] + [tree_sha256(p) for p in images.paths]

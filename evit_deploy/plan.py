@@ -140,8 +140,8 @@ def plan_export(model: str, target: str | None = None, *, options=None, device: 
 
 
 def trace_plan(plan: ExportPlan):
-    """The :class:`~evit_deploy.trace.TracedModel` a plan asks for."""
-    from .trace import trace
+    """The :class:`~evit_deploy.tracing.TracedModel` a plan asks for."""
+    from .tracing import trace
 
     r = plan.request
     return trace(r.model, r.weights, batch=plan.batch, dynamic_batch=plan.dynamic_batch, img_size=r.img_size,

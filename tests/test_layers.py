@@ -2,7 +2,7 @@
 
 * no import cycle anywhere in ``evit_deploy``;
 * a target module never imports the command layer (``api``, ``cli``, ``commands``, ``bench``,
-  ``profiler``, ``build``, ``evaluate``): what a target needs from the core lives below it;
+  ``profiler``, ``build``, ``evaluation``): what a target needs from the core lives below it;
 * the core names no target module: it reaches targets through the registry
   (``evit_deploy.targets``) and their contract (``evit_deploy.targets.base``) only;
 * every built-in target package has the same anatomy: declarations (``__init__.py``),
@@ -18,7 +18,7 @@ from pathlib import Path
 import evit_deploy
 
 PACKAGE_DIR = Path(evit_deploy.__file__).parent
-COMMAND_MODULES = ("api", "cli", "commands", "bench", "backends", "profiler", "build", "evaluate", "optimizer")
+COMMAND_MODULES = ("api", "cli", "commands", "bench", "backends", "profiler", "build", "evaluation", "optimizer")
 TARGET_CONTRACT = {"evit_deploy.targets", "evit_deploy.targets.base", "evit_deploy.targets.options",
                    "evit_deploy.targets.sessions"}
 BUILT_IN_TARGETS = ("onnx", "coreml", "tvm", "openvino", "litert", "executorch")
@@ -114,6 +114,8 @@ def test_targets_never_import_the_command_layer():
                  if m.startswith("evit_deploy.targets.")}
     assert {m: i for m, i in offending.items() if i} == {}
     assert _command_layer("evit_deploy.build.runner") and not _command_layer("evit_deploy.builder")
+    # A renamed module must not drop out of the rule unnoticed.
+    assert {f"evit_deploy.{m}" for m in COMMAND_MODULES} <= set(GRAPH), set(COMMAND_MODULES)
 
 
 def test_the_core_names_no_target():

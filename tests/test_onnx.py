@@ -83,6 +83,9 @@ def test_baked_preprocessing_takes_raw_rgb(tmp_path, fmt, dtype):
     run = api.run(result.artifact.path, SAMPLE)
     preds = api.predict("m0", SAMPLE, img_size=SMALL)
     assert [p.top[0][0] for p in run.predictions] == [p.top[0][0] for p in preds]
+    # One path on its own is one input (not a string of characters).
+    one = api.run(result.artifact.path, str(SAMPLE[0]))
+    assert [p.top for p in one.predictions] == [run.predictions[0].top]
 
 
 def test_dynamic_and_static_batches(tmp_path):

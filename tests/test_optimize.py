@@ -120,6 +120,7 @@ def test_a_rerun_reuses_exports_and_evaluations(tmp_path):
     ({"objective": "fastest"}, "throughput or latency"),
     ({"targets": ["onnx", "nope"]}, "nope"),
     ({"precisions": ["fp32", "int4"]}, "int4"),
+    ({"batch": 0}, "at least 1"),
     ({"time_budget": "soon"}, "soon"),
 ])
 def test_bad_settings_are_refused_before_any_work(kwargs, message, tmp_path):

@@ -288,7 +288,7 @@ def test_tuning_the_pooling_kernel_prints_no_tvm_warning(capfd):
     from evit_deploy.targets.tvm import graph
     from evit_deploy.targets.tvm.metaschedule import extract_kernels, space_generator, without_tensor_intrinsics
     from evit_deploy.targets.tvm.target_string import to_tvm
-    from evit_deploy.trace import trace
+    from evit_deploy.tracing import trace
 
     target = to_tvm(resolve_target(TARGET))
     mod = graph.prepare(graph.import_program(trace("m0", batch=1, img_size=IMG).program), target)
@@ -311,7 +311,7 @@ def test_the_first_convolution_reads_the_image_as_it_comes(layout):
 
     from evit_deploy.targets.tvm import graph
     from evit_deploy.targets.tvm.target_string import to_tvm
-    from evit_deploy.trace import trace
+    from evit_deploy.tracing import trace
 
     mod = graph.prepare(graph.import_program(trace("m0", batch=1, img_size=IMG).program), to_tvm(resolve_target(TARGET)),
                         layout=layout)

@@ -66,7 +66,7 @@ def m0_kernels():
     from evit_deploy.targets.tvm import graph
     from evit_deploy.targets.tvm.metaschedule import extract_kernels
     from evit_deploy.targets.tvm.target_string import resolve_target, to_tvm
-    from evit_deploy.trace import trace
+    from evit_deploy.tracing import trace
 
     target = to_tvm(resolve_target("native -num-cores=1"))
     mod = graph.prepare(graph.import_program(trace("m0", batch=8, img_size=64).program), target)
@@ -200,7 +200,7 @@ def _largest_bf16_kernel(target, *, batch: int, img_size: int):
     """M0's largest kernel that gemm_bf16 schedules in its bf16 graph, and the target's facts."""
     from evit_deploy.targets.tvm import graph, metaschedule
     from evit_deploy.targets.tvm.schedules import gemm_bf16
-    from evit_deploy.trace import trace
+    from evit_deploy.tracing import trace
 
     facts = CpuFacts.for_target(target)
     mod = graph.prepare(graph.import_program(trace("m0", batch=batch, img_size=img_size).program), target,

@@ -21,7 +21,7 @@ def deterministic_database(path: Path, model: str, *, batch: int, img_size: int,
     from evit_deploy.targets.tvm import graph, metaschedule, schedules
     from evit_deploy.targets.tvm.database import TuningDatabase, model_key
     from evit_deploy.targets.tvm.target_string import resolve_target, to_tvm
-    from evit_deploy.trace import trace
+    from evit_deploy.tracing import trace
 
     canonical = resolve_target(target)
     tvm_target = to_tvm(canonical)

@@ -1,5 +1,5 @@
 """Eval gates: a verified artifact evaluated over the build's eval images, and moved aside
-when it loses more than its entry allows (see :mod:`evit_deploy.evaluate`)."""
+when it loses more than its entry allows (see :mod:`evit_deploy.evaluation`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .schema import ArtifactEntry, BuildFile
 
 def judge_gates(spec: BuildFile, art: ArtifactEntry, artifact, reference, reporter: Reporter) -> dict:
     """The eval figures of ``artifact``, its gates, and the ones it fails (``failures``)."""
-    from ..evaluate import Evaluated, eval_images, evaluate
+    from ..evaluation import Evaluated, eval_images, evaluate
 
     images = eval_images(spec.eval_images, spec.eval_labels)
     target = get_target(artifact.target)

@@ -339,7 +339,7 @@ def _optimize_choice(problems: _Problems, entry: dict, where: str, i: int, base:
 
 def _check_labelled(problems: _Problems, eval_images: Path | None, eval_labels: Path | None) -> None:
     """``max_top1_drop`` needs labels for the eval images."""
-    from ..evaluate import eval_images as find_eval_images
+    from ..evaluation import eval_images as find_eval_images
 
     try:
         if find_eval_images(eval_images, eval_labels).labels is None:

@@ -69,7 +69,7 @@ def _load(model: str, weights, images, labels, img_size: int):
     import numpy as np
     import torch
 
-    from ..evaluate import eval_images
+    from ..evaluation import eval_images
     from ..models.factory import load_model
     from ..preprocess import Preprocessing, preprocess_file
 

@@ -27,7 +27,7 @@ from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_PARITY_FAILED, BadInputError
 from evit_deploy.plan import plan_export
 from evit_deploy.targets import available_targets, get_target, target_for_artifact
 from evit_deploy.targets.options import PRECISIONS
-from evit_deploy.trace import build_reference
+from evit_deploy.tracing import build_reference
 
 CASES = [(name, precision) for name, cls in available_targets().items() for precision in cls.precisions()]
 IDS = [f"{name}-{precision}" for name, precision in CASES]

@@ -210,7 +210,7 @@ def _open_database(request: TuneRequest, reporter: Reporter):
 
 def _model_kernels(request: TuneRequest, reporter: Reporter):
     """(model name, input shape, kernels) of the model as export will compile it."""
-    from ...trace import trace
+    from ...tracing import trace
     from . import graph
     from .metaschedule import extract_kernels
     from .target_string import to_tvm
