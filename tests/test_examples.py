@@ -1,5 +1,6 @@
 """examples/: each one exercised where it can run here (the classify script on ONNX and TVM
-artifacts without torch, the build file, the CI workflow, the Swift snippet's names)."""
+artifacts without torch, the build file, the CI workflow, the Swift snippet's names, the
+README's Python API block)."""
 
 from __future__ import annotations
 
@@ -144,3 +145,25 @@ def test_build_file_android_artifacts_use_the_android_devices():
     devices = {a.name: a.device for a in spec.artifacts}
     assert load_device(devices["android-litert"]).options == {"precision": "fp32"}
     assert load_device(devices["android-executorch"]).options == {"precision": "fp16"}
+
+
+def test_the_readmes_python_api_example_runs(tmp_path):
+    """The README's Python API block, run as written but for M0 (the same calls; M4 only
+    takes longer), in a folder holding what it names: a checkpoint, cat.jpg, photos/, val/."""
+    import shutil
+
+    from conftest import save_checkpoint
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Python API"):readme.index("## Writing a target plug-in")]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[:code.index("```")].replace("m4", "m0")
+    save_checkpoint(tmp_path / "efficientvit_m0.pth", "m0", seed=3)
+    shutil.copy(SAMPLE[0], tmp_path / "cat.jpg")
+    for folder in ("photos", "val"):
+        (tmp_path / folder).mkdir()
+        for image in SAMPLE:
+            shutil.copy(image, tmp_path / folder / image.name)
+    proc = run_python(code, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dist/efficientvit_m0.onnx True" in proc.stdout
