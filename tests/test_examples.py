@@ -167,3 +167,39 @@ def test_the_readmes_python_api_example_runs(tmp_path):
     proc = run_python(code, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dist/efficientvit_m0.onnx True" in proc.stdout
+
+
+def test_the_readmes_commands_exist_with_the_options_they_use():
+    """Every ``evit-deploy ...`` line of the README (code blocks and inline) names a command
+    the CLI has (or the example plug-in adds) and only options that command takes (for
+    ``export``, also the targets' own options)."""
+    import dataclasses
+
+    import click
+    from typer.main import get_command
+
+    from evit_deploy.cli import app
+    from evit_deploy.targets import available_targets, option_shortcuts
+
+    readme = (ROOT / "README.md").read_text()
+    lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
+             for line in block.replace("\\\n", " ").splitlines() if line.strip().startswith("evit-deploy ")]
+    lines += re.findall(r"`(evit-deploy [^`]+)`", readme)
+    assert len(lines) > 50
+    plugin_commands = set(re.findall(r'Command\("([\w-]+)"', (EXAMPLES / "plugin_target" / "evit_pt2_target.py")
+                                     .read_text()))
+    target_flags = {flag for cls in available_targets().values() for f in dataclasses.fields(cls.Options)
+                    for flag in (f"--{f.name.replace('_', '-')}", f"--no-{f.name.replace('_', '-')}")}
+    target_flags |= set(option_shortcuts())
+    group = get_command(app)
+    ctx = click.Context(group)
+    for line in lines:
+        words = [w for w in shlex.split(line.split(" #")[0])[1:] if w not in ("--quiet", "-q", "--debug", "--help")]
+        if not words or words[0].startswith("-") or words[0] in plugin_commands:
+            continue
+        command = group.get_command(ctx, words[0])
+        assert command is not None, line
+        known = {opt for p in command.params for opt in (*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ()))}
+        if words[0] == "export":
+            known |= target_flags
+        assert {w.split("=")[0] for w in words if w.startswith("--")} <= known, line
