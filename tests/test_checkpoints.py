@@ -108,6 +108,12 @@ def test_wrong_model_lists_what_does_not_fit(checkpoint):
     assert "\n" not in message
 
 
+def test_a_checkpoint_for_another_input_size_says_so(checkpoint):
+    with pytest.raises(CheckpointError, match="trained at another input size") as info:
+        create_model("m0", checkpoint("m0"), img_size=64)
+    assert "looks like" not in str(info.value)
+
+
 def test_distillation_checkpoint_hints_at_the_flag(tmp_path):
     model = create_model("m0", "random", distillation=True)
     path = tmp_path / "dist.pth"

@@ -293,6 +293,9 @@ def _mismatch_message(name, state_dict, source, missing, unexpected, mismatched)
     hint = f"; it looks like {guess} weights" if guess and guess != name else ""
     if any(k.startswith("head_dist.") for k in unexpected) and not missing and not mismatched:
         hint += "; it has a distillation head: pass distillation=True (--distillation)"
+    if mismatched and not missing and not unexpected and all("attention_bias" in m for m in mismatched):
+        # Only the attention windows differ: the model was built for another input size.
+        hint += "; only its attention windows differ: it was trained at another input size (--img-size)"
     return f"{source} does not fit {name}: " + " | ".join(parts) + hint
 
 
