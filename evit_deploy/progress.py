@@ -33,21 +33,11 @@ def raise_if_interrupted() -> None:
 
 
 @contextmanager
-def ctrl_c_wins():
-    """Within the block, an exception raised after Ctrl-C is the interrupt in another form
-    (TVM's runtime returns it as a RuntimeError, a converter as its own error): it leaves
-    as KeyboardInterrupt, not as the failure of one artifact or candidate."""
-    try:
-        yield
-    except Exception:
-        raise_if_interrupted()
-        raise
-
-
-@contextmanager
 def catch_ctrl_c():
     """Within the block, SIGINT goes through :func:`on_ctrl_c` (main thread only; the
-    previous handler is restored after)."""
+    previous handler is restored after), and an exception raised after a Ctrl-C leaves as
+    the KeyboardInterrupt it is (TVM's runtime returns one as a RuntimeError, a converter as
+    an error of its own)."""
     import signal
     import threading
 
@@ -58,8 +48,10 @@ def catch_ctrl_c():
         return
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        with ctrl_c_wins():
-            yield
+        yield
+    except Exception:
+        raise_if_interrupted()
+        raise
     finally:
         signal.signal(signal.SIGINT, previous)
         _ctrl_c = False

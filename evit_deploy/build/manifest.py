@@ -47,8 +47,10 @@ def manifest(build_file: Path, records: Iterable[BuildRecord], versions: dict, p
     pending = sorted(pending)
     if any(r.status.failed for r in body):
         verdict = "fail"
+    elif pending:
+        verdict = "incomplete"
     else:
-        verdict = "incomplete" if pending else "pass" if body else "fail"
+        verdict = "pass" if body else "fail"
     found = {"manifest_version": MANIFEST_VERSION, "evit_deploy": __version__, "build_file": str(build_file),
              "verdict": verdict, "artifacts_sha256": artifacts_sha256(body), "versions": versions,
              "host": cpu_info(), "artifacts": [r.to_dict() for r in body]}

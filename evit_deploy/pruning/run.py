@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from ..errors import BadInputError
+from ..fsutil import ensure_output_file
 from ..progress import Reporter
 
 
@@ -133,13 +134,6 @@ def importance(model: str, weights, images, *, labels=None, keep_macs: float | N
     return result
 
 
-def _check_output(out) -> None:
-    """Refuse an output the checkpoint cannot be written to before the slow work."""
-    from ..fsutil import ensure_output_file
-
-    ensure_output_file(out)
-
-
 def _check_multiple(multiple_of: int) -> None:
     """Refuse a ``--multiple-of`` below 1 before any model is loaded."""
     if multiple_of < 1:
@@ -189,7 +183,7 @@ def prune(model: str, weights, images, out, *, labels=None, keep_macs: float | N
     if finetune_steps < 0:
         raise BadInputError(f"--finetune-steps must be 0 or more, got {finetune_steps}")
     _check_multiple(multiple_of)
-    _check_output(out)
+    ensure_output_file(out)               # before the slow work, not after it
     reporter = reporter or Reporter()
     net, sha, x, y = _load(model, weights, images, labels, img_size)
     scores = taylor_importance(net, x, y, reporter=reporter)
