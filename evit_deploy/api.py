@@ -17,7 +17,7 @@ import numpy as np
 from .cpufeatures import CpuNeeds, inexact_message, judge, needs_of, require_runnable
 from .description import ModelDescription
 from .errors import BadInputError, EvitError, ParityError, first_line
-from .fsutil import ensure_output_dir, output_error, publish, remove, write_json_atomic
+from .fsutil import ensure_output_dir, output_error, publish, publish_together, remove, write_json_atomic
 from .parity import ParityReport, Tolerance, verify_outputs
 from .preprocess import preprocess_file
 from .progress import Reporter
@@ -102,10 +102,8 @@ def export_traced(traced, plan: ExportPlan, out_dir: Path, *, verify: bool = Tru
                 publish(staging, rejected)
                 raise ParityError(f"{report.summary()}; the artifact was not written under "
                                   f"{final.name} (kept for inspection in {rejected})", report)
-        published = []
-        for f in artifact.files:    # sidecars first: the primary file appears last
-            publish(f, out_dir / f.name)
-            published.append(out_dir / f.name)
+        # Sidecars first: the primary file appears last.
+        published = publish_together((f, out_dir / f.name) for f in artifact.files)
         artifact = dataclasses.replace(artifact, path=published[-1], sidecars=tuple(published[:-1]))
         return ExportResult(artifact, report, dict(reporter.timings))
     except OSError as exc:

@@ -9,11 +9,12 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import OutputError
+from .progress import ctrl_c_deferred
 
 _OUTPUT_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
                   errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device",
@@ -71,19 +72,32 @@ def publish(tmp: Path, final: Path) -> None:
 
     Files are replaced atomically. A directory cannot be swapped in one step, so the old
     one is first renamed aside: the final name holds either the old or the new complete
-    tree, never a partial one.
+    tree, never a partial one (a Ctrl-C waits until both renames are done).
     """
     if tmp.is_dir() and final.exists():
         old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-        try:
-            os.replace(tmp, final)
-        except BaseException:
-            os.replace(old, final)
-            raise
+        with ctrl_c_deferred():
+            os.replace(final, old)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)
+                raise
         remove(old)
     else:
         os.replace(tmp, final)
+
+
+def publish_together(moves: Iterable[tuple[Path, Path]]) -> list[Path]:
+    """:func:`publish` each (finished, final) pair, in order, as one step for Ctrl-C: an
+    artifact of several files (a model and its weights) is never left half old, half new
+    by an interrupt. Returns the final paths."""
+    done = []
+    with ctrl_c_deferred():
+        for tmp, final in moves:
+            publish(tmp, final)
+            done.append(final)
+    return done
 
 
 def temp_sibling(final: Path) -> Path:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .backends import BackendSpec, random_inputs, target_backends
 from .errors import BadInputError, EvitError, ParityError, first_line
-from .fsutil import ensure_output_dir, publish, remove, sha256_file, temp_sibling, tree_sha256, write_json_atomic
+from .fsutil import ensure_output_dir, publish_together, remove, sha256_file, temp_sibling, tree_sha256, write_json_atomic
 from .progress import QuietReporter, Reporter, raise_if_interrupted
 
 RESULT_FILE = "optimize.json"
@@ -538,14 +538,16 @@ def _publish_winner(result: OptimizeResult, out: Path, cache: Path) -> None:
     winner = result.candidate(result.winner)
     tgt = get_target(winner.target)
     source = Path(winner.artifact)
-    for f in tgt.artifact_files(source):            # sidecars first: the artifact appears last
-        staging = temp_sibling(out / f.name)
-        try:
-            (shutil.copytree if f.is_dir() else shutil.copy2)(f, staging)
-            publish(staging, out / f.name)
-        except BaseException:
+    moves = []                                      # sidecars first: the artifact appears last
+    try:
+        for f in tgt.artifact_files(source):
+            moves.append((temp_sibling(out / f.name), out / f.name))
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, moves[-1][0])
+        publish_together(moves)
+    except BaseException:
+        for staging, _ in moves:
             remove(staging)
-            raise
+        raise
     result.artifact = str(out / source.name)
     description = tgt.read_description(out / source.name)
     options = tgt.rebuild_options(description)

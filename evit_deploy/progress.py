@@ -33,6 +33,27 @@ def raise_if_interrupted() -> None:
 
 
 @contextmanager
+def ctrl_c_deferred():
+    """Within the block a Ctrl-C waits and is raised when the block ends: for the few
+    renames that must happen together (a new OpenVINO ``.bin`` under an old ``.xml`` would
+    be a model nobody made). Main thread only, as signals are; elsewhere a plain block."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pressed and callable(previous):
+            previous(signal.SIGINT, None)       # the CLI's handler or Python's: KeyboardInterrupt
+
+
+@contextmanager
 def catch_ctrl_c():
     """Within the block, SIGINT goes through :func:`on_ctrl_c` (main thread only; the
     previous handler is restored after), and an exception raised after a Ctrl-C leaves as

@@ -160,6 +160,39 @@ def test_interrupted_export_keeps_the_previous_artifact(cli, tmp_path, m0_onnx, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["efficientvit_m0.onnx"]
 
 
+def test_a_ctrl_c_while_an_artifact_is_published_leaves_no_mix_of_old_and_new_files(cli, tmp_path, monkeypatch):
+    """An artifact of several files (OpenVINO's .xml and .bin, a TVM library and its
+    description) is moved to its final names one file at a time: a Ctrl-C between two
+    moves must not leave a new file beside an old one (a model nobody made)."""
+    import dataclasses
+    import os
+    import signal
+
+    from evit_deploy import fsutil
+
+    real_export, real_publish = OnnxTarget.export, fsutil.publish
+
+    def with_a_sidecar(self, traced, options, path, reporter):
+        artifact = real_export(self, traced, options, path, reporter)
+        sidecar = path.with_name(path.name + ".sidecar")
+        sidecar.write_bytes(path.read_bytes())         # stands for weights that go with this model only
+        return dataclasses.replace(artifact, sidecars=(sidecar,))
+
+    def ctrl_c_after_the_first(tmp, final):
+        real_publish(tmp, final)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    final = tmp_path / "efficientvit_m0.onnx"
+    for f in (final, final.with_name(final.name + ".sidecar")):
+        f.write_bytes(b"the previous build")
+    monkeypatch.setattr(OnnxTarget, "export", with_a_sidecar)
+    monkeypatch.setattr(fsutil, "publish", ctrl_c_after_the_first)
+    code, _, err = cli("export", "m0", "-t", "onnx", "--img-size", "64", "--no-verify", "--out", tmp_path)
+    assert code == EXIT_INTERRUPTED and "interrupted" in err, err
+    sidecar = final.with_name(final.name + ".sidecar")
+    assert final.read_bytes() == sidecar.read_bytes() != b"the previous build"
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")    # the swallowed Ctrl-C
 def test_a_ctrl_c_that_a_finalizer_swallowed_still_stops_the_command(cli, tmp_path, monkeypatch):
     """Ctrl-C arriving while Python runs a weakref callback (a garbage collection inside
