@@ -134,13 +134,13 @@ def prepare(model_name: str, backend: BackendSpec, *, batch: int, threads: int, 
 def rejection_reason(exc: BaseException, *, files_kept: bool) -> str:
     """One line on why a backend could not be timed. Where a rejected export's files are
     is said only when they are kept (``--artifacts``), not in a temporary directory."""
-    from .errors import ParityError, first_line
+    from .errors import ParityError, first_line, named_first_line
 
     if isinstance(exc, ParityError) and exc.report is not None and not files_kept:
         return exc.report.summary()
     if isinstance(exc, EvitError):
         return first_line(exc)
-    return f"{type(exc).__name__}: {first_line(exc)}"
+    return named_first_line(exc)
 
 
 # -- timing --------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import typer
 
 from . import __version__
 from .commands import BUILT_IN
-from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EvitError, first_line
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EvitError, named_first_line
 from .progress import catch_ctrl_c
 
 _state = {"debug": False, "quiet": False}
@@ -163,7 +163,7 @@ def invoke(argv: list[str]) -> int:
         _error(str(exc) or type(exc).__name__, debug)
         return exc.exit_code
     except Exception as exc:  # a bug: say so, briefly, unless --debug
-        _error(f"internal error: {type(exc).__name__}: {first_line(exc)} "
+        _error(f"internal error: {named_first_line(exc)} "
                f"(run with --debug for the traceback)", debug)
         return EXIT_INTERNAL
 

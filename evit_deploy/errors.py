@@ -79,3 +79,11 @@ def first_line(exc: BaseException, *, skip: tuple[str, ...] = ()) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     useful = [line for line in lines if not line.startswith(skip)] if skip else lines
     return (useful or lines or [type(exc).__name__])[0]
+
+
+def named_first_line(exc: BaseException) -> str:
+    """``ValueError: its first line`` (``ValueError`` alone when it has no message): for
+    errors from code that is not ours (a library, the user's model), where the type says
+    what kind of failure it was."""
+    name, line = type(exc).__name__, first_line(exc)
+    return name if line == name else f"{name}: {line}"

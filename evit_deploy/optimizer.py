@@ -30,7 +30,7 @@ from enum import Enum
 from pathlib import Path
 
 from .backends import BackendSpec, random_inputs, target_backends
-from .errors import BadInputError, EvitError, ParityError, first_line
+from .errors import BadInputError, EvitError, ParityError, first_line, named_first_line
 from .fsutil import ensure_output_dir, publish_together, remove, sha256_file, temp_sibling, tree_sha256, write_json_atomic
 from .progress import QuietReporter, Reporter, raise_if_interrupted
 
@@ -357,7 +357,7 @@ def _export(c: Candidate, name: str, plan_args: dict, cache: Path, versions: dic
         saved.update(dropped=f"export failed: {first_line(exc)}")
     except Exception as exc:  # a converter's crash drops this candidate, not the run
         raise_if_interrupted()
-        saved.update(dropped=f"export failed: {type(exc).__name__}: {first_line(exc)}")
+        saved.update(dropped=f"export failed: {named_first_line(exc)}")
     saved["export_seconds"] = round(time.perf_counter() - start, 1)
     write_json_atomic(record_file, saved)
     _restore(c, saved, folder, reused=False)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .description import RANDOM_INIT, ModelDescription, TensorSpec
-from .errors import BadInputError, CheckpointError, ExportError, first_line
+from .errors import BadInputError, CheckpointError, ExportError, first_line, named_first_line
 from .labels import labels_for
 from .models.checkpoint import official_weights_path, sha256_file
 from .models.factory import DEFAULT_SEED, RANDOM, create_model, load_model
@@ -81,6 +81,9 @@ def load_factory(spec: str):
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise BadInputError(f"cannot import {module_name} for --model {spec}: {first_line(exc)}") from None
+    except Exception as exc:        # the user's module failed while it was imported (SyntaxError, ...)
+        raise BadInputError(f"cannot import {module_name} for --model {spec}: "
+                            f"{named_first_line(exc)}") from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise BadInputError(f"{module_name} has no callable '{attr}' (from --model {spec})")
@@ -119,26 +122,86 @@ def build_reference(description: ModelDescription, weights=None) -> nn.Module:
     """Rebuild an artifact's PyTorch reference (unfused, fp32, eval) from its description."""
     options = dict(description.model_options)
     if is_custom(description.model):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(description.seed or DEFAULT_SEED)
-            model = load_factory(description.model)()
-        return model.eval().float()
+        return make_custom_model(description.model, description.seed or DEFAULT_SEED)
     checkpoint = _resolve_weights(description.weights, description.model, weights)
     return create_model(description.model, RANDOM if checkpoint is None else checkpoint,
                         seed=description.seed if description.seed is not None else DEFAULT_SEED,
                         **options).float()
 
 
+def make_custom_model(spec: str, seed: int) -> nn.Module:
+    """The fp32 eval-mode module ``package.module:factory`` returns, with torch seeded by
+    ``seed`` while the factory runs (so a randomly initialised one is the same each time)."""
+    factory = load_factory(spec)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = factory()
+    except Exception as exc:      # the user's code: their error, said as such, not "internal error"
+        raise BadInputError(f"--model {spec}: the factory failed: {named_first_line(exc)}") from exc
+    if not isinstance(model, nn.Module):
+        raise BadInputError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model.eval().float()
+
+
 def _custom_model(spec: str, seed: int, input_size) -> tuple[nn.Module, dict, int, int]:
     if input_size is None:
         raise BadInputError(f"--model {spec} needs --input-size (e.g. 224 or 256x192)")
     h, w = input_size
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = load_factory(spec)()
-    if not isinstance(model, nn.Module):
-        raise BadInputError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
-    return model.eval().float(), {}, h, w
+    return make_custom_model(spec, seed), {}, h, w
+
+
+def _output_tensors(outputs, model: str) -> tuple[torch.Tensor, ...]:
+    """A model's outputs as a tuple of tensors; anything else (a dict, None, nested
+    tuples) is a one-line error, as every target exports a flat list of tensors."""
+    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    for o in outputs:
+        if not isinstance(o, torch.Tensor):
+            raise BadInputError(f"{model} returns a {type(o).__name__}; evit-deploy exports models that return a "
+                                f"tensor or a tuple of tensors (wrap it to return one)")
+    return tuple(outputs)
+
+
+class _ThisThreadCaptured:
+    """``sys.stderr`` while ``torch.export`` runs: what this thread writes is kept (torch
+    prints the partial graph of a failed export there, a screenful before our one-line
+    error), other threads (the progress display) write through."""
+
+    def __init__(self, stream):
+        import threading
+
+        self.stream, self.thread, self.parts = stream, threading.get_ident(), []
+
+    def write(self, text: str) -> int:
+        import threading
+
+        if threading.get_ident() == self.thread:
+            self.parts.append(text)
+            return len(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _export_quietly(deploy, example, dynamic_shapes):
+    """``torch.export.export``; torch's own printout of a failure goes into the exception's
+    notes (shown with --debug), and what it writes on success is written as usual."""
+    import sys
+
+    captured = _ThisThreadCaptured(sys.stderr)
+    sys.stderr = captured
+    try:
+        return torch.export.export(deploy, (example,), dynamic_shapes=dynamic_shapes)
+    except Exception as exc:
+        if "".join(captured.parts).strip():
+            exc.add_note("".join(captured.parts))
+            captured.parts.clear()
+        raise
+    finally:
+        sys.stderr = captured.stream
+        if captured.parts:
+            captured.stream.write("".join(captured.parts))
 
 
 def trace(model: str = "m0", weights=None, *, batch: int = 1, dynamic_batch: bool = False,
@@ -200,13 +263,15 @@ def trace(model: str = "m0", weights=None, *, batch: int = 1, dynamic_batch: boo
     try:
         with torch.no_grad():
             outputs = deploy(example)
-            program = torch.export.export(deploy, (example,), dynamic_shapes=dynamic_shapes)
-    except BadInputError:
-        raise
+    except Exception as exc:
+        raise ExportError(f"{name} fails on a {'x'.join(map(str, example.shape))} {example.dtype} input: "
+                          f"{named_first_line(exc)}") from exc
+    outputs = _output_tensors(outputs, name)
+    try:
+        program = _export_quietly(deploy, example, dynamic_shapes)
     except Exception as exc:
         raise ExportError(f"torch.export failed on {name}: {first_line(exc)}") from exc
 
-    outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
     batch_dim: int | str = "batch" if dynamic_batch else batch
     if task == "detection":
         out_names = list(reference.level_names)
@@ -228,7 +293,7 @@ def trace(model: str = "m0", weights=None, *, batch: int = 1, dynamic_batch: boo
         preprocessing=Preprocessing.for_size(h, w),
         inputs=(TensorSpec("image", (batch_dim, 3, h, w), "uint8" if input_format == "uint8" else "float32",
                            f"RGB image, NCHW, {input_format}"),),
-        outputs=tuple(TensorSpec(n, (batch_dim, *o.shape[1:]), "float32", doc)
+        outputs=tuple(TensorSpec(n, (batch_dim, *o.shape[1:]), str(o.dtype).removeprefix("torch."), doc)
                       for n, o, doc in zip(out_names, outputs, docs)),
         labels=labels_for(outputs[0].shape[-1]) if classifier else None,
     )

@@ -37,3 +37,44 @@ def tiny_attention() -> nn.Module:
             elif hasattr(m, "attention_biases"):
                 m.attention_biases.normal_(0, 0.5)
     return model
+
+
+# -- models whose own code is what fails, for one-line errors that say so ------------------
+
+class _Conv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, 2, 1)
+
+
+def failing_factory() -> nn.Module:
+    raise ValueError()                   # no message: the error must still say something
+
+
+class _DictOutput(_Conv):
+    def forward(self, x):
+        return {"scores": self.conv(x).mean((2, 3))}
+
+
+def dict_output() -> nn.Module:
+    return _DictOutput()
+
+
+class _DataDependent(_Conv):
+    def forward(self, x):
+        y = self.conv(x)
+        return y.mean((2, 3)) if y.sum() > 0 else -y.mean((2, 3))     # torch.export cannot trace this
+
+
+def data_dependent() -> nn.Module:
+    return _DataDependent()
+
+
+class _ClassIndex(_Conv):
+    def forward(self, x):
+        return self.conv(x).mean((2, 3)).argmax(1)
+
+
+def class_index() -> nn.Module:
+    """Returns int64 class indices, not scores."""
+    return _ClassIndex()

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from conftest import ROOT, run_python
-from evit_deploy.errors import EXIT_BAD_INPUT
+from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_EXPORT_FAILED
 
 
 def test_export_cli_prints_stages_and_the_artifact(tmp_path, cli):
@@ -109,6 +109,30 @@ def test_any_torch_module_through_the_same_pipeline(cli, tmp_path):
     assert model.graph.input[0].type.tensor_type.shape.dim[2].dim_value == 224
     code, _, err = cli("export", "--model", "custom_models:nothing_here", "-t", "onnx", "--out", tmp_path)
     assert code == EXIT_BAD_INPUT and "has no callable 'nothing_here'" in err
+
+
+@pytest.mark.parametrize("factory, code, says", [
+    ("failing_factory", EXIT_BAD_INPUT, "error: --model custom_models:failing_factory: the factory failed: ValueError"),
+    ("dict_output", EXIT_BAD_INPUT, "returns a dict; evit-deploy exports models that return a tensor"),
+    ("data_dependent", EXIT_EXPORT_FAILED, "torch.export failed on custom_models:data_dependent: Could not guard"),
+])
+def test_a_custom_model_that_cannot_be_exported_says_why_in_one_line(cli, tmp_path, factory, code, says):
+    """The user's own code failing is their error, said in one line (not "internal
+    error"), without torch's printout of the partial graph before it."""
+    got, _, err = cli("export", "--model", f"custom_models:{factory}", "--input-size", "32", "-t", "onnx",
+                      "--out", tmp_path)
+    assert got == code and says in err, err
+    assert [line for line in err.splitlines() if line.strip() and not line.startswith(("✗", "✓"))] == \
+        [err.strip().splitlines()[-1]], err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_custom_models_outputs_are_described_with_their_own_type(cli, tmp_path):
+    code, out, err = cli("-q", "export", "--model", "custom_models:class_index", "--input-size", "32", "-t", "onnx",
+                         "--out", tmp_path)
+    assert code == 0, err
+    meta = {p.key: p.value for p in onnx.load(Path(out.strip().splitlines()[-1])).metadata_props}
+    assert [o["dtype"] for o in json.loads(meta["evit_deploy.description"])["outputs"]] == ["int64"]
 
 
 PLUGIN_DIST = textwrap.dedent("""\

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..cpufeatures import judge
-from ..errors import EvitError, ExportError, ParityError, first_line
+from ..errors import EvitError, ExportError, ParityError, named_first_line
 from ..fsutil import ensure_output_dir
 from ..hostinfo import package_versions
 from ..plan import plan_export, trace_plan
@@ -178,7 +178,7 @@ def _build_one(spec: BuildFile, job: Job, out_dir: Path, reporter: Reporter, tra
         raise
     except Exception as exc:  # a converter crash fails this artifact, not the build
         raise_if_interrupted()
-        return finish(Status.FAILED_EXPORT, error=f"{type(exc).__name__}: {first_line(exc)}")
+        return finish(Status.FAILED_EXPORT, error=f"{named_first_line(exc)}")
 
 
 def verifiable_here(plan) -> bool:

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..cpufeatures import INT8_KERNELS, CpuNeeds, check_int8_kernels, int8_cpu_needs
 from ..description import ModelDescription
-from ..errors import BadInputError, MissingDependencyError, first_line
+from ..errors import BadInputError, MissingDependencyError, named_first_line
 from ..native_output import captured
 from .options import PRECISION, option_fields, parse_options
 from .sessions import SessionCache, package_files
@@ -298,7 +298,7 @@ class Target:
                     importlib.import_module(module)
             except Exception as exc:  # installed but broken: report, do not crash doctor
                 findings.append(Finding("error", f"'{module}' is installed but fails to import: "
-                                                 f"{type(exc).__name__}: {first_line(exc)}",
+                                                 f"{named_first_line(exc)}",
                                         f"reinstall it: pip install --force-reinstall {self.requires.get(module) or self.run_requires[module]}"))
         return findings or [Finding("ok", "required packages import")]
 

@@ -21,7 +21,7 @@ import collections
 import numpy as np
 
 from ...description import ModelDescription
-from ...errors import BadInputError, ExportError, first_line
+from ...errors import BadInputError, ExportError, named_first_line
 
 METADATA_NAME = "evit_deploy.description"
 
@@ -80,7 +80,7 @@ def metadata(data: bytes, source: str = "the model") -> dict[str, bytes]:
                 raw = buffer.DataAsNumpy().tobytes() if buffer.DataLength() else b""
             found[_text(entry.Name())] = raw
     except Exception as exc:   # flatbuffers raises struct/index errors on damaged files
-        raise BadInputError(f"{source} is not a readable TFLite model ({type(exc).__name__}: {first_line(exc)})") from None
+        raise BadInputError(f"{source} is not a readable TFLite model ({named_first_line(exc)})") from None
     return found
 
 

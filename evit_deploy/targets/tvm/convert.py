@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...errors import ExportError, first_line
+from ...errors import ExportError, first_line, named_first_line
 from ..base import Artifact
 
 DEFAULTS_NOTE = ("no tuning database (--db): every kernel gets its default schedule (written for its kernel "
@@ -71,7 +71,7 @@ def export(traced, options, db, path: Path, reporter, *, target_name: str) -> Ar
             database = _checked_here(db, database, prepared, target, tvm_target, reporter, db_info)
         built = tvm_compile.build(prepared, tvm_target, database)
     except Exception as exc:
-        raise ExportError(f"TVM compilation failed: {type(exc).__name__}: {first_line(exc)}") from exc
+        raise ExportError(f"TVM compilation failed: {named_first_line(exc)}") from exc
     _report_schedules(built, database is not None, options.db, reporter)
     description = desc.with_extra(tvm=_library_facts(built, target, db_info))
     return _write(built, description, path, target_name)
