@@ -48,12 +48,14 @@ class BackendSpec:
         """The backend ``name`` names, with its export options from ``target_options``
         (``{"tvm": {...}, "tvm@tuned": {...}}``); :class:`BadInputError` if there is none."""
         head, at, label = name.partition("@")
-        runtime, _, precision = head.partition(":")
+        runtime, colon, precision = head.partition(":")
         targets = target_backends()
         if runtime not in (*TORCH_BACKENDS, *targets):
             raise unknown_name("backend", runtime, [*TORCH_BACKENDS, *targets])
         if at and not label:
             raise BadInputError(f"backend '{name}': a label follows '@' (tvm@tuned)")
+        if colon and not precision:
+            raise BadInputError(f"backend '{name}': a precision follows ':' (onnxruntime:int8)")
         if runtime in TORCH_BACKENDS:
             if precision or label:
                 raise BadInputError(f"backend '{name}': PyTorch backends run fp32 only, with no variants")
@@ -113,9 +115,25 @@ def parse_backends(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def check_target_options(target_options: dict | None) -> None:
+    """Each ``-O TARGET[@LABEL].KEY=VALUE`` names a registered target and one of its
+    options with a valid value, whether or not a backend uses it: a typo (``onxx.opset``)
+    is an error before any work, not a setting silently left out."""
+    from .targets import available_targets, get_target
+    from .targets.options import parse_options
+
+    names = list(available_targets())
+    for key, values in (target_options or {}).items():
+        name = key.partition("@")[0]
+        if name not in names:
+            raise unknown_name("target", name, names)
+        parse_options(get_target(name).Options, values, target=name, source="--option")
+
+
 def backend_specs(names: list[str], target_options: dict | None = None) -> list[BackendSpec]:
     """Each backend of ``names`` with its options. Options given for a variant
     (``tvm@tuned``) that no backend asks for are a typo."""
+    check_target_options(target_options)
     specs = [BackendSpec.parse(name, target_options) for name in names]
     wanted = {spec.variant for spec in specs if spec.variant}
     for key in target_options or {}:

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .backends import BackendSpec, random_inputs
+from .backends import BackendSpec, check_target_options, random_inputs
 from .errors import BadInputError
 from .hostinfo import cpu_info, package_versions
 from .models.registry import resolve_name
@@ -196,6 +196,7 @@ def profile(model: str, backend: str = "torch", *, batch: int = 16, threads: int
     (:mod:`evit_deploy.backends`)."""
     reporter = reporter or Reporter()
     name = resolve_name(model).name
+    check_target_options(target_options)
     spec = BackendSpec.parse(backend, target_options)
     if spec.runtime == "torch":
         import torch

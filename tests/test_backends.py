@@ -54,6 +54,7 @@ def test_specs_are_frozen():
     ("torch:int8", "PyTorch backends run fp32 only"),
     ("torch-jit@x", "no variants"),
     ("onnxruntime:bf16", "target 'onnx' does not support precision 'bf16' (it supports fp32, fp16, int8)"),
+    ("onnxruntime:", "a precision follows ':'"),
 ])
 def test_bad_names_are_one_line_errors(name, message):
     with pytest.raises(BadInputError) as info:
@@ -73,3 +74,17 @@ def test_options_for_a_variant_nobody_asked_for_are_a_typo():
     assert [s.precision for s in specs] == ["fp32", "fp16"]
     with pytest.raises(BadInputError, match="no backend is labelled '@half' for target 'onnx'"):
         backend_specs(["onnxruntime"], {"onnx@half": {"precision": "fp16"}})
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"onxx": {"opset": "18"}}, "unknown target 'onxx' (did you mean 'onnx'?)"),
+    ({"tvm": {"nosuch": "1"}}, "unknown option for target 'tvm' in --option 'nosuch'"),
+    ({"openvino": {"precision": "int9"}}, "'int9'"),
+    ({"onnx": {"opset": "12"}}, "option 'opset' of target 'onnx' '12'"),
+])
+def test_options_for_a_target_no_backend_uses_are_still_checked(options, message):
+    """A typo in ``-O`` is an error before any work, even for a target that is not timed
+    (it would otherwise be silently left out)."""
+    with pytest.raises(BadInputError) as info:
+        backend_specs(["onnxruntime"], options)
+    assert message in str(info.value) and "\n" not in str(info.value)

@@ -35,6 +35,7 @@ def _one_line(err: str) -> bool:
     (["export", "m0", "-t", "onnx", "--weights", "/nope.pth"], "checkpoint not found"),
     (["run", "/nope.onnx", "x.jpg"], "artifact not found"),
     (["info", "m7"], "did you mean"),
+    (["bench", "m0", "/nope/pruned.pth", "-b", "onnxruntime"], "checkpoint not found: /nope/pruned.pth"),
 ])
 def test_bad_input_is_one_line_and_exit_2(cli, tmp_path, args, message):
     code, _, err = cli(*args, "--out", tmp_path) if args[0] == "export" else cli(*args)
