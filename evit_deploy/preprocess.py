@@ -119,10 +119,17 @@ def preprocess_file(path: str | os.PathLike, spec: Preprocessing, input_format: 
     return to_input(resize_crop(load_image(path), spec), spec, input_format)
 
 
-def list_images(directory: str | os.PathLike) -> list[Path]:
+def _image_directory(directory: str | os.PathLike) -> Path:
     directory = Path(directory)
+    if directory.is_file():
+        raise BadInputError(f"{directory} is a file: give the directory that holds the images")
     if not directory.is_dir():
         raise BadInputError(f"image directory not found: {directory}")
+    return directory
+
+
+def list_images(directory: str | os.PathLike) -> list[Path]:
+    directory = _image_directory(directory)
     files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise BadInputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {directory}")
@@ -133,9 +140,7 @@ def find_images(directory: str | os.PathLike) -> list[Path]:
     """Every image below ``directory``, subdirectories included (the ImageNet validation
     layout ``DIR/<synset>/*.JPEG``), sorted by relative path; hidden files and folders are
     skipped. A missing or image-less directory is a :class:`BadInputError`."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise BadInputError(f"image directory not found: {directory}")
+    directory = _image_directory(directory)
     files = sorted((p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                     and not any(part.startswith(".") for part in p.relative_to(directory).parts)),
                    key=lambda p: p.relative_to(directory).as_posix())

@@ -82,6 +82,8 @@ def test_any_torch_module_keeps_its_spec():
     ({"model": "m0", "target": "onnx", "options": {"int8_kernels": "vnni"}}, "--int8-kernels is for --precision int8"),
     ({"model": "m0", "target": "onnx", "options": {"precision": "int8", "calibration": "no-such-dir"}},
      "image directory not found: no-such-dir"),
+    ({"model": "m0", "target": "onnx", "options": {"precision": "int8", "calibration": __file__}},
+     f"{__file__} is a file: give the directory that holds the images"),
     ({"model": "m0", "target": "onnx", "cli_args": ["--opset"]}, "option --opset of target 'onnx' needs a value"),
     ({"model": "m0", "target": "coreml", "dynamic_batch": True}, "does not support a dynamic batch"),
     ({"model": "m0", "target": "coreml", "options": {"precision": "int8"}},
