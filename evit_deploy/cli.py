@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import signal
 import sys
 import warnings
 from functools import lru_cache
@@ -18,7 +19,7 @@ import typer
 
 from . import __version__
 from .commands import BUILT_IN
-from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EvitError, named_first_line
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EvitError, named_first_line
 from .progress import catch_ctrl_c
 
 _state = {"debug": False, "quiet": False}
@@ -145,20 +146,18 @@ def invoke(argv: list[str]) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     command = typer.main.get_command(app)
+    stopped_by: list[int] = []
     try:
         # Standalone mode: Typer prints usage errors itself and exits 2, and turns
         # Ctrl-C into exit code 130; our own errors propagate to the handlers below.
-        with catch_ctrl_c():
+        with catch_ctrl_c() as stopped_by:
             command.main(args=argv, prog_name="evit-deploy", standalone_mode=True)
         return 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_INTERNAL)
-        if code == EXIT_INTERRUPTED:
-            _error("interrupted", debug)
-        return code
+        return _stopped(stopped_by, debug) if code == EXIT_INTERRUPTED else code
     except KeyboardInterrupt:
-        _error("interrupted", debug)
-        return EXIT_INTERRUPTED
+        return _stopped(stopped_by, debug)
     except EvitError as exc:
         _error(str(exc) or type(exc).__name__, debug)
         return exc.exit_code
@@ -170,6 +169,14 @@ def invoke(argv: list[str]) -> int:
 
 def main() -> None:
     sys.exit(invoke(sys.argv[1:]))
+
+
+def _stopped(stopped_by: list[int], debug: bool) -> int:
+    if signal.SIGTERM in stopped_by:
+        _error("terminated (SIGTERM)", debug)
+        return EXIT_TERMINATED
+    _error("interrupted", debug)
+    return EXIT_INTERRUPTED
 
 
 def _error(message: str, debug: bool) -> None:

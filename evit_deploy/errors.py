@@ -17,6 +17,7 @@ EXIT_PARITY_FAILED = 4
 EXIT_MISSING_DEPENDENCY = 5
 EXIT_OUTPUT_ERROR = 6
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143      # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
 
 
 class EvitError(Exception):

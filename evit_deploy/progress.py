@@ -7,20 +7,34 @@ sends warnings to the ``evit_deploy`` logger. The CLI passes a Rich implementati
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from contextlib import contextmanager
 
 log = logging.getLogger("evit_deploy")
 
-#: Whether Ctrl-C was pressed during the command (:func:`catch_ctrl_c`).
-_ctrl_c = False
+#: What stops a command the way Ctrl-C does: SIGINT (Ctrl-C) and SIGTERM (``kill``, a
+#: cancelled CI job), so that its cleanup runs: staging areas removed, workers stopped.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+#: The stop signal received during the command, 0 if none (:func:`catch_ctrl_c`).
+_stop_signal = 0
+
+
+class Terminated(KeyboardInterrupt):
+    """The command was stopped by SIGTERM."""
+
+
+def _stop(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def on_ctrl_c(signum, frame) -> None:
-    """SIGINT handler of the CLI: raise KeyboardInterrupt, and remember it."""
-    global _ctrl_c
-    _ctrl_c = True
-    raise KeyboardInterrupt
+    """SIGINT and SIGTERM handler of the CLI: raise KeyboardInterrupt (:class:`Terminated`
+    for SIGTERM), and remember it."""
+    global _stop_signal
+    _stop_signal = signum
+    raise _stop(signum)
 
 
 def raise_if_interrupted() -> None:
@@ -28,54 +42,63 @@ def raise_if_interrupted() -> None:
     while Python runs a finalizer or weakref callback it is only reported ("Exception
     ignored in ..."), and a library may turn it into an error of its own that drops one
     candidate or artifact. Every stage and progress update checks."""
-    if _ctrl_c:
-        raise KeyboardInterrupt
+    if _stop_signal:
+        raise _stop(_stop_signal)
 
 
 @contextmanager
 def ctrl_c_deferred():
-    """Within the block a Ctrl-C waits and is raised when the block ends: for the few
-    renames that must happen together (a new OpenVINO ``.bin`` under an old ``.xml`` would
-    be a model nobody made). Main thread only, as signals are; elsewhere a plain block."""
-    import signal
+    """Within the block a Ctrl-C (or SIGTERM) waits and is raised when the block ends: for
+    the few renames that must happen together (a new OpenVINO ``.bin`` under an old
+    ``.xml`` would be a model nobody made). Main thread only, as signals are; elsewhere a
+    plain block."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     pressed = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    previous = {s: signal.signal(s, lambda signum, frame: pressed.append(signum)) for s in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if pressed and callable(previous):
-            previous(signal.SIGINT, None)       # the CLI's handler or Python's: KeyboardInterrupt
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in pressed[:1]:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)           # the CLI's handler or Python's: KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)     # what it would have done at once
 
 
 @contextmanager
 def catch_ctrl_c():
-    """Within the block, SIGINT goes through :func:`on_ctrl_c` (main thread only; the
-    previous handler is restored after), and an exception raised after a Ctrl-C leaves as
-    the KeyboardInterrupt it is (TVM's runtime returns one as a RuntimeError, a converter as
-    an error of its own)."""
-    import signal
+    """Within the block, SIGINT and SIGTERM go through :func:`on_ctrl_c` (main thread only;
+    the previous handlers are restored after), and an exception raised after one leaves
+    as the KeyboardInterrupt it is (TVM's runtime returns one as a RuntimeError, a
+    converter as an error of its own). Yields a list that holds the signal that stopped
+    the block, if one did, after it ends."""
     import threading
 
-    global _ctrl_c
-    _ctrl_c = False
+    global _stop_signal
+    _stop_signal = 0
+    stopped_by: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stopped_by
         return
-    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    previous = {s: signal.signal(s, on_ctrl_c) for s in STOP_SIGNALS}
     try:
-        yield
+        yield stopped_by
     except Exception:
         raise_if_interrupted()
         raise
     finally:
-        signal.signal(signal.SIGINT, previous)
-        _ctrl_c = False
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if _stop_signal:
+            stopped_by.append(_stop_signal)
+        _stop_signal = 0
 
 
 class Task:

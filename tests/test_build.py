@@ -374,3 +374,78 @@ def test_the_schema_is_torch_free(tmp_path):
                       "from evit_deploy.build import load_build_file\n"
                       f"print(len(load_build_file({str(path)!r}).artifacts))")
     assert proc.returncode == 0 and proc.stdout.strip() == "2", proc.stderr
+
+
+SLEEPY_TARGET = '''
+import os, pathlib, time
+from evit_deploy.targets.onnx import OnnxTarget
+
+class SleepyTarget(OnnxTarget):
+    """ONNX that takes five minutes to export: a build still busy when it is stopped."""
+    name = "sleepy"
+    benchmark_backend = None
+
+    def export(self, traced, options, path, reporter):
+        pathlib.Path(os.environ["SLEEPY_STARTED"], traced.description.model).touch()
+        time.sleep(300)
+        return super().export(traced, options, path, reporter)
+'''
+
+
+def _processes_with(marker: str) -> list[int]:
+    """The processes whose environment holds ``marker`` (a command and its workers)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            if marker.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_a_parallel_build_stopped_by_a_signal_stops_its_workers_and_says_incomplete(tmp_path, stop):
+    """A SIGINT or SIGTERM sent to the command alone (``kill``, a CI runner; Ctrl-C in a
+    terminal reaches the workers too) stops the worker processes at once rather than
+    waiting for the artifacts they are making, and the manifest says the build is
+    incomplete."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from evit_deploy.errors import EXIT_TERMINATED
+
+    site, started = tmp_path / "site", tmp_path / "started"
+    dist = site / "evit_sleepy-0.1.dist-info"
+    dist.mkdir(parents=True)
+    started.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: evit-sleepy\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[evit_deploy.targets]\nsleepy = sleepy_target:SleepyTarget\n")
+    (site / "sleepy_target.py").write_text(SLEEPY_TARGET)
+    build_file = tmp_path / "evit-deploy.toml"
+    build_file.write_text('[models.m0]\nimg_size = 64\n[models.m1]\nimg_size = 64\n'
+                          '[[artifact]]\nname = "slow"\ntarget = "sleepy"\nmodels = ["m0", "m1"]\n')
+    marker = f"EVIT_TEST_{uuid.uuid4().hex}"
+    env = {**os.environ, "PYTHONPATH": str(site), "SLEEPY_STARTED": str(started), marker: "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "evit_deploy", "build", str(build_file), "--jobs", "2"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(started.iterdir())) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(list(started.iterdir())) == 2, proc.stderr.read() if proc.poll() is not None else "not started"
+        proc.send_signal(getattr(signal, stop))          # to the command only, not its workers
+        _, err = proc.communicate(timeout=90)            # the workers would sleep on for five minutes
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == (EXIT_INTERRUPTED if stop == "SIGINT" else EXIT_TERMINATED), err
+    assert err.strip().splitlines()[-1] == ("error: interrupted" if stop == "SIGINT" else "error: terminated (SIGTERM)")
+    manifest = json.loads((tmp_path / "dist" / "manifest.json").read_text())
+    assert manifest["verdict"] == "incomplete" and manifest["pending"] == ["slow/m0", "slow/m1"]
+    assert not list((tmp_path / "dist").rglob(".evit-staging-*"))     # the workers' half-made exports
+    time.sleep(1)
+    assert not _processes_with(marker)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -75,6 +77,9 @@ def build(path: str | os.PathLike, *, out: str | os.PathLike | None = None, jobs
             else:
                 pending.append(job)
                 waiting[art.name, model.name] = f"{art.name}/{key}"
+    if pending:
+        # Before the first file is replaced: a build stopped at any point says "incomplete".
+        write_manifest(manifest_path, spec.path, records.values(), versions, pending=waiting.values())
     with reporter.task("build", total=len(pending)) as task:
         if jobs > 1 and len(pending) > 1:
             _build_parallel(spec, pending, out_dir, jobs, save, task)
@@ -98,7 +103,8 @@ def _build_parallel(spec: BuildFile, pending: list[Job], out_dir: Path, jobs: in
     for job in pending:
         by_model.setdefault(job.model, []).append(job)
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_start_worker,
+                                                initargs=(list(warnings.filters),)) as pool:
         futures = [pool.submit(_build_group, str(spec.path), group, str(out_dir)) for group in by_model.values()]
         try:
             for future in concurrent.futures.as_completed(futures):
@@ -108,7 +114,26 @@ def _build_parallel(spec: BuildFile, pending: list[Job], out_dir: Path, jobs: in
         except BaseException:
             for f in futures:
                 f.cancel()
+            _interrupt_workers(pool)
             raise
+
+
+def _start_worker(filters: list) -> None:
+    """A worker warns as the command does (the CLI hides libraries' deprecation notices)."""
+    warnings.filters[:] = filters
+
+
+def _interrupt_workers(pool) -> None:
+    """Pass an interrupt on to the workers, so that leaving the pool does not wait for the
+    artifacts they are making: Ctrl-C in a terminal reaches them, a SIGINT or SIGTERM sent
+    to this process alone (``kill``, a CI runner) does not. A worker stops as the command
+    does: its staging area removed, an artifact's files published together or not at all.
+    (``ProcessPoolExecutor`` has no public way to reach its processes before Python 3.14.)"""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        try:
+            os.kill(process.pid, signal.SIGINT)
+        except OSError:
+            pass                                  # already gone
 
 
 def _build_group(build_path: str, jobs: list[Job], out_dir: str) -> list[BuildRecord]:

@@ -82,10 +82,14 @@ def build_candidate(mod, target) -> str:
 
 
 def _worker_ignores_ctrl_c() -> None:
-    """Ctrl-C goes to the whole process group; the tuner stops between rounds, so its
-    workers must not die in the middle of one (which would count as failed candidates)."""
+    """Ctrl-C (and a SIGTERM sent to the group) goes to the whole process group; the tuner
+    stops between rounds, so its workers must not die in the middle of one (which would
+    count as failed candidates)."""
     import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    from ...progress import STOP_SIGNALS
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _warm_worker() -> None:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ...errors import BadInputError
-from ...progress import Reporter
+from ...progress import STOP_SIGNALS, Reporter
 from ..options import parse_duration
 from .database import model_key, versions
 from .policy import trial_budget
@@ -334,11 +334,11 @@ def _run(search, reporter: Reporter, model: str, trials, budget_s, deadline, log
 
 @contextmanager
 def ctrl_c_between_rounds(on_first):
-    """Turn the first Ctrl-C into a request checked between rounds.
+    """Turn the first Ctrl-C (or SIGTERM) into a request checked between rounds.
 
     MetaSchedule's search runs C++ worker threads that call back into Python (the cost
     model); a KeyboardInterrupt raised inside such a callback terminates the process. A
-    second Ctrl-C stops at once the ordinary way.
+    second one stops at once the ordinary way.
     """
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
@@ -347,17 +347,18 @@ def ctrl_c_between_rounds(on_first):
 
     def handler(signum, frame):
         if requested:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
             return
         requested.append(True)
         on_first()
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield lambda: bool(requested)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _check_tuning_dependencies() -> None:
