@@ -19,7 +19,8 @@ import typer
 
 from . import __version__
 from .commands import BUILT_IN
-from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EvitError, named_first_line
+from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EvitError, is_out_of_memory,
+                     named_first_line, out_of_memory)
 from .progress import catch_ctrl_c
 
 _state = {"debug": False, "quiet": False}
@@ -162,6 +163,10 @@ def invoke(argv: list[str]) -> int:
         _error(str(exc) or type(exc).__name__, debug)
         return exc.exit_code
     except Exception as exc:  # a bug: say so, briefly, unless --debug
+        if is_out_of_memory(exc):
+            error = out_of_memory(exc)
+            _error(str(error), debug)
+            return error.exit_code
         _error(f"internal error: {named_first_line(exc)} "
                f"(run with --debug for the traceback)", debug)
         return EXIT_INTERNAL

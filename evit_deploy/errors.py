@@ -36,6 +36,29 @@ class CheckpointError(BadInputError):
     """A checkpoint that cannot be read, is not a checkpoint, or is for another model."""
 
 
+class OutOfMemoryError(BadInputError):
+    """This machine ran out of memory for the work asked (a batch too large for it): not
+    a failed artifact, and not a bug."""
+
+
+#: How the runtimes say they ran out of memory, besides MemoryError (numpy, Python): torch
+#: ("can't allocate memory"), onnxruntime ("Failed to allocate memory"), OpenVINO and TVM
+#: (C++ "std::bad_alloc", "out of memory").
+_OUT_OF_MEMORY = ("bad_alloc", "can't allocate memory", "cannot allocate memory", "unable to allocate",
+                  "failed to allocate memory", "out of memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or any(phrase in text for phrase in _OUT_OF_MEMORY)
+
+
+def out_of_memory(exc: BaseException, doing: str = "") -> OutOfMemoryError:
+    """``this machine ran out of memory running x.onnx on a batch of 1024 (…)``."""
+    what = " ".join(filter(None, ("this machine ran out of memory", doing)))
+    return OutOfMemoryError(f"{what} ({first_line(exc)}); a smaller --batch needs less")
+
+
 class ExportError(EvitError):
     """A converter or compiler failed on a valid request."""
 

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from .cpufeatures import host_cpu
 from .description import ModelDescription
-from .errors import BadInputError, EvitError, first_line
+from .errors import BadInputError, EvitError, first_line, is_out_of_memory, out_of_memory
 from .preprocess import to_input
 from .samples import SampleImage, sample_inputs
 
@@ -402,6 +403,9 @@ def verify_outputs(*, target, path, description: ModelDescription, reference, ar
     except EvitError:
         raise
     except Exception as exc:  # an artifact that cannot even run fails parity
+        if is_out_of_memory(exc):                # ... unless it is this machine that cannot
+            shape = "x".join(map(str, description.input.shape))
+            raise out_of_memory(exc, f"running {os.path.basename(str(artifact))} (input {shape})") from exc
         failed = OutputMetrics("(run)", float("nan"), float("nan"), float("nan"), float("nan"))
         failed.failures.append(f"the artifact failed to run: {first_line(exc)}")
         metrics, per_input = [failed], [InputResult(p.name, p.kind) for p in inputs]

@@ -161,6 +161,37 @@ def test_interrupted_export_keeps_the_previous_artifact(cli, tmp_path, m0_onnx, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["efficientvit_m0.onnx"]
 
 
+@pytest.mark.parametrize("raised", [
+    MemoryError("Unable to allocate 588. MiB for an array with shape (1024, 3, 224, 224) and data type float32"),
+    RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running Conv "
+                 "node. Failed to allocate memory for requested buffer of size 2466250752"),
+    RuntimeError("Exception from src/inference/src/cpp/infer_request.cpp:223: std::bad_alloc"),
+])
+def test_running_out_of_memory_is_not_a_parity_failure(cli, tmp_path, monkeypatch, raised):
+    """A batch too large for this machine says so (exit 2): the artifact is not rejected
+    as if it computed something wrong."""
+    def out_of_memory(self, path, x, description):
+        raise raised
+
+    monkeypatch.setattr(OnnxTarget, "run_batched", out_of_memory)
+    code, _, err = cli("export", "m0", "-t", "onnx", "--img-size", "64", "--out", tmp_path)
+    assert code == EXIT_BAD_INPUT and _one_line(err), err
+    assert "this machine ran out of memory running efficientvit_m0.onnx (input 1x3x64x64)" in err
+    assert "parity" not in err and not list(tmp_path.iterdir())
+
+
+def test_running_out_of_memory_anywhere_is_a_one_line_error_not_a_bug(cli, tmp_path, monkeypatch):
+    from evit_deploy import api
+
+    def torch_out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 98304000000 bytes.")
+
+    monkeypatch.setattr(api, "export_plan", torch_out_of_memory)
+    code, _, err = cli("export", "m0", "-t", "onnx", "--img-size", "64", "--out", tmp_path)
+    assert code == EXIT_BAD_INPUT and _one_line(err), err
+    assert "this machine ran out of memory (DefaultCPUAllocator" in err and "internal error" not in err
+
+
 def test_a_ctrl_c_while_an_artifact_is_published_leaves_no_mix_of_old_and_new_files(cli, tmp_path, monkeypatch):
     """An artifact of several files (OpenVINO's .xml and .bin, a TVM library and its
     description) is moved to its final names one file at a time: a Ctrl-C between two
