@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .description import RANDOM_INIT, ModelDescription, TensorSpec
-from .errors import BadInputError, CheckpointError, ExportError, first_line, named_first_line
+from .errors import (BadInputError, CheckpointError, ExportError, first_line, is_out_of_memory,
+                     named_first_line, out_of_memory)
 from .labels import labels_for
 from .models.checkpoint import official_weights_path, sha256_file
 from .models.factory import DEFAULT_SEED, RANDOM, create_model, load_model
@@ -264,8 +265,10 @@ def trace(model: str = "m0", weights=None, *, batch: int = 1, dynamic_batch: boo
         with torch.no_grad():
             outputs = deploy(example)
     except Exception as exc:
-        raise ExportError(f"{name} fails on a {'x'.join(map(str, example.shape))} {example.dtype} input: "
-                          f"{named_first_line(exc)}") from exc
+        shape = "x".join(map(str, example.shape))
+        if is_out_of_memory(exc):
+            raise out_of_memory(exc, f"running {name} on a {shape} input") from exc
+        raise ExportError(f"{name} fails on a {shape} {example.dtype} input: {named_first_line(exc)}") from exc
     outputs = _output_tensors(outputs, name)
     try:
         program = _export_quietly(deploy, example, dynamic_shapes)

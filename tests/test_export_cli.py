@@ -115,6 +115,7 @@ def test_any_torch_module_through_the_same_pipeline(cli, tmp_path):
     ("failing_factory", EXIT_BAD_INPUT, "error: --model custom_models:failing_factory: the factory failed: ValueError"),
     ("dict_output", EXIT_BAD_INPUT, "returns a dict; evit-deploy exports models that return a tensor"),
     ("data_dependent", EXIT_EXPORT_FAILED, "torch.export failed on custom_models:data_dependent: Could not guard"),
+    ("greedy", EXIT_BAD_INPUT, "this machine ran out of memory running custom_models:greedy on a 1x3x32x32 input"),
 ])
 def test_a_custom_model_that_cannot_be_exported_says_why_in_one_line(cli, tmp_path, factory, code, says):
     """The user's own code failing is their error, said in one line (not "internal
