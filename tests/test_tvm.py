@@ -238,6 +238,25 @@ def test_a_truncated_record_is_left_out_by_readers_and_dropped_by_tune(fixed_db,
         tvmdb.TuningDatabase.open_or_create(copy, opened.target, graph=graph.VERSION)
 
 
+def test_one_tune_at_a_time_writes_a_database(fixed_db, tmp_path):
+    """Two tunes appending to one database at once (a CI matrix sharing it) would number
+    kernels differently; the second is refused in one line, and may go once the first is
+    done (or has died: the OS drops its lock)."""
+    import shutil
+
+    from evit_deploy.targets.tvm import graph
+
+    copy = tmp_path / "db"
+    shutil.copytree(fixed_db, copy)
+    target = tvmdb.TuningDatabase.open(copy).target
+    first = tvmdb.TuningDatabase.open_or_create(copy, target, graph=graph.VERSION)
+    with pytest.raises(BadInputError, match="is being written by another `evit-deploy tune`"):
+        tvmdb.TuningDatabase.open_or_create(copy, target, graph=graph.VERSION)
+    assert len(tvmdb.TuningDatabase.open(copy).ms_database().get_all_tuning_records()) == _records(fixed_db)
+    first.close()
+    tvmdb.TuningDatabase.open_or_create(copy, target, graph=graph.VERSION).close()
+
+
 def test_planning_an_export_reads_the_database_once_and_changes_nothing(fixed_db, tmp_path):
     """validate promises to change nothing; the plan asks for the database's target,
     batch and CPU needs: one read-only open, even of a database a crash left a cut-short

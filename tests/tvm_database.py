@@ -46,6 +46,7 @@ def deterministic_database(path: Path, model: str, *, batch: int, img_size: int,
                     input_shape=list(desc.input.shape), kernels=len(kernels), trials=len(kernels), seconds=0.0,
                     estimated_latency_ms=None)
     db.save_meta()
+    db.close()
     return path
 
 

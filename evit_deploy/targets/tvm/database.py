@@ -34,6 +34,8 @@ from ..sessions import files_key
 from .target_string import to_classic
 
 META_FILE = "evit-tuning.json"
+#: Held (flock) by the one ``tune`` writing the database.
+LOCK_FILE = ".evit-tuning.lock"
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 FORMAT = "evit-deploy-tvm-tuning/1"
@@ -61,6 +63,8 @@ class TuningDatabase:
     #: Read-only: the record files' intact lines as read when opened (file name -> text).
     #: None: open for tuning, MetaSchedule reads and appends to the files themselves.
     snapshot: dict[str, str] | None = None
+    #: Open for tuning: the lock file this process holds (:func:`_hold`).
+    lock: object | None = None
 
     # -- opening ----------------------------------------------------------------------------
     @classmethod
@@ -73,6 +77,7 @@ class TuningDatabase:
         if (path / META_FILE).is_file():
             db = cls(path, _read_meta(path))
             db.check_target(target)
+            db.lock = _hold(path)
             db.repair()
             return db
         if path.is_dir() and any(path.iterdir()):
@@ -86,7 +91,14 @@ class TuningDatabase:
                 "created": _now(), "versions": versions(), "models": {}}
         db = cls(path, meta)
         db.save_meta()
+        db.lock = _hold(path)
         return db
+
+    def close(self) -> None:
+        """Let another ``tune`` write the database (the OS does it too when the process ends)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
     @classmethod
     def open(cls, path) -> "TuningDatabase":
@@ -201,6 +213,23 @@ class TuningDatabase:
     def add_run(self, key: str, run: dict) -> None:
         entry = self.update_model(key)
         entry.setdefault("runs", []).append(run)
+
+
+def _hold(path: Path):
+    """An exclusive lock on the database ``path`` for one ``tune``, or a one-line error if
+    another holds it: MetaSchedule numbers kernels by their line in the workload file, so
+    two runs appending at once would point records at the wrong kernels. An flock ends
+    with its process: no stale lock after a crash."""
+    import fcntl
+
+    lock = open(path / LOCK_FILE, "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise BadInputError(f"tuning database {path} is being written by another `evit-deploy tune`: wait "
+                            f"for it to finish, or tune into another --db") from None
+    return lock
 
 
 def _read_meta(path: Path) -> dict:

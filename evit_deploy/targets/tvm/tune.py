@@ -111,6 +111,13 @@ def tune(model: str = "m0", target: str | dict = "native", *, trials: int | None
                              precision=precision)
     devices, measured_on = _measurement_devices(request)
     db = _open_database(request, reporter)
+    try:
+        return _tune(request, db, devices, measured_on, reporter)
+    finally:
+        db.close()
+
+
+def _tune(request: TuneRequest, db, devices, measured_on, reporter: Reporter) -> TuneResult:
     model_name, shape, kernels = _model_kernels(request, reporter)
     key = model_key(model_name, shape, request.precision)
     trials = trial_budget(request.trials, request.budget_s, len(kernels))
