@@ -104,9 +104,9 @@ def _model_entry(model: str, weights: dict) -> tuple[str, str, object]:
     """(label, family member, weights) of a model argument: ``m4``, or a checkpoint file
     that records its architecture (a pruned one: label ``efficientvit_m4@<file stem>``)."""
     path = Path(model)
-    if path.suffix in (".pth", ".pt", ".safetensors") and not path.is_file():
-        raise BadInputError(f"checkpoint not found: {path}")
     if path.suffix in (".pth", ".pt", ".safetensors"):
+        if not path.is_file():
+            raise BadInputError(f"checkpoint not found: {path}")
         from .models.checkpoint import read_checkpoint
 
         architecture = read_checkpoint(path)[2]

@@ -54,7 +54,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def out_of_memory(exc: BaseException, doing: str = "") -> OutOfMemoryError:
-    """``this machine ran out of memory running x.onnx on a batch of 1024 (…)``."""
+    """``this machine ran out of memory running x.onnx (input 1024x3x224x224) (…); …``."""
     what = " ".join(filter(None, ("this machine ran out of memory", doing)))
     return OutOfMemoryError(f"{what} ({first_line(exc)}); a smaller --batch needs less")
 

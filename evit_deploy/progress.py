@@ -47,23 +47,34 @@ def raise_if_interrupted() -> None:
 
 
 @contextmanager
-def ctrl_c_deferred():
-    """Within the block a Ctrl-C (or SIGTERM) waits and is raised when the block ends: for
-    the few renames that must happen together (a new OpenVINO ``.bin`` under an old
-    ``.xml`` would be a model nobody made). Main thread only, as signals are; elsewhere a
-    plain block."""
+def stop_signals_to(handler):
+    """Within the block, SIGINT and SIGTERM go to ``handler``; yields the handlers they had,
+    restored when it ends. Main thread only, as signals are: elsewhere nothing changes and
+    it yields None."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield None
         return
-    pressed = []
-    previous = {s: signal.signal(s, lambda signum, frame: pressed.append(signum)) for s in STOP_SIGNALS}
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
-        yield
+        yield previous
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, earlier in previous.items():
+            signal.signal(s, earlier)
+
+
+@contextmanager
+def ctrl_c_deferred():
+    """Within the block a Ctrl-C (or SIGTERM) waits and is raised when the block ends: for
+    the few renames that must happen together (a new OpenVINO ``.bin`` under an old
+    ``.xml`` would be a model nobody made)."""
+    pressed = []
+    previous = None
+    try:
+        with stop_signals_to(lambda signum, frame: pressed.append(signum)) as previous:
+            yield
+    finally:
         for signum in pressed[:1]:
             handler = previous[signum]
             if callable(handler):
@@ -79,23 +90,16 @@ def catch_ctrl_c():
     as the KeyboardInterrupt it is (TVM's runtime returns one as a RuntimeError, a
     converter as an error of its own). Yields a list that holds the signal that stopped
     the block, if one did, after it ends."""
-    import threading
-
     global _stop_signal
     _stop_signal = 0
     stopped_by: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield stopped_by
-        return
-    previous = {s: signal.signal(s, on_ctrl_c) for s in STOP_SIGNALS}
     try:
-        yield stopped_by
+        with stop_signals_to(on_ctrl_c):
+            yield stopped_by
     except Exception:
         raise_if_interrupted()
         raise
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         if _stop_signal:
             stopped_by.append(_stop_signal)
         _stop_signal = 0

@@ -203,7 +203,7 @@ def _build_one(spec: BuildFile, job: Job, out_dir: Path, reporter: Reporter, tra
         raise
     except Exception as exc:  # a converter crash fails this artifact, not the build
         raise_if_interrupted()
-        return finish(Status.FAILED_EXPORT, error=f"{named_first_line(exc)}")
+        return finish(Status.FAILED_EXPORT, error=named_first_line(exc))
 
 
 def verifiable_here(plan) -> bool:

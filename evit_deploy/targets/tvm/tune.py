@@ -14,14 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ...errors import BadInputError
-from ...progress import STOP_SIGNALS, Reporter
+from ...progress import Reporter, stop_signals_to
 from ..options import parse_duration
 from .database import model_key, versions
 from .policy import trial_budget
@@ -347,9 +346,6 @@ def ctrl_c_between_rounds(on_first):
     model); a KeyboardInterrupt raised inside such a callback terminates the process. A
     second one stops at once the ordinary way.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
     requested = []
 
     def handler(signum, frame):
@@ -360,12 +356,8 @@ def ctrl_c_between_rounds(on_first):
         requested.append(True)
         on_first()
 
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-    try:
+    with stop_signals_to(handler):              # off the main thread: never called, never requested
         yield lambda: bool(requested)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _check_tuning_dependencies() -> None:
