@@ -21,6 +21,7 @@ from . import __version__
 from .commands import BUILT_IN
 from .errors import (EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, EvitError, is_out_of_memory,
                      named_first_line, out_of_memory)
+from .fsutil import write_error
 from .progress import catch_ctrl_c
 
 _state = {"debug": False, "quiet": False}
@@ -163,8 +164,8 @@ def invoke(argv: list[str]) -> int:
         _error(str(exc) or type(exc).__name__, debug)
         return exc.exit_code
     except Exception as exc:  # a bug: say so, briefly, unless --debug
-        if is_out_of_memory(exc):
-            error = out_of_memory(exc)
+        error = out_of_memory(exc) if is_out_of_memory(exc) else write_error(exc)
+        if error is not None:
             _error(str(error), debug)
             return error.exit_code
         _error(f"internal error: {named_first_line(exc)} "

@@ -19,7 +19,10 @@ from .progress import ctrl_c_deferred
 _OUTPUT_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
                   errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device",
                   errno.EDQUOT: "disk quota exceeded", errno.ENOTDIR: "a parent is not a directory",
-                  errno.EEXIST: "exists and is not a directory"}
+                  errno.EEXIST: "exists and is not a directory",
+                  errno.EFBIG: "larger than this process may write (ulimit -f)"}
+#: Errors only a write can give: wherever one escapes, it is about the output.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 def output_error(exc: OSError, path: os.PathLike | str, *, creating: bool = False) -> OutputError | None:
@@ -30,6 +33,35 @@ def output_error(exc: OSError, path: os.PathLike | str, *, creating: bool = Fals
     if reason is None and creating and exc.errno == errno.ENOENT:
         reason = "nothing can be created there" if Path(path).parent.exists() else "its directory does not exist"
     return OutputError(f"cannot write {path}: {reason}") if reason else None
+
+
+def write_error(exc: BaseException) -> OutputError | None:
+    """An :class:`OutputError` for an OS error that only writing can cause (a full disk, a
+    quota, a read-only file system, a file size limit), wherever it was raised; else None."""
+    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+        return output_error(exc, exc.filename or "a file")
+    return None
+
+
+def room_error(directory: os.PathLike | str, nbytes: int, shown_as: os.PathLike | str | None = None
+               ) -> OutputError | None:
+    """An :class:`OutputError` if ``nbytes`` cannot be written in ``directory`` now, else
+    None: tried by reserving them in a probe file, removed at once.
+
+    For native writers (a linker, OpenVINO's serializer, MetaSchedule's appends) that
+    report a full disk in their own words, or not at all."""
+    probe = Path(directory) / f".evit-space-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, max(1, nbytes))
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return output_error(exc, shown_as or directory, creating=True)
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
 
 
 def ensure_output_dir(path: os.PathLike | str) -> Path:

@@ -30,7 +30,7 @@ from enum import Enum
 from pathlib import Path
 
 from .backends import BackendSpec, random_inputs, target_backends
-from .errors import BadInputError, EvitError, ParityError, first_line, named_first_line
+from .errors import BadInputError, EvitError, OutputError, ParityError, first_line, named_first_line
 from .fsutil import ensure_output_dir, publish_together, remove, sha256_file, temp_sibling, tree_sha256, write_json_atomic
 from .progress import QuietReporter, Reporter, raise_if_interrupted
 
@@ -294,6 +294,8 @@ def _add_tuned(candidates: list[Candidate], name: str, plan_args: dict, threads:
                 tuned.options.update(get_target(c.target).tuned_options(
                     name, dict(c.options), batch=plan_args["batch"], threads=threads, img_size=plan_args["img_size"],
                     seconds=seconds / len(tunable), workdir=cache / "tuning", reporter=QuietReporter()))
+        except OutputError:
+            raise
         except EvitError as exc:
             _refuse(tuned, f"tuning failed: {first_line(exc)}")
 
@@ -349,6 +351,9 @@ def _export(c: Candidate, name: str, plan_args: dict, cache: Path, versions: dic
         saved.update(artifact=done.artifact.path.name, parity=_parity(done.report),
                      files={f.relative_to(folder).as_posix(): tree_sha256(f) for f in files},
                      bytes=sum(_size(f) for f in files))
+    except OutputError:
+        remove(folder)      # the disk under --out, not this candidate: every other one would fail the same way
+        raise
     except ParityError as exc:
         raise_if_interrupted()        # Ctrl-C in the form of a failure: not a verdict to keep
         saved.update(parity=_parity(exc.report), dropped=exc.report.summary() if exc.report else first_line(exc))

@@ -64,6 +64,10 @@ class TracedModel:
     deploy: nn.Module             # what was traced: folded model behind the input adapter
     warnings: tuple[str, ...] = ()   # what the person exporting should know (synthetic weights, ...)
 
+    def weight_bytes(self) -> int:
+        """Bytes of the traced model's parameters and buffers, as stored in fp32."""
+        return sum(t.numel() * t.element_size() for t in self.deploy.state_dict().values())
+
     def example_input(self, batch: int | None = None) -> torch.Tensor:
         spec = self.description.input
         n = batch or self.description.batch or 1

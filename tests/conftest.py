@@ -134,6 +134,19 @@ def cli_without_torch(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     return run_python(code, **kwargs)
 
 
+def cli_with_file_size_limit(args: list, limit_bytes: int, *, timeout=600) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process that may write no file beyond ``limit_bytes`` (``ulimit
+    -f``): its writes fail as on a full disk (EFBIG instead of ENOSPC), native writers'
+    included, with no privileges needed to fill a file system."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run([sys.executable, "-m", "evit_deploy", *map(str, args)], capture_output=True, text=True,
+                          preexec_fn=limit, timeout=timeout)
+
+
 @pytest.fixture(scope="session")
 def m0_onnx(tmp_path_factory):
     """An fp32 ONNX export of synthetic-weight M0, shared by tests that only read it."""

@@ -11,9 +11,12 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from evit_deploy import api
 from evit_deploy.errors import (EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, EXIT_INTERRUPTED, EXIT_MISSING_DEPENDENCY,
                                 EXIT_OUTPUT_ERROR, EXIT_PARITY_FAILED)
 from evit_deploy.targets.onnx import OnnxTarget
+
+from conftest import cli_with_file_size_limit
 
 
 def _sha(path: Path) -> str:
@@ -287,6 +290,28 @@ def test_full_disk_keeps_the_previous_artifact(cli, tmp_path, m0_onnx, monkeypat
     assert code == EXIT_OUTPUT_ERROR and _one_line(err) and "no space left on device" in err
     assert _sha(final) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["efficientvit_m0.onnx"]
+
+
+@pytest.mark.parametrize("target", ["openvino", "tvm"])
+def test_a_native_writer_failing_on_a_full_disk_is_an_output_error(tmp_path, target):
+    # OpenVINO's serializer says "iostream error" and TVM's linker "Compilation error"
+    # where Python says "no space left on device" (or, here, "file too large").
+    pytest.importorskip(target)
+    out = tmp_path / "out"
+    done = cli_with_file_size_limit(["export", "m0", "-t", target, "--img-size", "64", "--out", out], 1 << 20)
+    assert done.returncode == EXIT_OUTPUT_ERROR and _one_line(done.stderr), done.stderr
+    assert "error: cannot write " in done.stderr and "ulimit -f" in done.stderr
+    assert not list(out.iterdir())
+
+
+def test_an_os_error_only_a_write_gives_is_an_output_error_wherever_it_comes_from(cli, tmp_path, monkeypatch):
+    def quota(*args, **kwargs):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded", str(tmp_path / "scratch"))
+
+    monkeypatch.setattr(api, "trace_plan", quota)        # not from one of the checked writes
+    code, _, err = cli("export", "m0", "-t", "onnx", "--img-size", "64", "--out", tmp_path)
+    assert code == EXIT_OUTPUT_ERROR and _one_line(err), err
+    assert f"cannot write {tmp_path / 'scratch'}: disk quota exceeded" in err
 
 
 def test_an_exception_without_a_message_is_still_a_one_line_error(cli, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ project changes a copy."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import shutil
@@ -200,6 +201,27 @@ def test_a_failing_artifact_fails_the_build_but_not_the_others(project, cli, mon
     assert status[("onnx-fp16", "efficientvit_m0")] == "failed parity"
     assert status[("onnx-cpu", "efficientvit_m0")] == status[("onnx-cpu", "efficientvit_m1")] == "built"
     assert not (project / "dist" / "onnx-fp16" / "efficientvit_m0_fp16.onnx").exists()
+
+
+def test_a_full_disk_stops_the_build_instead_of_failing_every_artifact(project, cli, monkeypatch):
+    from evit_deploy.errors import EXIT_OUTPUT_ERROR
+
+    real_export = OnnxTarget.export
+    calls = []
+
+    def full_after_the_first(self, traced, options, path, reporter):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_export(self, traced, options, path, reporter)
+
+    monkeypatch.setattr(OnnxTarget, "export", full_after_the_first)
+    code, _, err = cli("build", project / "evit-deploy.toml")
+    assert code == EXIT_OUTPUT_ERROR and "no space left on device" in err.splitlines()[-1], err
+    assert len(calls) == 2                      # not tried again for each remaining artifact
+    manifest = _manifest(project / "dist")
+    assert [r["status"] for r in manifest["artifacts"]] == ["built"]
+    assert manifest["verdict"] == "incomplete" and len(manifest["pending"]) == 2
 
 
 @pytest.mark.parametrize("ctrl_c", ["KeyboardInterrupt", "turned into a RuntimeError"])

@@ -221,3 +221,26 @@ def test_a_ctrl_c_during_an_export_is_not_remembered_as_a_failed_candidate(cli, 
     fp16 = next(c for c in json.loads((tmp_path / "out" / "optimize.json").read_text())["candidates"]
                 if c["backend"] == "onnxruntime:fp16")
     assert fp16["outcome"] != "dropped" and fp16["parity"]["passed"], fp16
+
+
+@pytest.mark.parametrize("raised", ["OSError", "OutputError"])
+def test_a_full_disk_stops_the_run_instead_of_dropping_every_candidate(cli, tmp_path, monkeypatch, raised):
+    """What cannot be written under --out is the run's problem, not one candidate's: exit 6
+    with the reason, not "no candidate is right" after every export failed the same way."""
+    import errno
+
+    from evit_deploy.errors import EXIT_OUTPUT_ERROR, OutputError
+    from evit_deploy.targets.onnx import OnnxTarget
+
+    def full(self, traced, options, path, reporter):
+        if raised == "OutputError":
+            raise OutputError(f"cannot write {path}: no space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))   # as a converter's own write
+
+    monkeypatch.setattr(OnnxTarget, "export", full)
+    out = tmp_path / "out"
+    code, _, err = cli("optimize", TINY_ATTENTION, "--input-size", SMALL, "--batch", 2, "--targets", "onnx",
+                       "--precisions", "fp32,fp16", "--rounds", 1, "--out", out)
+    assert code == EXIT_OUTPUT_ERROR and "no space left on device" in err.splitlines()[-1], err
+    assert not (out / "optimize.json").exists()
+    assert not list((out / ".evit-optimize-cache" / "exports").iterdir())

@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 from evit_deploy import api
-from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, BadInputError
+from evit_deploy.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OUTPUT_ERROR, BadInputError
 from evit_deploy.preprocess import sample_images
 
 pytest.importorskip("tvm")
@@ -39,6 +39,8 @@ from evit_deploy.targets.tvm import database as tvmdb  # noqa: E402
 from evit_deploy.targets.tvm.target_string import resolve_target  # noqa: E402
 from evit_deploy.targets.tvm.tune import tune  # noqa: E402
 from tvm_database import deterministic_database  # noqa: E402
+
+from conftest import cli_with_file_size_limit  # noqa: E402
 
 IMG, BATCH = 32, 2
 TARGET = "native -num-cores=1"
@@ -191,6 +193,21 @@ def _with_a_cut_short_record(db: Path, copy: Path) -> Path:
     with (copy / tvmdb.RECORD_FILE).open("a") as f:
         f.write('[0, [[["b0", "SampleCat')        # a crash in the middle of a line
     return copy
+
+
+@pytest.mark.tuning
+def test_a_tune_stops_when_its_database_can_no_longer_be_written(tmp_path):
+    # MetaSchedule's appends fail silently: without the check the run would go on for its
+    # whole budget, keeping nothing.
+    db = tmp_path / "db"
+    done = cli_with_file_size_limit(["tune", "m0", "--tvm-target", TARGET, "--img-size", IMG, "--batch", BATCH,
+                                     "--time-budget", "90s", "--db", db], 256 * 1024)
+    assert done.returncode == EXIT_OUTPUT_ERROR, done.stderr
+    assert f"error: cannot write {db}: larger than this process may write" in done.stderr
+    assert "rounds before this one are kept" in done.stderr and "Traceback" not in done.stderr
+    assert "Logging error" not in done.stderr
+    kept = tvmdb.TuningDatabase.open(db)        # the line cut short is left out
+    assert kept.record_count() >= 1 and kept.ms_database().get_all_tuning_records()
 
 
 def _files(db: Path) -> dict:

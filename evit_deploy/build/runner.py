@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..cpufeatures import judge
-from ..errors import EvitError, ExportError, ParityError, named_first_line
+from ..errors import EvitError, ExportError, OutputError, ParityError, named_first_line
 from ..fsutil import ensure_output_dir
 from ..hostinfo import package_versions
 from ..plan import plan_export, trace_plan
@@ -196,6 +196,8 @@ def _build_one(spec: BuildFile, job: Job, out_dir: Path, reporter: Reporter, tra
     except ParityError as exc:
         raise_if_interrupted()        # Ctrl-C in the form of a failure: not this artifact's
         return finish(Status.FAILED_PARITY, error=str(exc), parity=parity_summary(exc.report))
+    except OutputError:
+        raise           # the disk under the build's output: every other artifact would fail the same way
     except EvitError as exc:
         raise_if_interrupted()
         return finish(Status.FAILED_EXPORT, error=str(exc))

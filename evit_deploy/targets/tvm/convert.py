@@ -74,7 +74,7 @@ def export(traced, options, db, path: Path, reporter, *, target_name: str) -> Ar
         raise ExportError(f"TVM compilation failed: {named_first_line(exc)}") from exc
     _report_schedules(built, database is not None, options.db, reporter)
     description = desc.with_extra(tvm=_library_facts(built, target, db_info))
-    return _write(built, description, path, target_name)
+    return _write(built, description, path, target_name, traced.weight_bytes())
 
 
 def _applied_database(db, options, target: dict, desc, reporter):
@@ -153,11 +153,21 @@ def _library_facts(built, target: dict, db_info: dict | None) -> dict:
             "database": db_info, "tvm_version": tvm.__version__}
 
 
-def _write(built, description, path: Path, target_name: str) -> Artifact:
+def _write(built, description, path: Path, target_name: str, weight_bytes: int) -> Artifact:
     """The library, then its description beside it (atomically)."""
-    from ...fsutil import write_text_atomic
+    import tempfile
+
+    from ...fsutil import room_error, write_text_atomic
     from .runtime import description_json, sidecar_path
 
+    # LLVM ends the process (exit 1, nothing cleaned up) when it cannot write an object
+    # file, so room for the library (about its fp32 weights) is checked first, in the
+    # temporary directory its object files go to and beside the artifact.
+    for where, shown_as in ((tempfile.gettempdir(), f"{tempfile.gettempdir()} (the compiler's temporary files; "
+                                                     f"TMPDIR moves them)"), (path.parent, path)):
+        error = room_error(where, weight_bytes, shown_as=shown_as)
+        if error is not None:
+            raise error
     try:
         built.executable.export_library(str(path))
     except Exception as exc:

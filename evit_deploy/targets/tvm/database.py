@@ -23,6 +23,7 @@ as it found it.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -107,11 +108,7 @@ class TuningDatabase:
         out (``tune`` drops it from the file)."""
         path = Path(path)
         meta = _read_meta(path)
-        snapshot = {}
-        for name in (WORKLOAD_FILE, RECORD_FILE):
-            file = path / name
-            text = file.read_text("utf-8", errors="replace") if file.is_file() else ""
-            snapshot[name] = "".join(line + "\n" for line in _intact_lines(file, text)[0] if line.strip())
+        snapshot = {name: "".join(line + "\n" for line in lines) for name, (_, lines, _) in _intact(path).items()}
         return cls(path, meta, snapshot)
 
     # -- what it was made for -----------------------------------------------------------------
@@ -184,16 +181,27 @@ class TuningDatabase:
         a crash artefact: that is reported, not silently removed.
         """
         dropped = 0
-        for name in (WORKLOAD_FILE, RECORD_FILE):
-            path = self.path / name
-            if not path.is_file():
-                continue
-            text = path.read_text("utf-8", errors="replace")
-            lines, cut = _intact_lines(path, text)
+        for name, (text, lines, cut) in _intact(self.path).items():
             if cut or not text.endswith("\n") and lines:
                 dropped += cut
-                write_text_atomic(path, "".join(line + "\n" for line in lines))
+                write_text_atomic(self.path / name, "".join(line + "\n" for line in lines))
         return dropped
+
+    def cut_short(self) -> Path | None:
+        """A record file whose last line was cut short (an append that failed part-way),
+        if any: MetaSchedule's appends report no error."""
+        for name in (WORKLOAD_FILE, RECORD_FILE):
+            path = self.path / name
+            try:
+                with path.open("rb") as f:
+                    if f.seek(0, os.SEEK_END) == 0:
+                        continue
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        return path
+            except FileNotFoundError:
+                continue
+        return None
 
     # -- bookkeeping --------------------------------------------------------------------------
     def save_meta(self) -> None:
@@ -247,6 +255,23 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
+def _intact(path: Path) -> dict[str, tuple[str, list[str], int]]:
+    """For each record file of the database ``path``: its text, its intact lines, and how
+    many were left out: a last line cut short (a crash, a full disk), and the records of a
+    workload whose line was (MetaSchedule refuses records of a workload it does not have)."""
+    found = {}
+    for name in (WORKLOAD_FILE, RECORD_FILE):
+        file = path / name
+        text = file.read_text("utf-8", errors="replace") if file.is_file() else ""
+        lines, cut = _intact_lines(file, text)
+        found[name] = (text, [line for line in lines if line.strip()], cut)
+    workloads = len(found[WORKLOAD_FILE][1])
+    text, records, cut = found[RECORD_FILE]
+    kept = [line for line in records if _workload_index(line) in range(workloads)]
+    found[RECORD_FILE] = (text, kept, cut + len(records) - len(kept))
+    return found
+
+
 def _intact_lines(path: Path, text: str) -> tuple[list[str], int]:
     """The lines of a record file without a last line cut short by a crash, and how many
     were left out (0 or 1). Damage elsewhere is refused."""
@@ -281,6 +306,12 @@ class ReadOnce:
         if found is None or found[0] != key:
             found = self._opened[str(Path(path).resolve())] = (key, TuningDatabase.open(path))
         return found[1]
+
+
+def _workload_index(record: str) -> int | None:
+    """The workload a record line is of (its first element)."""
+    value = json.loads(record)
+    return value[0] if isinstance(value, list) and value and isinstance(value[0], int) else None
 
 
 def _is_json(line: str) -> bool:

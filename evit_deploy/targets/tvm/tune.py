@@ -14,17 +14,22 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ...errors import BadInputError
+from ...errors import BadInputError, OutputError, first_line
+from ...fsutil import room_error, write_error
 from ...progress import Reporter, stop_signals_to
 from ..options import parse_duration
 from .database import model_key, versions
 from .policy import trial_budget
 from .target_string import to_classic
+
+#: Free space a tune needs to go on after a round: its records and log lines are small.
+WRITE_MARGIN_BYTES = 1 << 20
 
 #: Candidates built and measured together; small rounds let a small budget reach every task.
 TRIALS_PER_ROUND = 16
@@ -120,19 +125,21 @@ def _tune(request: TuneRequest, db, devices, measured_on, reporter: Reporter) ->
     model_name, shape, kernels = _model_kernels(request, reporter)
     key = model_key(model_name, shape, request.precision)
     trials = trial_budget(request.trials, request.budget_s, len(kernels))
-    with tuning_log(db.path, model_name) as (log, log_path):
-        run = _TuningRun(db, key, model_name, shape, len(kernels), measured_on, log, log_path)
+    with tuning_log(db.path, model_name) as (log, log_file):
+        run = _TuningRun(db, key, model_name, shape, len(kernels), measured_on, log, log_file)
         try:
             search = _search(request, kernels, db, devices, trials, reporter, run)
-        except KeyboardInterrupt:
-            reporter.warn(f"interrupted: {db.path} keeps every finished measurement; run the same command to "
-                          f"continue from it")
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                reporter.warn(f"interrupted: {db.path} keeps every finished measurement; run the same command "
+                              f"to continue from it")
+            with suppress(OutputError):     # what stopped the run may be the disk its record goes to
+                run.record()
             raise
-        finally:
-            run.record()
+        run.record()
     return TuneResult(db.path, model_name, shape, request.target, to_classic(request.target), len(kernels),
                       search.trials_done, sum(s.total_trials for s in search.states), run.seconds, run.stopped,
-                      run.estimate * 1e3 if run.estimate else None, search.errors, measured_on, log_path,
+                      run.estimate * 1e3 if run.estimate else None, search.errors, measured_on, run.log_path,
                       [{"kernel": s.name, "calls": s.calls, "best_ms": s.best_s * 1e3 if s.best_s else None,
                         "trials": s.total_trials, "hand_written": s.best_hand_written}
                        for s in sorted(search.states, key=lambda s: -(s.calls * (s.best_s or 0)))],
@@ -237,9 +244,10 @@ class _TuningRun:
     """What one run did, recorded into the database when it ends, however it ends."""
 
     def __init__(self, db, key: str, model: str, shape: tuple, kernels: int, measured_on: str,
-                 log: logging.Logger, log_path: Path):
+                 log: logging.Logger, log_file: "_LogFile"):
         self.db, self.key, self.model, self.shape, self.kernels = db, key, model, shape, kernels
-        self.measured_on, self.log, self.log_path = measured_on, log, log_path
+        self.measured_on, self.log, self.log_file = measured_on, log, log_file
+        self.log_path = log_file.path
         self.cpu = measuring_cpu() if measured_on == LOCAL else None
         self.started_at, self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.monotonic()
         self.search = None
@@ -248,6 +256,19 @@ class _TuningRun:
         self.estimate = None
         self.seconds = 0.0
         self.curve: list[list[float]] = []
+
+    def check_writes(self) -> None:
+        """After a round: stop with an :class:`OutputError` if the database or the log could
+        not be written. MetaSchedule's appends fail silently: on a full disk the rest of
+        the budget would go to measurements that are not kept, and a later append after a
+        line cut short would damage the file for good."""
+        cut, failure = self.db.cut_short(), self.log_file.failure
+        if cut is None and failure is None:
+            return
+        reason = (room_error(self.db.path, WRITE_MARGIN_BYTES) or write_error(failure)
+                  or f"cannot write {cut or self.log_path}: {first_line(failure) if failure else 'a line was cut short'}")
+        raise OutputError(f"{reason}; the rounds before this one are kept: run the same command to continue "
+                          f"once it can be written")
 
     def record(self) -> None:
         self.seconds = time.monotonic() - self.started
@@ -304,7 +325,7 @@ def _search(request: TuneRequest, kernels, db, devices: int, trials, reporter: R
         if resumed:
             reporter.info(f"resuming: {resumed} measured schedules of these kernels are already in {db.path}")
         reporter.info(f"{len(kernels)} kernels; measuring on {run.measured_on}; {settings.describe()}")
-        run.stopped = _run(search, reporter, run.model, trials, request.budget_s, deadline, log, run.curve)
+        run.stopped = _run(search, reporter, run, trials, request.budget_s, deadline)
         return search
     finally:
         for part in (builder, runner):
@@ -312,8 +333,8 @@ def _search(request: TuneRequest, kernels, db, devices: int, trials, reporter: R
                 part.shutdown()
 
 
-def _run(search, reporter: Reporter, model: str, trials, budget_s, deadline, log: logging.Logger,
-         curve: list) -> str:
+def _run(search, reporter: Reporter, run: _TuningRun, trials, budget_s, deadline) -> str:
+    model, log, curve = run.model, run.log, run.curve
     by_time = trials is None
     total = round(budget_s) if by_time else trials
     unit = "s" if by_time else "trials"
@@ -332,6 +353,7 @@ def _run(search, reporter: Reporter, model: str, trials, budget_s, deadline, log
             log.info("round %d: %s best %s ms after %d trials; %d/%d kernels measured; estimate %s; errors %d",
                      p.rounds, p.kernel.name, f"{p.kernel.best_s * 1e3:.4f}" if p.kernel.best_s else None,
                      p.kernel.total_trials, p.kernels_measured, p.kernels_total, batch_info, p.errors)
+            run.check_writes()
         def first_ctrl_c():
             reporter.warn("stopping after the current round (Ctrl-C again to stop at once, losing that round)")
         with ctrl_c_between_rounds(first_ctrl_c) as stop_requested:
@@ -379,14 +401,37 @@ def tuning_log(db_path: Path, model: str):
     logs = db_path / "logs"
     logs.mkdir(exist_ok=True)
     path = logs / f"tune-{model}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _LogFile(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     # A Logger made directly (not through logging.getLogger) is in no hierarchy: it
     # propagates nowhere and its children (getChild) only reach its handler.
     log = logging.Logger(f"evit_deploy.tvm.tuning.{model}", logging.INFO)
     log.addHandler(handler)
     try:
-        yield log, path
+        yield log, handler
     finally:
         log.removeHandler(handler)
         handler.close()
+
+
+class _LogFile(logging.FileHandler):
+    """A run's log file that keeps the first failed write (a full disk, say) for the run to
+    act on, instead of printing a traceback over the progress bar at every record."""
+
+    failure: OSError | None = None
+
+    def __init__(self, path: Path):
+        super().__init__(path, encoding="utf-8")
+        self.path = path
+
+    def handleError(self, record) -> None:
+        failure = sys.exc_info()[1]
+        if not isinstance(failure, OSError):
+            super().handleError(record)
+        self.failure = self.failure or failure
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as exc:          # flushing what a full disk refused
+            self.failure = self.failure or exc
