@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -383,6 +384,48 @@ def test_an_export_reads_its_database_once_and_changes_no_byte_of_it(exported_fr
     # The cut-short line is left out: one record per kernel.
     info = result.artifact.description.extra["tvm"]
     assert info["database"]["records"] == info["kernels"] == info["tuned_kernels"]
+
+
+def _elf_section(data: bytes, wanted: bytes) -> tuple[int, int]:
+    """(offset, size) of a section of a 64-bit little-endian ELF file."""
+    shoff = struct.unpack_from("<Q", data, 0x28)[0]
+    entry, count, names = struct.unpack_from("<HHH", data, 0x3A)
+
+    def header(i):          # name, type, flags, address, offset, size
+        return struct.unpack_from("<IIQQQQ", data, shoff + i * entry)
+
+    table = header(names)[4]
+    for i in range(count):
+        name, *_, offset, size = header(i)
+        if data[table + name:data.index(b"\0", table + name)] == wanted:
+            return offset, size
+    raise AssertionError(f"no {wanted} section")
+
+
+def test_a_library_changed_since_export_is_refused_if_it_would_kill_the_process(tuned_library, tmp_path):
+    # Its code overwritten by breakpoints: loaded in the command's own process, the first
+    # kernel would end it (SIGTRAP). A change that leaves it working (bytes appended, as a
+    # signing tool might) is not held against it: parity judges.
+    lib = tuned_library.artifact.path
+    for name, damage in (("trapped", "code"), ("appended", "tail")):
+        copy = tmp_path / f"{name}.so"
+        shutil.copy(lib.with_suffix(".tvm.json"), copy.with_suffix(".tvm.json"))
+        data = bytearray(lib.read_bytes())
+        if damage == "code":
+            offset, size = _elf_section(bytes(data), b".text")
+            data[offset:offset + size] = b"\xcc" * size
+        else:
+            data += bytes(4096)
+        copy.write_bytes(bytes(data))
+        done = subprocess.run([sys.executable, "-m", "evit_deploy", "-q", "verify", str(copy)], capture_output=True,
+                              text=True, timeout=600)
+        if damage == "code":
+            assert done.returncode == EXIT_BAD_INPUT, done.stderr
+            assert done.stderr.strip().splitlines()[-1] == (
+                f"error: {copy} was changed since it was exported (its SHA-256 is not the one in "
+                f"{name}.tvm.json) and kills the process that runs it (SIGTRAP): export it again")
+        else:
+            assert done.returncode == 0, done.stderr
 
 
 def test_export_applies_the_database_and_passes_parity(tuned_library):

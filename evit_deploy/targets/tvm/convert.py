@@ -157,7 +157,7 @@ def _write(built, description, path: Path, target_name: str, weight_bytes: int) 
     """The library, then its description beside it (atomically)."""
     import tempfile
 
-    from ...fsutil import room_error, write_text_atomic
+    from ...fsutil import room_error, sha256_file, write_text_atomic
     from .runtime import description_json, sidecar_path
 
     # LLVM ends the process (exit 1, nothing cleaned up) when it cannot write an object
@@ -172,6 +172,9 @@ def _write(built, description, path: Path, target_name: str, weight_bytes: int) 
         built.executable.export_library(str(path))
     except Exception as exc:
         raise ExportError(f"writing the TVM library failed: {first_line(exc)}") from exc
+    # Recorded so that a library changed since (damaged in a copy, say) is recognised
+    # before TVM's loader maps it (runtime.check_library).
+    description = description.with_extra(tvm={**description.extra["tvm"], "library_sha256": sha256_file(path)})
     side = sidecar_path(path)
     write_text_atomic(side, description_json(description))
     return Artifact(path, target_name, description, sidecars=(side,))

@@ -15,8 +15,12 @@ Application code::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +97,7 @@ class CompiledModel:
     """A loaded library: call it on a numpy batch, or use :meth:`to_device` and
     :meth:`run_device` to time the model without conversion costs."""
 
-    def __init__(self, library: str | os.PathLike, *, threads: int | None = None):
+    def __init__(self, library: str | os.PathLike, *, threads: int | None = None, check: bool = True):
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
@@ -102,7 +106,8 @@ class CompiledModel:
         self.threads = threads or default_threads(self.description)
         # Before the library is mapped: code for instructions this CPU lacks kills the process.
         require_runnable(needs_of(self.description), str(self.path))
-        check_complete(self.path)
+        if check:           # (off only in check_library's child process)
+            check_library(self.path, self.description)
         try:
             lib = tvm.runtime.load_module(str(self.path))
         except Exception as exc:  # TVM raises its own error types
@@ -151,12 +156,51 @@ class CompiledModel:
         return dict(zip(self.output_names, outs))
 
 
-def check_complete(library: Path) -> None:
+def check_library(library: Path, description: ModelDescription) -> None:
+    """Refuse, with a one-line error, a library that would kill this process: one cut
+    short (the loader maps it past its end), or one changed since export (its SHA-256 is
+    not the one its description records: damaged code, say) that kills a child process
+    loading and running it first. A changed library that child survives (stripped, say)
+    is loaded: parity is the judge of it."""
+    data = library.read_bytes()
+    check_complete(library, data)
+    recorded = description.extra.get("tvm", {}).get("library_sha256")
+    if recorded is None or hashlib.sha256(data).hexdigest() == recorded:
+        return
+    changed = f"{library} was changed since it was exported (its SHA-256 is not the one in " \
+              f"{sidecar_path(library).name})"
+    try:
+        probe = subprocess.run([sys.executable, "-c", _PROBE, str(library)], capture_output=True,
+                               timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise BadInputError(f"{changed} and did not finish loading and running once in {PROBE_TIMEOUT_S} s: "
+                            f"export it again") from None
+    if probe.returncode < 0:
+        raise BadInputError(f"{changed} and kills the process that runs it ({_signal_name(-probe.returncode)}): "
+                            f"export it again")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+#: check_library's child process: the library loaded unchecked and run once on zeros.
+_PROBE = ("import sys, numpy as np\n"
+          "from evit_deploy.targets.tvm.runtime import CompiledModel\n"
+          "model = CompiledModel(sys.argv[1], threads=1, check=False)\n"
+          "model(np.zeros(model.input_shape, model.input_dtype))\n")
+#: A Python start, TVM's import, the mapping and one run.
+PROBE_TIMEOUT_S = 300
+
+
+def check_complete(library: Path, data: bytes) -> None:
     """Refuse an ELF library shorter than its headers say (a copy cut short): the loader
     would map it past its end, and the first access there kills the process (SIGBUS)."""
     import struct
 
-    data = library.read_bytes()
     if data[:4] != b"\x7fELF":
         return                              # not ELF: the loader says what is wrong with it
     wide, order = data[4:5] == b"\x02", "<" if data[5:6] == b"\x01" else ">"
