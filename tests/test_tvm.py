@@ -763,3 +763,11 @@ def test_a_bf16_library_passes_its_parity_class(tmp_path):
     assert 1e-4 < report.outputs[0].max_rel < 0.05          # really rounded, and only that much
     info = json.loads(result.artifact.sidecars[0].read_text())["extra"]["tvm"]
     assert info["schedule_classes"]["gemm_bf16"] > 0 and info["unscheduled_kernels"] == 0
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2", "1.5"])
+def test_a_bad_tvm_num_threads_is_a_one_line_error(cli, tuned_library, monkeypatch, value):
+    monkeypatch.setenv("TVM_NUM_THREADS", value)
+    code, _, err = cli("verify", tuned_library.artifact.path)
+    assert code == EXIT_BAD_INPUT and err.strip().splitlines()[-1] == (
+        f"error: TVM_NUM_THREADS must be a whole number of threads, at least 1; got '{value}'"), err

@@ -87,8 +87,11 @@ def ensure_threads(threads: int) -> None:
 def default_threads(description: ModelDescription) -> int:
     """The thread count the kernels were tuned for (the target's ``num-cores``), capped at
     the CPUs this process may use; ``TVM_NUM_THREADS`` overrides it."""
-    if os.environ.get("TVM_NUM_THREADS"):
-        return int(os.environ["TVM_NUM_THREADS"])
+    value = os.environ.get("TVM_NUM_THREADS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise BadInputError(f"TVM_NUM_THREADS must be a whole number of threads, at least 1; got '{value}'")
+        return int(value)
     tuned_for = int(description.extra.get("tvm", {}).get("threads") or 1)
     return max(1, min(tuned_for, usable_cpus()))
 
