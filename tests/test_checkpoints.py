@@ -140,6 +140,17 @@ def test_file_that_is_not_a_checkpoint(tmp_path, content):
         create_model("m0", path)
 
 
+def test_a_torchscript_archive_says_what_it_is_and_what_to_save_instead(tmp_path, recwarn):
+    model = create_model("m0", img_size=64)
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(4, 2)), path)
+    with pytest.raises(CheckpointError, match=r"TorchScript archive .*torch.save\(model.state_dict\(\)"):
+        create_model("m0", path)
+    assert not [w for w in recwarn if "TorchScript" in str(w.message)]     # torch's own notice is not shown
+    torch.save(model.state_dict(), tmp_path / "weights.pth")                # what the message asks for
+    assert create_model("m0", tmp_path / "weights.pth", img_size=64) is not None
+
+
 def test_checkpoint_without_tensors(tmp_path):
     path = tmp_path / "list.pth"
     torch.save([1, 2, 3], path)

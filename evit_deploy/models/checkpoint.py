@@ -123,6 +123,9 @@ def _read_safetensors(path: Path) -> dict:
 
 
 def _read_torch(path: Path) -> object:
+    if _is_torchscript(path):
+        raise CheckpointError(f"{path} is a TorchScript archive (torch.jit.save), not a checkpoint: save the "
+                              f"model's weights with torch.save(model.state_dict(), ...)")
     try:
         # Namespace is how training scripts store their arguments; it carries plain data.
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -139,6 +142,15 @@ def _read_torch(path: Path) -> object:
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
             f"{first_line(exc)}") from None
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A zip archive with TorchScript code in it (``<archive>/code/``)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in name for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 _SAFE_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "argparse.Namespace")
