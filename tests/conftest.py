@@ -138,13 +138,13 @@ def cli_with_file_size_limit(args: list, limit_bytes: int, *, timeout=600) -> su
     """The CLI in a fresh process that may write no file beyond ``limit_bytes`` (``ulimit
     -f``): its writes fail as on a full disk (EFBIG instead of ENOSPC), native writers'
     included, with no privileges needed to fill a file system."""
-    import resource
-
-    def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-
-    return subprocess.run([sys.executable, "-m", "evit_deploy", *map(str, args)], capture_output=True, text=True,
-                          preexec_fn=limit, timeout=timeout)
+    # Set by the child itself: a preexec_fn would fork this multithreaded process.
+    code = ("import resource, runpy, sys\n"
+            "limit = int(sys.argv.pop(1))\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))\n"
+            "runpy.run_module('evit_deploy', run_name='__main__', alter_sys=True)\n")
+    return subprocess.run([sys.executable, "-c", code, str(limit_bytes), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
