@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import BadInputError, OutputError
 from .progress import ctrl_c_deferred
 
 _OUTPUT_ERRNOS = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
@@ -62,6 +62,46 @@ def room_error(directory: os.PathLike | str, nbytes: int, shown_as: os.PathLike 
     finally:
         probe.unlink(missing_ok=True)
     return None
+
+
+class Lock:
+    """A held ``flock`` (:func:`exclusive_lock`): released by :meth:`close`, by leaving a
+    ``with`` block, or by the end of the process, crashed or not (no stale lock)."""
+
+    def __init__(self, fd: int | None):
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    __del__ = close         # as a file object: dropped, it lets go
+
+    def __enter__(self) -> "Lock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def exclusive_lock(path: os.PathLike | str, busy: str) -> Lock:
+    """An exclusive ``flock`` for one writer on ``path``: a directory itself (nothing is
+    added to it), or a file, created if need be. A :class:`BadInputError` saying ``busy``
+    when another process holds it; where the file system cannot lock it (a directory on
+    NFS, say), nothing is held."""
+    import fcntl
+
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BadInputError(busy) from None
+    except OSError:
+        pass                    # no lock here (ENOLCK, EBADF, EOPNOTSUPP): go on without
+    return Lock(fd)
 
 
 def ensure_output_dir(path: os.PathLike | str) -> Path:

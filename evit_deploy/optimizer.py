@@ -31,7 +31,8 @@ from pathlib import Path
 
 from .backends import BackendSpec, random_inputs, target_backends
 from .errors import BadInputError, EvitError, OutputError, ParityError, first_line, named_first_line
-from .fsutil import ensure_output_dir, publish_together, remove, sha256_file, temp_sibling, tree_sha256, write_json_atomic
+from .fsutil import (ensure_output_dir, exclusive_lock, publish_together, remove, sha256_file, temp_sibling,
+                     tree_sha256, write_json_atomic)
 from .progress import QuietReporter, Reporter, raise_if_interrupted
 
 RESULT_FILE = "optimize.json"
@@ -165,49 +166,51 @@ def optimize(model: str, out_dir, *, weights=None, images=None, labels=None, min
     name = resolve_model_name(model)
     out = ensure_output_dir(out_dir)
     cache = out / CACHE_DIR
-    plan_args = {"batch": batch, "weights": weights, "img_size": img_size, "input_size": input_size, "seed": seed}
-    candidates = _candidates(name, targets, precisions, plan_args)
-    if tune:
-        _add_tuned(candidates, name, plan_args, threads, _tuning_seconds(seconds), cache, reporter)
-    settings = {"batch": batch, "threads": threads, "img_size": img_size, "input_size": input_size,
-                "objective": objective, "budget": dataclasses.asdict(budget), "budget_text": budget.describe(),
-                "images": chosen_images.to_dict(), "time_budget_s": seconds, "tune": tune, "rounds": rounds,
-                "round_seconds": round_seconds, "baseline": BASELINE, "weights": _weights_id(weights, seed)}
-    result = OptimizeResult(name, settings, {**cpu_info(), "cpu": host_cpu(), "versions": package_versions()},
-                            candidates)
-    versions = result.machine["versions"]
+    with exclusive_lock(out, f"{out} is being written by another `evit-deploy optimize` or `build`: wait for it "
+                             f"to finish, or choose another --out"):
+        plan_args = {"batch": batch, "weights": weights, "img_size": img_size, "input_size": input_size, "seed": seed}
+        candidates = _candidates(name, targets, precisions, plan_args)
+        if tune:
+            _add_tuned(candidates, name, plan_args, threads, _tuning_seconds(seconds), cache, reporter)
+        settings = {"batch": batch, "threads": threads, "img_size": img_size, "input_size": input_size,
+                    "objective": objective, "budget": dataclasses.asdict(budget), "budget_text": budget.describe(),
+                    "images": chosen_images.to_dict(), "time_budget_s": seconds, "tune": tune, "rounds": rounds,
+                    "round_seconds": round_seconds, "baseline": BASELINE, "weights": _weights_id(weights, seed)}
+        result = OptimizeResult(name, settings, {**cpu_info(), "cpu": host_cpu(), "versions": package_versions()},
+                                candidates)
+        versions = result.machine["versions"]
 
-    tried = [c for c in candidates if c.outcome is Outcome.NOT_TRIED]
-    traces: dict = {}                      # one trace per input format, shared by the exports
-    with reporter.stage("trace", name):    # the baseline's: what fails here is bad input, refused before any work
-        baseline = plan_export(name, "onnx", options=candidates[0].options, **plan_args)
-        traces[baseline.trace_key] = trace_plan(baseline)
-    with reporter.task("export and verify", total=len(tried)) as task:
-        for c in tried:
-            if deadline is not None and time.monotonic() > deadline and c.backend != BASELINE:
-                c.reason = "the time budget ran out before it was tried"
+        tried = [c for c in candidates if c.outcome is Outcome.NOT_TRIED]
+        traces: dict = {}                      # one trace per input format, shared by the exports
+        with reporter.stage("trace", name):    # the baseline's: what fails here is bad input, refused before any work
+            baseline = plan_export(name, "onnx", options=candidates[0].options, **plan_args)
+            traces[baseline.trace_key] = trace_plan(baseline)
+        with reporter.task("export and verify", total=len(tried)) as task:
+            for c in tried:
+                if deadline is not None and time.monotonic() > deadline and c.backend != BASELINE:
+                    c.reason = "the time budget ran out before it was tried"
+                    task.update(advance=1)
+                    continue
+                task.update(description=f"export and verify {c.backend}")
+                _export(c, name, plan_args, cache, versions, traces)
                 task.update(advance=1)
-                continue
-            task.update(description=f"export and verify {c.backend}")
-            _export(c, name, plan_args, cache, versions, traces)
-            task.update(advance=1)
-    verified = [c for c in candidates if c.artifact and c.outcome is Outcome.NOT_TRIED]
-    _evaluate(verified, chosen_images, budget, weights, cache, reporter)
-    # Timed too: what was right but outside the accuracy budget, so that the report shows
-    # what the budget cost.
-    timed = [c for c in candidates if c.artifact and (c.outcome is Outcome.NOT_TRIED or c.eval is not None)]
-    _time(timed, name, batch, threads, img_size, rounds, round_seconds, memory, objective, reporter)
-    finalists = _finalists(candidates, objective)
-    if len(finalists) > 2:     # the fastest few again, head to head, with twice the rounds: the choice is among them
-        _time(finalists, name, batch, threads, img_size, 2 * rounds, round_seconds, False, objective, reporter)
-    _choose(result, objective)
-    result.warnings += _warnings(result, chosen_images)
-    if result.winner:
-        _publish_winner(result, out, cache)
-    result.seconds = time.monotonic() - started
-    write_json_atomic(out / RESULT_FILE, result.to_dict())
-    plot(result, out / CHART_FILE)
-    return result
+        verified = [c for c in candidates if c.artifact and c.outcome is Outcome.NOT_TRIED]
+        _evaluate(verified, chosen_images, budget, weights, cache, reporter)
+        # Timed too: what was right but outside the accuracy budget, so that the report shows
+        # what the budget cost.
+        timed = [c for c in candidates if c.artifact and (c.outcome is Outcome.NOT_TRIED or c.eval is not None)]
+        _time(timed, name, batch, threads, img_size, rounds, round_seconds, memory, objective, reporter)
+        finalists = _finalists(candidates, objective)
+        if len(finalists) > 2:     # the fastest few again, head to head, twice the rounds: the choice is among them
+            _time(finalists, name, batch, threads, img_size, 2 * rounds, round_seconds, False, objective, reporter)
+        _choose(result, objective)
+        result.warnings += _warnings(result, chosen_images)
+        if result.winner:
+            _publish_winner(result, out, cache)
+        result.seconds = time.monotonic() - started
+        write_json_atomic(out / RESULT_FILE, result.to_dict())
+        plot(result, out / CHART_FILE)
+        return result
 
 
 # -- candidates ----------------------------------------------------------------------------

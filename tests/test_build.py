@@ -224,6 +224,25 @@ def test_a_full_disk_stops_the_build_instead_of_failing_every_artifact(project, 
     assert manifest["verdict"] == "incomplete" and len(manifest["pending"]) == 2
 
 
+def test_one_build_at_a_time_writes_a_folder(project, cli):
+    """Two builds into one folder (a CI matrix sharing a workspace) would each write a
+    manifest of files the other replaced: the second is refused, and nothing is added to
+    the folder to lock it."""
+    from evit_deploy.fsutil import exclusive_lock
+
+    dist = project / "dist"
+    dist.mkdir()
+    with exclusive_lock(dist, "held by this test"):            # as another build holds it
+        code, _, err = cli("build", project / "evit-deploy.toml")
+        assert code == EXIT_BAD_INPUT and err.strip().splitlines()[-1] == (
+            f"error: {dist} is being written by another `evit-deploy build` or `optimize`: wait for it to finish, "
+            f"or build into another --out"), err
+        with pytest.raises(BadInputError):                       # the lock is the directory's, not the file's
+            exclusive_lock(dist, "held")
+    assert list(dist.iterdir()) == []
+    exclusive_lock(dist, "free again").close()                   # released with the block
+
+
 @pytest.mark.parametrize("ctrl_c", ["KeyboardInterrupt", "turned into a RuntimeError"])
 def test_ctrl_c_mid_build_keeps_what_was_built(project, cli, monkeypatch, ctrl_c):
     real_export = OnnxTarget.export

@@ -244,3 +244,15 @@ def test_a_full_disk_stops_the_run_instead_of_dropping_every_candidate(cli, tmp_
     assert code == EXIT_OUTPUT_ERROR and "no space left on device" in err.splitlines()[-1], err
     assert not (out / "optimize.json").exists()
     assert not list((out / ".evit-optimize-cache" / "exports").iterdir())
+
+
+def test_one_run_at_a_time_writes_an_out_folder(cli, tmp_path):
+    from evit_deploy.fsutil import exclusive_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with exclusive_lock(out, "held by this test"):              # as another optimize or build holds it
+        code, _, err = cli("optimize", TINY_ATTENTION, "--input-size", SMALL, "--batch", 2, "--targets", "onnx",
+                           "--precisions", "fp32", "--rounds", 1, "--out", out)
+    assert code == 2 and "is being written by another `evit-deploy optimize` or `build`" in err.splitlines()[-1], err
+    assert list(out.iterdir()) == []

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 from ..cpufeatures import judge
 from ..errors import EvitError, ExportError, OutputError, ParityError, named_first_line
-from ..fsutil import ensure_output_dir
+from ..fsutil import ensure_output_dir, exclusive_lock
 from ..hostinfo import package_versions
 from ..plan import plan_export, trace_plan
 from ..progress import Reporter, raise_if_interrupted
@@ -53,6 +53,13 @@ def build(path: str | os.PathLike, *, out: str | os.PathLike | None = None, jobs
     reporter = reporter or Reporter()
     spec = load_build_file(path)
     out_dir = ensure_output_dir(Path(out) if out is not None else spec.out)
+    # Two builds into one folder would each write a manifest of the other's files.
+    with exclusive_lock(out_dir, f"{out_dir} is being written by another `evit-deploy build` or `optimize`: "
+                                 f"wait for it to finish, or build into another --out"):
+        return _build(spec, out_dir, jobs, reporter)
+
+
+def _build(spec: BuildFile, out_dir: Path, jobs: int, reporter: Reporter) -> BuildResult:
     manifest_path = out_dir / MANIFEST
     previous = read_manifest(manifest_path)
     versions = package_versions()

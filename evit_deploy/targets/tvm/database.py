@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import BadInputError
-from ...fsutil import write_json_atomic, write_text_atomic
+from ...fsutil import exclusive_lock, write_json_atomic, write_text_atomic
 from ..sessions import files_key
 from .target_string import to_classic
 
@@ -224,20 +224,11 @@ class TuningDatabase:
 
 
 def _hold(path: Path):
-    """An exclusive lock on the database ``path`` for one ``tune``, or a one-line error if
-    another holds it: MetaSchedule numbers kernels by their line in the workload file, so
-    two runs appending at once would point records at the wrong kernels. An flock ends
-    with its process: no stale lock after a crash."""
-    import fcntl
-
-    lock = open(path / LOCK_FILE, "a")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        raise BadInputError(f"tuning database {path} is being written by another `evit-deploy tune`: wait "
-                            f"for it to finish, or tune into another --db") from None
-    return lock
+    """An exclusive lock on the database ``path`` for one ``tune``: MetaSchedule numbers
+    kernels by their line in the workload file, so two runs appending at once would point
+    records at the wrong kernels."""
+    return exclusive_lock(path / LOCK_FILE, f"tuning database {path} is being written by another `evit-deploy "
+                                            f"tune`: wait for it to finish, or tune into another --db")
 
 
 def _read_meta(path: Path) -> dict:
