@@ -151,6 +151,22 @@ def test_a_torchscript_archive_says_what_it_is_and_what_to_save_instead(tmp_path
     assert create_model("m0", tmp_path / "weights.pth", img_size=64) is not None
 
 
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_a_checkpoint_saved_with_a_newer_pickle_protocol_loads(tmp_path, recwarn, protocol):
+    # torch's safe loader cannot read these protocols ("Unsupported operand 149"): such a
+    # file of plain weights was refused as if it could run code.
+    import argparse
+
+    model = create_model("m0", img_size=64)
+    path = tmp_path / "weights.pth"
+    torch.save({"model": model.state_dict(), "epoch": 3, "args": argparse.Namespace(lr=0.1)}, path,
+               pickle_protocol=protocol)
+    loaded = create_model("m0", path, img_size=64)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
 def test_checkpoint_without_tensors(tmp_path):
     path = tmp_path / "list.pth"
     torch.save([1, 2, 3], path)

@@ -1,7 +1,9 @@
 """Reading checkpoints: the official release, bare state dicts, timm's layout, safetensors.
 
-A checkpoint is untrusted input. It is read with ``torch.load(weights_only=True)`` or
-safetensors, so a malicious file cannot run code while it is loaded.
+A checkpoint is untrusted input. It is read with ``torch.load(weights_only=True)`` (for
+the pickle protocols that cannot read, with an unpickler that imports only tensors and
+their containers: :class:`_TensorsOnly`) or safetensors, so a malicious file cannot run
+code while it is loaded.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import pickle
 import re
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -128,20 +131,30 @@ def _read_torch(path: Path) -> object:
                               f"model's weights with torch.save(model.state_dict(), ...)")
     try:
         # Namespace is how training scripts store their arguments; it carries plain data.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        foreign = [g for g in _pickle_globals(path) if not g.startswith(_SAFE_GLOBALS)]
-        if foreign:
-            raise CheckpointError(
-                f"refusing to load {path}: besides tensors it references {', '.join(foreign[:3])}, "
-                f"which could run code when unpickled") from None
+        pass        # a global it does not allow, or pickle protocol 4 or 5 it cannot read: see _TensorsOnly
+    except _UNREADABLE as exc:
+        raise _unreadable(path, exc) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TensorsOnlyPickle)
+    except _Forbidden as exc:
+        raise CheckpointError(f"refusing to load {path}: besides tensors it references {exc.name}, which could "
+                              f"run code when unpickled") from None
+    except pickle.UnpicklingError:
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (unreadable pickle data)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError,
-            TypeError, IndexError, KeyError) as exc:
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
-            f"{first_line(exc)}") from None
+    except _UNREADABLE as exc:
+        raise _unreadable(path, exc) from None
+
+
+_UNREADABLE = (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, TypeError,
+               IndexError, KeyError)
+
+
+def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {first_line(exc)}")
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -153,31 +166,41 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
-_SAFE_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "argparse.Namespace")
+#: What a checkpoint of weights may import besides storages (which torch maps itself):
+#: tensors and parameters rebuilt, their containers, and argparse's Namespace.
+_ALLOWED_GLOBALS = frozenset({
+    "collections.OrderedDict", "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state", "torch.Size",
+    "_codecs.encode", "argparse.Namespace", "builtins.set", "builtins.frozenset", "builtins.bytearray",
+    *(f"torch.{name}" for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype))})
 
 
-def _pickle_globals(path: Path) -> list[str]:
-    """Names of the Python objects a pickle would import, found without unpickling it."""
-    import pickletools
+class _Forbidden(pickle.UnpicklingError):
+    def __init__(self, name: str):
+        super().__init__(f"{name} is not allowed")
+        self.name = name
 
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                member = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
-                data = zf.read(member) if member else b""
-        else:
-            data = path.read_bytes()
-        names, strings = [], []
-        for opcode, arg, _ in pickletools.genops(data):
-            if opcode.name == "GLOBAL":
-                names.append(str(arg).replace(" ", "."))
-            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                names.append(f"{strings[-2]}.{strings[-1]}")
-            elif isinstance(arg, str):
-                strings.append(arg)
-        return names
-    except Exception:  # not a pickle at all: nothing it could import
-        return []
+
+class _TensorsOnly(pickle.Unpickler):
+    """An unpickler that imports only :data:`_ALLOWED_GLOBALS`. Written here because
+    torch's own safe loader (``weights_only=True``) cannot read pickle protocols 4 and 5
+    ("Unsupported operand 149", the FRAME opcode), which ``torch.save(...,
+    pickle_protocol=4)`` writes: such a checkpoint of plain weights was refused."""
+
+    def find_class(self, module: str, name: str):
+        if f"{module}.{name}" not in _ALLOWED_GLOBALS:
+            raise _Forbidden(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+class _TensorsOnlyPickle:
+    """The ``pickle_module`` :func:`torch.load` is given: its loads go through :class:`_TensorsOnly`."""
+
+    Unpickler = _TensorsOnly
+
+    @staticmethod
+    def load(file, **kwargs):
+        return _TensorsOnly(file, **kwargs).load()
 
 
 def _unwrap(obj: object, path: Path) -> dict:
