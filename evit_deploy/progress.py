@@ -32,9 +32,16 @@ def _stop(signum: int) -> KeyboardInterrupt:
 def on_ctrl_c(signum, frame) -> None:
     """SIGINT and SIGTERM handler of the CLI: raise KeyboardInterrupt (:class:`Terminated`
     for SIGTERM), and remember it."""
+    raise stopped_by(signum)
+
+
+def stopped_by(signum: int) -> KeyboardInterrupt:
+    """The exception that stops the command for ``signum``, remembered as the signal that
+    stopped it (the exit code says which): for work that defers a signal and stops later,
+    such as ``tune`` between rounds."""
     global _stop_signal
     _stop_signal = signum
-    raise _stop(signum)
+    return _stop(signum)
 
 
 def raise_if_interrupted() -> None:

@@ -17,6 +17,36 @@ def _kernels(*specs) -> list[KernelState]:
     return [KernelState(i, f"k{i}", calls, flops) for i, (calls, flops) in enumerate(specs)]
 
 
+def test_a_stop_signal_between_rounds_stops_the_search_as_it_stops_a_command():
+    """The first Ctrl-C or SIGTERM of a tune is a request the search honours before its next
+    round; it then stops as that signal stops any command (SIGTERM: exit code 143)."""
+    import os
+    import signal
+    import time
+
+    pytest.importorskip("tvm")
+    from evit_deploy.progress import Terminated, catch_ctrl_c
+    from evit_deploy.targets.tvm.search import Search
+    from evit_deploy.targets.tvm.tune import ctrl_c_between_rounds
+
+    class BeforeItsFirstRound:          # what Search.run reads before a round
+        _contexts: dict = {}
+        trials_done = 0
+
+    warned = []
+    with pytest.raises(Terminated):
+        with catch_ctrl_c() as stopped:
+            with ctrl_c_between_rounds(lambda: warned.append(True)) as stop_requested:
+                assert stop_requested() == 0
+                os.kill(os.getpid(), signal.SIGTERM)            # requested, not raised here
+                deadline = time.monotonic() + 10
+                while not warned and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert stop_requested() == signal.SIGTERM
+                Search.run(BeforeItsFirstRound(), max_trials=10, stop_requested=stop_requested)
+    assert stopped == [signal.SIGTERM]
+
+
 def _play(kernels, plan, seconds=1e-3):
     """What the tuner does with a plan: measure one candidate per kernel, and tell the policy."""
     finish_round(plan, [(k, seconds, plan.hand_written) for k in plan.kernels])

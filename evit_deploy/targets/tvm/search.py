@@ -15,6 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from ...progress import stopped_by
 from . import metaschedule, policy, schedules
 from .policy import KernelState
 
@@ -188,13 +189,14 @@ class Search:
         ``time.monotonic()`` value) passed, or every kernel is exhausted; returns which
         (:func:`policy.stop_reason`, or :data:`policy.EXHAUSTED`).
 
-        ``stop_requested()`` is checked between rounds; when it returns true the loop
-        raises :class:`KeyboardInterrupt` (a round is never cut in half).
+        ``stop_requested()`` is checked between rounds; when it returns a signal number the
+        loop stops as that signal stops a command (``KeyboardInterrupt``): a round is never
+        cut in half.
         """
         try:
             while True:
-                if stop_requested is not None and stop_requested():
-                    raise KeyboardInterrupt
+                if stop_requested is not None and (signum := stop_requested()):
+                    raise stopped_by(signum)
                 reason = policy.stop_reason(self.trials_done, max_trials, deadline, time.monotonic())
                 if reason is not None:
                     return reason

@@ -362,7 +362,8 @@ def _run(search, reporter: Reporter, run: _TuningRun, trials, budget_s, deadline
 
 @contextmanager
 def ctrl_c_between_rounds(on_first):
-    """Turn the first Ctrl-C (or SIGTERM) into a request checked between rounds.
+    """Turn the first Ctrl-C (or SIGTERM) into a request checked between rounds: yields a
+    function that returns the signal requested, 0 while none was.
 
     MetaSchedule's search runs C++ worker threads that call back into Python (the cost
     model); a KeyboardInterrupt raised inside such a callback terminates the process. A
@@ -375,11 +376,11 @@ def ctrl_c_between_rounds(on_first):
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        requested.append(True)
+        requested.append(signum)
         on_first()
 
     with stop_signals_to(handler):              # off the main thread: never called, never requested
-        yield lambda: bool(requested)
+        yield lambda: requested[0] if requested else 0
 
 
 def _check_tuning_dependencies() -> None:
