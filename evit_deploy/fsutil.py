@@ -93,7 +93,11 @@ def exclusive_lock(path: os.PathLike | str, busy: str) -> Lock:
     import fcntl
 
     path = Path(path)
-    fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                                                                      0o644)
+    except OSError:
+        return Lock(None)       # cannot be opened to lock (a folder this user may write but not list)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
