@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +16,8 @@ import numpy as np
 
 from .cpufeatures import CpuNeeds, inexact_message, judge, needs_of, require_runnable
 from .description import ModelDescription
-from .errors import BadInputError, EvitError, ExportError, OutputError, ParityError, first_line
-from .fsutil import (ensure_output_dir, output_error, publish, publish_together, remove, room_error,
+from .errors import BadInputError, EvitError, ExportError, ParityError, first_line
+from .fsutil import (artifact_room_error, ensure_output_dir, output_error, publish, publish_together, remove,
                      write_json_atomic)
 from .parity import ParityReport, Tolerance, verify_outputs
 from .preprocess import preprocess_file
@@ -91,7 +90,10 @@ def export_traced(traced, plan: ExportPlan, out_dir: Path, *, verify: bool = Tru
             try:
                 artifact = tgt.export(traced, opts, staging / final.name, reporter)
             except ExportError as exc:
-                raise _no_room(traced, staging, final) or exc
+                # A converter's native writer says "Compilation error" or "iostream error"
+                # where Python says "no space left"; the least an artifact holds is its
+                # weights in int8.
+                raise artifact_room_error(final, traced.weight_bytes() // 4, directory=staging) or exc
         report = None
         if verify:
             with reporter.stage("verify", tgt.runtime_name(artifact.path)):
@@ -121,15 +123,6 @@ def export_traced(traced, plan: ExportPlan, out_dir: Path, *, verify: bool = Tru
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def _no_room(traced, staging: Path, final: Path) -> OutputError | None:
-    """Why an export failed if the artifact had no room: a converter's native writer says
-    "Compilation error" or "iostream error" where Python would say "no space left"."""
-    needed = traced.weight_bytes() // 4     # the least an artifact holds: its weights in int8
-    return (room_error(staging, needed, shown_as=final)
-            or room_error(tempfile.gettempdir(), needed, shown_as=f"{tempfile.gettempdir()} (where converters put "
-                                                                  f"their temporary files; TMPDIR moves them)"))
 
 
 def cpu_needs(plan: ExportPlan, verify: bool) -> CpuNeeds:

@@ -64,6 +64,19 @@ def room_error(directory: os.PathLike | str, nbytes: int, shown_as: os.PathLike 
     return None
 
 
+def artifact_room_error(path: os.PathLike | str, nbytes: int, *, directory: os.PathLike | str | None = None
+                        ) -> OutputError | None:
+    """:func:`room_error` for an artifact ``path`` of at least ``nbytes``: in the directory it
+    is written to (``directory``, a staging area, or its own), then in the temporary
+    directory where converters and compilers put their intermediate files."""
+    import tempfile
+
+    temp = tempfile.gettempdir()
+    return (room_error(directory or Path(path).parent, nbytes, shown_as=path)
+            or room_error(temp, nbytes, shown_as=f"{temp} (where converters put their temporary files; TMPDIR "
+                                                 f"moves them)"))
+
+
 class Lock:
     """A held ``flock`` (:func:`exclusive_lock`): released by :meth:`close`, by leaving a
     ``with`` block, or by the end of the process, crashed or not (no stale lock)."""

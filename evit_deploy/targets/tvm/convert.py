@@ -155,19 +155,14 @@ def _library_facts(built, target: dict, db_info: dict | None) -> dict:
 
 def _write(built, description, path: Path, target_name: str, weight_bytes: int) -> Artifact:
     """The library, then its description beside it (atomically)."""
-    import tempfile
-
-    from ...fsutil import room_error, sha256_file, write_text_atomic
+    from ...fsutil import artifact_room_error, sha256_file, write_text_atomic
     from .runtime import description_json, sidecar_path
 
     # LLVM ends the process (exit 1, nothing cleaned up) when it cannot write an object
-    # file, so room for the library (about its fp32 weights) is checked first, in the
-    # temporary directory its object files go to and beside the artifact.
-    for where, shown_as in ((tempfile.gettempdir(), f"{tempfile.gettempdir()} (the compiler's temporary files; "
-                                                     f"TMPDIR moves them)"), (path.parent, path)):
-        error = room_error(where, weight_bytes, shown_as=shown_as)
-        if error is not None:
-            raise error
+    # file, so room for the library (about its fp32 weights) is checked first.
+    error = artifact_room_error(path, weight_bytes)
+    if error is not None:
+        raise error
     try:
         built.executable.export_library(str(path))
     except Exception as exc:

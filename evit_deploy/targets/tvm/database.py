@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -300,9 +301,12 @@ class ReadOnce:
 
 
 def _workload_index(record: str) -> int | None:
-    """The workload a record line is of (its first element)."""
-    value = json.loads(record)
-    return value[0] if isinstance(value, list) and value and isinstance(value[0], int) else None
+    """The workload a record line (``[index, ...]``, already checked to be JSON) is of."""
+    found = _RECORD_START.match(record)
+    return int(found.group(1)) if found else None
+
+
+_RECORD_START = re.compile(r"\s*\[\s*(\d+)\s*,")
 
 
 def _is_json(line: str) -> bool:

@@ -265,8 +265,9 @@ class _TuningRun:
         cut, failure = self.db.cut_short(), self.log_file.failure
         if cut is None and failure is None:
             return
+        why = first_line(failure) if failure else "a line was cut short"
         reason = (room_error(self.db.path, WRITE_MARGIN_BYTES) or write_error(failure)
-                  or f"cannot write {cut or self.log_path}: {first_line(failure) if failure else 'a line was cut short'}")
+                  or f"cannot write {cut or self.log_path}: {why}")
         raise OutputError(f"{reason}; the rounds before this one are kept: run the same command to continue "
                           f"once it can be written")
 
@@ -427,9 +428,10 @@ class _LogFile(logging.FileHandler):
 
     def handleError(self, record) -> None:
         failure = sys.exc_info()[1]
-        if not isinstance(failure, OSError):
+        if isinstance(failure, OSError):
+            self.failure = self.failure or failure
+        else:                           # a record that does not format: logging's own report
             super().handleError(record)
-        self.failure = self.failure or failure
 
     def close(self) -> None:
         try:
