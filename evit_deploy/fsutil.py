@@ -54,7 +54,7 @@ def room_error(directory: os.PathLike | str, nbytes: int, shown_as: os.PathLike 
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.posix_fallocate(fd, 0, max(1, nbytes))
+            _reserve(fd, max(1, nbytes))
         finally:
             os.close(fd)
     except OSError as exc:
@@ -62,6 +62,15 @@ def room_error(directory: os.PathLike | str, nbytes: int, shown_as: os.PathLike 
     finally:
         probe.unlink(missing_ok=True)
     return None
+
+
+def _reserve(fd: int, nbytes: int) -> None:
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, nbytes)
+        return
+    chunk = bytes(1 << 20)              # macOS has no posix_fallocate: the bytes written out
+    while nbytes > 0:
+        nbytes -= os.write(fd, chunk[:nbytes])
 
 
 def artifact_room_error(path: os.PathLike | str, nbytes: int, *, directory: os.PathLike | str | None = None
