@@ -50,6 +50,28 @@ def test_gemm_blocks_tile_the_output_and_fit_the_targets_registers(shape, facts)
         assert cols * nr // gemm.lanes_for(nr, facts) <= facts.vector_registers - gemm.SPARE_REGISTERS
 
 
+@pytest.mark.parametrize("facts", [AVX512, AVX2], ids=["avx512", "avx2"])
+@pytest.mark.parametrize("product", [(64, 49, 49, 16), (64, 49, 16, 49), (None, 16, 1000, 384), (None, 1, 1000, 384),
+                                     (8, 16, 16, 16)])
+def test_matmul_blocks_tile_the_output_and_fit_the_registers(product, facts):
+    """A window's scores and its product with the values, the classifier head at batch 16
+    and 1: every block tiles the output and accumulates in at most half the registers
+    (the head's 1000 columns once came as one block of 100 vectors, which spilled: 5x
+    slower); a window's 49 x 49 scores come as rows of one vector first."""
+    from evit_deploy.targets.tvm.schedules import matmul
+    from evit_deploy.targets.tvm.schedules.common import vector_width
+
+    mm = matmul.Matmul(*product)
+    shapes = matmul.block_shapes(mm, facts)
+    width = vector_width(mm.n, facts.lanes)
+    assert shapes and len(set(shapes)) == len(shapes)
+    for rows, cols in shapes:
+        assert mm.m % rows == 0 and mm.n % cols == 0 and cols % width == 0
+        assert rows * cols // width <= facts.vector_registers // 2, (rows, cols)
+    if (mm.m, mm.n) == (49, 49):
+        assert shapes[0] == (7, 7)
+
+
 def test_the_targets_vector_width_comes_from_its_cpu():
     from evit_deploy.targets.tvm.target_string import resolve_target, to_tvm
 
@@ -141,6 +163,43 @@ def test_every_variant_of_every_class_computes_the_kernel(m0_kernels, facts):
             sch = cls.apply(s_tir.Schedule(kernel.mod), variant, facts)
             np.testing.assert_allclose(_run(sch.mod, target, args), expected, rtol=1e-4, atol=1e-4,
                                        err_msg=f"{kernel.name} {variant}")
+
+
+def _softmax_kernel(batch: int, length: int):
+    """The attention's softmax as the graph has it (FastMathTransform's fast_softmax)."""
+    import tvm
+    from tvm import te, topi
+
+    x = te.placeholder((batch, length, length), "float32", name="scores")
+    return tvm.IRModule({"main": te.create_prim_func([x, topi.nn.fast_softmax(x, axis=-1)])})
+
+
+@pytest.mark.parametrize("facts", [AVX512, AVX2], ids=["avx512", "avx2"])
+@pytest.mark.parametrize("length", [49, 16, 17, 1])
+def test_every_softmax_variant_computes_the_softmax(length, facts):
+    """Rows of a 7x7 window (49: no register width divides it), of a 4x4 one, of a prime
+    length and of one element: every variant (each vector width divides the row: a
+    split with a remainder reduced wrong in rfactor) against numpy's softmax."""
+    from tvm import s_tir
+
+    from evit_deploy.targets.tvm.schedules import rows
+    from evit_deploy.targets.tvm.target_string import resolve_target, to_tvm
+
+    target = to_tvm(resolve_target("native -num-cores=1"))
+    mod = _softmax_kernel(3, length)
+    assert schedules.kernel_class(mod) is rows
+    found = rows.variants(s_tir.Schedule(mod), facts)
+    widths = [v[1] for v in found if v != rows.DLIGHT]
+    assert found[-1] == rows.DLIGHT and all(length % w == 0 and 1 < w <= facts.lanes for w in widths)
+    assert bool(widths) == (length not in (17, 1))
+    x = np.random.default_rng(2).standard_normal((3, length, length)).astype(np.float32) * 4
+    e = np.exp(x - x.max(-1, keepdims=True))
+    expected = e / e.sum(-1, keepdims=True)
+    for variant in found:
+        sch = rows.apply(s_tir.Schedule(mod), variant, facts)
+        assert schedules.is_hand_written(sch.trace)
+        out = _run(sch.mod, target, [x, np.zeros_like(x)])
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-7, err_msg=str(variant))
 
 
 # -- bf16 ---------------------------------------------------------------------------------

@@ -28,6 +28,14 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def vector_width(n: int, lanes: int) -> int:
+    """The widest vector an axis of ``n`` elements splits into whole: ``lanes`` or its
+    largest divisor below (7 for a window's 49 positions: LLVM masks the rest of the
+    register). Never a split with a remainder: its predicate is slower, and in a
+    reduction split for ``rfactor`` TVM 0.27 gets it wrong."""
+    return max(d for d in divisors(n) if d <= lanes)
+
+
 def extents(sch, block) -> list[int] | None:
     """The loop extents of a block, or None when one is symbolic (a dynamic batch)."""
     try:
