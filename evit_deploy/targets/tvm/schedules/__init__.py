@@ -10,7 +10,7 @@ first) and ``apply(sch, variant, facts)`` (the schedule):
 * :mod:`.gemm`: dense convolutions (1x1, the stem's 3x3) as register-blocked products;
 * :mod:`.depthwise`: depthwise convolutions;
 * :mod:`.matmul`: the attention's batched products and the classifier head;
-* :mod:`.rows`: the attention's softmax (TVM's own CPU rule);
+* :mod:`.rows`: the attention's softmax, each row reduced in vector lanes;
 * :mod:`.reduction`: average pools;
 * :mod:`.injective`: element-wise kernels and copies.
 
