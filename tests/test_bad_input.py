@@ -16,7 +16,7 @@ from evit_deploy.errors import (EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, EXIT_INTERRU
                                 EXIT_OUTPUT_ERROR, EXIT_PARITY_FAILED)
 from evit_deploy.targets.onnx import OnnxTarget
 
-from conftest import cli_with_file_size_limit
+from conftest import cli_with_file_size_limit, ctrl_c_here
 
 
 def _sha(path: Path) -> str:
@@ -200,8 +200,6 @@ def test_a_ctrl_c_while_an_artifact_is_published_leaves_no_mix_of_old_and_new_fi
     description) is moved to its final names one file at a time: a Ctrl-C between two
     moves must not leave a new file beside an old one (a model nobody made)."""
     import dataclasses
-    import os
-    import signal
 
     from evit_deploy import fsutil
 
@@ -215,7 +213,7 @@ def test_a_ctrl_c_while_an_artifact_is_published_leaves_no_mix_of_old_and_new_fi
 
     def ctrl_c_after_the_first(tmp, final):
         real_publish(tmp, final)
-        os.kill(os.getpid(), signal.SIGINT)
+        ctrl_c_here()
 
     final = tmp_path / "efficientvit_m0.onnx"
     for f in (final, final.with_name(final.name + ".sidecar")):

@@ -121,7 +121,7 @@ def _build_parallel(spec: BuildFile, pending: list[Job], out_dir: Path, jobs: in
         except BaseException:
             for f in futures:
                 f.cancel()
-            _interrupt_workers(pool)
+            _interrupt_workers()
             raise
 
 
@@ -130,13 +130,16 @@ def _start_worker(filters: list) -> None:
     warnings.filters[:] = filters
 
 
-def _interrupt_workers(pool) -> None:
+def _interrupt_workers() -> None:
     """Pass an interrupt on to the workers, so that leaving the pool does not wait for the
     artifacts they are making: Ctrl-C in a terminal reaches them, a SIGINT or SIGTERM sent
     to this process alone (``kill``, a CI runner) does not. A worker stops as the command
     does: its staging area removed, an artifact's files published together or not at all.
-    (``ProcessPoolExecutor`` has no public way to reach its processes before Python 3.14.)"""
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
+    (The pool's workers are this process's multiprocessing children: ``ProcessPoolExecutor``
+    has no public way to reach them before Python 3.14.)"""
+    import multiprocessing
+
+    for process in multiprocessing.active_children():
         try:
             os.kill(process.pid, signal.SIGINT)
         except OSError:
