@@ -27,7 +27,9 @@ def _blocks(sch) -> dict:
 
 
 def _is_reduction(sch, block) -> bool:
-    return any(v.iter_type == 2 for v in sch.get(block).iter_vars)     # 2: IterVar.CommReduce
+    from tvm.tirx import IterVar
+
+    return any(v.iter_type == IterVar.CommReduce for v in sch.get(block).iter_vars)
 
 
 def match(sch) -> bool | None:
@@ -59,7 +61,7 @@ def apply(sch, variant: tuple, facts: CpuFacts):
     # Element-wise blocks read by one block only (x - max) are inlined into it; the
     # exponentials, read by the sum and the division, stay a buffer of one row.
     for block in blocks[:-1]:
-        if block not in reductions and len(sch.get_consumers(block)) == 1:
+        if not _is_reduction(sch, block) and len(sch.get_consumers(block)) == 1:
             sch.compute_inline(block)
     partials = set()
     for block in reductions:
