@@ -11,7 +11,7 @@ last variant, for rows no vector width divides (a prime length).
 
 from __future__ import annotations
 
-from .common import MIN_PARALLEL_WORK, divisors, mark, parallel_if_worth_it
+from .common import MIN_PARALLEL_WORK, divisors, mark, parallel_if_worth_it, work_of
 from .facts import CpuFacts
 
 KIND = "rows"
@@ -67,10 +67,8 @@ def apply(sch, variant: tuple, facts: CpuFacts):
     for block in reductions:
         _, lane = sch.split(sch.get_loops(block)[-1], [None, width])
         partials.add(sch.get(sch.rfactor(lane, 0)).name_hint)
+    elements = work_of(sch, last)
     *outer, axis = sch.get_loops(last)
-    elements = 1
-    for loop in (*outer, axis):
-        elements *= int(sch.get(loop).extent)
     row = sch.fuse(*outer)
     sch.vectorize(sch.split(axis, [None, width])[1])
     for block in reversed(sch.get_child_blocks(sch.get_sblock("root"))[:-1]):
@@ -96,10 +94,7 @@ def _rule():
 def _apply_dlight(sch):
     import tvm
 
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    elements = 1
-    for loop in sch.get_loops(blocks[-1]):
-        elements *= int(sch.get(loop).extent)
+    elements = work_of(sch, sch.get_child_blocks(sch.get_sblock("root"))[-1])
     scheduled = None
     # At batch 1 the rule's parallel loop costs more than a small softmax takes (6 us
     # against 1 us, M0 on an AMD EPYC): small ones stay as they are.
