@@ -52,6 +52,27 @@ def test_native_is_the_host_cpu():
         assert target["mcpu"] == host and target["num-cores"] == host_cpu_count()
 
 
+def test_native_is_what_this_machine_exposes_whatever_llvm_names_it(monkeypatch):
+    """A virtual machine may hide features of its CPU's model (AVX-512), or report an older
+    model than its features (an Intel Xeon with AMX and BF16 reporting Rocket Lake's model
+    number, which LLVM names ``rocketlake``): native compiles for what the machine exposes."""
+    from evit_deploy import cpufeatures
+    from evit_deploy.targets.tvm import target_string
+    from evit_deploy.targets.tvm.target_string import LLVM_TO_LINUX_FLAGS, required_cpu_flags
+
+    skylake = set(required_cpu_flags(resolve_target("llvm -mcpu=skylake-avx512")))
+    assert {"avx512cd", "avx512bw"} <= skylake and not {"avx512_bf16", "avx512_vnni"} & skylake
+    machine = frozenset(skylake - {"avx512cd"} | {"avx512_bf16", "avx512_vnni", "rdrand"})
+    monkeypatch.setattr(target_string, "host_cpu_name", lambda: "skylake-avx512")
+    monkeypatch.setattr(cpufeatures, "cpu_flags", lambda: machine)
+    target = resolve_target("native")
+    assert target["mcpu"] == "skylake-avx512"
+    assert set(required_cpu_flags(target)) == machine & set(LLVM_TO_LINUX_FLAGS.values())
+    # The user's -mattr may switch off what the machine adds, not switch on what it hides.
+    target = resolve_target("native -mattr=-avx512vnni,+avx512cd")
+    assert set(required_cpu_flags(target)) == machine & set(LLVM_TO_LINUX_FLAGS.values()) - {"avx512_vnni"}
+
+
 def test_equal_targets_are_equal_however_written():
     a = resolve_target("llvm -mcpu=broadwell -num-cores=14")
     b = resolve_target(json.dumps({"num-cores": 14, "mcpu": "broadwell", "kind": "llvm"}))

@@ -205,9 +205,10 @@ def resolve_target(text_or_dict, *, threads: int | None = None) -> dict:
     original = text_or_dict if isinstance(text_or_dict, str) else json.dumps(text_or_dict)
     if target.get("mcpu") == "native":
         target["mcpu"] = host_cpu_name()
-        hidden = _features_hidden_here(target)
-        if hidden:
-            target["mattr"] = [*target.get("mattr", []), *(f"-{f}" for f in hidden)]
+        corrections = _model_corrected_to_host(target)
+        if corrections:         # the user's -mattr may switch off what the host adds, not on what it lacks
+            on, off = ([c for c in corrections if c[0] == sign] for sign in "+-")
+            target["mattr"] = [*on, *target.get("mattr", []), *off]
     if "mcpu" in target:
         triple = target.get("mtriple") or str(tvm_ffi.get_global_func("target.llvm_get_system_triple")())
         if not bool(tvm_ffi.get_global_func("target.llvm_is_valid_cpu")(target["mcpu"], triple)):
@@ -227,9 +228,12 @@ def resolve_target(text_or_dict, *, threads: int | None = None) -> dict:
     return canonical(target)
 
 
-def _features_hidden_here(target: dict) -> list[str]:
-    """LLVM features of the host CPU's model that this machine does not expose (a virtual
-    machine may hide AVX-512 from a CPU that has it): code using them would crash here."""
+def _model_corrected_to_host(target: dict) -> list[str]:
+    """``-mattr`` entries that make the LLVM model of the host CPU what this machine is.
+    Off (``-f``): what the model has and this machine does not expose (a virtual machine
+    may hide AVX-512): code using it would crash here. On (``+f``): what this machine has
+    and the model lacks (a virtual machine may report an older model number: an Intel Xeon
+    with AMX and BF16 reporting Rocket Lake's was named ``rocketlake``, which has neither)."""
     from ...cpufeatures import cpu_flags
 
     flags = cpu_flags()
@@ -238,7 +242,8 @@ def _features_hidden_here(target: dict) -> list[str]:
     from tvm.target import codegen
 
     features = codegen.llvm_get_cpu_features(to_tvm(target))
-    return [llvm for llvm, linux in LLVM_TO_LINUX_FLAGS.items() if llvm in features and linux not in flags]
+    return [f"-{llvm}" if llvm in features else f"+{llvm}" for llvm, linux in LLVM_TO_LINUX_FLAGS.items()
+            if (llvm in features) != (linux in flags)]
 
 
 def _close_cpus(cpu: str, triple: str) -> str:
