@@ -8,8 +8,10 @@ asks the real host (and asserts what that host must show) or fakes its feature l
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -75,53 +77,77 @@ def _foreign_cpu() -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Foreign:
+    """A TVM library for a CPU that this host is not, or plays (``played``: the flags of
+    ``$EVIT_DEPLOY_CPU_FLAGS``, where no LLVM CPU has instructions this host lacks; the
+    refusals are then checked, not that running the library would have crashed)."""
+    artifact: api.Artifact
+    played: str | None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **({FLAGS_ENV: self.played} if self.played else {})}
+
+    @property
+    def flags(self) -> frozenset[str]:
+        return frozenset(self.played.split()) if self.played else cpu_flags()
+
+
 @pytest.fixture(scope="module")
 def foreign_library(tmp_path_factory):
     pytest.importorskip("tvm")
-    cpu = _foreign_cpu()
-    if cpu is None:
-        pytest.skip("this CPU has AVX-512 and AMX: no LLVM CPU it cannot run")
+    cpu, played = _foreign_cpu(), None
+    if cpu is None:                             # AVX-512 and AMX here: play an AVX2 CPU
+        cpu, played = "skylake-avx512", AVX2_ONLY
     out = tmp_path_factory.mktemp("foreign-tvm")
     target = f"llvm -mcpu={cpu} -num-cores=1"
-    # Verification needs a CPU that runs it: refused before anything is traced.
-    with pytest.raises(Exception, match="parity cannot be proven on this machine"):
-        api.export("m0", "tvm", out_dir=out, img_size=SMALL, options={"tvm_target": target})
+    with pytest.MonkeyPatch.context() as env:
+        if played:
+            env.setenv(FLAGS_ENV, played)
+        # Verification needs a CPU that runs it: refused before anything is traced.
+        with pytest.raises(Exception, match="parity cannot be proven on this machine"):
+            api.export("m0", "tvm", out_dir=out, img_size=SMALL, options={"tvm_target": target})
     result = api.export("m0", "tvm", out_dir=out, img_size=SMALL, options={"tvm_target": target}, verify=False)
-    return result.artifact
+    return Foreign(result.artifact, played)
 
 
 @pytest.mark.parametrize("command", ["run", "verify", "eval", "doctor"])
 def test_a_library_for_a_cpu_this_one_is_not_is_refused_without_a_crash(foreign_library, command):
-    library = foreign_library.path
-    cpu = foreign_library.description.extra["cpu"]
-    assert set(cpu["isa"]) - set(cpu_flags())
+    library = foreign_library.artifact.path
+    cpu = foreign_library.artifact.description.extra["cpu"]
+    missing = sorted(set(cpu["isa"]) - foreign_library.flags)
+    assert missing
     args = {"run": [library, sample_images()[0]], "verify": [library], "eval": [library],
             "doctor": [library]}[command]
     proc = subprocess.run([sys.executable, "-m", "evit_deploy", command, *map(str, args)], capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=foreign_library.env)
     assert proc.returncode == EXIT_BAD_INPUT, (proc.returncode, proc.stderr)   # not 132 (SIGILL)
-    missing = sorted(set(cpu["isa"]) - set(cpu_flags()))
     assert missing[0] in proc.stderr and "Traceback" not in proc.stderr
     if command != "doctor":
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_the_example_application_refuses_it_too(foreign_library):
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "classify.py"), str(foreign_library.path),
+    if foreign_library.played:
+        pytest.skip("the example application reads /proc/cpuinfo alone: it needs a CPU without AVX-512 or AMX")
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "classify.py"), str(foreign_library.artifact.path),
                            str(sample_images()[0])], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "which this CPU lacks" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_a_library_made_before_needs_were_recorded_is_judged_by_its_target(foreign_library, tmp_path):
+def test_a_library_made_before_needs_were_recorded_is_judged_by_its_target(foreign_library, tmp_path, monkeypatch):
     import shutil
 
     from evit_deploy.targets.tvm.runtime import sidecar_path
 
-    library = tmp_path / foreign_library.path.name
-    shutil.copy(foreign_library.path, library)
-    described = json.loads(sidecar_path(foreign_library.path).read_text())
+    library = tmp_path / foreign_library.artifact.path.name
+    shutil.copy(foreign_library.artifact.path, library)
+    described = json.loads(sidecar_path(foreign_library.artifact.path).read_text())
     described["extra"].pop("cpu")
     sidecar_path(library).write_text(json.dumps(described))
+    if foreign_library.played:
+        monkeypatch.setenv(FLAGS_ENV, foreign_library.played)
     from evit_deploy.errors import BadInputError
     with pytest.raises(BadInputError, match="running it would crash"):
         api.run(library, [sample_images()[0]])
