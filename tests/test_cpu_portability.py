@@ -229,7 +229,9 @@ def _beyond_one_step(path, tmp_path) -> list[str]:
     options = ort.SessionOptions()
     options.graph_optimization_level, options.log_severity_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL, 3
     options.optimized_model_filepath = str(fused)
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    # Without the NHWC layout change every integer kernel reads and writes values the QDQ
+    # graph has (its NHWC convolutions do the same u8 x s8 arithmetic in another layout).
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=["NhwcTransformer"])
     fused, qdq = onnx.load(str(fused)), onnx.load(str(path))
     every_value = onnx.ModelProto()
     every_value.CopyFrom(qdq)
@@ -243,8 +245,8 @@ def _beyond_one_step(path, tmp_path) -> list[str]:
     producer = {t: n for n in fused.graph.node for t in n.output}
     beyond, unchecked = [], {n.name for n in fused.graph.node if n.op_type.startswith(INTEGER_KERNELS)}
     for name in (t for n in fused.graph.node for t in n.output if t in values[0]):
-        # The nodes that compute `name` from values the QDQ graph has too: one kernel, or
-        # one with the layout changes onnxruntime puts around it (NHWC convolutions).
+        # The nodes that compute `name` from values the QDQ graph has too: one kernel, with
+        # the reshapes and splits onnxruntime moved next to it.
         nodes, fed, todo = [], [], [producer[name]]
         while todo:
             node = todo.pop()
