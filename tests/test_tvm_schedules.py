@@ -288,8 +288,9 @@ def _bf16_schedules(kernel, target, facts):
 
 def test_every_bf16_variant_compiles_to_the_dot_product_for_a_cpu_with_it():
     """Compiled for Sapphire Rapids on any machine (nothing runs): each variant of the
-    largest bf16 convolution multiplies with vdpbf16ps and, receiving fp32 activations,
-    rounds them with vcvtneps2bf16 (the intrinsics' LLVM IR linked in and inlined)."""
+    largest bf16 convolution multiplies with vdpbf16ps, or AMX tiles (tdpbf16ps, the tile
+    configuration loaded only when it differs), and, receiving fp32 activations, rounds
+    them with vcvtneps2bf16 (the intrinsics' LLVM IR linked in and inlined)."""
     import tvm
     from tvm import s_tir
 
@@ -297,11 +298,15 @@ def test_every_bf16_variant_compiles_to_the_dot_product_for_a_cpu_with_it():
     from evit_deploy.targets.tvm.target_string import resolve_target, to_tvm
 
     target = to_tvm(resolve_target("llvm -mcpu=sapphirerapids -num-cores=1"))
-    kernel, facts = _largest_bf16_kernel(target, batch=2, img_size=32)
-    assert gemm_bf16.match(s_tir.Schedule(kernel.mod)).input_dtype == "float32"
+    kernel, facts = _largest_bf16_kernel(target, batch=2, img_size=64)
+    assert gemm_bf16.match(s_tir.Schedule(kernel.mod)).input_dtype == "float32" and facts.amx_bf16
+    kinds = set()
     for variant, sch in _bf16_schedules(kernel, target, facts):
         asm = tvm.tirx.build(_packing_split(sch.mod["main"])["kernel_prepacked"], target=target).inspect_source("asm")
-        assert "vdpbf16ps" in asm and "vcvtneps2bf16" in asm, variant
+        products = ("tdpbf16ps", "sttilecfg", "ldtilecfg") if variant[0] == "amx" else ("vdpbf16ps",)
+        assert all(p in asm for p in products) and "vcvtneps2bf16" in asm, variant
+        kinds.add(variant[0])
+    assert kinds == {"amx", "bf16"}
 
 
 def test_every_bf16_variant_computes_bf16_products_with_fp32_sums():
@@ -325,3 +330,31 @@ def test_bf16_is_refused_for_a_cpu_without_it(cli, tmp_path):
     code, _, err = cli("export", "m0", "-t", "tvm", "--precision", "bf16", "--tvm-target", "llvm -mcpu=broadwell",
                        "--out", tmp_path)
     assert code == 2 and "AVX512_BF16" in err and "broadwell" in err and "Traceback" not in err
+
+
+def test_a_database_of_bf16_and_amx_schedules_opens_in_a_new_process(tmp_path):
+    """MetaSchedule looks up the tensor intrinsics a record names as it reads a database:
+    a new process (an export after a tune) must have registered them first, the AMX ones
+    (one per shape) included. Every variant of a bf16 kernel for Sapphire Rapids is stored
+    here, then the database is opened by a process that has scheduled nothing."""
+    import subprocess
+    import sys
+
+    from evit_deploy.targets.tvm import metaschedule
+    from evit_deploy.targets.tvm.database import TuningDatabase
+    from evit_deploy.targets.tvm.target_string import resolve_target, to_tvm
+
+    resolved = resolve_target("llvm -mcpu=sapphirerapids -num-cores=1")
+    target = to_tvm(resolved)
+    kernel, facts = _largest_bf16_kernel(target, batch=2, img_size=64)
+    db = TuningDatabase.open_or_create(tmp_path / "db", resolved, graph="test")
+    ms = db.ms_database()
+    stored = schedules.candidates(kernel.mod, facts, metaschedule.postprocs(kernel, target))
+    for candidate in stored:
+        metaschedule.commit(ms, kernel.mod, candidate, [1.0], target)
+    db.close()
+    assert {"amx" if "evit_amx_bf16" in str(c.sch.trace) else "bf16" for c in stored} == {"amx", "bf16"}
+    opened = ("from evit_deploy.targets.tvm.database import TuningDatabase\n"
+              f"print(len(TuningDatabase.open({str(tmp_path / 'db')!r}).ms_database()))")
+    proc = subprocess.run([sys.executable, "-c", opened], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == str(len(stored)), proc.stderr

@@ -154,6 +154,13 @@ class TuningDatabase:
         tuning (new records are appended to them), else the lines read when opened."""
         from tvm.s_tir.meta_schedule.database import JSONDatabase
 
+        # MetaSchedule looks up the tensor intrinsics a record names as it reads it.
+        from .schedules import amx_intrinsics
+
+        file = self.path / RECORD_FILE
+        records = self.snapshot[RECORD_FILE] if self.snapshot is not None else (
+            file.read_text("utf-8", errors="replace") if file.is_file() else "")
+        amx_intrinsics.register_named_in(records)
         if self.snapshot is None:
             return JSONDatabase(path_workload=str(self.path / WORKLOAD_FILE),
                                 path_tuning_record=str(self.path / RECORD_FILE), allow_missing=True)

@@ -27,6 +27,7 @@ class CpuFacts:
     l2_bytes: int = DEFAULT_L2_BYTES
     bf16_dot: bool = False        # a bf16 dot-product instruction (avx512_bf16, AMX, ARM bf16)
     int8_dot: bool = False        # an int8 dot-product instruction (VNNI, ARM dotprod)
+    amx_bf16: bool = False        # AMX tiles with bf16 products (tdpbf16ps)
 
     @property
     def lanes(self) -> int:
@@ -52,7 +53,8 @@ class CpuFacts:
         l1, l2 = _host_caches() if _is_host(target) else (DEFAULT_L1_BYTES, DEFAULT_L2_BYTES)
         return cls(bits, registers, cores, l1, l2,
                    bf16_dot=bool(features & {"avx512bf16", "amx-bf16", "bf16"}),
-                   int8_dot=bool(features & {"avx512vnni", "avxvnni", "amx-int8", "dotprod"}))
+                   int8_dot=bool(features & {"avx512vnni", "avxvnni", "amx-int8", "dotprod"}),
+                   amx_bf16="amx-bf16" in features)
 
 
 def _is_host(target) -> bool:

@@ -1,0 +1,162 @@
+"""The AMX tensor intrinsic of :mod:`.gemm_bf16`: a row of pixels times 16 output channels
+over the whole reduction, in one tile register.
+
+``tdpbf16ps`` multiplies a tile of up to 16 rows x 32 bf16 values by a tile of 16 pairs x
+16 channels (the weights pair-interleaved, as :func:`.gemm_bf16.pack_weights` stores them
+for ``vdpbf16ps``) into 16 rows x 16 fp32 sums. The intrinsic's rows are a row of the
+feature map (up to 16 pixels, 64 bytes of channels apart in NHWC); its implementation is an
+LLVM IR function, linked in like :mod:`.bf16_intrinsics`' (TVM 0.27 has no AMX
+intrinsics of its own), that
+
+1. asks Linux once per process for the right to use the tile data (``arch_prctl``
+   ``ARCH_REQ_XCOMP_PERM``; without it the first tile instruction dies of SIGILL);
+2. loads the tile configuration only when the thread's differs (``ldtilecfg`` costs about
+   as much as a whole 14 x 16 x 64 product, ``sttilecfg`` and a compare nearly nothing);
+3. loads the sums, runs the reduction 32 values at a time with the sums kept in the tile,
+   and stores them back.
+
+The reduction's length is part of the intrinsic (a tensor intrinsic has a fixed shape): one
+is registered per (pixels, input channels) a kernel needs, when a schedule is applied, and
+for every one a tuning database's records name before MetaSchedule reads them
+(:func:`register_named_in`: it looks each intrinsic up as it parses a record).
+"""
+
+from __future__ import annotations
+
+import re
+
+#: Output channels in one tile row (16 fp32 sums, 64 bytes).
+CHANNELS = 16
+#: Reduction values one ``tdpbf16ps`` takes per row (32 bf16, 64 bytes).
+STEP = 32
+#: Rows of a tile.
+MAX_PIXELS = 16
+
+FUNCTION = "evit_amx_bf16_rows"
+
+#: Tile configuration (64 bytes: palette 1; tile 0 the sums, 1 the pixels, 2 the weights,
+#: each row 64 bytes; tiles 0 and 1 with ``%rows`` rows, tile 2 with 16) as eight i64
+#: words: word 0 the palette, word 2 the three column widths, word 6 the three row counts.
+LLVM_IR = f"""
+@evit_amx_permitted = internal global i8 0
+declare i64 @syscall(i64, ...)
+declare void @llvm.x86.ldtilecfg(ptr)
+declare void @llvm.x86.sttilecfg(ptr)
+declare void @llvm.x86.tileloadd64(i8 immarg, ptr, i64)
+declare void @llvm.x86.tilestored64(i8 immarg, ptr, i64)
+declare void @llvm.x86.tdpbf16ps(i8 immarg, i8 immarg, i8 immarg)
+define void @{FUNCTION}(ptr %c, i64 %c_stride, ptr %a, i64 %a_stride, ptr %b, i64 %b_stride, i64 %rows, i64 %steps) {{
+entry:
+  %want = alloca <8 x i64>, align 64
+  %have = alloca <8 x i64>, align 64
+  %r = and i64 %rows, 255
+  %r8 = shl i64 %r, 8
+  %rr = or i64 %r, %r8
+  %row_counts = or i64 %rr, {16 << 16}
+  %w0 = insertelement <8 x i64> zeroinitializer, i64 1, i32 0
+  %w2 = insertelement <8 x i64> %w0, i64 {64 | 64 << 16 | 64 << 32}, i32 2
+  %config = insertelement <8 x i64> %w2, i64 %row_counts, i32 6
+  store <8 x i64> %config, ptr %want, align 64
+  %permitted = load i8, ptr @evit_amx_permitted
+  %asked = icmp ne i8 %permitted, 0
+  br i1 %asked, label %check, label %ask
+ask:
+  %ignored = call i64 (i64, ...) @syscall(i64 158, i64 4131, i64 18)
+  store i8 1, ptr @evit_amx_permitted
+  br label %check
+check:
+  call void @llvm.x86.sttilecfg(ptr %have)
+  %current = load <8 x i64>, ptr %have, align 64
+  %equal = icmp eq <8 x i64> %current, %config
+  %equal_bits = bitcast <8 x i1> %equal to i8
+  %same = icmp eq i8 %equal_bits, -1
+  br i1 %same, label %products, label %configure
+configure:
+  call void @llvm.x86.ldtilecfg(ptr %want)
+  br label %products
+products:
+  call void @llvm.x86.tileloadd64(i8 0, ptr %c, i64 %c_stride)
+  %b_step = mul i64 %b_stride, 16
+  br label %loop
+loop:
+  %i = phi i64 [0, %products], [%next, %loop]
+  %a_offset = mul i64 %i, 64
+  %a_at = getelementptr i8, ptr %a, i64 %a_offset
+  %b_offset = mul i64 %i, %b_step
+  %b_at = getelementptr i8, ptr %b, i64 %b_offset
+  call void @llvm.x86.tileloadd64(i8 1, ptr %a_at, i64 %a_stride)
+  call void @llvm.x86.tileloadd64(i8 2, ptr %b_at, i64 %b_stride)
+  call void @llvm.x86.tdpbf16ps(i8 0, i8 1, i8 2)
+  %next = add i64 %i, 1
+  %more = icmp ult i64 %next, %steps
+  br i1 %more, label %loop, label %done
+done:
+  call void @llvm.x86.tilestored64(i8 0, ptr %c, i64 %c_stride)
+  ret void
+}}
+"""
+
+
+def name(pixels: int, reduction: int) -> str:
+    return f"evit_amx_bf16_{pixels}x{CHANNELS}x{reduction}"
+
+
+def fits(pixels: int, reduction: int) -> bool:
+    """Whether rows of ``pixels`` and a reduction of ``reduction`` make tiles (a row of one
+    pixel is left to the vector kernels: one tile row in 16 would work)."""
+    return 2 <= pixels <= MAX_PIXELS and reduction % STEP == 0 and reduction > 0
+
+
+def _intrinsic(pixels: int, reduction: int):
+    from tvm.script import tirx as T
+
+    P, K = pixels, reduction
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        a_stride, b_stride, b_pair, c_stride = T.int32(), T.int32(), T.int32(), T.int32()
+        A = T.match_buffer(a, (P, K), "bfloat16", offset_factor=1, strides=[a_stride, 1])
+        B = T.match_buffer(b, (K // 2, CHANNELS, 2), "bfloat16", offset_factor=1, strides=[b_stride, b_pair, 1])
+        C = T.match_buffer(c, (P, CHANNELS), "float32", offset_factor=1, strides=[c_stride, 1], scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:P, 0:CHANNELS], A[0:P, 0:K], B[0:K // 2, 0:CHANNELS, 0:2])
+            T.writes(C[0:P, 0:CHANNELS])
+            for x, f, k in T.grid(P, CHANNELS, K):
+                with T.sblock("update"):
+                    vx, vf, vk = T.axis.remap("SSR", [x, f, k])
+                    C[vx, vf] = C[vx, vf] + T.cast(A[vx, vk], "float32") * T.cast(B[vk // 2, vf, vk % 2], "float32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        # Pointers typed uint16, bf16's storage (bf16_intrinsics, point 2); strides in bytes.
+        a_stride, b_stride, b_pair, c_stride = T.int32(), T.int32(), T.int32(), T.int32()
+        A = T.match_buffer(a, (P, K), "bfloat16", offset_factor=1, strides=[a_stride, 1])
+        B = T.match_buffer(b, (K // 2, CHANNELS, 2), "bfloat16", offset_factor=1, strides=[b_stride, b_pair, 1])
+        C = T.match_buffer(c, (P, CHANNELS), "float32", offset_factor=1, strides=[c_stride, 1], scope="local")
+        with T.sblock("root"):
+            T.reads(C[0:P, 0:CHANNELS], A[0:P, 0:K], B[0:K // 2, 0:CHANNELS, 0:2])
+            T.writes(C[0:P, 0:CHANNELS])
+            T.evaluate(T.call_extern(
+                "void", FUNCTION, C.access_ptr("rw"), T.int64(c_stride * 4),
+                T.tvm_access_ptr(T.type_annotation("uint16"), A.data, A.elem_offset, P * K, 1), T.int64(a_stride * 2),
+                T.tvm_access_ptr(T.type_annotation("uint16"), B.data, B.elem_offset, K * CHANNELS, 1),
+                T.int64(b_stride * 2), T.int64(P), T.int64(K // STEP)))
+
+    return desc, impl
+
+
+def register_named_in(text: str) -> None:
+    """Register every AMX intrinsic ``text`` (a database's records) names."""
+    for pixels, reduction in set(re.findall(r"evit_amx_bf16_(\d+)x16x(\d+)", text)):
+        register(int(pixels), int(reduction))
+
+
+def register(pixels: int, reduction: int) -> str:
+    """Register the intrinsic for rows of ``pixels`` and a reduction of ``reduction``
+    (once per process); returns its name."""
+    from tvm.s_tir import TensorIntrin
+
+    intrin = name(pixels, reduction)
+    if TensorIntrin.get(intrin, allow_missing=True) is None:
+        TensorIntrin.register(intrin, *_intrinsic(pixels, reduction))
+    return intrin
