@@ -111,13 +111,14 @@ def _intrinsic(pixels: int, reduction: int):
     from tvm.script import tirx as T
 
     P, K = pixels, reduction
+    # The operands, declared once for both functions (evaluated by the TVMScript parser as
+    # parameter types): strides named, so that the implementation can read them.
+    pixels_in = T.Buffer((P, K), "bfloat16", offset_factor=1, strides=("a_stride", 1))
+    weights = T.Buffer((K // 2, CHANNELS, 2), "bfloat16", offset_factor=1, strides=("b_stride", "b_pair", 1))
+    sums = T.Buffer((P, CHANNELS), "float32", offset_factor=1, strides=("c_stride", 1), scope="local")
 
     @T.prim_func(s_tir=True)
-    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
-        a_stride, b_stride, b_pair, c_stride = T.int32(), T.int32(), T.int32(), T.int32()
-        A = T.match_buffer(a, (P, K), "bfloat16", offset_factor=1, strides=[a_stride, 1])
-        B = T.match_buffer(b, (K // 2, CHANNELS, 2), "bfloat16", offset_factor=1, strides=[b_stride, b_pair, 1])
-        C = T.match_buffer(c, (P, CHANNELS), "float32", offset_factor=1, strides=[c_stride, 1], scope="local")
+    def desc(A: pixels_in, B: weights, C: sums) -> None:
         with T.sblock("root"):
             T.reads(C[0:P, 0:CHANNELS], A[0:P, 0:K], B[0:K // 2, 0:CHANNELS, 0:2])
             T.writes(C[0:P, 0:CHANNELS])
@@ -127,20 +128,17 @@ def _intrinsic(pixels: int, reduction: int):
                     C[vx, vf] = C[vx, vf] + T.cast(A[vx, vk], "float32") * T.cast(B[vk // 2, vf, vk % 2], "float32")
 
     @T.prim_func(s_tir=True)
-    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+    def impl(A: pixels_in, B: weights, C: sums) -> None:
         # Pointers typed uint16, bf16's storage (bf16_intrinsics, point 2); strides in bytes.
-        a_stride, b_stride, b_pair, c_stride = T.int32(), T.int32(), T.int32(), T.int32()
-        A = T.match_buffer(a, (P, K), "bfloat16", offset_factor=1, strides=[a_stride, 1])
-        B = T.match_buffer(b, (K // 2, CHANNELS, 2), "bfloat16", offset_factor=1, strides=[b_stride, b_pair, 1])
-        C = T.match_buffer(c, (P, CHANNELS), "float32", offset_factor=1, strides=[c_stride, 1], scope="local")
         with T.sblock("root"):
             T.reads(C[0:P, 0:CHANNELS], A[0:P, 0:K], B[0:K // 2, 0:CHANNELS, 0:2])
             T.writes(C[0:P, 0:CHANNELS])
             T.evaluate(T.call_extern(
-                "void", FUNCTION, C.access_ptr("rw"), T.int64(c_stride * 4),
-                T.tvm_access_ptr(T.type_annotation("uint16"), A.data, A.elem_offset, P * K, 1), T.int64(a_stride * 2),
+                "void", FUNCTION, C.access_ptr("rw"), T.int64(C.strides[0] * 4),
+                T.tvm_access_ptr(T.type_annotation("uint16"), A.data, A.elem_offset, P * K, 1),
+                T.int64(A.strides[0] * 2),
                 T.tvm_access_ptr(T.type_annotation("uint16"), B.data, B.elem_offset, K * CHANNELS, 1),
-                T.int64(b_stride * 2), T.int64(P), T.int64(K // STEP)))
+                T.int64(B.strides[0] * 2), T.int64(P), T.int64(K // STEP)))
 
     return desc, impl
 

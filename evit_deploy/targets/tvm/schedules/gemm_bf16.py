@@ -176,17 +176,7 @@ def apply(sch, variant: tuple, facts):
     _, images, rows, cols, nr, order, convert = variant
     if convert == "block" and order != "pixels":
         raise ValueError("rounding per pixel block needs the pixel blocks outermost")
-    conv, pack, pad = to_bf16(sch, nr)
-    if (pad is not None and _dtype(sch, pad, 0) == "bfloat16") != (convert == "none"):
-        raise ValueError(f"convert={convert!r} does not fit this kernel's input")
-
-    # Inline what lies between the convolution and the output block (the bias; with bf16
-    # input the identity pad_temp too); the output block is the epilogue.
-    epilogue = inline_around(sch, conv, keep=(pack, pad))
-    if pad is not None and convert == "none":
-        sch.compute_inline(pad)
-        pad = None
-
+    conv, pad, epilogue = _bf16_blocks(sch, nr, convert)
     (no, ni), (yo, yi), (xo, xi), (fo, fio, fii), (ry, rx, rc) = gemm.split_block(
         sch, conv, (images, rows, cols, nr), LANES)
     rco, rci = sch.split(rc, [None, PAIR])
@@ -203,14 +193,7 @@ def apply(sch, variant: tuple, facts):
     # fp32 accumulators in registers, read by the epilogue while still there.
     epilogue = accumulate_locally(sch, conv, epilogue)
     finish_epilogue(sch, epilogue, block_loop, LANES)
-
-    if pad is not None:
-        if convert == "block":
-            sch.compute_at(pad, outer)
-        else:
-            loops = sch.get_loops(pad)
-            parallel_if_worth_it(sch, sch.fuse(*loops[:-1]), work_of(sch, pad), facts)
-        sch.tensorize(sch.split(sch.get_loops(pad)[-1], [None, LANES])[-1], ROUND_INTRIN)
+    _round_input(sch, pad, convert, outer, facts)
 
     # Zero the accumulators before the reduction (vectors, unrolled), then replace the
     # innermost 16 channels x 2 reduction steps by the instruction.
@@ -229,6 +212,33 @@ def apply(sch, variant: tuple, facts):
     return sch
 
 
+def _bf16_blocks(sch, nr: int, convert: str):
+    """The bf16 form (:func:`to_bf16`) with what lies between the convolution and the
+    output block inlined (the bias; with bf16 input the identity ``pad_temp`` too): the
+    convolution, the rounding block (None when the kernel receives bf16) and the epilogue."""
+    conv, pack, pad = to_bf16(sch, nr)
+    if (pad is not None and _dtype(sch, pad, 0) == "bfloat16") != (convert == "none"):
+        raise ValueError(f"convert={convert!r} does not fit this kernel's input")
+    epilogue = inline_around(sch, conv, keep=(pack, pad))
+    if pad is not None and convert == "none":
+        sch.compute_inline(pad)
+        pad = None
+    return conv, pad, epilogue
+
+
+def _round_input(sch, pad, convert: str, outer, facts) -> None:
+    """Round the fp32 input to bf16 (:data:`ROUND_INTRIN`): per block of the ``outer``
+    loop (``convert="block"``) or all of it first, in parallel (``"once"``)."""
+    if pad is None:
+        return
+    if convert == "block":
+        sch.compute_at(pad, outer)
+    else:
+        loops = sch.get_loops(pad)
+        parallel_if_worth_it(sch, sch.fuse(*loops[:-1]), work_of(sch, pad), facts)
+    sch.tensorize(sch.split(sch.get_loops(pad)[-1], [None, LANES])[-1], ROUND_INTRIN)
+
+
 def _apply_amx(sch, variant: tuple, facts):
     """``("amx", convert)``: one row of the feature map (up to 16 pixels) times 16 output
     channels per tile, the whole reduction in :mod:`.amx_intrinsics`' function, then the
@@ -237,13 +247,7 @@ def _apply_amx(sch, variant: tuple, facts):
     _, convert = variant
     conv_ = match(sch)
     intrin = amx_intrinsics.register(conv_.w, conv_.c)
-    conv, pack, pad = to_bf16(sch, amx_intrinsics.CHANNELS)
-    if (pad is not None and _dtype(sch, pad, 0) == "bfloat16") != (convert == "none"):
-        raise ValueError(f"convert={convert!r} does not fit this kernel's input")
-    epilogue = inline_around(sch, conv, keep=(pack, pad))
-    if pad is not None and convert == "none":
-        sch.compute_inline(pad)
-        pad = None
+    conv, pad, epilogue = _bf16_blocks(sch, amx_intrinsics.CHANNELS, convert)
     (no, ni), (yo, yi), (xo, xi), (fo, fio, fii), (ry, rx, rc) = gemm.split_block(
         sch, conv, (1, 1, conv_.w, amx_intrinsics.CHANNELS), amx_intrinsics.CHANNELS)
     sch.reorder(no, yo, xo, fo, ni, yi, fio, ry, rx, xi, fii, rc)
@@ -251,13 +255,7 @@ def _apply_amx(sch, variant: tuple, facts):
     parallel_if_worth_it(sch, outer, work_of(sch, conv), facts)
     epilogue = accumulate_locally(sch, conv, epilogue)
     finish_epilogue(sch, epilogue, fo, LANES)
-    if pad is not None:
-        if convert == "block":
-            sch.compute_at(pad, outer)
-        else:
-            loops = sch.get_loops(pad)
-            parallel_if_worth_it(sch, sch.fuse(*loops[:-1]), work_of(sch, pad), facts)
-        sch.tensorize(sch.split(sch.get_loops(pad)[-1], [None, LANES])[-1], ROUND_INTRIN)
+    _round_input(sch, pad, convert, outer, facts)
     init = sch.decompose_reduction(conv, ry)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.annotate(init, MARK, KIND)
