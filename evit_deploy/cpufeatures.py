@@ -178,6 +178,32 @@ def require_runnable(needs: CpuNeeds, what: str) -> CpuVerdict:
     return verdict
 
 
+#: Linux: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) lets a process use AMX tiles.
+_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
+
+
+def amx_permission_error() -> str | None:
+    """Ask Linux for the AMX tile data (the first tile instruction of a process that has
+    not asked dies of SIGILL); why it was refused, or None. (The AMX kernels ask too: this
+    is to refuse in one line where they could not run.)"""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return "AMX tiles are used only on x86-64 Linux"
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0:
+        return None
+    return os.strerror(ctypes.get_errno())
+
+
+def require_amx_permission(what: str) -> None:
+    """:class:`BadInputError` if this process may not use AMX tiles, which ``what`` uses."""
+    refused = amx_permission_error()
+    if refused is not None:
+        raise BadInputError(f"{what} computes with AMX tiles, which this process may not use (Linux refused "
+                            f"them: {refused}): build it for this CPU without bf16, or run it where AMX is allowed")
+
+
 def inexact_message(verdict: CpuVerdict, what: str) -> str:
     return (f"{what}: {verdict.needs.why}, and this CPU has none of {', '.join(verdict.needs.exact_with)}: "
             f"it computes something else here than what was verified")

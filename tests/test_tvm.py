@@ -428,6 +428,38 @@ def test_a_library_changed_since_export_is_refused_if_it_would_kill_the_process(
             assert done.returncode == 0, done.stderr
 
 
+def test_only_bf16_libraries_need_amx():
+    """AMX instructions come only from the bf16 schedules: an fp32 library for an AMX CPU
+    runs on CPUs of its kind without AMX (and is not refused there)."""
+    from evit_deploy.targets.tvm import TvmOptions
+
+    sapphire_rapids = TvmOptions(tvm_target="llvm -mcpu=sapphirerapids -num-cores=1")
+    fp32, bf16 = (set(TvmTarget().cpu_needs(o).isa) for o in (sapphire_rapids,
+                                                                TvmOptions(**{**vars(sapphire_rapids), "precision": "bf16"})))
+    assert {"avx512f", "avx512_bf16"} <= fp32 and not {"amx_tile", "amx_bf16"} & fp32
+    assert {"amx_tile", "amx_bf16"} <= bf16
+
+
+def test_a_library_using_amx_is_refused_where_linux_does_not_allow_it(tuned_library, tmp_path, monkeypatch):
+    """A process may be denied AMX (a seccomp filter, say): its first tile instruction
+    would then end it (SIGILL). Faked here, on any CPU: the library's description says it
+    uses AMX, this CPU is played with AMX, and Linux's answer is a refusal."""
+    from evit_deploy import cpufeatures
+    from evit_deploy.cpufeatures import FLAGS_ENV, cpu_flags
+
+    lib = tmp_path / "amx.so"
+    shutil.copy(tuned_library.artifact.path, lib)
+    described = json.loads(tuned_library.artifact.path.with_suffix(".tvm.json").read_text())
+    described["extra"]["cpu"]["isa"].append("amx_tile")
+    lib.with_suffix(".tvm.json").write_text(json.dumps(described))
+    monkeypatch.setenv(FLAGS_ENV, " ".join(sorted(cpu_flags() | {"amx_tile"})))
+    monkeypatch.setattr(cpufeatures, "amx_permission_error", lambda: "Operation not permitted")
+    with pytest.raises(BadInputError, match="computes with AMX tiles, which this process may not use"):
+        api.run(lib, [sample_images()[0]])
+    monkeypatch.setattr(cpufeatures, "amx_permission_error", lambda: None)
+    assert api.run(lib, [sample_images()[0]]).predictions
+
+
 def test_export_applies_the_database_and_passes_parity(tuned_library):
     result = tuned_library
     lib = result.artifact.path

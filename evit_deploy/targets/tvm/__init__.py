@@ -73,8 +73,10 @@ class TvmTarget(Target):
         check(options, self.database(options))
 
     def cpu_needs(self, options: TvmOptions) -> CpuNeeds:
-        from .target_string import required_cpu_flags
-        return CpuNeeds(isa=required_cpu_flags(self.resolved_target(options)))
+        from .target_string import AMX_FLAGS, required_cpu_flags
+        flags = required_cpu_flags(self.resolved_target(options))
+        # AMX instructions come only from the bf16 schedules (LLVM emits none by itself).
+        return CpuNeeds(isa=flags if options.precision == "bf16" else tuple(f for f in flags if f not in AMX_FLAGS))
 
     def database(self, options: TvmOptions):
         """The tuning database ``--db`` names (None without one), read-only and read once

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...cpufeatures import CpuNeeds, needs_of, require_runnable
+from ...cpufeatures import CpuNeeds, needs_of, require_amx_permission, require_runnable
 from ...description import ModelDescription
 from ...errors import BadInputError, first_line
 from ...hostinfo import usable_cpus
@@ -108,7 +108,10 @@ class CompiledModel:
         self.description = read_description(self.path)
         self.threads = threads or default_threads(self.description)
         # Before the library is mapped: code for instructions this CPU lacks kills the process.
-        require_runnable(needs_of(self.description), str(self.path))
+        needs = needs_of(self.description)
+        require_runnable(needs, str(self.path))
+        if "amx_tile" in needs.isa:
+            require_amx_permission(str(self.path))
         if check:           # (off only in check_library's child process)
             check_library(self.path, self.description)
         try:

@@ -166,6 +166,10 @@ LLVM_TO_LINUX_FLAGS = {
 }
 
 
+#: The AMX features, whose instructions only schedules/amx_intrinsics writes.
+AMX_FLAGS = ("amx_tile", "amx_int8", "amx_bf16")
+
+
 def required_cpu_flags(target: dict) -> tuple[str, ...]:
     """The instruction sets (Linux flag names) code compiled for ``target`` may use: its
     CPU's features as TVM's LLVM knows them, with ``-mattr`` applied."""
