@@ -25,8 +25,8 @@ precision"; ``benchmarks/onnx_int8_recipe.py`` repeats the measurement):
   without VNNI onnxruntime's u8×s8 kernels add pairs of products in int16 (VPMADDUBSW),
   which 8-bit weights overflow; with |w| ≤ 64 a pair stays below 2·255·64 = 32640 and
   every CPU computes what the QDQ graph says (but for values on a rounding boundary,
-  which the fused element-wise kernels, ``QLinearAdd``, may round one step the other way). ``--int8-kernels vnni`` keeps 8 bits for
-  fleets whose CPUs all have VNNI (or AMX). Measured (``benchmarks/int8_portability.py``):
+  which the fused element-wise kernels, ``QLinearAdd``, may round one step the other
+  way). ``--int8-kernels vnni`` keeps 8 bits for fleets whose CPUs all have VNNI (or AMX). Measured (``benchmarks/int8_portability.py``):
   the same speed as 8-bit weights, where uint8 weights (U8U8 kernels, exact too) were
   20-25% slower; on an AVX2 CPU 8-bit weights failed parity with the default synthetic
   weights (cosine 0.04) and, with realistic ones, passed it while top-1 agreement fell

@@ -5,8 +5,9 @@ One module per kernel class, each with ``match(sch)`` (whether and how the kerne
 its class), ``variants(sch, facts)`` (the parameters it offers, the rule's best guess
 first) and ``apply(sch, variant, facts)`` (the schedule):
 
-* :mod:`.gemm_bf16`: the 1x1 convolutions a bf16 library computes in bf16 (AVX512_BF16,
-  through the tensor intrinsics of :mod:`.bf16_intrinsics`);
+* :mod:`.gemm_bf16`: the 1x1 convolutions a bf16 library computes in bf16 (AVX512_BF16
+  or AMX, through the tensor intrinsics of :mod:`.bf16_intrinsics` and
+  :mod:`.amx_intrinsics`);
 * :mod:`.gemm`: dense convolutions (1x1, the stem's 3x3) as register-blocked products;
 * :mod:`.depthwise`: depthwise convolutions;
 * :mod:`.matmul`: the attention's batched products and the classifier head;

@@ -1,4 +1,5 @@
-"""bf16 dense 1x1 convolutions for x86 CPUs with AVX512_BF16, through a TVM tensor intrinsic.
+"""bf16 dense 1x1 convolutions for x86 CPUs with AVX512_BF16, through a TVM tensor intrinsic
+(and, on CPUs with AMX, through AMX tiles: :mod:`.amx_intrinsics`, :func:`_apply_amx`).
 
 ``vdpbf16ps`` (:mod:`.bf16_intrinsics`) does twice the multiply-adds of an fp32 ``vfmadd``
 in one instruction (Zen 4 issues one 512-bit ``vdpbf16ps`` per cycle, as it does fp32
@@ -124,8 +125,8 @@ def to_bf16(sch, nr: int):
 
 
 def variants(sch, facts) -> list[tuple]:
-    """``("bf16", images, rows, cols, nr, order, convert)`` for :func:`apply`, best guess
-    first. The block shapes are the fp32 template's (the accumulators are the same zmm
+    """``("bf16", images, rows, cols, nr, order, convert)`` or ``("amx", convert)`` for
+    :func:`apply`, best guess first. The block shapes are the fp32 template's (the accumulators are the same zmm
     registers), those whose channels are whole registers. The rest is measured (Zen 4, one
     core): pixel blocks outermost beat weight panels outermost by 3-20%, and the kernel
     rounding its fp32 input per pixel block costs 1-3% over receiving bf16."""
@@ -137,10 +138,9 @@ def variants(sch, facts) -> list[tuple]:
         main, others = ("pixels", "none"), [("panels", "none")]
     else:
         main, others = ("pixels", "block"), [("pixels", "once"), ("panels", "once")]
-    # AMX first where the target has it, each row's activations rounded just before its
-    # products (M0's 1x1 convolutions on an Intel Xeon, one core: 5x faster than with
-    # vdpbf16ps, which runs at half the fp32 FMA's rate there; rounding the whole input
-    # first, 13% slower).
+    # AMX first where the target has it (README, "bf16": several times the vdpbf16ps
+    # kernels), each row's activations rounded just before its products (measured faster
+    # than rounding the whole input first).
     out = []
     if facts.amx_bf16 and amx_intrinsics.fits(conv.w, conv.c) and conv.f % amx_intrinsics.CHANNELS == 0:
         out = [("amx", "none")] if conv.input_dtype == "bfloat16" else [("amx", "block"), ("amx", "once")]
@@ -150,7 +150,6 @@ def variants(sch, facts) -> list[tuple]:
     out += [("bf16", *shapes[0], *way) for way in [main, *others]]
     out += [("bf16", *shape, *main) for shape in shapes[1:]]
     return out[:MAX_VARIANTS]
-
 
 
 def apply(sch, variant: tuple, facts):
