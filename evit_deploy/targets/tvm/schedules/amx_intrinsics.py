@@ -1,10 +1,11 @@
-"""The AMX tensor intrinsic of :mod:`.gemm_bf16`: a row of pixels times 16 output channels
-over the whole reduction, in one tile register.
+"""The AMX tensor intrinsic of :mod:`.gemm_bf16`: whole rows of pixels (up to 16 pixels)
+times 16 output channels over the whole reduction, in one tile register.
 
 ``tdpbf16ps`` multiplies a tile of up to 16 rows x 32 bf16 values by a tile of 16 pairs x
 16 channels (the weights pair-interleaved, as :func:`.gemm_bf16.pack_weights` stores them
 for ``vdpbf16ps``) into 16 rows x 16 fp32 sums. The intrinsic's rows are a row of the
-feature map (up to 16 pixels, 64 bytes of channels apart in NHWC); its implementation is an
+feature map (whole rows, so that in NHWC each pixel's channels start where the last
+pixel's end, whatever row it is in); its implementation is an
 LLVM IR function, linked in like :mod:`.bf16_intrinsics`' (TVM 0.27 has no AMX
 intrinsics of its own), that
 
@@ -15,8 +16,8 @@ intrinsics of its own), that
 3. loads the sums, runs the reduction 32 values at a time with the sums kept in the tile,
    and stores them back.
 
-The reduction's length is part of the intrinsic (a tensor intrinsic has a fixed shape): one
-is registered per (pixels, input channels) a kernel needs, when a schedule is applied, and
+The rows and the reduction's length are part of the intrinsic (a tensor intrinsic has a
+fixed shape): one is registered per (rows, width, input channels) a kernel needs, when a schedule is applied, and
 for every one a tuning database's records name before MetaSchedule reads them
 (:func:`register_named_in`: it looks each intrinsic up as it parses a record).
 """
@@ -97,64 +98,100 @@ done:
 """
 
 
-def name(pixels: int, reduction: int) -> str:
-    return f"evit_amx_bf16_{pixels}x{CHANNELS}x{reduction}"
+def name(rows: int, width: int, reduction: int) -> str:
+    return f"evit_amx_bf16_{rows}x{width}x{CHANNELS}x{reduction}"
 
 
-def fits(pixels: int, reduction: int) -> bool:
-    """Whether rows of ``pixels`` and a reduction of ``reduction`` make tiles (a row of one
-    pixel is left to the vector kernels: one tile row in 16 would work)."""
-    return 2 <= pixels <= MAX_PIXELS and reduction % STEP == 0 and reduction > 0
+def fits(rows: int, width: int, reduction: int) -> bool:
+    """Whether ``rows`` rows of ``width`` pixels and a reduction of ``reduction`` make a
+    tile (a single pixel is left to the vector kernels: one tile row in 16 would work)."""
+    return 2 <= rows * width <= MAX_PIXELS and reduction % STEP == 0 and reduction > 0
 
 
-def _intrinsic(pixels: int, reduction: int):
+def rows_per_tile(height: int, width: int) -> int:
+    """The most whole rows of a ``height`` x ``width`` map one tile holds."""
+    return max(r for r in range(1, height + 1) if height % r == 0 and r * width <= MAX_PIXELS) \
+        if width <= MAX_PIXELS else 0
+
+
+def _call(A, B, C, rows: int, width: int, reduction: int):
+    # Pointers typed uint16, bf16's storage (bf16_intrinsics, point 2); strides in bytes:
+    # the pixels' (their rows are whole rows of the map, so each starts where the last ends).
     from tvm.script import tirx as T
 
-    P, K = pixels, reduction
+    pixel = len(A.shape) - 2
+    return T.call_extern(
+        "void", FUNCTION, C.access_ptr("rw"), T.int64(C.strides[pixel] * 4),
+        T.tvm_access_ptr(T.type_annotation("uint16"), A.data, A.elem_offset, rows * width * reduction, 1),
+        T.int64(A.strides[pixel] * 2),
+        T.tvm_access_ptr(T.type_annotation("uint16"), B.data, B.elem_offset, reduction * CHANNELS, 1),
+        T.int64(B.strides[0] * 2), T.int64(rows * width), T.int64(reduction // STEP))
+
+
+def _intrinsic(rows: int, width: int, reduction: int):
+    """(description, implementation): a row of pixels (2-D operands) or several whole rows
+    (3-D: the kernel's loop nest has a row loop then, and the description must too)."""
+    from tvm.script import tirx as T
+
+    R, W, K = rows, width, reduction
+    pixels = (W,) if R == 1 else (R, W)
     # The operands, declared once for both functions (evaluated by the TVMScript parser as
     # parameter types): strides named, so that the implementation can read them.
-    pixels_in = T.Buffer((P, K), "bfloat16", offset_factor=1, strides=("a_stride", 1))
-    weights = T.Buffer((K // 2, CHANNELS, 2), "bfloat16", offset_factor=1, strides=("b_stride", "b_pair", 1))
-    sums = T.Buffer((P, CHANNELS), "float32", offset_factor=1, strides=("c_stride", 1), scope="local")
+    pixels_in = T.Buffer((*pixels, K), "bfloat16", offset_factor=1, strides=(*("a_row", "a")[2 - len(pixels):], 1))
+    weights = T.Buffer((K // 2, CHANNELS, 2), "bfloat16", offset_factor=1, strides=("b", "b_pair", 1))
+    sums = T.Buffer((*pixels, CHANNELS), "float32", offset_factor=1, strides=(*("c_row", "c")[2 - len(pixels):], 1),
+                    scope="local")
 
-    @T.prim_func(s_tir=True)
-    def desc(A: pixels_in, B: weights, C: sums) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:P, 0:CHANNELS], A[0:P, 0:K], B[0:K // 2, 0:CHANNELS, 0:2])
-            T.writes(C[0:P, 0:CHANNELS])
-            for x, f, k in T.grid(P, CHANNELS, K):
-                with T.sblock("update"):
-                    vx, vf, vk = T.axis.remap("SSR", [x, f, k])
-                    C[vx, vf] = C[vx, vf] + T.cast(A[vx, vk], "float32") * T.cast(B[vk // 2, vf, vk % 2], "float32")
+    if R == 1:
+        @T.prim_func(s_tir=True)
+        def desc(A: pixels_in, B: weights, C: sums) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:W, 0:CHANNELS], A[0:W, 0:K], B[0:K // 2, 0:CHANNELS, 0:2])
+                T.writes(C[0:W, 0:CHANNELS])
+                for x, f, k in T.grid(W, CHANNELS, K):
+                    with T.sblock("update"):
+                        vx, vf, vk = T.axis.remap("SSR", [x, f, k])
+                        C[vx, vf] = C[vx, vf] + T.cast(A[vx, vk], "float32") * T.cast(B[vk // 2, vf, vk % 2], "float32")
 
-    @T.prim_func(s_tir=True)
-    def impl(A: pixels_in, B: weights, C: sums) -> None:
-        # Pointers typed uint16, bf16's storage (bf16_intrinsics, point 2); strides in bytes.
-        with T.sblock("root"):
-            T.reads(C[0:P, 0:CHANNELS], A[0:P, 0:K], B[0:K // 2, 0:CHANNELS, 0:2])
-            T.writes(C[0:P, 0:CHANNELS])
-            T.evaluate(T.call_extern(
-                "void", FUNCTION, C.access_ptr("rw"), T.int64(C.strides[0] * 4),
-                T.tvm_access_ptr(T.type_annotation("uint16"), A.data, A.elem_offset, P * K, 1),
-                T.int64(A.strides[0] * 2),
-                T.tvm_access_ptr(T.type_annotation("uint16"), B.data, B.elem_offset, K * CHANNELS, 1),
-                T.int64(B.strides[0] * 2), T.int64(P), T.int64(K // STEP)))
+        @T.prim_func(s_tir=True)
+        def impl(A: pixels_in, B: weights, C: sums) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:W, 0:CHANNELS], A[0:W, 0:K], B[0:K // 2, 0:CHANNELS, 0:2])
+                T.writes(C[0:W, 0:CHANNELS])
+                T.evaluate(_call(A, B, C, R, W, K))
+    else:
+        @T.prim_func(s_tir=True)
+        def desc(A: pixels_in, B: weights, C: sums) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:R, 0:W, 0:CHANNELS], A[0:R, 0:W, 0:K], B[0:K // 2, 0:CHANNELS, 0:2])
+                T.writes(C[0:R, 0:W, 0:CHANNELS])
+                for y, x, f, k in T.grid(R, W, CHANNELS, K):
+                    with T.sblock("update"):
+                        vy, vx, vf, vk = T.axis.remap("SSSR", [y, x, f, k])
+                        C[vy, vx, vf] = (C[vy, vx, vf]
+                                         + T.cast(A[vy, vx, vk], "float32") * T.cast(B[vk // 2, vf, vk % 2], "float32"))
 
+        @T.prim_func(s_tir=True)
+        def impl(A: pixels_in, B: weights, C: sums) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:R, 0:W, 0:CHANNELS], A[0:R, 0:W, 0:K], B[0:K // 2, 0:CHANNELS, 0:2])
+                T.writes(C[0:R, 0:W, 0:CHANNELS])
+                T.evaluate(_call(A, B, C, R, W, K))
     return desc, impl
 
 
 def register_named_in(text: str) -> None:
     """Register every AMX intrinsic ``text`` (a database's records) names."""
-    for pixels, reduction in set(re.findall(r"evit_amx_bf16_(\d+)x16x(\d+)", text)):
-        register(int(pixels), int(reduction))
+    for found in set(re.findall(rf"evit_amx_bf16_(\d+)x(\d+)x{CHANNELS}x(\d+)", text)):
+        register(*map(int, found))
 
 
-def register(pixels: int, reduction: int) -> str:
-    """Register the intrinsic for rows of ``pixels`` and a reduction of ``reduction``
-    (once per process); returns its name."""
+def register(rows: int, width: int, reduction: int) -> str:
+    """Register the intrinsic for ``rows`` rows of ``width`` pixels and a reduction of
+    ``reduction`` (once per process); returns its name."""
     from tvm.s_tir import TensorIntrin
 
-    intrin = name(pixels, reduction)
+    intrin = name(rows, width, reduction)
     if TensorIntrin.get(intrin, allow_missing=True) is None:
-        TensorIntrin.register(intrin, *_intrinsic(pixels, reduction))
+        TensorIntrin.register(intrin, *_intrinsic(rows, width, reduction))
     return intrin

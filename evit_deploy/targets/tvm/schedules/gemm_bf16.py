@@ -125,7 +125,7 @@ def to_bf16(sch, nr: int):
 
 
 def variants(sch, facts) -> list[tuple]:
-    """``("bf16", images, rows, cols, nr, order, convert)`` or ``("amx", convert)`` for
+    """``("bf16", images, rows, cols, nr, order, convert)`` or ``("amx", rows, convert)`` for
     :func:`apply`, best guess first. The block shapes are the fp32 template's (the accumulators are the same zmm
     registers), those whose channels are whole registers. The rest is measured (Zen 4, one
     core): pixel blocks outermost beat weight panels outermost by 3-20%, and the kernel
@@ -142,8 +142,10 @@ def variants(sch, facts) -> list[tuple]:
     # kernels), each row's activations rounded just before its products (measured faster
     # than rounding the whole input first).
     out = []
-    if facts.amx_bf16 and amx_intrinsics.fits(conv.w, conv.c) and conv.f % amx_intrinsics.CHANNELS == 0:
-        out = [("amx", "none")] if conv.input_dtype == "bfloat16" else [("amx", "block"), ("amx", "once")]
+    rows = amx_intrinsics.rows_per_tile(conv.h, conv.w)
+    if facts.amx_bf16 and amx_intrinsics.fits(rows, conv.w, conv.c) and conv.f % amx_intrinsics.CHANNELS == 0:
+        ways = ["none"] if conv.input_dtype == "bfloat16" else ["block", "once"]
+        out = [("amx", rows, way) for way in ways] + [("amx", 1, way) for way in ways[:1] if rows > 1]
     if not shapes:
         return out
     # The rule's block with each way of ordering/rounding, then the other blocks.
@@ -239,17 +241,17 @@ def _round_input(sch, pad, convert: str, outer, facts) -> None:
 
 
 def _apply_amx(sch, variant: tuple, facts):
-    """``("amx", convert)``: one row of the feature map (up to 16 pixels) times 16 output
-    channels per tile, the whole reduction in :mod:`.amx_intrinsics`' function, then the
-    epilogue on those sums; ``convert`` as in :func:`apply` (``"block"``: each row's
-    activations rounded just before its products)."""
-    _, convert = variant
+    """``("amx", rows, convert)``: ``rows`` whole rows of the feature map (up to 16 pixels)
+    times 16 output channels per tile, the whole reduction in :mod:`.amx_intrinsics`'
+    function, then the epilogue on those sums; ``convert`` as in :func:`apply`
+    (``"block"``: each tile's activations rounded just before its products)."""
+    _, rows, convert = variant
     conv_ = match(sch)
-    intrin = amx_intrinsics.register(conv_.w, conv_.c)
+    intrin = amx_intrinsics.register(rows, conv_.w, conv_.c)
     conv, pad, epilogue = _bf16_blocks(sch, amx_intrinsics.CHANNELS, convert)
     (no, ni), (yo, yi), (xo, xi), (fo, fio, fii), (ry, rx, rc) = gemm.split_block(
-        sch, conv, (1, 1, conv_.w, amx_intrinsics.CHANNELS), amx_intrinsics.CHANNELS)
-    sch.reorder(no, yo, xo, fo, ni, yi, fio, ry, rx, xi, fii, rc)
+        sch, conv, (1, rows, conv_.w, amx_intrinsics.CHANNELS), amx_intrinsics.CHANNELS)
+    sch.reorder(no, yo, xo, fo, ni, fio, ry, rx, yi, xi, fii, rc)
     outer = sch.fuse(no, yo, xo)
     parallel_if_worth_it(sch, outer, work_of(sch, conv), facts)
     epilogue = accumulate_locally(sch, conv, epilogue)
@@ -258,9 +260,8 @@ def _apply_amx(sch, variant: tuple, facts):
     init = sch.decompose_reduction(conv, ry)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.annotate(init, MARK, KIND)
-    sch.tensorize(xi, intrin)
+    sch.tensorize(yi if rows > 1 else xi, intrin)
     sch.annotate(outer, "pragma_import_llvm", amx_intrinsics.LLVM_IR + (LLVM_IR if pad is not None else ""))
     return sch
-
 
 register()
