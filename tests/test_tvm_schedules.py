@@ -204,11 +204,11 @@ def test_every_softmax_variant_computes_the_softmax(length, facts):
 
 # -- bf16 ---------------------------------------------------------------------------------
 
-def _bf16_host_target():
+def _bf16_host_target(cores: int = 1):
     from evit_deploy.targets.tvm.quantize import supports_bf16
     from evit_deploy.targets.tvm.target_string import resolve_target, to_tvm
 
-    target = to_tvm(resolve_target("native -num-cores=1"))
+    target = to_tvm(resolve_target(f"native -num-cores={cores}"))
     if not supports_bf16(target):
         pytest.skip("this CPU has no AVX512_BF16: bf16 kernels cannot run here")
     return target
@@ -324,6 +324,25 @@ def test_every_bf16_variant_computes_bf16_products_with_fp32_sums():
     for variant, sch in _bf16_schedules(kernel, target, facts):
         np.testing.assert_allclose(_run_packed(sch.mod["main"], target, args), expected, rtol=0, atol=1e-5 * scale,
                                    err_msg=str(variant))
+
+
+def test_amx_kernels_run_by_two_threads_compute_the_same():
+    """The tile configuration is each thread's own: the AMX variants split among two
+    threads, against the kernel unscheduled (bf16-exact activations, as above)."""
+    import ml_dtypes
+
+    target = _bf16_host_target(cores=2)
+    kernel, facts = _largest_bf16_kernel(target, batch=4, img_size=64)
+    if not facts.amx_bf16:
+        pytest.skip("this CPU has no AMX")
+    args = _args(kernel, np.random.default_rng(1))
+    args[0] = args[0].astype(ml_dtypes.bfloat16).astype(np.float32)
+    expected = _run(kernel.mod, target, args)
+    amx = [(v, sch) for v, sch in _bf16_schedules(kernel, target, facts) if v[0] == "amx"]
+    assert amx and all("parallel" in str(sch.trace) for _, sch in amx)
+    for variant, sch in amx:
+        np.testing.assert_allclose(_run_packed(sch.mod["main"], target, args), expected, rtol=0,
+                                   atol=1e-5 * np.abs(expected).max(), err_msg=str(variant))
 
 
 def test_bf16_is_refused_for_a_cpu_without_it(cli, tmp_path):
