@@ -193,15 +193,15 @@ def amx_permission_error() -> str | None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.syscall(_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0:
         return None
-    return os.strerror(ctypes.get_errno())
+    return f"Linux refused them: {os.strerror(ctypes.get_errno())}"
 
 
 def require_amx_permission(what: str) -> None:
     """:class:`BadInputError` if this process may not use AMX tiles, which ``what`` uses."""
     refused = amx_permission_error()
     if refused is not None:
-        raise BadInputError(f"{what} computes with AMX tiles, which this process may not use (Linux refused "
-                            f"them: {refused}): build it for this CPU without bf16, or run it where AMX is allowed")
+        raise BadInputError(f"{what} computes with AMX tiles, which this process may not use ({refused}): "
+                            f"build it for this CPU without bf16, or run it where AMX is allowed")
 
 
 def inexact_message(verdict: CpuVerdict, what: str) -> str:

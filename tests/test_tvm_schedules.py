@@ -256,7 +256,18 @@ def _run_packed(func, target, args):
 
 
 def _largest_bf16_kernel(target, *, batch: int, img_size: int):
-    """M0's largest kernel that gemm_bf16 schedules in its bf16 graph, and the target's facts."""
+    """M0's largest kernel that gemm_bf16 schedules in its bf16 graph, and the target's
+    facts (traced once per target and size: several tests schedule the same kernel)."""
+    key = (str(target), batch, img_size)
+    if key not in _BF16_KERNELS:
+        _BF16_KERNELS[key] = _trace_largest_bf16_kernel(target, batch=batch, img_size=img_size)
+    return _BF16_KERNELS[key]
+
+
+_BF16_KERNELS: dict = {}
+
+
+def _trace_largest_bf16_kernel(target, *, batch: int, img_size: int):
     from evit_deploy.targets.tvm import graph, metaschedule
     from evit_deploy.targets.tvm.schedules import gemm_bf16
     from evit_deploy.tracing import trace
@@ -332,9 +343,9 @@ def test_amx_kernels_run_by_two_threads_compute_the_same():
     import ml_dtypes
 
     target = _bf16_host_target(cores=2)
-    kernel, facts = _largest_bf16_kernel(target, batch=4, img_size=64)
-    if not facts.amx_bf16:
+    if not CpuFacts.for_target(target).amx_bf16:
         pytest.skip("this CPU has no AMX")
+    kernel, facts = _largest_bf16_kernel(target, batch=4, img_size=64)
     args = _args(kernel, np.random.default_rng(1))
     args[0] = args[0].astype(ml_dtypes.bfloat16).astype(np.float32)
     expected = _run(kernel.mod, target, args)

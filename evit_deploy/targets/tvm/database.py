@@ -154,7 +154,9 @@ class TuningDatabase:
         tuning (new records are appended to them), else the lines read when opened."""
         from tvm.s_tir.meta_schedule.database import JSONDatabase
 
-        # MetaSchedule looks up the tensor intrinsics a record names as it reads it.
+        # MetaSchedule looks up the tensor intrinsics a record names as it reads it:
+        # importing the schedules registers the fixed ones, the AMX ones (one per shape)
+        # are registered from the names the records hold.
         from .schedules import amx_intrinsics
 
         file = self.path / RECORD_FILE

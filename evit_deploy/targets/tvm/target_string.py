@@ -209,10 +209,9 @@ def resolve_target(text_or_dict, *, threads: int | None = None) -> dict:
     original = text_or_dict if isinstance(text_or_dict, str) else json.dumps(text_or_dict)
     if target.get("mcpu") == "native":
         target["mcpu"] = host_cpu_name()
-        corrections = _model_corrected_to_host(target)
-        if corrections:         # the user's -mattr may switch off what the host adds, not on what it lacks
-            on, off = ([c for c in corrections if c[0] == sign] for sign in "+-")
-            target["mattr"] = [*on, *target.get("mattr", []), *off]
+        on, off = _model_corrected_to_host(target)
+        if on or off:           # the user's -mattr may switch off what the host adds, not on what it lacks
+            target["mattr"] = [*(f"+{f}" for f in on), *target.get("mattr", []), *(f"-{f}" for f in off)]
     if "mcpu" in target:
         triple = target.get("mtriple") or str(tvm_ffi.get_global_func("target.llvm_get_system_triple")())
         if not bool(tvm_ffi.get_global_func("target.llvm_is_valid_cpu")(target["mcpu"], triple)):
@@ -232,22 +231,23 @@ def resolve_target(text_or_dict, *, threads: int | None = None) -> dict:
     return canonical(target)
 
 
-def _model_corrected_to_host(target: dict) -> list[str]:
-    """``-mattr`` entries that make the LLVM model of the host CPU what this machine is.
-    Off (``-f``): what the model has and this machine does not expose (a virtual machine
-    may hide AVX-512): code using it would crash here. On (``+f``): what this machine has
-    and the model lacks (a virtual machine may report an older model number: an Intel Xeon
+def _model_corrected_to_host(target: dict) -> tuple[list[str], list[str]]:
+    """The LLVM features to switch on and off to make the model of the host CPU what this
+    machine is. Off: what the model has and this machine does not expose (a virtual machine
+    may hide AVX-512): code using it would crash here. On: what this machine has and the
+    model lacks (a virtual machine may report an older model number: an Intel Xeon
     with AMX and BF16 reporting Rocket Lake's was named ``rocketlake``, which has neither)."""
     from ...cpufeatures import cpu_flags
 
     flags = cpu_flags()
     if flags is None:
-        return []
+        return [], []
     from tvm.target import codegen
 
     features = codegen.llvm_get_cpu_features(to_tvm(target))
-    return [f"-{llvm}" if llvm in features else f"+{llvm}" for llvm, linux in LLVM_TO_LINUX_FLAGS.items()
-            if (llvm in features) != (linux in flags)]
+    on = [llvm for llvm, linux in LLVM_TO_LINUX_FLAGS.items() if linux in flags and llvm not in features]
+    off = [llvm for llvm, linux in LLVM_TO_LINUX_FLAGS.items() if llvm in features and linux not in flags]
+    return on, off
 
 
 def _close_cpus(cpu: str, triple: str) -> str:

@@ -109,9 +109,10 @@ def fits(rows: int, width: int, reduction: int) -> bool:
 
 
 def rows_per_tile(height: int, width: int) -> int:
-    """The most whole rows of a ``height`` x ``width`` map one tile holds."""
-    return max(r for r in range(1, height + 1) if height % r == 0 and r * width <= MAX_PIXELS) \
-        if width <= MAX_PIXELS else 0
+    """The most whole rows of a ``height`` x ``width`` map one tile holds (0: not one)."""
+    if width > MAX_PIXELS:
+        return 0
+    return max(r for r in range(1, height + 1) if height % r == 0 and r * width <= MAX_PIXELS)
 
 
 def _call(A, B, C, rows: int, width: int, reduction: int):
@@ -135,12 +136,15 @@ def _intrinsic(rows: int, width: int, reduction: int):
 
     R, W, K = rows, width, reduction
     pixels = (W,) if R == 1 else (R, W)
+
+    def strides(name: str) -> tuple:
+        return (name, 1) if R == 1 else (f"{name}_row", name, 1)
+
     # The operands, declared once for both functions (evaluated by the TVMScript parser as
     # parameter types): strides named, so that the implementation can read them.
-    pixels_in = T.Buffer((*pixels, K), "bfloat16", offset_factor=1, strides=(*("a_row", "a")[2 - len(pixels):], 1))
+    pixels_in = T.Buffer((*pixels, K), "bfloat16", offset_factor=1, strides=strides("a"))
     weights = T.Buffer((K // 2, CHANNELS, 2), "bfloat16", offset_factor=1, strides=("b", "b_pair", 1))
-    sums = T.Buffer((*pixels, CHANNELS), "float32", offset_factor=1, strides=(*("c_row", "c")[2 - len(pixels):], 1),
-                    scope="local")
+    sums = T.Buffer((*pixels, CHANNELS), "float32", offset_factor=1, strides=strides("c"), scope="local")
 
     if R == 1:
         @T.prim_func(s_tir=True)

@@ -126,8 +126,8 @@ def to_bf16(sch, nr: int):
 
 def variants(sch, facts) -> list[tuple]:
     """``("bf16", images, rows, cols, nr, order, convert)`` or ``("amx", rows, convert)`` for
-    :func:`apply`, best guess first. The block shapes are the fp32 template's (the accumulators are the same zmm
-    registers), those whose channels are whole registers. The rest is measured (Zen 4, one
+    :func:`apply`, best guess first. The block shapes are the fp32 template's (the
+    accumulators are the same zmm registers), those whose channels are whole registers. The rest is measured (Zen 4, one
     core): pixel blocks outermost beat weight panels outermost by 3-20%, and the kernel
     rounding its fp32 input per pixel block costs 1-3% over receiving bf16."""
     conv = match(sch)
@@ -263,5 +263,6 @@ def _apply_amx(sch, variant: tuple, facts):
     sch.tensorize(yi if rows > 1 else xi, intrin)
     sch.annotate(outer, "pragma_import_llvm", amx_intrinsics.LLVM_IR + (LLVM_IR if pad is not None else ""))
     return sch
+
 
 register()
