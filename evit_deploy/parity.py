@@ -412,6 +412,6 @@ def verify_outputs(*, target, path, description: ModelDescription, reference, ar
     report = ParityReport(artifact=str(artifact), target=target.name, runtime=target.runtime_name(path),
                           precision=precision, tolerance=tolerance, outputs=metrics, inputs=per_input,
                           model=description.model, weights=description.weights, exact_answer=how, cpu=host_cpu())
-    report.extra.update(target.parity_extras(path, report))
+    report.extra.update(target.parity_extras(path))
     return report
 

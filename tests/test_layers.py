@@ -7,7 +7,7 @@
   (``evit_deploy.targets``) and their contract (``evit_deploy.targets.base``) only;
 * every built-in target package has the same anatomy: declarations (``__init__.py``),
   ``convert.py``, ``quantize.py``, ``runtime.py``, and ``profile.py`` exactly when it can
-  time its operators.
+  time its operators; the functions of those modules named after a hook are the hook.
 """
 
 from __future__ import annotations
@@ -166,3 +166,61 @@ def test_the_anatomy_gives_each_target_its_export_and_its_sessions():
     assert Standalone.package is None and Standalone.session_class is None
     assert Standalone.run_requires == {"numpy": "numpy"} and Standalone.benchmark_backend == "standalone"
     assert targets["onnx"].benchmark_backend == "onnxruntime" and targets["coreml"].benchmark_backend is None
+    # A package's target is named after the package and produces what its docstring says.
+    assert all(targets[name].name == name for name in BUILT_IN_TARGETS)
+    assert targets["onnx"].produces == "ONNX model (.onnx), run by onnxruntime"
+    assert Variant.produces == OnnxTarget.produces and not hasattr(Standalone, "produces")
+
+
+def _hook_arguments(hook: str) -> tuple[tuple, dict]:
+    """What the base class passes a package's function of a hook's name (dummies)."""
+    path, description = Path("artifact"), object()
+    return {"runtime_name": ((path,), {}), "read_description": ((path,), {}), "artifact_files": ((path,), {}),
+            "health": ((path, description), {}), "parity_extras": ((object(),), {}), "host_findings": ((), {}),
+            "profile_ops": ((path, {}), {"threads": 1, "iterations": 1, "blocks": {}})}[hook]
+
+
+def test_a_target_packages_functions_are_its_hooks():
+    """Where a target package's runtime.py (profile.py) defines a function named after a
+    hook, the base class calls it with the hook's arguments: each must take them, and a
+    class that overrides the hook leaves no such function behind, unused."""
+    import importlib
+    import inspect
+
+    from evit_deploy.targets import available_targets
+    from evit_deploy.targets.base import RUNTIME_FUNCTIONS, Target
+
+    targets = available_targets()
+    found = 0
+    for name in BUILT_IN_TARGETS:
+        cls = targets[name]
+        for module, hook in [*(("runtime", h) for h in RUNTIME_FUNCTIONS), ("profile", "profile_ops")]:
+            if not (PACKAGE_DIR / "targets" / name / f"{module}.py").exists():
+                continue
+            function = getattr(importlib.import_module(f"{cls.package}.{module}"), hook, None)
+            if function is None:
+                continue
+            found += 1
+            args, kwargs = _hook_arguments(hook)
+            inspect.signature(function).bind(*args, **kwargs)       # raises TypeError if it cannot take them
+            overridden = getattr(cls, hook) is not getattr(Target, hook)
+            assert not overridden, f"{cls.__name__}.{hook} overrides {cls.package}.{module}.{hook}"
+    assert found >= 15, found       # the six runtimes define most hooks this way
+
+
+def test_a_plug_in_registered_under_another_name_is_refused(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    import pytest
+
+    import evit_deploy.targets as registry
+    from evit_deploy.errors import BadInputError
+
+    misnamed = EntryPoint("onnx2", "evit_deploy.targets.onnx:OnnxTarget", registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [misnamed])
+    registry._load_all.cache_clear()
+    try:
+        with pytest.raises(BadInputError, match="named 'onnx', not 'onnx2' as registered"):
+            registry.get_target("onnx2")
+    finally:
+        registry._load_all.cache_clear()

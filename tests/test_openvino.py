@@ -196,10 +196,9 @@ def test_benchmark_sessions_set_threads_streams_and_latency(m0_ir):
 
     _, result = m0_ir
     session = get_target("openvino").open_session(result.artifact.path, threads=1)
-    loaded = session.__self__
-    assert loaded.property(props.inference_num_threads) == 1 and loaded.property(props.num_streams) == 1
-    assert str(loaded.property(hints.performance_mode)) == "LATENCY"
-    assert loaded.property(hints.inference_precision) == ov.Type.f32
+    assert session.property(props.inference_num_threads) == 1 and session.property(props.num_streams) == 1
+    assert str(session.property(hints.performance_mode)) == "LATENCY"
+    assert session.property(hints.inference_precision) == ov.Type.f32
     x = np.zeros((1, 3, SIZE, SIZE), np.float32)
     assert session({"image": x})["logits"].shape == (1, 1000)
 

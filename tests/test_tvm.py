@@ -305,16 +305,16 @@ def test_a_database_is_never_applied_to_another_target(fixed_db, cli, tmp_path):
 
 
 def test_export_with_a_database_builds_for_its_target_by_default(fixed_db):
-    from evit_deploy.targets.tvm import TvmOptions, TvmTarget
+    from evit_deploy.targets.tvm import TvmTarget
 
     db = fixed_db
     made_for = json.loads((db / tvmdb.META_FILE).read_text())["target"]
-    assert TvmTarget().resolved_target(TvmOptions(db=str(db))) == resolve_target(made_for)
-    assert TvmTarget().resolved_target(TvmOptions()) == resolve_target("native")
+    assert TvmTarget().resolved_target(TvmTarget.Options(db=str(db))) == resolve_target(made_for)
+    assert TvmTarget().resolved_target(TvmTarget.Options()) == resolve_target("native")
     # ... and at the batch it was tuned at: kernels of another batch have no record.
-    assert TvmTarget().default_batch(TvmOptions(db=str(db)), "efficientvit_m0")[0] == BATCH
-    assert TvmTarget().default_batch(TvmOptions(db=str(db)), "efficientvit_m4") is None
-    assert TvmTarget().default_batch(TvmOptions(), "efficientvit_m0") is None
+    assert TvmTarget().default_batch(TvmTarget.Options(db=str(db)), "efficientvit_m0")[0] == BATCH
+    assert TvmTarget().default_batch(TvmTarget.Options(db=str(db)), "efficientvit_m4") is None
+    assert TvmTarget().default_batch(TvmTarget.Options(), "efficientvit_m0") is None
 
 
 def test_tuning_the_pooling_kernel_prints_no_tvm_warning(capfd):
@@ -431,11 +431,10 @@ def test_a_library_changed_since_export_is_refused_if_it_would_kill_the_process(
 def test_only_bf16_libraries_need_amx():
     """AMX instructions come only from the bf16 schedules: an fp32 library for an AMX CPU
     runs on CPUs of its kind without AMX (and is not refused there)."""
-    from evit_deploy.targets.tvm import TvmOptions
 
-    sapphire_rapids = TvmOptions(tvm_target="llvm -mcpu=sapphirerapids -num-cores=1")
-    fp32, bf16 = (set(TvmTarget().cpu_needs(o).isa) for o in (sapphire_rapids,
-                                                                TvmOptions(**{**vars(sapphire_rapids), "precision": "bf16"})))
+    sapphire_rapids = TvmTarget.Options(tvm_target="llvm -mcpu=sapphirerapids -num-cores=1")
+    bf16_options = TvmTarget.Options(**{**vars(sapphire_rapids), "precision": "bf16"})
+    fp32, bf16 = (set(TvmTarget().cpu_needs(o).isa) for o in (sapphire_rapids, bf16_options))
     assert {"avx512f", "avx512_bf16"} <= fp32 and not {"amx_tile", "amx_bf16"} & fp32
     assert {"amx_tile", "amx_bf16"} <= bf16
 

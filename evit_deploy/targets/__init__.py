@@ -49,6 +49,8 @@ def _load_all() -> tuple[dict[str, type[Target]], dict[str, tuple[str, str]]]:
             cls = ep.load()
             if not (isinstance(cls, type) and issubclass(cls, Target)):
                 raise TypeError(f"{ep.value} is not a subclass of evit_deploy.targets.Target")
+            if getattr(cls, "name", None) != ep.name:
+                raise TypeError(f"{ep.value} is named {getattr(cls, 'name', None)!r}, not {ep.name!r} as registered")
         except Exception as exc:  # a broken plug-in must not break the others
             broken[ep.name] = (ep.value, f"{type(exc).__name__}: {exc}")
             continue

@@ -1,7 +1,8 @@
 """The contract every export target fulfils.
 
-A target is a class with a ``name``, what it ``produces``, the Python packages it
-``requires``, an ``Options`` dataclass, ``export(traced, options, path, reporter)`` and
+A target is a class with a ``name`` (by default its package's), what it ``produces``
+(by default the first paragraph of its docstring), the Python packages it ``requires``,
+an ``Options`` dataclass, ``export(traced, options, path, reporter)`` and
 ``run(path, inputs)``. Targets are found through the ``evit_deploy.targets`` entry-point
 group, so a package that declares one adds a target without touching evit-deploy. A
 target owns everything about itself: its options, the commands it adds to the CLI
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 import warnings
 from collections.abc import Callable
@@ -100,13 +102,28 @@ def missing_modules(needed: dict[str, str]) -> dict[str, str]:
     return {mod: pip for mod, pip in needed.items() if importlib.util.find_spec(mod) is None}
 
 
+#: What a target package's ``runtime`` module may define, each called by the method of
+#: the same name: ``runtime_name(path)``, ``read_description(path)``,
+#: ``artifact_files(path)``, ``health(path, description)``, ``parity_extras(session)``,
+#: ``host_findings()``.
+RUNTIME_FUNCTIONS = ("runtime_name", "read_description", "artifact_files", "health", "parity_extras",
+                     "host_findings")
+
+
+def _has_module(package: str | None, module: str) -> bool:
+    return package is not None and importlib.util.find_spec(f"{package}.{module}") is not None
+
+
 class Target:
     """Base class of export targets. A target package (``targets/<name>/``) sets the class
-    attributes in its ``__init__``; by default :meth:`export` is its ``convert.export`` and
-    its artifacts are loaded by its ``runtime.Session`` (:attr:`session_class`)."""
+    attributes in its ``__init__``; the rest comes from its modules by name: :meth:`export`
+    is its ``convert.export``, its artifacts are loaded by its ``runtime.Session``
+    (:attr:`session_class`), :meth:`profile_ops` is its ``profile.profile_ops``, and each
+    method listed in :data:`RUNTIME_FUNCTIONS` is its ``runtime`` module's function of that
+    name where it has one."""
 
-    name: ClassVar[str]
-    produces: ClassVar[str]                       # "ONNX model (.onnx)"
+    name: ClassVar[str]                           # default: its package's name (targets/<name>/)
+    produces: ClassVar[str]                       # default: its docstring ("ONNX model (.onnx), ...")
     suffixes: ClassVar[tuple[str, ...]]           # artifact file/directory suffixes it reads
     requires: ClassVar[dict[str, str]] = {}       # import name -> pip package, for export
     run_requires: ClassVar[dict[str, str]] = {}   # import name -> pip package, for run (default: requires)
@@ -135,14 +152,18 @@ class Target:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         declared = cls.__dict__
-        if "name" in declared and "benchmark_backend" not in declared:
-            cls.benchmark_backend = cls.name
-        if "requires" in declared and "run_requires" not in declared:
-            cls.run_requires = cls.requires
         if hasattr(sys.modules.get(cls.__module__), "__path__"):
             cls.package = cls.__module__
             if "session_class" not in declared:
                 cls.session_class = f"{cls.package}.runtime:Session"
+            if "name" not in declared:
+                cls.name = cls.package.rpartition(".")[2]
+        if cls.__doc__ and "produces" not in declared:
+            cls.produces = " ".join(inspect.cleandoc(cls.__doc__).split("\n\n")[0].split())
+        if "name" in cls.__dict__ and "benchmark_backend" not in declared:
+            cls.benchmark_backend = cls.name
+        if "requires" in declared and "run_requires" not in declared:
+            cls.run_requires = cls.requires
 
     # -- what the framework asks of a target ------------------------------------------------
     def validate(self, options) -> None:
@@ -220,30 +241,37 @@ class Target:
     def health(self, path: Path, description: ModelDescription) -> list[Finding]:
         """What a user of this artifact should know about how well it will run (TVM: how
         many kernels have a tuned schedule). Benchmarks and reports show the warnings."""
-        return []
+        found = self._package_function("runtime", "health")
+        return found(path, description) if found else []
 
     def profile_ops(self, path: Path, inputs: dict[str, np.ndarray], *, threads: int, iterations: int,
                     blocks: dict[str, str]) -> list[OpTime]:
         """Per-operator times of ``iterations`` runs on ``inputs`` (after a warm-up);
         ``blocks`` maps PyTorch module paths to block kinds, for runtimes that keep them.
-        A target that can time its operators overrides this (:meth:`supports_profiling`)."""
-        raise BadInputError(f"target '{self.name}' cannot report per-operator times")
+        Default: the package's ``profile.profile_ops``, for a runtime that has per-operator
+        times (:meth:`supports_profiling`)."""
+        found = self._package_function("profile", "profile_ops")
+        if found is None:
+            raise BadInputError(f"target '{self.name}' cannot report per-operator times")
+        return found(path, inputs, threads=threads, iterations=iterations, blocks=blocks)
 
     @classmethod
     def supports_profiling(cls) -> bool:
         """Whether :meth:`profile_ops` can time this target's operators."""
-        return cls.profile_ops is not Target.profile_ops
+        return cls.profile_ops is not Target.profile_ops or _has_module(cls.package, "profile")
 
     def run(self, path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the artifact with its own runtime on named inputs; outputs by name."""
         return self.sessions().cached(path)(inputs)
 
     def read_description(self, path: Path) -> ModelDescription:
-        return self.sessions().cached(path).description
+        found = self._package_function("runtime", "read_description")    # from the files, not loaded
+        return found(path) if found else self.sessions().cached(path).description
 
     def runtime_name(self, path: Path) -> str:
         """Which engine :meth:`run` uses, for reports (e.g. "onnxruntime 1.32 (CPU)")."""
-        return self.name
+        found = self._package_function("runtime", "runtime_name")
+        return found(path) if found else self.name
 
     @classmethod
     def can_tune(cls) -> bool:
@@ -265,7 +293,8 @@ class Target:
     def artifact_files(self, path: Path) -> tuple[Path, ...]:
         """The files an artifact is made of (sidecars first): what a cached session of it
         depends on. Default: the file, or every file of a directory artifact."""
-        return package_files(path)
+        found = self._package_function("runtime", "artifact_files")
+        return found(path) if found else package_files(path)
 
     def recognizes(self, path: Path) -> bool:
         return any(str(path).endswith(s) for s in self.suffixes)
@@ -281,7 +310,8 @@ class Target:
     def host_findings(self) -> list[Finding]:
         """What ``doctor`` should say about this target here once its packages import:
         the versions that convert and run, which runtime runs artifacts, known-bad versions."""
-        return []
+        found = self._package_function("runtime", "host_findings")
+        return found() if found else []
 
     def _package_findings(self) -> list[Finding]:
         missing = self.missing_packages()
@@ -319,9 +349,11 @@ class Target:
             return lambda inputs: self.run(path, inputs)
         return self.sessions().open(path, threads)
 
-    def parity_extras(self, path: Path, report) -> dict:
-        """Target-specific facts to add to a parity report (e.g. fp16 drift)."""
-        return {}
+    def parity_extras(self, path: Path) -> dict:
+        """Target-specific facts to add to a parity report (e.g. fp16 drift), from the
+        loaded artifact."""
+        found = self._package_function("runtime", "parity_extras")
+        return found(self.sessions().cached(path)) if found else {}
 
     def run_batched(self, path: Path, x: np.ndarray, description: ModelDescription) -> dict[str, np.ndarray]:
         """Run any number of inputs through an artifact with a fixed batch size.
@@ -341,6 +373,13 @@ class Target:
         return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
     # -- shared helpers --------------------------------------------------------------------
+    def _package_function(self, module: str, function: str) -> Callable | None:
+        """``<package>.<module>.<function>`` where this target's package has it: imported
+        only when the method that needs it is called (heavy runtimes, see above)."""
+        if not _has_module(self.package, module):
+            return None
+        return getattr(importlib.import_module(f"{self.package}.{module}"), function, None)
+
     @classmethod
     def missing_packages(cls, for_run: bool = False) -> dict[str, str]:
         return missing_modules(cls.run_requires if for_run else {**cls.requires, **cls.run_requires})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import typing
+from collections.abc import Mapping
 from dataclasses import field
 from typing import Any
 
@@ -32,10 +33,14 @@ def option(default, help: str, *, choices: tuple | None = None, flag: str | None
     return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "path": path})
 
 
-def precision_option(default: str, supported: tuple[str, ...], help: str = "numeric precision of the artifact"):
+def precision_option(default: str, supported: tuple[str, ...] | Mapping[str, str],
+                     help: str = "numeric precision of the artifact"):
     """The ``precision`` option of a target that exports the ``supported`` precisions (a
-    subset of :data:`PRECISIONS`). Asking for another one of :data:`PRECISIONS` is the
-    one-line error "target 'x' does not support precision 'bf16'", not "unknown value"."""
+    subset of :data:`PRECISIONS`), or a mapping of each to what it makes, which is then the
+    help ("fp32; int8 (int8 weights ...)"). Asking for another one of :data:`PRECISIONS` is
+    the one-line error "target 'x' does not support precision 'bf16'", not "unknown value"."""
+    if isinstance(supported, Mapping):
+        help = "; ".join(f"{p} ({made})" if made else p for p, made in supported.items())
     unknown = sorted(set(supported) - set(PRECISIONS))
     if unknown or default not in supported:
         raise ValueError(f"precision_option: {unknown or default!r} is not one of {PRECISIONS}")

@@ -42,7 +42,7 @@ class Session:
 
     def __init__(self, path: Path, threads: int | None = None):
         self.path = Path(path)
-        self.description = description_from_spec(read_spec(self.path), str(self.path))
+        self.description = read_description(self.path)
         self._model = None
         self._reference = None
 
@@ -103,7 +103,13 @@ def numeric_outputs(result: dict, description: ModelDescription) -> dict[str, np
     return out
 
 
-def runtime_name(description: ModelDescription) -> str:
+def read_description(path: Path) -> ModelDescription:
+    """The description in the package's metadata, read without loading the program."""
+    return description_from_spec(read_spec(Path(path)), str(path))
+
+
+def runtime_name(path: Path) -> str:
+    description = read_description(path)
     if available():
         units = description.extra.get("options", {}).get("compute_units", "all")
         return f"Core ML runtime (macOS {platform.mac_ver()[0]}, compute units {units})"

@@ -36,7 +36,8 @@ OUTSIDE_OPERATORS = "XNNPACK delegate, between operators"
 _INSTANCE = re.compile(r"\s+#\d+$")
 
 
-def profile_ops(path: Path, inputs: dict[str, np.ndarray], *, threads: int, iterations: int) -> list[OpTime]:
+def profile_ops(path: Path, inputs: dict[str, np.ndarray], *, threads: int, iterations: int,
+                blocks: dict[str, str]) -> list[OpTime]:
     session = Session(path, threads=threads, etdump=True)
     for _ in range(1 + iterations):                      # the first run is the warm-up
         session(inputs)

@@ -24,6 +24,14 @@ from ...errors import ExportError, first_line
 from ...native_output import captured
 from .. import pt2e
 
+#: What each precision makes (the help of ``--precision``).
+PRECISIONS = {
+    "fp32": "",
+    "fp16": "fp16 weights and arithmetic in XNNPACK, float16 input and output",
+    "int8": "PT2E static quantization for XNNPACK: int8 weights per channel and activations, float32 input "
+            "and output",
+}
+
 
 def int8(traced, calibration: CalibrationSet):
     """(int8 program, facts)."""

@@ -12,13 +12,13 @@ method was loaded before a later resize loads it again before it runs.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ...description import ModelDescription
 from ...errors import BadInputError, first_line
+from ...hostinfo import package_version, usable_cpus
 from ...native_output import captured
 from ..base import Finding
 
@@ -26,17 +26,16 @@ from ..base import Finding
 DESCRIPTION_METHOD = "evit_deploy_description"
 
 
-def default_threads() -> int:
-    return os.cpu_count() or 1
+def runtime_name(path: Path | None = None) -> str:
+    return f"ExecuTorch {package_version('executorch')} runtime (XNNPACK, {usable_cpus()} threads)"
 
 
-def runtime_name() -> str:
-    from importlib.metadata import version
+def host_findings() -> list[Finding]:
+    return [Finding("ok", f"executorch {package_version('executorch')}: exports here; running a .pte from "
+                          "Python needs torch (its runtime binding links libtorch)")]
 
-    return f"ExecuTorch {version('executorch')} runtime (XNNPACK, {default_threads()} threads)"
 
-
-def health(description: ModelDescription) -> list[Finding]:
+def health(path: Path, description: ModelDescription) -> list[Finding]:
     """Whether XNNPACK runs every operator, as the export recorded it."""
     found = description.extra.get("executorch", {}).get("delegation")
     if not found:
@@ -94,7 +93,7 @@ def load_program(path: Path, *, etdump: bool = False):
         raise BadInputError(f"{path} is not a loadable ExecuTorch program: {first_line(exc)}") from None
 
 
-def read_description(program, source: str) -> ModelDescription:
+def program_description(program, source: str) -> ModelDescription:
     if DESCRIPTION_METHOD not in program.method_names:
         raise BadInputError(f"{source} was not made by evit-deploy (no '{DESCRIPTION_METHOD}' method)")
     try:
@@ -109,14 +108,14 @@ class Session:
 
     def __init__(self, path: Path, threads: int | None = None, *, etdump: bool = False):
         self.path = Path(path)
-        self.threads = threads or default_threads()
+        self.threads = threads or usable_cpus()
         self.etdump = etdump
         self._load()
 
     def _load(self) -> None:
         self.generation = pool_with(self.threads)
         program = load_program(self.path, etdump=self.etdump)
-        self.description = read_description(program, str(self.path))
+        self.description = program_description(program, str(self.path))
         try:
             with captured():            # XNNPACK's initialisation reports the CPU it found
                 self.method = program.load_method("forward")

@@ -20,6 +20,12 @@ from ...native_output import captured
 from .. import pt2e
 from .matmul import int8_quantizer
 
+#: What each precision makes (the help of ``--precision``).
+PRECISIONS = {
+    "fp32": "",
+    "fp16": "fp16 convolution and linear weights, fp32 compute",
+    "int8": "PT2E static quantization: int8 weights per channel and activations, int8 input and output tensors",
+}
 #: The ops ai-edge-quantizer's FLOAT_CASTING algorithm can store fp16 weights of, among
 #: the ones EfficientViT converts to (it is registered for these and a few others only).
 FP16_WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")

@@ -18,7 +18,6 @@ Interpreter's own node listing, used by its tests and tools).
 from __future__ import annotations
 
 import collections
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from ...description import ModelDescription
 from ...errors import BadInputError, first_line
+from ...hostinfo import package_version, usable_cpus
 from ...native_output import captured
 from ..base import Finding
 from . import flatbuffer
@@ -33,14 +33,13 @@ from . import flatbuffer
 DELEGATE_NODE = "DELEGATE"
 
 
-def default_threads() -> int:
-    return os.cpu_count() or 1
+def runtime_name(path: Path | None = None) -> str:
+    return f"ai-edge-litert {package_version('ai-edge-litert')} Interpreter (XNNPACK, {usable_cpus()} threads)"
 
 
-def runtime_name() -> str:
-    from importlib.metadata import version
-
-    return f"ai-edge-litert {version('ai-edge-litert')} Interpreter (XNNPACK, {default_threads()} threads)"
+def host_findings() -> list[Finding]:
+    return [Finding("ok", f"litert-torch {package_version('litert-torch')} converts; ai-edge-litert "
+                          f"{package_version('ai-edge-litert')} runs .tflite files without torch")]
 
 
 def read_description(path: Path) -> ModelDescription:
@@ -57,7 +56,7 @@ class Session:
     def __init__(self, path: Path, threads: int | None = None):
         from ai_edge_litert.interpreter import Interpreter
 
-        self.threads = threads or default_threads()
+        self.threads = threads or usable_cpus()
         try:
             with captured():
                 self.interpreter = Interpreter(model_path=str(path), num_threads=self.threads)
@@ -157,7 +156,7 @@ def delegation(session: Session) -> Delegation:
     return Delegation(partitions, model_ops - sum(outside.values()), dict(sorted(outside.items())))
 
 
-def health(session: Session) -> list[Finding]:
+def delegation_findings(session: Session) -> list[Finding]:
     """Whether XNNPACK runs every operator of the loaded model, and which it leaves out."""
     found = delegation(session)
     if not found.outside:

@@ -50,7 +50,7 @@ class Session:
         return with_legacy_int8_needs(ModelDescription.from_json(meta[METADATA_KEY]))
 
 
-def runtime_name() -> str:
+def runtime_name(path: Path | None = None) -> str:
     import onnxruntime as ort
 
     return f"onnxruntime {ort.__version__} (CPU)"

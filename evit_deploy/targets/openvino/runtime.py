@@ -163,8 +163,9 @@ def compile_config(inference_precision: str, *, threads: int | None = None, prof
     return config
 
 
-class Session:
-    """A compiled IR and its description; ``run_named`` maps input names to outputs."""
+class CompiledModel:
+    """A compiled IR and its description, called on a batch; ``run_named`` maps input
+    names to outputs."""
 
     def __init__(self, xml: Path, *, threads: int | None = None, profile: bool = False):
         self.path = Path(xml)
@@ -196,8 +197,15 @@ class Session:
         return self.compiled.get_property(key)
 
 
-def load(xml: Path, *, threads: int | None = None, profile: bool = False) -> Session:
-    return Session(xml, threads=threads, profile=profile)
+class Session(CompiledModel):
+    """A compiled IR as the target runs it: ``session({name: array}) -> {name: array}``."""
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.run_named(inputs)
+
+
+def load(xml: Path, *, threads: int | None = None, profile: bool = False) -> CompiledModel:
+    return CompiledModel(xml, threads=threads, profile=profile)
 
 
 def runtime_name(xml: Path) -> str:
@@ -215,7 +223,7 @@ def parity_extras(model: Session) -> dict:
             "weights_bytes": bin_path(model.path).stat().st_size}
 
 
-def health(description: ModelDescription) -> list[Finding]:
+def health(xml: Path, description: ModelDescription) -> list[Finding]:
     precision = description.extra.get("openvino", {}).get("inference_precision", "f32")
     if precision == "bf16" and "BF16" not in cpu_capabilities():
         return [Finding("error", "exported for bf16 inference, which this CPU does not have",

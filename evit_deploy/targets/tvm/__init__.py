@@ -15,33 +15,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-import numpy as np
-
 from ...cpufeatures import CpuNeeds
 from ...description import ModelDescription
 from ...errors import first_line
-from ..base import Artifact, Command, Finding, OpTime, Target, missing_modules
+from ..base import Artifact, Command, Finding, Target, missing_modules
 from ..options import option, precision_option
-from .quantize import BF16_HELP, PRECISIONS
-
-
-@dataclass
-class TvmOptions:
-    tvm_target: str | None = option(None, "TVM target: 'llvm -mcpu=broadwell -num-cores=14', JSON, or native "
-                                    "(default: the database's target with --db, else native)",
-                                    flag="--tvm-target")
-    db: str | None = option(None, "tuning database directory made by `evit-deploy tune`", flag="--db", path=True)
-    db_any_target: bool = option(False, "apply a database tuned for a different TVM target anyway",
-                                 flag="--db-any-target")
-    precision: str = precision_option("fp32", PRECISIONS, BF16_HELP)
-
-
-def schedule_summary(info: dict) -> str:
-    """``70: 12 tuned, 58 default schedules`` from a library's description."""
-    parts = [f"{info.get('tuned_kernels') or 0} tuned", f"{info.get('default_kernels') or 0} default schedules"]
-    if info.get("unscheduled_kernels"):
-        parts.append(f"{info['unscheduled_kernels']} unscheduled")
-    return f"{info.get('kernels')}: {', '.join(parts)}"
+from .quantize import PRECISIONS
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -50,8 +29,8 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 
 class TvmTarget(Target):
-    name = "tvm"
-    produces = "shared library (.so) + description (.tvm.json), run by the TVM runtime"
+    """shared library (.so) + description (.tvm.json), run by the TVM runtime"""
+
     suffixes = (".so",)
     requires = {"tvm": "apache-tvm", "tvm_ffi": "apache-tvm-ffi"}
     reproducible = False
@@ -59,26 +38,35 @@ class TvmTarget(Target):
                             "determined by the database (its record count is in the description), the TVM "
                             "target and the TVM version; tuning itself measures wall-clock time and is not "
                             "repeatable, and LLVM output is not guaranteed byte-identical")
-    Options = TvmOptions
 
     option_shortcuts = {"--db": "db"}
+
+    @dataclass
+    class Options:
+        tvm_target: str | None = option(None, "TVM target: 'llvm -mcpu=broadwell -num-cores=14', JSON, or native "
+                                        "(default: the database's target with --db, else native)",
+                                        flag="--tvm-target")
+        db: str | None = option(None, "tuning database directory made by `evit-deploy tune`", flag="--db", path=True)
+        db_any_target: bool = option(False, "apply a database tuned for a different TVM target anyway",
+                                     flag="--db-any-target")
+        precision: str = precision_option("fp32", PRECISIONS)
 
     @classmethod
     def commands(cls) -> list[Command]:
         from .commands import tune_command
         return [Command("tune", tune_command)]
 
-    def validate(self, options: TvmOptions) -> None:
+    def validate(self, options: Options) -> None:
         from .convert import check
         check(options, self.database(options))
 
-    def cpu_needs(self, options: TvmOptions) -> CpuNeeds:
+    def cpu_needs(self, options: Options) -> CpuNeeds:
         from .target_string import AMX_FLAGS, required_cpu_flags
         flags = required_cpu_flags(self.resolved_target(options))
         # AMX instructions come only from the bf16 schedules (LLVM emits none by itself).
         return CpuNeeds(isa=flags if options.precision == "bf16" else tuple(f for f in flags if f not in AMX_FLAGS))
 
-    def database(self, options: TvmOptions):
+    def database(self, options: Options):
         """The tuning database ``--db`` names (None without one), read-only and read once
         while its files stay unchanged: planning an export asks for it five times."""
         return self._databases(options.db) if options.db else None
@@ -88,7 +76,7 @@ class TvmTarget(Target):
         from .database import ReadOnce
         return ReadOnce()
 
-    def default_batch(self, options: TvmOptions, model: str) -> tuple[int, str] | None:
+    def default_batch(self, options: Options, model: str) -> tuple[int, str] | None:
         """The batch the database tuned ``model`` at, if it tuned it at one batch only."""
         from .convert import tuned_batch
 
@@ -96,12 +84,12 @@ class TvmTarget(Target):
         batch = tuned_batch(db, model) if db is not None else None
         return None if batch is None else (batch, f"the batch {options.db} was tuned at")
 
-    def resolved_target(self, options: TvmOptions) -> dict:
+    def resolved_target(self, options: Options) -> dict:
         """The target to compile for: as given, else the database's, else the host."""
         from .convert import resolved_target
         return resolved_target(options, self.database(options))
 
-    def export(self, traced, options: TvmOptions, path: Path, reporter) -> Artifact:
+    def export(self, traced, options: Options, path: Path, reporter) -> Artifact:
         from .convert import export
         return export(traced, options, self.database(options), path, reporter, target_name=self.name)
 
@@ -144,45 +132,3 @@ class TvmTarget(Target):
             findings.append(Finding("warning", f"cannot name the host CPU for LLVM: {first_line(exc)}",
                                     "pass an explicit target, e.g. --tvm-target 'llvm -mcpu=skylake-avx512'"))
         return findings
-
-    def health(self, path: Path, description: ModelDescription) -> list[Finding]:
-        from .graph import VERSION
-
-        info = description.extra.get("tvm", {})
-        findings = []
-        kernels, tuned = info.get("kernels"), info.get("tuned_kernels")
-        # Libraries from before default schedules existed had only records or TVM's code.
-        unscheduled = info.get("unscheduled_kernels", None if kernels is None else kernels - (tuned or 0))
-        if unscheduled:
-            # One kernel with TVM's own unscheduled code is enough to make the library slow.
-            findings.append(Finding("warning", f"{unscheduled} of {kernels} kernels unscheduled",
-                                    "export again with this evit-deploy (default schedules), or tune"))
-        if info.get("graph") not in (None, VERSION):
-            findings.append(Finding("warning", f"compiled by an older graph pipeline ({info.get('graph')})",
-                                    "export it again to get this version's kernels"))
-        return findings
-
-    def profile_ops(self, path: Path, inputs: dict[str, np.ndarray], *, threads: int, iterations: int,
-                    blocks: dict[str, str]) -> list[OpTime]:
-        """Per-kernel times from the Relax VM (:mod:`.profile`): kernels are named after
-        the operators fused into them, not attributed to blocks."""
-        from .profile import profile_ops
-        return profile_ops(path, inputs, threads=threads, iterations=iterations)
-
-    # -- reading and running (torch-free) ----------------------------------------------------
-    def read_description(self, path: Path) -> ModelDescription:
-        from .runtime import read_description
-        return read_description(path)
-
-    def artifact_files(self, path: Path) -> tuple[Path, ...]:
-        from .runtime import artifact_files
-        return artifact_files(path)
-
-    def runtime_name(self, path: Path) -> str:
-        from .runtime import describe_runtime, read_description
-        return describe_runtime(read_description(path))
-
-    def parity_extras(self, path: Path, report) -> dict:
-        from .runtime import read_description
-        info = read_description(path).extra.get("tvm", {})
-        return {"tvm_target": info.get("target_string"), "kernels": schedule_summary(info)}

@@ -42,7 +42,7 @@ def prepare(mod, target, *, layout: str = DEFAULT_LAYOUT, precision: str = "fp32
     from .quantize import PRECISIONS
 
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
     passes = [convolutions_in_bf16()] if precision == "bf16" else []
     passes += [
         # Softmax with TVM's polynomial exp: vectorisable, 2.4x faster on the attention maps

@@ -45,8 +45,10 @@ class KernelTimer:
             self._timings = None
 
 
-def profile_ops(path: Path, inputs: dict[str, np.ndarray], *, threads: int, iterations: int) -> list[OpTime]:
-    """Every kernel call of ``iterations`` runs on ``inputs``, after a warm-up run."""
+def profile_ops(path: Path, inputs: dict[str, np.ndarray], *, threads: int, iterations: int,
+                blocks: dict[str, str]) -> list[OpTime]:
+    """Every kernel call of ``iterations`` runs on ``inputs``, after a warm-up run
+    (``blocks`` unused: kernels are named after fused operators, not modules)."""
     model = load(path, threads=threads)
     timer = KernelTimer(model)
     x = model.to_device(inputs[model.description.input.name])

@@ -15,9 +15,12 @@ the dot product runs only on CPUs that have it (:func:`require_bf16`).
 
 from __future__ import annotations
 
-PRECISIONS = ("fp32", "bf16")
-BF16_HELP = ("bf16: the 1x1 convolutions from bf16 weights and activations with fp32 accumulation (needs "
-             "AVX512_BF16 on the target CPU)")
+#: What each precision makes (the help of ``--precision``).
+PRECISIONS = {
+    "fp32": "",
+    "bf16": "the 1x1 convolutions from bf16 weights and activations with fp32 accumulation; needs AVX512_BF16 "
+            "on the target CPU",
+}
 
 
 def computes_in_bf16(input_dtype: str, weights, *, kernel_layout: str, groups: int, padding, out_dtype: str) -> bool:

@@ -29,6 +29,8 @@ from ...cpufeatures import CpuNeeds, needs_of, require_amx_permission, require_r
 from ...description import ModelDescription
 from ...errors import BadInputError, first_line
 from ...hostinfo import usable_cpus
+from ..base import Finding
+from .graph import VERSION
 
 SIDECAR_SUFFIX = ".tvm.json"
 
@@ -239,14 +241,43 @@ class Session(CompiledModel):
         return self.run_named(inputs)
 
 
-def describe_runtime(description: ModelDescription) -> str:
+def runtime_name(library: Path) -> str:
     import tvm
 
-    info = description.extra.get("tvm", {})
+    info = read_description(library).extra.get("tvm", {})
     tuned, defaults = info.get("tuned_kernels") or 0, info.get("default_kernels") or 0
     parts = [f"{tuned} tuned" if tuned else "", f"{defaults} default" if defaults else ""]
     state = " + ".join(p for p in parts if p) or "unscheduled"
     return f"TVM {tvm.__version__} Relax VM, {info.get('target_string', '?')}, {state} of {info.get('kernels')} kernels"
+
+
+def schedule_summary(info: dict) -> str:
+    """``70: 12 tuned, 58 default schedules`` from a library's description."""
+    parts = [f"{info.get('tuned_kernels') or 0} tuned", f"{info.get('default_kernels') or 0} default schedules"]
+    if info.get("unscheduled_kernels"):
+        parts.append(f"{info['unscheduled_kernels']} unscheduled")
+    return f"{info.get('kernels')}: {', '.join(parts)}"
+
+
+def parity_extras(session: CompiledModel) -> dict:
+    info = session.description.extra.get("tvm", {})
+    return {"tvm_target": info.get("target_string"), "kernels": schedule_summary(info)}
+
+
+def health(library: Path, description: ModelDescription) -> list[Finding]:
+    info = description.extra.get("tvm", {})
+    findings = []
+    kernels, tuned = info.get("kernels"), info.get("tuned_kernels")
+    # Libraries from before default schedules existed had only records or TVM's code.
+    unscheduled = info.get("unscheduled_kernels", None if kernels is None else kernels - (tuned or 0))
+    if unscheduled:
+        # One kernel with TVM's own unscheduled code is enough to make the library slow.
+        findings.append(Finding("warning", f"{unscheduled} of {kernels} kernels unscheduled",
+                                "export again with this evit-deploy (default schedules), or tune"))
+    if info.get("graph") not in (None, VERSION):
+        findings.append(Finding("warning", f"compiled by an older graph pipeline ({info.get('graph')})",
+                                "export it again to get this version's kernels"))
+    return findings
 
 
 def description_json(description: ModelDescription) -> str:
