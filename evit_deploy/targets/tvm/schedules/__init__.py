@@ -57,6 +57,11 @@ def candidates(mod, facts: CpuFacts, postprocs, *, limit: int | None = None) -> 
     one per variant, the rule's choice first; the post-processors add what MetaSchedule's
     own candidates get (weight packing, the reduction's initialisation). Empty when no
     class applies."""
+    return [candidate for _, candidate in labelled_candidates(mod, facts, postprocs, limit=limit)]
+
+
+def labelled_candidates(mod, facts: CpuFacts, postprocs, *, limit: int | None = None) -> list[tuple]:
+    """(variant, candidate) pairs of :func:`candidates`."""
     from tvm import s_tir
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
     from tvm.s_tir.meta_schedule.search_strategy import MeasureCandidate
@@ -74,7 +79,7 @@ def candidates(mod, facts: CpuFacts, postprocs, *, limit: int | None = None) -> 
         except Exception:   # a schedule primitive refused this kernel's shape: skip the variant
             continue
         # The runner feeds the kernel as built: weights already packed.
-        out.append(MeasureCandidate(sch, ArgInfo.from_entry_func(sch.mod, remove_preproc=True)))
+        out.append((variant, MeasureCandidate(sch, ArgInfo.from_entry_func(sch.mod, remove_preproc=True))))
         if limit is not None and len(out) >= limit:
             break
     return out

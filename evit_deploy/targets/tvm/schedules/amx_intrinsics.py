@@ -1,12 +1,12 @@
-"""The AMX tensor intrinsic of :mod:`.gemm_bf16`: whole rows of pixels (up to 16 pixels)
-times 16 output channels over the whole reduction, in one tile register.
+"""The AMX tensor intrinsic of :mod:`.gemm_bf16`: up to 16 pixels times 16 output
+channels over the whole reduction, in one tile register.
 
 ``tdpbf16ps`` multiplies a tile of up to 16 rows x 32 bf16 values by a tile of 16 pairs x
 16 channels (the weights pair-interleaved, as :func:`.gemm_bf16.pack_weights` stores them
-for ``vdpbf16ps``) into 16 rows x 16 fp32 sums. The intrinsic's rows are a row of the
-feature map (whole rows, so that in NHWC each pixel's channels start where the last
-pixel's end, whatever row it is in); its implementation is an
-LLVM IR function, linked in like :mod:`.bf16_intrinsics`' (TVM 0.27 has no AMX
+for ``vdpbf16ps``) into 16 rows x 16 fp32 sums. The intrinsic's pixels are whole rows of
+the feature map, or 16 consecutive pixels of a kernel that numbers them across rows and
+images (in NHWC each pixel's channels start where the last pixel's end, whatever row it
+is in); its implementation is an LLVM IR function, linked in like :mod:`.bf16_intrinsics`' (TVM 0.27 has no AMX
 intrinsics of its own), that
 
 1. asks Linux once per process for the right to use the tile data (``arch_prctl``

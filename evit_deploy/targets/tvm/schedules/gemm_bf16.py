@@ -125,8 +125,8 @@ def to_bf16(sch, nr: int):
 
 
 def variants(sch, facts) -> list[tuple]:
-    """``("bf16", images, rows, cols, nr, order, convert)`` or ``("amx", rows, convert)`` for
-    :func:`apply`, best guess first. The block shapes are the fp32 template's (the
+    """``("bf16", images, rows, cols, nr, order, convert)``, ``("amx", rows, convert)`` or
+    ``("amx_pixels", convert)`` for :func:`apply`, best guess first. The block shapes are the fp32 template's (the
     accumulators are the same zmm registers), those whose channels are whole registers. The rest is measured (Zen 4, one
     core): pixel blocks outermost beat weight panels outermost by 3-20%, and the kernel
     rounding its fp32 input per pixel block costs 1-3% over receiving bf16."""
@@ -143,9 +143,15 @@ def variants(sch, facts) -> list[tuple]:
     # than rounding the whole input first).
     out = []
     rows = amx_intrinsics.rows_per_tile(conv.h, conv.w)
-    if facts.amx_bf16 and amx_intrinsics.fits(rows, conv.w, conv.c) and conv.f % amx_intrinsics.CHANNELS == 0:
+    if facts.amx_bf16 and conv.f % amx_intrinsics.CHANNELS == 0:
         ways = ["none"] if conv.input_dtype == "bfloat16" else ["block", "once"]
-        out = [("amx", rows, way) for way in ways] + [("amx", 1, way) for way in ways[:1] if rows > 1]
+        pixels = [("amx_pixels", ways[0])] if _pixel_tiles_fit(sch, conv, rows) else []
+        whole_rows = [("amx", rows, way) for way in ways] + [("amx", 1, way) for way in ways[:1] if rows > 1] \
+            if amx_intrinsics.fits(rows, conv.w, conv.c) else []
+        # 16 pixels across rows first where whole rows fill at most half a tile (7x7 maps:
+        # 1.4-1.7x faster alone); rows of 14 pixels measured alike (benchmarks/bf16_kernels.py).
+        half = rows * conv.w <= amx_intrinsics.MAX_PIXELS // 2
+        out = pixels + whole_rows if half else whole_rows + pixels
     if not shapes:
         return out
     # The rule's block with each way of ordering/rounding, then the other blocks.
@@ -174,6 +180,8 @@ def apply(sch, variant: tuple, facts):
     register()
     if variant[0] == "amx":
         return _apply_amx(sch, variant, facts)
+    if variant[0] == "amx_pixels":
+        return _apply_amx_pixels(sch, variant, facts)
     _, images, rows, cols, nr, order, convert = variant
     if convert == "block" and order != "pixels":
         raise ValueError("rounding per pixel block needs the pixel blocks outermost")
@@ -262,6 +270,56 @@ def _apply_amx(sch, variant: tuple, facts):
     sch.annotate(init, MARK, KIND)
     sch.tensorize(yi if rows > 1 else xi, intrin)
     sch.annotate(outer, "pragma_import_llvm", amx_intrinsics.LLVM_IR + (LLVM_IR if pad is not None else ""))
+    return sch
+
+
+def _pixel_tiles_fit(sch, conv: Conv, rows: int) -> bool:
+    """Whether :func:`_apply_amx_pixels` applies, and fills more of a tile than ``rows``
+    whole rows do (none, for rows of more than 16 pixels): 16 | the pixels, 32 | the input
+    channels, the kernel rounds its input (a scratch it may lay out) and writes its sums
+    to an epilogue (likewise)."""
+    tile = amx_intrinsics.MAX_PIXELS
+    if (conv.n * conv.h * conv.w) % tile or rows * conv.w >= tile or not amx_intrinsics.fits(1, tile, conv.c):
+        return False
+    sums = sch.get(find_block(sch, ("conv2d_nhwc",))).writes[0].source
+    scratch = any(b.same_as(sums) for b in sch.get(sch.get_sblock("root")).alloc_buffers)
+    return conv.input_dtype == "float32" and scratch
+
+
+def _apply_amx_pixels(sch, variant: tuple, facts):
+    """``("amx_pixels", convert)``: 16 consecutive pixels per tile, whichever rows they are
+    in (whole rows of a 7x7 map fill 7 of a tile's 16 rows, of a 14x14 map 14). In NHWC,
+    pixel ``p = (n * H + y) * W + x`` starts ``p * C`` values in: the convolution, the
+    rounding and the epilogue are rewritten over ``p``, and the rounded input and the sums
+    (the kernel's own scratches) laid out ``[p, channel]``, so that a tile's 16 pixels are
+    one 2-D region of them. ``convert`` as in :func:`_apply_amx`."""
+    _, convert = variant
+    conv_ = match(sch)
+    tile = amx_intrinsics.MAX_PIXELS
+    intrin = amx_intrinsics.register(1, tile, conv_.c)
+    conv, pad, epilogue = _bf16_blocks(sch, amx_intrinsics.CHANNELS, convert)
+
+    def pixel(n, y, x):
+        return (n * conv_.h + y) * conv_.w + x
+
+    sch.transform_layout(conv, ("write", 0), lambda n, y, x, f: (pixel(n, y, x), f))
+    sch.transform_block_layout(conv, lambda n, y, x, f, ry, rx, rc: (pixel(n, y, x), f, ry, rx, rc))
+    sch.transform_layout(pad, ("write", 0), lambda n, y, x, c: (pixel(n, y, x), c))
+    sch.transform_block_layout(pad, lambda n, y, x, c: (pixel(n, y, x), c))
+    p, f, ry, rx, rc = sch.get_loops(conv)
+    po, pi = sch.split(p, [None, tile])
+    fo, fi = sch.split(f, [None, amx_intrinsics.CHANNELS])
+    sch.reorder(po, fo, ry, rx, pi, fi, rc)
+    parallel_if_worth_it(sch, po, work_of(sch, conv), facts)
+    epilogue = accumulate_locally(sch, conv, epilogue)
+    sch.transform_block_layout(epilogue, lambda n, y, x, f: (pixel(n, y, x), f))
+    finish_epilogue(sch, epilogue, fo, LANES)
+    _round_input(sch, pad, convert, po, facts)
+    init = sch.decompose_reduction(conv, ry)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.annotate(init, MARK, KIND)
+    sch.tensorize(pi, intrin)
+    sch.annotate(po, "pragma_import_llvm", amx_intrinsics.LLVM_IR + LLVM_IR)
     return sch
 
 
