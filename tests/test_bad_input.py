@@ -231,6 +231,7 @@ def test_a_ctrl_c_that_a_finalizer_swallowed_still_stops_the_command(cli, tmp_pa
     """Ctrl-C arriving while Python runs a weakref callback (a garbage collection inside
     a converter) raises KeyboardInterrupt there, where Python only reports it: the
     command must stop at its next stage all the same, not finish its work."""
+    import gc
     import os
     import signal
     import weakref
@@ -243,8 +244,16 @@ def test_a_ctrl_c_that_a_finalizer_swallowed_still_stops_the_command(cli, tmp_pa
         garbage = Garbage()
 
         def pressed():
-            os.kill(os.getpid(), signal.SIGINT)
-            sum(range(1000))           # Python runs the handler here, inside the callback
+            # Without collections meanwhile: the handler would then run inside JAX's gc
+            # callback, which reports it at the end of the run (conftest.ctrl_c_here).
+            enabled = gc.isenabled()
+            gc.disable()
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                sum(range(1000))           # Python runs the handler here, inside the callback
+            finally:
+                if enabled:
+                    gc.enable()
         weakref.finalize(garbage, pressed)
         del garbage
         return real_export(self, traced, options, path, reporter)
