@@ -83,10 +83,13 @@ def match(sch) -> Conv | None:
     return conv_
 
 
-def pack_weights(sch, conv_block, nr: int):
+def pack_weights(sch, conv_block, nr: int, *, window_first: bool = False):
     """The weights in pair-interleaved bf16 panels of ``nr`` channels::
 
         packed[f // nr, ry, rx, c // 2, f % nr, c % 2] = w[f, ry, rx, c]
+
+    (``window_first``: ``packed[ry, rx, f // nr, ...]``, so that consecutive panels of one
+    window position are one region: the same bytes for a 1x1 convolution.)
 
     For one panel and one reduction pair, the panel's ``nr`` channel pairs are
     ``4 * nr`` contiguous bytes (64 per instruction), and a whole panel is one stream.
@@ -94,8 +97,12 @@ def pack_weights(sch, conv_block, nr: int):
     the build splits it out and applies it to the constants once. Returns the packing
     block."""
     pack = sch.cache_read(conv_block, 1, "global")
-    sch.transform_layout(pack, ("write", 0),
-                         lambda f, ry, rx, c: (f // nr, ry, rx, c // PAIR, f % nr, c % PAIR))
+    if window_first:
+        sch.transform_layout(pack, ("write", 0),
+                             lambda f, ry, rx, c: (ry, rx, f // nr, c // PAIR, f % nr, c % PAIR))
+    else:
+        sch.transform_layout(pack, ("write", 0),
+                             lambda f, ry, rx, c: (f // nr, ry, rx, c // PAIR, f % nr, c % PAIR))
     sch.annotate(pack, "meta_schedule.layout_rewrite_preproc", 1)
     return pack
 
@@ -111,7 +118,7 @@ def round_activations(sch):
     return pad
 
 
-def to_bf16(sch, nr: int):
+def to_bf16(sch, nr: int, *, window_first: bool = False):
     """The bf16 form of a dense 1x1 convolution kernel (as MetaSchedule extracts it:
     ``pad_temp`` -> ``conv2d_nhwc`` -> bias, residual, activation blocks), as schedule
     instructions on ``sch``: weights packed in bf16 panels of ``nr`` channels
@@ -120,7 +127,7 @@ def to_bf16(sch, nr: int):
     into its fp32 result, and the epilogue and output are unchanged.
     Returns (convolution block, packing block, rounding block or None)."""
     conv = find_block(sch, ("conv2d_nhwc",))
-    pack = pack_weights(sch, conv, nr)
+    pack = pack_weights(sch, conv, nr, window_first=window_first)
     return conv, pack, round_activations(sch)
 
 
@@ -145,13 +152,15 @@ def variants(sch, facts) -> list[tuple]:
     rows = amx_intrinsics.rows_per_tile(conv.h, conv.w)
     if facts.amx_bf16 and conv.f % amx_intrinsics.CHANNELS == 0:
         ways = ["none"] if conv.input_dtype == "bfloat16" else ["block", "once"]
-        pixels = [("amx_pixels", ways[0])] if _pixel_tiles_fit(sch, conv, rows) else []
+        full = rows * conv.w == amx_intrinsics.MAX_PIXELS       # whole rows fill a tile
+        pixels = [("amx_pixels", ways[0], panels) for panels in (2, 1) if _pixel_tiles_fit(sch, conv, panels)
+                  and not (full and panels == 1)]
         whole_rows = [("amx", rows, way) for way in ways] + [("amx", 1, way) for way in ways[:1] if rows > 1] \
             if amx_intrinsics.fits(rows, conv.w, conv.c) else []
-        # 16 pixels across rows first where whole rows fill at most half a tile (7x7 maps:
-        # 1.4-1.7x faster alone); rows of 14 pixels measured alike (benchmarks/bf16_kernels.py).
-        half = rows * conv.w <= amx_intrinsics.MAX_PIXELS // 2
-        out = pixels + whole_rows if half else whole_rows + pixels
+        # Measured alone (benchmarks/bf16_kernels.py, M4): where whole rows leave a tile part
+        # empty, 16 pixels across rows are faster (7x7 maps: 1.4-1.7x), two panels faster
+        # again (1.0-1.3x); where they fill it, whole rows and two panels are alike.
+        out = whole_rows + pixels if full else pixels + whole_rows
     if not shapes:
         return out
     # The rule's block with each way of ordering/rounding, then the other blocks.
@@ -221,11 +230,11 @@ def apply(sch, variant: tuple, facts):
     return sch
 
 
-def _bf16_blocks(sch, nr: int, convert: str):
+def _bf16_blocks(sch, nr: int, convert: str, *, window_first: bool = False):
     """The bf16 form (:func:`to_bf16`) with what lies between the convolution and the
     output block inlined (the bias; with bf16 input the identity ``pad_temp`` too): the
     convolution, the rounding block (None when the kernel receives bf16) and the epilogue."""
-    conv, pack, pad = to_bf16(sch, nr)
+    conv, pack, pad = to_bf16(sch, nr, window_first=window_first)
     if (pad is not None and _dtype(sch, pad, 0) == "bfloat16") != (convert == "none"):
         raise ValueError(f"convert={convert!r} does not fit this kernel's input")
     epilogue = inline_around(sch, conv, keep=(pack, pad))
@@ -273,13 +282,13 @@ def _apply_amx(sch, variant: tuple, facts):
     return sch
 
 
-def _pixel_tiles_fit(sch, conv: Conv, rows: int) -> bool:
-    """Whether :func:`_apply_amx_pixels` applies, and fills more of a tile than ``rows``
-    whole rows do (none, for rows of more than 16 pixels): 16 | the pixels, 32 | the input
-    channels, the kernel rounds its input (a scratch it may lay out) and writes its sums
-    to an epilogue (likewise)."""
+def _pixel_tiles_fit(sch, conv: Conv, panels: int) -> bool:
+    """Whether :func:`_apply_amx_pixels` applies with ``panels`` panels: 16 | the pixels,
+    32 | the input channels, 16 x ``panels`` | the output channels, the kernel rounds its
+    input (a scratch it may lay out) and writes its sums to an epilogue (likewise)."""
     tile = amx_intrinsics.MAX_PIXELS
-    if (conv.n * conv.h * conv.w) % tile or rows * conv.w >= tile or not amx_intrinsics.fits(1, tile, conv.c):
+    if (conv.n * conv.h * conv.w) % tile or not amx_intrinsics.fits(1, tile, conv.c) \
+            or conv.f % (amx_intrinsics.CHANNELS * panels):
         return False
     sums = sch.get(find_block(sch, ("conv2d_nhwc",))).writes[0].source
     scratch = any(b.same_as(sums) for b in sch.get(sch.get_sblock("root")).alloc_buffers)
@@ -287,17 +296,18 @@ def _pixel_tiles_fit(sch, conv: Conv, rows: int) -> bool:
 
 
 def _apply_amx_pixels(sch, variant: tuple, facts):
-    """``("amx_pixels", convert)``: 16 consecutive pixels per tile, whichever rows they are
+    """``("amx_pixels", convert, panels)``: 16 consecutive pixels per tile, whichever rows they are
     in (whole rows of a 7x7 map fill 7 of a tile's 16 rows, of a 14x14 map 14). In NHWC,
     pixel ``p = (n * H + y) * W + x`` starts ``p * C`` values in: the convolution, the
     rounding and the epilogue are rewritten over ``p``, and the rounded input and the sums
     (the kernel's own scratches) laid out ``[p, channel]``, so that a tile's 16 pixels are
-    one 2-D region of them. ``convert`` as in :func:`_apply_amx`."""
-    _, convert = variant
+    one 2-D region of them. ``convert`` as in :func:`_apply_amx`; ``panels``: 16 or 32
+    output channels per call (two: the pixels loaded once for two tiles of sums)."""
+    _, convert, panels = variant
     conv_ = match(sch)
     tile = amx_intrinsics.MAX_PIXELS
-    intrin = amx_intrinsics.register(1, tile, conv_.c)
-    conv, pad, epilogue = _bf16_blocks(sch, amx_intrinsics.CHANNELS, convert)
+    intrin = amx_intrinsics.register(1, tile, conv_.c, panels)
+    conv, pad, epilogue = _bf16_blocks(sch, amx_intrinsics.CHANNELS, convert, window_first=panels == 2)
 
     def pixel(n, y, x):
         return (n * conv_.h + y) * conv_.w + x
@@ -308,7 +318,7 @@ def _apply_amx_pixels(sch, variant: tuple, facts):
     sch.transform_block_layout(pad, lambda n, y, x, c: (pixel(n, y, x), c))
     p, f, ry, rx, rc = sch.get_loops(conv)
     po, pi = sch.split(p, [None, tile])
-    fo, fi = sch.split(f, [None, amx_intrinsics.CHANNELS])
+    fo, fi = sch.split(f, [None, amx_intrinsics.CHANNELS * panels])
     sch.reorder(po, fo, ry, rx, pi, fi, rc)
     parallel_if_worth_it(sch, po, work_of(sch, conv), facts)
     epilogue = accumulate_locally(sch, conv, epilogue)
