@@ -83,33 +83,14 @@ configure:
 products:
   call void @llvm.x86.tileloadd64(i8 0, ptr %c, i64 %c_stride)
   %b_step = mul i64 %b_stride, 16
+  %c1 = getelementptr i8, ptr %c, i64 64
   %two = icmp eq i64 %panels, 2
   br i1 %two, label %products2, label %loop
 products2:
-  %c1 = getelementptr i8, ptr %c, i64 64
   call void @llvm.x86.tileloadd64(i8 3, ptr %c1, i64 %c_stride)
-  br label %loop2
-loop2:
-  %j = phi i64 [0, %products2], [%next2, %loop2]
-  %a2_offset = mul i64 %j, 64
-  %a2_at = getelementptr i8, ptr %a, i64 %a2_offset
-  %b2_offset = mul i64 %j, %b_step
-  %b2_at = getelementptr i8, ptr %b, i64 %b2_offset
-  %b3_at = getelementptr i8, ptr %b2_at, i64 %b_panel
-  call void @llvm.x86.tileloadd64(i8 1, ptr %a2_at, i64 %a_stride)
-  call void @llvm.x86.tileloadd64(i8 2, ptr %b2_at, i64 %b_stride)
-  call void @llvm.x86.tdpbf16ps(i8 0, i8 1, i8 2)
-  call void @llvm.x86.tileloadd64(i8 4, ptr %b3_at, i64 %b_stride)
-  call void @llvm.x86.tdpbf16ps(i8 3, i8 1, i8 4)
-  %next2 = add i64 %j, 1
-  %more2 = icmp ult i64 %next2, %steps
-  br i1 %more2, label %loop2, label %done2
-done2:
-  call void @llvm.x86.tilestored64(i8 0, ptr %c, i64 %c_stride)
-  call void @llvm.x86.tilestored64(i8 3, ptr %c1, i64 %c_stride)
-  ret void
+  br label %loop
 loop:
-  %i = phi i64 [0, %products], [%next, %loop]
+  %i = phi i64 [0, %products], [0, %products2], [%next, %step_done]
   %a_offset = mul i64 %i, 64
   %a_at = getelementptr i8, ptr %a, i64 %a_offset
   %b_offset = mul i64 %i, %b_step
@@ -117,11 +98,23 @@ loop:
   call void @llvm.x86.tileloadd64(i8 1, ptr %a_at, i64 %a_stride)
   call void @llvm.x86.tileloadd64(i8 2, ptr %b_at, i64 %b_stride)
   call void @llvm.x86.tdpbf16ps(i8 0, i8 1, i8 2)
+  br i1 %two, label %second_panel, label %step_done
+second_panel:
+  %b1_at = getelementptr i8, ptr %b_at, i64 %b_panel
+  call void @llvm.x86.tileloadd64(i8 4, ptr %b1_at, i64 %b_stride)
+  call void @llvm.x86.tdpbf16ps(i8 3, i8 1, i8 4)
+  br label %step_done
+step_done:
   %next = add i64 %i, 1
   %more = icmp ult i64 %next, %steps
   br i1 %more, label %loop, label %done
 done:
   call void @llvm.x86.tilestored64(i8 0, ptr %c, i64 %c_stride)
+  br i1 %two, label %store2, label %finish
+store2:
+  call void @llvm.x86.tilestored64(i8 3, ptr %c1, i64 %c_stride)
+  br label %finish
+finish:
   ret void
 }}
 """

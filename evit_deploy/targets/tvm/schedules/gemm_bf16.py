@@ -152,14 +152,15 @@ def variants(sch, facts) -> list[tuple]:
     rows = amx_intrinsics.rows_per_tile(conv.h, conv.w)
     if facts.amx_bf16 and conv.f % amx_intrinsics.CHANNELS == 0:
         ways = ["none"] if conv.input_dtype == "bfloat16" else ["block", "once"]
-        full = rows * conv.w == amx_intrinsics.MAX_PIXELS       # whole rows fill a tile
-        pixels = [("amx_pixels", ways[0], panels) for panels in (2, 1) if _pixel_tiles_fit(sch, conv, panels)
-                  and not (full and panels == 1)]
+        # Measured alone (benchmarks/bf16_kernels.py, M4): where whole rows leave a tile part
+        # empty, 16 pixels across rows are faster (7x7 maps: 1.1-1.7x); two panels are
+        # faster again over short reductions (up to 256: mostly 1.1-1.5x), slower over long
+        # ones (0.85-0.94x); where whole rows fill a tile, they and two panels are alike.
+        full = rows * conv.w == amx_intrinsics.MAX_PIXELS
+        panels = (2, 1) if conv.c <= 256 else (1, 2)
+        pixels = [("amx_pixels", ways[0], p) for p in panels if _pixel_tiles_fit(sch, conv, p) and not (full and p == 1)]
         whole_rows = [("amx", rows, way) for way in ways] + [("amx", 1, way) for way in ways[:1] if rows > 1] \
             if amx_intrinsics.fits(rows, conv.w, conv.c) else []
-        # Measured alone (benchmarks/bf16_kernels.py, M4): where whole rows leave a tile part
-        # empty, 16 pixels across rows are faster (7x7 maps: 1.4-1.7x), two panels faster
-        # again (1.0-1.3x); where they fill it, whole rows and two panels are alike.
         out = whole_rows + pixels if full else pixels + whole_rows
     if not shapes:
         return out
