@@ -3,22 +3,23 @@ channels over the whole reduction, in one tile register.
 
 ``tdpbf16ps`` multiplies a tile of up to 16 rows x 32 bf16 values by a tile of 16 pairs x
 16 channels (the weights pair-interleaved, as :func:`.gemm_bf16.pack_weights` stores them
-for ``vdpbf16ps``) into 16 rows x 16 fp32 sums. The intrinsic's pixels are whole rows of
-the feature map, or 16 consecutive pixels of a kernel that numbers them across rows and
+for ``vdpbf16ps``) into 16 rows x 16 fp32 sums; with two panels, two such tiles of sums
+share the pixels' (32 channels per call). The intrinsic's pixels are whole rows of the
+feature map, or 16 consecutive pixels of a kernel that numbers them across rows and
 images (in NHWC each pixel's channels start where the last pixel's end, whatever row it
-is in); its implementation is an LLVM IR function, linked in like :mod:`.bf16_intrinsics`' (TVM 0.27 has no AMX
-intrinsics of its own), that
+is in); its implementation is an LLVM IR function, linked in like
+:mod:`.bf16_intrinsics`' (TVM 0.27 has no AMX intrinsics of its own), that
 
 1. asks Linux once per process for the right to use the tile data (``arch_prctl``
    ``ARCH_REQ_XCOMP_PERM``; without it the first tile instruction dies of SIGILL);
 2. loads the tile configuration only when the thread's differs (``ldtilecfg`` costs about
    as much as a whole 14 x 16 x 64 product, ``sttilecfg`` and a compare nearly nothing);
-3. loads the sums, runs the reduction 32 values at a time with the sums kept in the tile,
-   and stores them back.
+3. loads the sums, runs the reduction 32 values at a time with the sums kept in the
+   tiles, and stores them back.
 
-The rows and the reduction's length are part of the intrinsic (a tensor intrinsic has a
-fixed shape): one is registered per (rows, width, input channels) a kernel needs, when a schedule is applied, and
-for every one a tuning database's records name before MetaSchedule reads them
+The rows, panels and the reduction's length are part of the intrinsic (a tensor intrinsic
+has a fixed shape): one is registered per shape a kernel needs, when a schedule is
+applied, and for every one a tuning database's records name before MetaSchedule reads them
 (:func:`register_named_in`: it looks each intrinsic up as it parses a record).
 """
 

@@ -133,10 +133,11 @@ def to_bf16(sch, nr: int, *, window_first: bool = False):
 
 def variants(sch, facts) -> list[tuple]:
     """``("bf16", images, rows, cols, nr, order, convert)``, ``("amx", rows, convert)`` or
-    ``("amx_pixels", convert)`` for :func:`apply`, best guess first. The block shapes are the fp32 template's (the
-    accumulators are the same zmm registers), those whose channels are whole registers. The rest is measured (Zen 4, one
-    core): pixel blocks outermost beat weight panels outermost by 3-20%, and the kernel
-    rounding its fp32 input per pixel block costs 1-3% over receiving bf16."""
+    ``("amx_pixels", convert, panels)`` for :func:`apply`, best guess first. The block
+    shapes are the fp32 template's (the accumulators are the same zmm registers), those
+    whose channels are whole registers. The rest is measured (Zen 4, one core): pixel
+    blocks outermost beat weight panels outermost by 3-20%, and the kernel rounding its
+    fp32 input per pixel block costs 1-3% over receiving bf16."""
     conv = match(sch)
     if conv is None:
         return []
@@ -158,7 +159,8 @@ def variants(sch, facts) -> list[tuple]:
         # ones (0.85-0.94x); where whole rows fill a tile, they and two panels are alike.
         full = rows * conv.w == amx_intrinsics.MAX_PIXELS
         panels = (2, 1) if conv.c <= 256 else (1, 2)
-        pixels = [("amx_pixels", ways[0], p) for p in panels if _pixel_tiles_fit(sch, conv, p) and not (full and p == 1)]
+        pixels = [("amx_pixels", ways[0], p) for p in panels
+                  if _pixel_tiles_fit(sch, conv, p) and not (full and p == 1)]
         whole_rows = [("amx", rows, way) for way in ways] + [("amx", 1, way) for way in ways[:1] if rows > 1] \
             if amx_intrinsics.fits(rows, conv.w, conv.c) else []
         out = whole_rows + pixels if full else pixels + whole_rows
@@ -297,8 +299,8 @@ def _pixel_tiles_fit(sch, conv: Conv, panels: int) -> bool:
 
 
 def _apply_amx_pixels(sch, variant: tuple, facts):
-    """``("amx_pixels", convert, panels)``: 16 consecutive pixels per tile, whichever rows they are
-    in (whole rows of a 7x7 map fill 7 of a tile's 16 rows, of a 14x14 map 14). In NHWC,
+    """``("amx_pixels", convert, panels)``: 16 consecutive pixels per tile, whichever rows
+    they are in (whole rows of a 7x7 map fill 7 of a tile's 16 rows, of a 14x14 map 14). In NHWC,
     pixel ``p = (n * H + y) * W + x`` starts ``p * C`` values in: the convolution, the
     rounding and the epilogue are rewritten over ``p``, and the rounded input and the sums
     (the kernel's own scratches) laid out ``[p, channel]``, so that a tile's 16 pixels are
