@@ -179,7 +179,7 @@ def require_runnable(needs: CpuNeeds, what: str) -> CpuVerdict:
 
 
 #: Linux: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) lets a process use AMX tiles.
-_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
+AMX_PERMISSION_SYSCALL = (158, 0x1023, 18)      # arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
 
 
 def amx_permission_error() -> str | None:
@@ -191,7 +191,7 @@ def amx_permission_error() -> str | None:
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0:
+    if libc.syscall(*AMX_PERMISSION_SYSCALL) == 0:
         return None
     return f"Linux refused them: {os.strerror(ctypes.get_errno())}"
 

@@ -25,6 +25,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -114,6 +115,16 @@ def _has_module(package: str | None, module: str) -> bool:
     return package is not None and importlib.util.find_spec(f"{package}.{module}") is not None
 
 
+@lru_cache(maxsize=None)
+def _package_function(package: str | None, module: str, function: str) -> Callable | None:
+    """``<package>.<module>.<function>`` where the package has it: looked up once (a hook
+    such as ``artifact_files`` is asked on every run of a cached session), imported only
+    when the method that needs it is first called (heavy runtimes, see above)."""
+    if not _has_module(package, module):
+        return None
+    return getattr(importlib.import_module(f"{package}.{module}"), function, None)
+
+
 class Target:
     """Base class of export targets. A target package (``targets/<name>/``) sets the class
     attributes in its ``__init__``; the rest comes from its modules by name: :meth:`export`
@@ -160,7 +171,7 @@ class Target:
                 cls.name = cls.package.rpartition(".")[2]
         if cls.__doc__ and "produces" not in declared:
             cls.produces = " ".join(inspect.cleandoc(cls.__doc__).split("\n\n")[0].split())
-        if "name" in cls.__dict__ and "benchmark_backend" not in declared:
+        if "name" in declared and "benchmark_backend" not in declared:
             cls.benchmark_backend = cls.name
         if "requires" in declared and "run_requires" not in declared:
             cls.run_requires = cls.requires
@@ -374,11 +385,7 @@ class Target:
 
     # -- shared helpers --------------------------------------------------------------------
     def _package_function(self, module: str, function: str) -> Callable | None:
-        """``<package>.<module>.<function>`` where this target's package has it: imported
-        only when the method that needs it is called (heavy runtimes, see above)."""
-        if not _has_module(self.package, module):
-            return None
-        return getattr(importlib.import_module(f"{self.package}.{module}"), function, None)
+        return _package_function(self.package, module, function)
 
     @classmethod
     def missing_packages(cls, for_run: bool = False) -> dict[str, str]:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import re
 
+from ....cpufeatures import AMX_PERMISSION_SYSCALL
+
 #: Output channels in one tile row (16 fp32 sums, 64 bytes).
 CHANNELS = 16
 #: Reduction values one ``tdpbf16ps`` takes per row (32 bf16, 64 bytes).
@@ -68,7 +70,7 @@ entry:
   %asked = icmp ne i8 %permitted, 0
   br i1 %asked, label %check, label %ask
 ask:
-  %ignored = call i64 (i64, ...) @syscall(i64 158, i64 4131, i64 18)
+  %ignored = call i64 (i64, ...) @syscall({", ".join(f"i64 {n}" for n in AMX_PERMISSION_SYSCALL)})
   store i8 1, ptr @evit_amx_permitted
   br label %check
 check:
